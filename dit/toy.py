@@ -1,0 +1,243 @@
+"""The built-in toy data set: ten classes of coloured shapes, drawn procedurally from a seed.
+
+It exists so that the whole pipeline (train, sample, score) runs offline in minutes on a laptop
+CPU and still has to *learn a class-conditional distribution*: every class is a shape with its
+own colour, placed at a random position, size and rotation on a random dark background. Nothing is
+downloaded and no image files ship with the code; `write_toy_imagefolder` writes the same images
+as PNGs so that a run can also go through the ImageFolder path.
+
+Drawing is vectorised numpy: each image is rendered on a 4x supersampled grid as a hard
+inside/outside mask, then box-filtered down, which anti-aliases the edges of every shape with one
+piece of code (no per-shape distance functions).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+NUM_CLASSES = 10
+
+# (name, RGB in [0, 1]). Shape *and* colour differ between classes, so a class is recognisable
+# from either cue. Index = label.
+CLASS_SPECS: tuple[tuple[str, tuple[float, float, float]], ...] = (
+    ("red_circle", (0.95, 0.12, 0.10)),
+    ("blue_square", (0.15, 0.35, 1.00)),
+    ("green_triangle", (0.10, 0.75, 0.20)),
+    ("yellow_cross", (1.00, 0.90, 0.10)),
+    ("magenta_ring", (0.95, 0.20, 0.85)),
+    ("cyan_bar", (0.10, 0.85, 0.90)),
+    ("orange_star", (1.00, 0.55, 0.00)),
+    ("white_half_disc", (0.95, 0.95, 0.95)),
+    ("purple_hexagon", (0.55, 0.25, 0.85)),
+    ("pink_crescent", (1.00, 0.60, 0.70)),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(name for name, _ in CLASS_SPECS)
+assert len(CLASS_SPECS) == NUM_CLASSES
+
+SUPERSAMPLE = 4  # sub-pixels per pixel side used for anti-aliasing
+_CHUNK = 256  # images drawn at once (bounds the (n, 4H, 4W) temporaries)
+
+
+# --------------------------------------------------------------------------------------
+# Shapes: boolean masks in the shape's own frame, where the shape fits in the unit disc
+# --------------------------------------------------------------------------------------
+
+
+def _regular_polygon(n: int, radius: float, phase: float = np.pi / 2) -> np.ndarray:
+    angles = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)  # (n, 2)
+
+
+def _star(points: int, outer: float, inner: float) -> np.ndarray:
+    angles = np.pi / 2 + np.pi * np.arange(2 * points) / points
+    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)  # (2 * points, 2)
+
+
+def _cross(arm: float, half_width: float) -> np.ndarray:
+    a, w = arm, half_width
+    return np.array([(w, a), (w, w), (a, w), (a, -w), (w, -w), (w, -a),
+                     (-w, -a), (-w, -w), (-a, -w), (-a, w), (-w, w), (-w, a)])  # (12, 2)
+
+
+def _inside_polygon(u: np.ndarray, v: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Even-odd (crossing number) test of points (u, v) against a closed polygon; works for
+    the non-convex star and cross as well as convex shapes."""
+    inside = np.zeros(u.shape, dtype=bool)
+    for (x1, y1), (x2, y2) in zip(vertices, np.roll(vertices, -1, axis=0)):
+        if y1 == y2:
+            continue  # a horizontal edge is never crossed by a horizontal ray
+        crosses = (y1 > v) != (y2 > v)
+        x_at_v = x1 + (v - y1) * (x2 - x1) / (y2 - y1)
+        inside ^= crosses & (u < x_at_v)
+    return inside
+
+
+_TRIANGLE = _regular_polygon(3, 1.0)
+_SQUARE = _regular_polygon(4, 0.95, phase=np.pi / 4)
+_HEXAGON = _regular_polygon(6, 0.92, phase=0.0)
+_STAR = _star(5, 1.0, 0.45)
+_CROSS = _cross(0.9, 0.28)
+
+
+def _shape_mask(class_id: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean mask of class `class_id`'s shape at shape-frame coordinates (u, v)."""
+    rho2 = u * u + v * v
+    if class_id == 0:  # circle
+        return rho2 <= 0.85**2
+    if class_id == 1:  # square
+        return _inside_polygon(u, v, _SQUARE)
+    if class_id == 2:  # triangle
+        return _inside_polygon(u, v, _TRIANGLE)
+    if class_id == 3:  # plus-shaped cross
+        return _inside_polygon(u, v, _CROSS)
+    if class_id == 4:  # ring
+        return (rho2 <= 0.9**2) & (rho2 >= 0.5**2)
+    if class_id == 5:  # long thin bar
+        return (np.abs(u) <= 0.95) & (np.abs(v) <= 0.3)
+    if class_id == 6:  # five-pointed star
+        return _inside_polygon(u, v, _STAR)
+    if class_id == 7:  # half disc, shifted so its centre of mass sits near the origin
+        return (u * u + (v + 0.35) ** 2 <= 0.95**2) & (v >= -0.35)
+    if class_id == 8:  # hexagon
+        return _inside_polygon(u, v, _HEXAGON)
+    if class_id == 9:  # crescent: a disc minus an offset disc
+        return (rho2 <= 0.9**2) & ((u - 0.45) ** 2 + v * v > 0.72**2)
+    raise ValueError(f"class_id must be in 0..{NUM_CLASSES - 1}, got {class_id}")
+
+
+# --------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------
+
+
+def _check_class(class_id: int) -> int:
+    if not 0 <= int(class_id) < NUM_CLASSES:
+        raise ValueError(f"class_id must be in 0..{NUM_CLASSES - 1}, got {class_id}")
+    return int(class_id)
+
+
+def render_batch(class_id: int, n: int, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+    """`n` random images of class `class_id` as uint8 (n, H, W, 3).
+
+    Random per image: centre, size, rotation, background colour (dark, so every shape colour
+    stands out) and a small jitter of the shape colour. Everything is drawn from `rng`, so
+    the same generator state gives the same images.
+    """
+    class_id = _check_class(class_id)
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    # Draw all random numbers up front, in a fixed order, so chunking cannot change the result.
+    scale = rng.uniform(0.38, 0.62, size=n)  # shape radius as a fraction of the half-side
+    centre = rng.uniform(-1.0, 1.0, size=(n, 2)) * (0.92 - scale)[:, None]  # keeps the shape in frame
+    angle = rng.uniform(0.0, 2 * np.pi, size=n)
+    background = rng.uniform(0.0, 0.3, size=(n, 3))
+    colour = np.clip(np.asarray(CLASS_SPECS[class_id][1]) + rng.uniform(-0.08, 0.08, size=(n, 3)), 0, 1)
+
+    side = image_size * SUPERSAMPLE
+    grid = (np.arange(side, dtype=np.float32) + 0.5) / side * 2 - 1  # sub-pixel centres in [-1, 1]
+    out = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    for start in range(0, n, _CHUNK):
+        sl = slice(start, min(start + _CHUNK, n))
+        cos = np.cos(angle[sl]).astype(np.float32)[:, None, None]
+        sin = np.sin(angle[sl]).astype(np.float32)[:, None, None]
+        s = scale[sl].astype(np.float32)[:, None, None]
+        dx = grid[None, None, :] - centre[sl, 0].astype(np.float32)[:, None, None]  # (m, 1, side)
+        dy = grid[None, :, None] - centre[sl, 1].astype(np.float32)[:, None, None]  # (m, side, 1)
+        # Image y grows downwards; flip it so shapes are drawn "upright" in the usual sense.
+        u = (cos * dx - sin * dy) / s  # (m, side, side)
+        v = (-sin * dx - cos * dy) / s
+        mask = _shape_mask(class_id, u, v).astype(np.float32)
+        # Box filter the supersampled mask to pixel coverage in [0, 1]: (m, H, W).
+        cover = mask.reshape(-1, image_size, SUPERSAMPLE, image_size, SUPERSAMPLE).mean(axis=(2, 4))
+        img = background[sl, None, None, :] * (1 - cover[..., None]) + colour[sl, None, None, :] * cover[..., None]
+        out[sl] = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    return out
+
+
+def render(class_id: int, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+    """One random image of class `class_id`: uint8 (H, W, 3)."""
+    return render_batch(class_id, 1, rng, image_size)[0]
+
+
+def class_rng(seed: int, class_id: int) -> np.random.Generator:
+    """The generator of class `class_id` under data seed `seed`: classes are independent
+    streams, so changing `num_per_class` keeps every earlier image unchanged (prefix-stable)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(class_id)]))
+
+
+def make_toy_arrays(num_per_class: int, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All images of the toy set: uint8 (N, H, W, 3) and int64 labels (N,), N = 10 * num_per_class.
+    Classes are interleaved (label of item i is i % 10), so any prefix is class-balanced."""
+    if num_per_class < 1:
+        raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
+    per_class = [render_batch(c, num_per_class, class_rng(seed, c), image_size) for c in range(NUM_CLASSES)]
+    images = np.stack(per_class, axis=1).reshape(num_per_class * NUM_CLASSES, image_size, image_size, 3)
+    labels = np.tile(np.arange(NUM_CLASSES, dtype=np.int64), num_per_class)
+    return images, labels
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [-1, 1] (x / 127.5 - 1)."""
+    x = torch.as_tensor(np.asarray(images_uint8)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+class ToyShapesDataset(Dataset):
+    """The toy set as a map-style dataset of `(image, label)`: image float32 (3, H, W) in [-1, 1].
+
+    All images are drawn once at construction (10 000 32x32 images take about a second and
+    30 MB as uint8). `hflip=True` mirrors an item with probability 1/2 using torch's global RNG,
+    so a seeded training loop (and its DataLoader workers) stays deterministic.
+    """
+
+    def __init__(self, num_per_class: int, image_size: int = 32, seed: int = 0, hflip: bool = False):
+        self.num_per_class = int(num_per_class)
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.hflip = bool(hflip)
+        self.images, self.labels = make_toy_arrays(self.num_per_class, self.image_size, self.seed)  # uint8 NHWC, int64
+        self.num_classes = NUM_CLASSES
+        self.classes = list(CLASS_NAMES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = to_model_range(self.images[index : index + 1])[0]  # (3, H, W)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[index])
+
+
+def imagefolder_class_dirs() -> list[str]:
+    """Folder names for the ImageFolder layout. The index prefix makes the alphabetical order
+    that ImageFolder assigns labels by equal the toy label order."""
+    width = len(str(NUM_CLASSES - 1))
+    return [f"{c:0{width}d}_{name}" for c, name in enumerate(CLASS_NAMES)]
+
+
+def write_toy_imagefolder(root: str | os.PathLike, num_per_class: int, image_size: int = 32, seed: int = 0) -> Path:
+    """Write the toy set as PNGs in ImageFolder layout: `root/<i>_<name>/<j>.png`.
+
+    Returns `root`. Existing files of the same names are overwritten (each PNG is written to a
+    temporary name and renamed, so an interrupted run leaves no truncated images).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    images, labels = make_toy_arrays(num_per_class, image_size, seed)
+    dirs = imagefolder_class_dirs()
+    for d in dirs:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        path = root / dirs[label] / f"{i // NUM_CLASSES:06d}.png"
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(img).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return root
