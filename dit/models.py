@@ -288,9 +288,9 @@ class DiT(nn.Module):
         """
         if guided_channels == "all":
             guided_channels = self.in_channels
-        guided_channels = int(guided_channels)
-        if not 0 < guided_channels <= self.in_channels:
-            raise ValueError(f"guided_channels must be in 1..{self.in_channels} or 'all', got {guided_channels}")
+        is_int = isinstance(guided_channels, int) and not isinstance(guided_channels, bool)
+        if not (is_int and 0 < guided_channels <= self.in_channels):
+            raise ValueError(f"guided_channels must be in 1..{self.in_channels} or 'all', got {guided_channels!r}")
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
         eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]

@@ -291,8 +291,22 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------------------- sampling
 
     @staticmethod
-    def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def _randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+        """Standard normal noise on `device`, drawn on the generator's own device: a CPU generator
+        then gives the same numbers whether we sample on CPU or GPU (torch.randn refuses a CPU
+        generator with a CUDA `device`)."""
+        if isinstance(generator, (list, tuple)):
+            # One generator per sample (bulk sampling, dit.sampling): sample i's noise then does
+            # not depend on which other samples share its batch.
+            if len(generator) != shape[0]:
+                raise ValueError(f"got {len(generator)} per-sample generators for a batch of {shape[0]}")
+            return torch.stack([GaussianDiffusion._randn(shape[1:], g, device, dtype) for g in generator])
+        draw_device = generator.device if generator is not None else device
+        return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+    @classmethod
+    def _noise_like(cls, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return cls._randn(x.shape, generator, x.device, x.dtype)
 
     def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None, generator=None) -> dict:
         """One ancestral step x_t -> x_{t-1} ~ p(x_{t-1} | x_t); no noise is added at t = 0."""
@@ -316,13 +330,18 @@ class GaussianDiffusion:
 
     def _loop(self, step_fn, model, shape, noise, device, progress, generator, **step_kwargs) -> torch.Tensor:
         if device is None:
-            device = noise.device if noise is not None else next(model.parameters()).device
+            if noise is not None:
+                device = noise.device
+            else:  # `model` may be a module, a bound method (DiT.forward_with_cfg) or a plain function
+                owner = getattr(model, "__self__", model)
+                param = next(owner.parameters(), None) if isinstance(owner, torch.nn.Module) else None
+                device = param.device if param is not None else torch.device("cpu")
         if noise is not None:
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {tuple(shape)}")
             img = noise.to(device)
         else:
-            img = torch.randn(*shape, generator=generator, device=device)
+            img = self._randn(shape, generator, device)
         steps = list(range(self.num_timesteps))[::-1]
         for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
