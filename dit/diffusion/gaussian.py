@@ -35,7 +35,7 @@ class VarType(enum.Enum):
 class LossType(enum.Enum):
     MSE = "mse"  # epsilon MSE (+ VLB on the variance when it is learned): DiT's hybrid loss
     RESCALED_MSE = "rescaled_mse"  # the VLB term scaled by T / 1000
-    KL = "kl"  # the variational bound alone
+    KL = "kl"  # the variational bound alone, scaled by T (an unbiased estimate of the full bound)
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
