@@ -80,10 +80,15 @@ def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, (sigma + sigma.T) / 2  # symmetric by definition; np.cov rounding may break that
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a PSD matrix; rounding-level negative eigenvalues become 0."""
-    w, v = np.linalg.eigh(sigma)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """A with A A^T = sigma: the Cholesky factor when sigma is positive definite (fast), else the
+    symmetric square root with rounding-level negative eigenvalues set to 0 (singular sigma:
+    fewer images than feature dimensions, or constant features)."""
+    try:
+        return np.linalg.cholesky(sigma)
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(sigma)
+        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -91,17 +96,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     The reference implementations take `scipy.linalg.sqrtm` of the non-symmetric product S1 S2,
     which returns complex parts and NaNs when the covariances are singular (fewer images than
-    dimensions) and needs an epsilon retry. We use that S1 S2 is similar to A S2 A with
-    A = S1^(1/2): that matrix is symmetric PSD, so a symmetric eigensolver gives its eigenvalues
-    stably and tr((S1 S2)^(1/2)) is the sum of their square roots (tiny negative ones from rounding
-    are clipped to 0). Equal to the sqrtm form wherever that one is well defined.
+    dimensions) and needs an epsilon retry. We use that S1 S2 = A A^T S2 has the eigenvalues of
+    A^T S2 A for any factor A A^T = S1: that matrix is symmetric PSD, so a symmetric eigensolver
+    gives its eigenvalues stably and tr((S1 S2)^(1/2)) is the sum of their square roots (tiny
+    negative ones from rounding are clipped to 0). Equal to the sqrtm form wherever that one is
+    well defined.
     """
     mu1, sigma1 = _as_stats(mu1, sigma1, "first set")
     mu2, sigma2 = _as_stats(mu2, sigma2, "second set")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]} (different extractors?)")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
+    factor = _psd_factor(sigma1)
+    middle = factor.T @ sigma2 @ factor
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
     diff = mu1 - mu2

@@ -1,0 +1,90 @@
+"""`torchrun --nproc_per_node=2 train.py` on CPU (gloo): DDP and FSDP2 give the parameters of a
+single process with the same global batch; the ranks share one run directory and only rank 0
+writes to it."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from dit.config import flatten_model_overrides, register_configs, to_train_config
+from dit.distributed import RankZeroFilter, env_rank
+from dit.training import run_training
+
+REPO = Path(__file__).resolve().parents[1]
+# 3 steps of a 2-block DiT, global batch 8 (4 per rank), on the toy set in pixel space.
+ARGS = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
+        "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "max_steps=3", "log.every=1",
+        "log.samples.every=0", "name=d"]
+
+
+def torchrun(args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: one process, the whole global batch."""
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = to_train_config(compose("train", overrides=flatten_model_overrides(ARGS)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_training(cfg, tmp_path_factory.mktemp("single"))
+    finally:
+        torch.set_num_threads(threads)
+    return torch.load(result["checkpoint"], weights_only=True)
+
+
+def assert_same_parameters(reference, ckpt, rtol=1e-6):
+    for part in ("model", "ema"):
+        assert reference[part].keys() == ckpt[part].keys()
+        for key, ref in reference[part].items():
+            rel = (ckpt[part][key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert rel <= rtol, f"{part}.{key}: relative difference {rel:.2e}"
+    trained = reference["model"]["final_layer.linear.weight"]
+    assert trained.abs().max() > 0  # it trained: the zero-initialised output layer moved
+
+
+def test_rank_zero_filter(monkeypatch):
+    info = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    warning = logging.LogRecord("x", logging.WARNING, __file__, 1, "m", None, None)
+    monkeypatch.setenv("RANK", "0")
+    assert env_rank() == 0 and RankZeroFilter("WARNING").filter(info) and RankZeroFilter(None).filter(info)
+    monkeypatch.setenv("RANK", "1")
+    assert env_rank() == 1
+    assert not RankZeroFilter("WARNING").filter(info) and RankZeroFilter("WARNING").filter(warning)
+    assert not RankZeroFilter(None).filter(warning)  # the log file: rank 0 only
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process_and_ranks_share_rank0s_run_dir(tmp_path, single_process):
+    # A run directory with microseconds in its name: each rank's hydra resolves a different one.
+    # Rank 0's is broadcast and used by all; rank 1's stays empty.
+    proc = torchrun([*ARGS, f"hydra.run.dir={tmp_path}/run_${{now:%H%M%S%f}}"], tmp_path)
+    used = [d for d in tmp_path.iterdir() if any(d.iterdir())]
+    assert len(used) == 1, [list(d.iterdir()) for d in tmp_path.iterdir()]
+    run = used[0]
+    assert {p.name for p in run.iterdir()} == {".hydra", "checkpoints", "metrics.jsonl", "train.log"}
+    assert (run / "train.log").read_text().count("model custom") == 1  # rank 0's log only
+    assert "2 rank(s)" in proc.stdout
+    assert_same_parameters(single_process, torch.load(run / "checkpoints" / "0000003.pt", weights_only=True))
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_one_process(tmp_path, single_process):
+    torchrun([*ARGS, "parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
+    assert ckpt["config"]["parallel"] == "fsdp" and len(ckpt["rng"]["ranks"]) == 2
+    assert_same_parameters(single_process, ckpt)
