@@ -143,6 +143,9 @@ class EMAConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 50_000  # steps between checkpoints (one is also written at the end)
+    # Also save when this many minutes have passed since the last save (checked every log.every
+    # steps), so a preempted or crashed job loses at most about this much work. None: off.
+    every_minutes: Optional[float] = 60.0
     keep_last: Optional[int] = 3  # delete older checkpoints beyond the newest N; None keeps all
     keep_every: Optional[int] = None  # also keep every checkpoint whose step is a multiple of this
 
@@ -355,6 +358,8 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
     for key, value in (("ckpt.every", cfg.ckpt.every), ("log.every", cfg.log.every)):
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.ckpt.every_minutes is not None and cfg.ckpt.every_minutes <= 0:
+        raise ConfigError(f"ckpt.every_minutes must be positive or null (off), got {cfg.ckpt.every_minutes}")
     if cfg.ckpt.keep_last is not None and cfg.ckpt.keep_last < 1:
         raise ConfigError(f"ckpt.keep_last must be >= 1 or null (keep all), got {cfg.ckpt.keep_last}")
     if not 0.0 <= cfg.ema.decay <= 1.0:

@@ -152,13 +152,26 @@ def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
     """FSDP2: each transformer block is its own unit (all-gathered just before use, freed after),
     then the root module holds the embedders and the final layer. In place; returns `model`."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # FSDP gathers the root's parameters around `__call__` only; samplers call this method.
+    if hasattr(model, "forward_with_cfg"):
+        register_fsdp_forward_method(model, "forward_with_cfg")
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Put an FSDP2 model's parameters back into their sharded form. A forward pass without a
+    backward (sampling) leaves the root's parameters gathered; no-op for other models."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def wrap_model(model: nn.Module, env: DistEnv, parallel: str) -> nn.Module:

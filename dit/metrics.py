@@ -77,18 +77,23 @@ def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{which}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{which}: mu/sigma contain NaN or inf (were the images or features broken?)")
+    if (np.diag(sigma) < 0).any():
+        raise ValueError(f"{which}: sigma has negative variances on its diagonal: not a covariance matrix")
     return mu, (sigma + sigma.T) / 2  # symmetric by definition; np.cov rounding may break that
 
 
 def _psd_factor(sigma: np.ndarray) -> np.ndarray:
-    """A with A A^T = sigma: the Cholesky factor when sigma is positive definite (fast), else the
-    symmetric square root with rounding-level negative eigenvalues set to 0 (singular sigma:
-    fewer images than feature dimensions, or constant features)."""
-    try:
-        return np.linalg.cholesky(sigma)
-    except np.linalg.LinAlgError:
-        w, v = np.linalg.eigh(sigma)
-        return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    """A (D, r) with A A^T = sigma, r its numerical rank: LAPACK's pivoted Cholesky (pstrf), which
+    stops where the remaining diagonal falls to rounding level. For the singular covariances of
+    small sets (N images < D dimensions) r <= N - 1, which makes the rest cheap."""
+    from scipy.linalg.lapack import dpstrf
+
+    c, piv, rank, info = dpstrf(sigma, tol=-1.0, lower=1)  # tol < 0: LAPACK's D * eps * max(diag)
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
+    factor = np.zeros((sigma.shape[0], rank))
+    factor[piv - 1] = np.tril(c)[:, :rank]  # undo the pivoting: sigma = factor @ factor.T
+    return factor
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -96,18 +101,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
     The reference implementations take `scipy.linalg.sqrtm` of the non-symmetric product S1 S2,
     which returns complex parts and NaNs when the covariances are singular (fewer images than
-    dimensions) and needs an epsilon retry. We use that S1 S2 = A A^T S2 has the eigenvalues of
-    A^T S2 A for any factor A A^T = S1: that matrix is symmetric PSD, so a symmetric eigensolver
-    gives its eigenvalues stably and tr((S1 S2)^(1/2)) is the sum of their square roots (tiny
-    negative ones from rounding are clipped to 0). Equal to the sqrtm form wherever that one is
-    well defined.
+    dimensions) and needs an epsilon retry. We use that S1 S2 = A A^T S2 has the nonzero
+    eigenvalues of A^T S2 A for any factor A A^T = S1 (here a rank-revealing pivoted Cholesky):
+    that matrix is symmetric PSD, so a symmetric eigensolver gives its eigenvalues stably and
+    tr((S1 S2)^(1/2)) is the sum of their square roots (tiny negative ones from rounding are
+    clipped to 0). Equal to the sqrtm form wherever that one is well defined, and only r x r
+    (r = the smaller rank) for small sets.
     """
     mu1, sigma1 = _as_stats(mu1, sigma1, "first set")
     mu2, sigma2 = _as_stats(mu2, sigma2, "second set")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]} (different extractors?)")
-    factor = _psd_factor(sigma1)
-    middle = factor.T @ sigma2 @ factor
+    factor1, factor2 = _psd_factor(sigma1), _psd_factor(sigma2)
+    # tr((S1 S2)^(1/2)) is symmetric in the two sets: project with the lower-rank factor.
+    middle = factor1.T @ sigma2 @ factor1 if factor1.shape[1] <= factor2.shape[1] else factor2.T @ sigma1 @ factor2
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
     diff = mu1 - mu2

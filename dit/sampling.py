@@ -2,8 +2,9 @@
 of images to an ADM `.npz`, split across ranks and resumable.
 
 Determinism is per sample: sample i's initial noise, its per-step noise and its label come from
-generators seeded by (global seed, i) alone, and the network sees every sample independently,
-so a bulk `.npz` does not depend on the number of ranks or the batch size.
+generators seeded by (global seed, i) alone, and sample i always shares its network batch with
+the same samples (block i // batch_size, see `sample_blocks`), so a bulk `.npz` is
+byte-identical for any number of ranks and across interruptions.
 
 Guidance (contract 6 in DESIGN.md): the conditional and the unconditional (null class =
 `num_classes`) passes run as one batch through `DiT.forward_with_cfg`; `cfg_scale == 1` skips
@@ -55,7 +56,7 @@ def sample_seed(seed: int, index: int, stream: int = NOISE_STREAM) -> int:
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample (CPU, so a sample is the same on any device)."""
+    """One CPU generator per sample (CPU, so its noise is the same whatever device samples it)."""
     return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
 
 
@@ -119,10 +120,15 @@ class GuidedDenoiser:
             if not 0 <= lo <= hi:
                 raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, got {guidance_interval}")
             guidance_interval = (lo, hi)
+        guided_channels = _parse_guided_channels(guided_channels)
+        if guided_channels != "all" and not (isinstance(guided_channels, int) and not isinstance(guided_channels, bool)
+                                             and 0 < guided_channels <= model.config.in_channels):
+            raise ValueError(f"guided_channels must be 1..{model.config.in_channels} or 'all' (3 reproduces the paper), "
+                             f"got {guided_channels!r}")
         self.labels = labels
         self.null = torch.full_like(labels, num_classes)
         self.cfg_scale = float(cfg_scale)
-        self.guided_channels = _parse_guided_channels(guided_channels)
+        self.guided_channels = guided_channels
         self.interval = guidance_interval
         self.calls = self.rows = 0
 

@@ -27,7 +27,7 @@ import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from dit.distributed import (
     gather_objects,
     init_distributed,
     load_full_optimizer_state,
+    reshard,
     shard_model,
     wrap_model,
 )
@@ -441,51 +442,48 @@ def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool
     return None, False
 
 
-def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
-    """Train as configured, writing checkpoints, metrics and samples under `out_dir` (rank 0's
-    value is used on every rank). Returns {"step", "loss", "checkpoint"} of the end of the run."""
-    env = init_distributed(cfg.device)
-    try:
-        return _train(cfg, Path(out_dir), env)
-    finally:
-        cleanup(env)
+def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict) -> Optional[dict]:
+    """The checkpoint to continue from (this run directory's newest, else `cfg.resume`), or None.
+    A checkpoint in the run directory whose recipe differs from `cfg` is refused."""
+    from dit.checkpoint import load_state
 
-
-def _train(cfg: TrainConfig, out_dir: Path, env: DistEnv) -> dict:
-    from dit.autoencoder import build_autoencoder
-    from dit.checkpoint import load_state, save_atomic
-    from dit.diffusion import create_diffusion
-
-    check_static(cfg, env.world_size)  # before any data is read or weights loaded
-    out_dir = Path(broadcast_object(str(out_dir.resolve()), env))  # one run directory for all ranks
-    ckpt_dir = out_dir / "checkpoints"
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    configure_backends(cfg)
-    config_dict = plain_config(cfg)
-
-    # ---- where to start: this run directory's newest checkpoint, else `resume`, else scratch
     source, own = _find_resume(cfg, ckpt_dir)
-    state = None
-    if source is not None:
-        state = load_state(source)
-        differ = config_mismatches(state.get("config") or {}, config_dict)
-        if differ and own:
-            raise ConfigError(
-                f"the run directory {out_dir} holds a run with a different configuration:\n  "
-                + "\n  ".join(differ)
-                + "\nStart a new run with name=<new name> (or hydra.run.dir=...), or continue from this run "
-                "on purpose with resume=<its checkpoint> in a new directory"
-            )
-        if differ:
-            log.warning("resuming from %s with a changed configuration:\n  %s", source, "\n  ".join(differ))
-        log.info("resuming from %s (step %d)", source, state["step"])
+    if source is None:
+        return None
+    state = load_state(source)
+    differ = config_mismatches(state.get("config") or {}, config_dict)
+    if differ and own:
+        raise ConfigError(
+            f"the run directory {ckpt_dir.parent} holds a run with a different configuration:\n  "
+            + "\n  ".join(differ)
+            + "\nStart a new run with name=<new name> (or hydra.run.dir=...), or continue from this run "
+            "on purpose with resume=<its checkpoint> in a new directory"
+        )
+    if differ:
+        log.warning("resuming from %s with a changed configuration:\n  %s", source, "\n  ".join(differ))
+    log.info("resuming from %s (step %d)", source, state["step"])
+    return state
 
-    # ---- data, autoencoder, model
-    data = build_data(cfg)
-    arch = resolve_architecture(cfg.model)
-    device = env.device
-    autoencoder = None
+
+@dataclass
+class LatentSpace:
+    """What the model sees: (channels, side, side) latents made by `autoencoder` (None when the
+    data are cached latents and no sample grids need decoding)."""
+
+    autoencoder: Optional[nn.Module]
+    spec: dict  # Autoencoder.to_dict(), stored in checkpoints
+    channels: int
+    side: int
+    sample_posterior: bool  # encode images to posterior samples (not the mean) in the step
+
+    @property
+    def shape(self) -> tuple:
+        return (self.channels, self.side, self.side)
+
+
+def build_latent_space(cfg: TrainConfig, data: TrainData, patch_size: int, device: torch.device) -> LatentSpace:
+    from dit.autoencoder import build_autoencoder
+
     if data.encoded:
         spec = data.autoencoder_spec
         if not _same_autoencoder(cfg.vae.name, spec["name"]):
@@ -493,190 +491,245 @@ def _train(cfg: TrainConfig, out_dir: Path, env: DistEnv) -> dict:
                 f"vae.name={cfg.vae.name} but the latents cache {cfg.data.root} was encoded with "
                 f"{spec['name']!r}: set vae.name={spec['name']} (vae=local vae.name=... for a directory)"
             )
-        in_channels, latent_side = spec["latent_channels"], data.latent_shape[-1]
-        if latent_side % arch["patch_size"]:
+        side = data.latent_shape[-1]
+        if side % patch_size:
             raise ConfigError(
-                f"the latents cache holds {latent_side}x{latent_side} latents (images {data.image_size}), "
-                f"which model.patch_size={arch['patch_size']} does not divide: use a smaller patch size"
+                f"the latents cache holds {side}x{side} latents (images {data.image_size}), "
+                f"which model.patch_size={patch_size} does not divide: use a smaller patch size"
             )
-        if cfg.log.samples.every:  # only needed to decode sample grids
-            autoencoder = build_autoencoder(spec["name"], scale_factor=spec["scale_factor"], device=device)
-        autoencoder_spec = spec
-    else:
-        autoencoder = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device)
-        latent_side = check_resolution(data.image_size, autoencoder.downsample_factor, arch["patch_size"])
-        in_channels = autoencoder.latent_channels
-        autoencoder_spec = autoencoder.to_dict()
-    is_pixel = autoencoder is not None and autoencoder.downsample_factor == 1 and autoencoder.scale_factor == 1.0
+        # The VAE is only needed to decode sample grids.
+        ae = None
+        if cfg.log.samples.every:
+            ae = build_autoencoder(spec["name"], scale_factor=spec["scale_factor"], device=device)
+        return LatentSpace(ae, spec, spec["latent_channels"], side, False)
+    ae = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device)
+    side = check_resolution(data.image_size, ae.downsample_factor, patch_size)
+    sample = cfg.vae.sample_posterior and ae.name != "pixel"  # pixels have no posterior noise
+    return LatentSpace(ae, ae.to_dict(), ae.latent_channels, side, sample)
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
-    model = build_model(cfg, latent_side, in_channels, data.num_classes).to(device)
-    drop_prob = take_over_label_dropout(model)
-    ema = EMA(model, cfg.ema.decay)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-    model_name = _model_name(model)
-    log.info(
-        "model %s: %s, %.2fM parameters, input %s, %d classes; %d rank(s), %s, global batch %d",
-        model_name or "custom", model.config.to_dict(), sum(p.numel() for p in model.parameters()) / 1e6,
-        (in_channels, latent_side, latent_side), data.num_classes, env.world_size, device, cfg.global_batch_size,
-    )
 
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    parallel = cfg.parallel.value if env.distributed else "none"
-    if cfg.compile:
-        if parallel == "fsdp":
-            for block in model.blocks:  # per block, before sharding (FSDP2's recommended order)
-                block.compile()
-        else:
-            model.compile()  # in place: the state-dict keys stay the official ones
-    train_module = wrap_model(model, env, parallel)
-    if parallel == "fsdp":
-        shard_model(ema.module, env)  # sharded like the model, so EMA updates are shard-local
+def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
+    """Train as configured, writing checkpoints, metrics and samples under `out_dir` (rank 0's
+    value is used on every rank). Returns {"step", "loss", "checkpoint"} of the end of the run."""
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, Path(out_dir), env).run()
+    finally:
+        cleanup(env)
 
-    fused = cfg.optim.fused if cfg.optim.fused is not None else (device.type == "cuda" and parallel != "fsdp")
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay, fused=fused or None,
-    )
-    step = 0
-    if state is not None:
-        load_full_optimizer_state(model, opt, state["opt"])
-        for group in opt.param_groups:  # the config's hyperparameters, not the file's
-            group.update(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                         weight_decay=cfg.optim.weight_decay)
-        step = int(state["step"])
-        saved = state.get("rng", {}).get("ranks", [])
-        if len(saved) == env.world_size:
-            set_rng_state(saved[env.rank], device)
-        else:
-            seed_process(item_seed(cfg.seed, step, _RANK_STREAM + env.rank))
-    else:
-        seed_process(item_seed(cfg.seed, 0, _RANK_STREAM + env.rank))  # per-rank seeds from one seed
 
-    diffusion = create_diffusion(
-        "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
-        diffusion_steps=cfg.diffusion.diffusion_steps,
-    )
-    stream = DataStream(data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers)
-    latent_shape = (in_channels, latent_side, latent_side)
-    sample_posterior = not data.encoded and not is_pixel and cfg.vae.sample_posterior
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision.value == "bf16" else nullcontext())
-    params = [p for p in model.parameters() if p.requires_grad]
+class Trainer:
+    """Everything one rank holds during a run; built from the config, then `run()`."""
 
-    run_id = state.get("wandb_run_id") if state is not None else None
-    logger = RunLogger(env, out_dir, cfg, config_dict, run_id, step)
-    grid = _GridSampler(cfg, env, model.config, latent_shape, data.num_classes, out_dir) if cfg.log.samples.every else None
+    def __init__(self, cfg: TrainConfig, out_dir: Path, env: DistEnv):
+        from dit.diffusion import create_diffusion
 
-    def save_checkpoint(at_step: int) -> Path:
-        # Collectives under FSDP: every rank gathers, rank 0 writes.
-        ckpt = {
-            "model": full_model_state(model),
-            "ema": full_model_state(ema.module),
-            "opt": full_optimizer_state(model, opt),
-            "rng": {"ranks": gather_objects(rng_state(device), env)},
-        }
-        path = checkpoint_path(ckpt_dir, at_step)
+        check_static(cfg, env.world_size)  # before any data is read or weights loaded
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.out_dir = Path(broadcast_object(str(out_dir.resolve()), env))  # one run directory for all ranks
+        self.ckpt_dir = self.out_dir / "checkpoints"
         if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        configure_backends(cfg)
+        self.config_dict = plain_config(cfg)
+        state = load_start_state(cfg, self.ckpt_dir, self.config_dict)
+
+        self.data = build_data(cfg)
+        arch = resolve_architecture(cfg.model)
+        self.latents = build_latent_space(cfg, self.data, arch["patch_size"], self.device)
+        self._build_model(state)
+        self._build_optimizer(state)
+        self.step = int(state["step"]) if state is not None else 0
+        self._seed_rank(state)
+        self.diffusion = create_diffusion(
+            "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
+            diffusion_steps=cfg.diffusion.diffusion_steps,
+        )
+        self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers)
+        if state is not None:
+            size = (state.get("data_state") or {}).get("dataset_size")
+            if size not in (None, len(self.data.dataset)):
+                log.warning("the data set has %d items, the checkpoint's had %s: the data order differs from "
+                            "the interrupted run's", len(self.data.dataset), size)
+        self.logger = RunLogger(env, self.out_dir, cfg, self.config_dict,
+                                state.get("wandb_run_id") if state is not None else None, self.step)
+        self.grid = (_GridSampler(cfg, env, self.latents.shape, self.data.num_classes, self.out_dir)
+                     if cfg.log.samples.every else None)
+
+    # ---- construction
+
+    def _build_model(self, state: Optional[dict]) -> None:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+        model = build_model(cfg, self.latents.side, self.latents.channels, self.data.num_classes).to(self.device)
+        self.drop_prob = take_over_label_dropout(model)
+        self.ema = EMA(model, cfg.ema.decay)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+        self.model_name = _model_name(model)
+        log.info(
+            "model %s: %s, %.2fM parameters, input %s, %d classes; %d rank(s), %s, global batch %d",
+            self.model_name or "custom", model.config.to_dict(), sum(p.numel() for p in model.parameters()) / 1e6,
+            self.latents.shape, self.data.num_classes, env.world_size, self.device, cfg.global_batch_size,
+        )
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        self.parallel = cfg.parallel.value if env.distributed else "none"
+        if cfg.compile:
+            if self.parallel == "fsdp":
+                for block in model.blocks:  # per block, before sharding (FSDP2's recommended order)
+                    block.compile()
+            else:
+                model.compile()  # in place: the state-dict keys stay the official ones
+        self.model = model  # owns the parameters and the official state-dict keys
+        self.train_module = wrap_model(model, env, self.parallel)  # what the step calls (DDP, FSDP or model)
+        if self.parallel == "fsdp":
+            shard_model(self.ema.module, env)  # sharded like the model, so EMA updates are shard-local
+
+    def _build_optimizer(self, state: Optional[dict]) -> None:
+        o = self.cfg.optim
+        fused = o.fused if o.fused is not None else (self.device.type == "cuda" and self.parallel != "fsdp")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay, fused=fused or None)
+        if state is not None:
+            load_full_optimizer_state(self.model, self.opt, state["opt"])
+            for group in self.opt.param_groups:  # the config's hyperparameters, not the file's
+                group.update(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _seed_rank(self, state: Optional[dict]) -> None:
+        """Per-rank global RNG seeds derived from the one seed (nothing in the step draws from
+        them; they are restored anyway, for any code that does)."""
+        saved = (state or {}).get("rng", {}).get("ranks", [])
+        if len(saved) == self.env.world_size:
+            set_rng_state(saved[self.env.rank], self.device)
+        else:
+            seed_process(item_seed(self.cfg.seed, self.step, _RANK_STREAM + self.env.rank))
+
+    # ---- one optimizer step
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on this rank's rows of the global batch `self.step`: (loss, grad norm) as
+        device tensors (no host sync)."""
+        cfg, lat = self.cfg, self.latents
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        r = step_randomness(
+            cfg.seed, self.step, cfg.global_batch_size, lat.shape, self.diffusion.num_timesteps, self.drop_prob,
+            self.env.rank, self.env.world_size, self.device, posterior=lat.sample_posterior,
+        )
+        with torch.no_grad():
+            if self.data.encoded:
+                x0 = x
+            else:  # the VAE posterior sample (mean + std * eps) * scale; the identity for pixels
+                mean, std = lat.autoencoder.encode_moments(x)
+                x0 = (mean + std * r.posterior if lat.sample_posterior else mean).float() * lat.autoencoder.scale_factor
+        y = torch.where(r.drop, torch.full_like(y, self.data.num_classes), y)  # null class id = num_classes
+
+        bf16 = cfg.precision.value == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            losses = self.diffusion.training_losses(self.train_module, x0, r.t, model_kwargs={"y": y}, noise=r.noise)
+            loss = losses["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss.detach().float(), full_tensor(grad_norm).float()
+
+    # ---- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Contract 2 of DESIGN.md. Collectives under FSDP: every rank gathers, rank 0 writes."""
+        from dit.checkpoint import save_atomic
+
+        ckpt = {
+            "model": full_model_state(self.model),
+            "ema": full_model_state(self.ema.module),
+            "opt": full_optimizer_state(self.model, self.opt),
+            "rng": {"ranks": gather_objects(rng_state(self.device), self.env)},
+        }
+        path = checkpoint_path(self.ckpt_dir, self.step)
+        if self.env.is_main:
             ckpt.update(
-                step=at_step, model_name=model_name, model_config=model.config.to_dict(),
-                autoencoder=autoencoder_spec, config=config_dict, data_state=stream.position(at_step),
-                wandb_run_id=logger.run_id, format_version=CHECKPOINT_FORMAT_VERSION,
+                step=self.step, model_name=self.model_name, model_config=self.model.config.to_dict(),
+                autoencoder=self.latents.spec, config=self.config_dict, data_state=self.stream.position(self.step),
+                wandb_run_id=self.logger.run_id, format_version=CHECKPOINT_FORMAT_VERSION,
             )
             save_atomic(ckpt, path)
-            for old in prune_checkpoints(ckpt_dir, cfg.ckpt.keep_last, cfg.ckpt.keep_every):
+            for old in prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every):
                 log.info("deleted old checkpoint %s", old)
             log.info("saved checkpoint %s", path)
-        barrier(env)
+        barrier(self.env)
         return path
 
-    if state is not None:
-        saved_data = state.get("data_state") or {}
-        if saved_data.get("dataset_size") not in (None, len(data.dataset)):
-            log.warning("the data set has %d items, the checkpoint's had %s: the data order differs from the "
-                        "interrupted run's", len(data.dataset), saved_data["dataset_size"])
-        del state  # free the host copy before training
+    # ---- the loop
 
-    train_module.train()
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    window_steps, window_start = 0, time.perf_counter()
-    last_loss = float("nan")
-    last_ckpt = latest_checkpoint(ckpt_dir) if env.is_main else None
-    batches = stream.batches(step)
-    try:
-        while step < cfg.max_steps:
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            r = step_randomness(
-                cfg.seed, step, cfg.global_batch_size, latent_shape, diffusion.num_timesteps, drop_prob,
-                env.rank, env.world_size, device, posterior=sample_posterior,
-            )
-            with torch.no_grad():
-                if data.encoded:
-                    x0 = x
-                else:  # the VAE posterior sample (mean + std * eps) * scale; identity for pixels
-                    mean, std = autoencoder.encode_moments(x)
-                    x0 = (mean + std * r.posterior if sample_posterior else mean).float() * autoencoder.scale_factor
-            y = torch.where(r.drop, torch.full_like(y, data.num_classes), y)  # null class id = num_classes
-
-            with autocast:
-                loss = diffusion.training_losses(train_module, x0, r.t, model_kwargs={"y": y}, noise=r.noise)["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            opt.step()
-            ema.update(model)
-            step += 1
-            logger.step()
-
-            loss_sum += loss.detach().float()
-            norm_sum += full_tensor(grad_norm).float()
-            window_steps += 1
-            if step % cfg.log.every == 0 or step == cfg.max_steps:
-                totals = all_reduce_sum(torch.stack([loss_sum, norm_sum]), env) / env.world_size
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                last_loss = totals[0].item() / window_steps
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(
-                        f"the training loss is {last_loss} at step {step}; the newest checkpoint is {last_ckpt}. "
-                        "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
-                    )
-                logger.metrics(step, {
-                    "train/loss": last_loss,
-                    "train/grad_norm": totals[1].item() / window_steps,
-                    "train/lr": opt.param_groups[0]["lr"],
-                    "train/steps_per_sec": window_steps / elapsed,
-                    "train/images_per_sec": window_steps * cfg.global_batch_size / elapsed,
-                    "train/epoch": step / stream.steps_per_epoch,
-                })
-                loss_sum.zero_(), norm_sum.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            if grid is not None and step % cfg.log.samples.every == 0:
-                path = grid.sample(ema.module, diffusion, autoencoder, step)
-                if path is not None:
-                    logger.image(step, "samples", path)
-            if step % cfg.ckpt.every == 0 or step == cfg.max_steps:
-                last_ckpt = save_checkpoint(step)
-            if cfg.debug.kill_at_step is not None and step == cfg.debug.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # a crash test: no cleanup, no final checkpoint
-    finally:
-        logger.close()
-    return {"step": step, "loss": last_loss, "checkpoint": str(latest_checkpoint(ckpt_dir)) if env.is_main else None}
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        self.train_module.train()
+        loss_sum = torch.zeros((), device=self.device)
+        norm_sum = torch.zeros((), device=self.device)
+        window_steps, window_start = 0, time.perf_counter()
+        last_loss = float("nan")
+        last_ckpt, last_save_time = latest_checkpoint(self.ckpt_dir), time.monotonic()
+        batches = self.stream.batches(self.step)
+        try:
+            while self.step < cfg.max_steps:
+                loss, grad_norm = self.train_step(*next(batches))
+                step = self.step
+                self.logger.step()
+                loss_sum += loss
+                norm_sum += grad_norm
+                window_steps += 1
+                save_now = step % cfg.ckpt.every == 0 or step == cfg.max_steps
+                if step % cfg.log.every == 0 or step == cfg.max_steps:
+                    # Rank 0's clock decides time-based saves, so that all ranks agree.
+                    overdue = float(env.is_main and cfg.ckpt.every_minutes is not None
+                                    and time.monotonic() - last_save_time > 60 * cfg.ckpt.every_minutes)
+                    flags = torch.tensor(overdue, device=self.device)
+                    totals = all_reduce_sum(torch.stack([loss_sum, norm_sum, flags]), env)
+                    save_now = save_now or totals[2].item() > 0
+                    elapsed = time.perf_counter() - window_start  # .item() above waited for the device
+                    last_loss = totals[0].item() / env.world_size / window_steps  # mean over ranks and steps
+                    if not math.isfinite(last_loss):
+                        raise FloatingPointError(
+                            f"the training loss is {last_loss} at step {step}; the newest checkpoint is {last_ckpt}. "
+                            "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
+                        )
+                    self.logger.metrics(step, {
+                        "train/loss": last_loss,
+                        "train/grad_norm": totals[1].item() / env.world_size / window_steps,
+                        "train/lr": self.opt.param_groups[0]["lr"],
+                        "train/steps_per_sec": window_steps / elapsed,
+                        "train/images_per_sec": window_steps * cfg.global_batch_size / elapsed,
+                        "train/epoch": step / self.stream.steps_per_epoch,
+                    })
+                    loss_sum.zero_(), norm_sum.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+                if self.grid is not None and step % cfg.log.samples.every == 0:
+                    path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
+                    if path is not None:
+                        self.logger.image(step, "samples", path)
+                if save_now:
+                    last_ckpt, last_save_time = self.save_checkpoint(), time.monotonic()
+                if cfg.debug.kill_at_step is not None and step == cfg.debug.kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # a crash test: no cleanup, no final checkpoint
+        finally:
+            self.logger.close()
+        final = latest_checkpoint(self.ckpt_dir) if env.is_main else None
+        return {"step": self.step, "loss": last_loss, "checkpoint": None if final is None else str(final)}
 
 
 class _GridSampler:
     """Sample grids of the EMA model from fixed noise and classes (the same images every time,
     so grids of successive steps are comparable)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, model_config, latent_shape: tuple, num_classes: int, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, latent_shape: tuple, num_classes: int, out_dir: Path):
         s = cfg.log.samples
         self.cfg, self.env, self.out_dir = s, env, out_dir
         self.parallel = cfg.parallel.value if env.distributed else "none"
@@ -699,6 +752,7 @@ class _GridSampler:
             guided_channels=self.cfg.guided_channels,
             generator=torch.Generator(device=device).manual_seed(self.seed),
         )  # uint8 (N, H, W, 3)
+        reshard(ema_module)  # FSDP: back to shards, as the EMA update expects
         if not self.env.is_main:
             return None
         return save_grid(images, self.out_dir / "samples" / f"{step:07d}.png", nrow=int(math.ceil(len(images) ** 0.5)))

@@ -73,8 +73,9 @@ def test_torchrun_ddp_matches_one_process_and_ranks_share_rank0s_run_dir(tmp_pat
     # A run directory with microseconds in its name: each rank's hydra resolves a different one.
     # Rank 0's is broadcast and used by all; rank 1's stays empty.
     proc = torchrun([*ARGS, f"hydra.run.dir={tmp_path}/run_${{now:%H%M%S%f}}"], tmp_path)
-    used = [d for d in tmp_path.iterdir() if any(d.iterdir())]
-    assert len(used) == 1, [list(d.iterdir()) for d in tmp_path.iterdir()]
+    dirs = [d for d in tmp_path.iterdir() if d.name.startswith("run_")]
+    used = [d for d in dirs if any(d.iterdir())]
+    assert len(dirs) == 2 and len(used) == 1, [list(d.iterdir()) for d in dirs]
     run = used[0]
     assert {p.name for p in run.iterdir()} == {".hydra", "checkpoints", "metrics.jsonl", "train.log"}
     assert (run / "train.log").read_text().count("model custom") == 1  # rank 0's log only
@@ -84,7 +85,11 @@ def test_torchrun_ddp_matches_one_process_and_ranks_share_rank0s_run_dir(tmp_pat
 
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_one_process(tmp_path, single_process):
-    torchrun([*ARGS, "parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    # With an EMA sample grid at step 2: the sharded EMA model samples on all ranks, then its
+    # updates go on (sampling must leave it sharded); sampling does not change the weights.
+    grid = ["log.samples.every=2", "log.samples.num_images=2", "log.samples.num_steps=2"]
+    torchrun([*ARGS, *grid, "parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert ckpt["config"]["parallel"] == "fsdp" and len(ckpt["rng"]["ranks"]) == 2
     assert_same_parameters(single_process, ckpt)
+    assert (tmp_path / "run" / "samples" / "0000002.png").is_file()

@@ -283,7 +283,7 @@ def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loa
 
     bad = tmp_path / "evil.pth"
     with open(bad, "wb") as f:
-        pickle.dump({"fc.weight": Evil()}, f)
+        pickle.dump({"fc.weight": Evil()}, f, protocol=2)
     with pytest.raises(ValueError, match="refusing"):
         M.InceptionFeatures(bad)
     assert not marker.exists()
@@ -321,3 +321,24 @@ def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_p
     assert len(rows) == 2 and rows[0]["step"] == "400000" and rows[0]["sampler"] == "ddpm"
     assert float(rows[0]["fid"]) == pytest.approx(metrics["fid"], rel=1e-5)
     assert rows[0]["feature_extractor"].startswith("inception-v3-compat:")
+
+
+def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
+    from dit.judge import JudgeNet, JudgeSettings, ToyJudge
+
+    torch.manual_seed(0)
+    judge = ToyJudge(JudgeNet(width=4), JudgeSettings(image_size=8, width=4))  # untrained: plumbing only
+    extractor = M.JudgeFeatures(judge)
+    rng = np.random.default_rng(7)
+    real = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    fake = rng.integers(0, 128, (12, 8, 8, 3), dtype=np.uint8)
+    reference = M.compute_stats(real, extractor)
+    predicted = judge.classify(fake)
+    out = M.compute_metrics(fake, reference, extractor, labels=predicted, prc=False)
+    assert out["class_accuracy"] == 1.0 and out["fid"] > 0 and 1.0 <= out["inception_score"] <= 10.0
+    wrong = M.compute_metrics(fake, reference, extractor, labels=(predicted + 1) % 10, prc=False)
+    assert wrong["class_accuracy"] == 0.0 and wrong["fid"] == out["fid"]
+    with pytest.raises(ValueError, match="image size"):
+        M.build_feature_extractor("toy_judge")
+    with pytest.raises(ValueError, match="unknown feature_extractor"):
+        M.build_feature_extractor("clip")

@@ -214,6 +214,10 @@ def test_bad_sampling_inputs_fail_with_a_clear_message():
         S.sample_latents(tiny_dit(class_dropout_prob=0.0), None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise)
     with pytest.raises(ValueError, match="already respaced"):
         S.sample_latents(model, create_diffusion("10"), torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, num_steps=5)
+    with pytest.raises(ValueError, match="guided_channels must be 1..4 or 'all'"):
+        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.0, noise=noise, guided_channels=5)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=2.0, noise=noise, guidance_interval=[700, 300])
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         S.bulk_sample(model, None, SquashAE(), "x.npz", num_samples=0)
 

@@ -158,6 +158,29 @@ def test_a_changed_recipe_is_refused_in_the_same_run_directory(tmp_path):
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 
 
+def test_time_based_checkpoints_bound_the_work_a_preemption_loses(tmp_path):
+    cfg = make_config([*TINY, *TOY, "name=t", "global_batch_size=8", "max_steps=5", "log.every=2",
+                       "ckpt.every=1000", "ckpt.every_minutes=1e-6", "ckpt.keep_last=null"])
+    run_training(cfg, tmp_path)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 4, 5]  # at log steps, and the end
+
+
+def test_memory_and_precision_options_keep_the_math(tmp_path):
+    base = [*TINY, *TOY, "global_batch_size=8", "max_steps=2", "log.every=1"]
+
+    def run(name, *extra):
+        result = run_training(make_config([*base, f"name={name}", *extra]), tmp_path / name)
+        return torch.load(result["checkpoint"], weights_only=True), metrics(tmp_path / name)
+
+    (plain, plain_log), (ckpt, _) = run("plain"), run("checkpointed", "grad_checkpointing=true")
+    assert all(torch.equal(plain["model"][k], v) for k, v in ckpt["model"].items())  # recomputation is exact
+    bf16, bf16_log = run("bf16", "precision=bf16")
+    assert bf16_log[0]["train/loss"] == pytest.approx(plain_log[0]["train/loss"], rel=2e-2)
+    assert bf16_log[0]["train/loss"] != plain_log[0]["train/loss"]  # autocast did run in bfloat16
+    workers, _ = run("workers", "data.num_workers=2")  # augmentation is seeded per item, not per worker
+    assert all(torch.equal(plain["ema"][k], v) for k, v in workers["ema"].items())
+
+
 # --------------------------------------------------------------------------------------
 # Learning
 # --------------------------------------------------------------------------------------
@@ -221,7 +244,8 @@ def wandb_history(run_dir):
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            items = record.history.item
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
     return rows
 
 
@@ -254,6 +278,9 @@ def test_loss_falls_on_cached_latents_and_wandb_offline_records_loss_and_grids(t
     grid = Image.open(png)
     assert grid.mode == "RGB" and grid.size == (2 + 2 * (16 + 2), 2 + 2 * (16 + 2))  # 2x2 decoded 16x16 images
     assert (tmp_path / "run" / "samples" / "0000060.png").is_file()
+    # The run id is kept in the checkpoint: a resumed run logs to the same wandb run.
+    run_id = torch.load(tmp_path / "run" / "checkpoints" / "0000060.pt", weights_only=True)["wandb_run_id"]
+    assert png.parents[3].name.endswith("-" + run_id)
 
 
 # --------------------------------------------------------------------------------------
