@@ -169,7 +169,7 @@ class SampleGridConfig:
     cfg_scale: float = 4.0
     sampler: str = "ddpm"
     num_steps: int = 100
-    guided_channels: int = 3
+    guided_channels: str = "3"  # "3": the paper's (first 3 latent channels); "all"
 
 
 @dataclass
@@ -366,8 +366,11 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1], got {cfg.ema.decay}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
-    if cfg.log.samples.every < 0 or (cfg.log.samples.every and cfg.log.samples.num_images <= 0):
+    s = cfg.log.samples
+    if s.every < 0 or (s.every and s.num_images <= 0):
         raise ConfigError("log.samples.every must be >= 0 and log.samples.num_images positive")
+    if s.guided_channels != "all" and not s.guided_channels.isdigit():
+        raise ConfigError(f"log.samples.guided_channels must be a channel count or 'all', got {s.guided_channels!r}")
 
     data = cfg.data
     if data.kind in ("imagefolder", "latents"):

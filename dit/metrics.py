@@ -27,6 +27,7 @@ import json
 import math
 import os
 import socket
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -539,44 +540,61 @@ def _source_identity(source: Path) -> dict:
     return {"path": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _read_stats_npz(path: Path, extractor: FeatureExtractor) -> tuple[FeatureStats | None, np.ndarray | None]:
-    """(statistics usable with this extractor or None, images or None) from an ADM or cached file."""
+def _npz_array_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of one array of an `.npz` from its header, without reading the data."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(f)
+    return tuple(shape)
+
+
+def _read_stats_npz(path: Path, extractor: FeatureExtractor) -> tuple[FeatureStats | None, bool]:
+    """(statistics usable with this extractor or None, whether the file holds images `arr_0`)
+    from an ADM or cached file. The images themselves are not read here (10 000 reference
+    images at 256x256 are 2 GB): `load_reference` reads them only when it needs them."""
     with _open_npz(path) as data:
         keys = set(data.files)
         meta = json.loads(str(_read_key(data, "meta", path))) if "meta" in keys else None
-        images = check_images(_read_key(data, "arr_0", path), f"{path}: arr_0") if "arr_0" in keys else None
+        has_images = "arr_0" in keys
         stats = None
         if {"mu", "sigma"} <= keys:
             # ADM reference batches carry no metadata: their mu/sigma are Inception pool_3 statistics.
             made_by = meta.get("extractor") if meta else None
             usable = made_by == extractor.identity if made_by else extractor.name == "inception"
             if usable:
+                if meta:
+                    num_images = meta.get("num_images")
+                else:
+                    num_images = _npz_array_shape(path, "arr_0")[0] if has_images else None
                 stats = FeatureStats(np.asarray(_read_key(data, "mu", path), np.float64),
                                      np.asarray(_read_key(data, "sigma", path), np.float64),
-                                     num_images=meta.get("num_images") if meta else (len(images) if images is not None else None),
-                                     extractor=made_by, source=str(path))
+                                     num_images=num_images, extractor=made_by, source=str(path))
                 if {"mu_s", "sigma_s"} <= keys:
-                    stats.mu_s = np.asarray(data["mu_s"], np.float64)
-                    stats.sigma_s = np.asarray(data["sigma_s"], np.float64)
+                    stats.mu_s = np.asarray(_read_key(data, "mu_s", path), np.float64)
+                    stats.sigma_s = np.asarray(_read_key(data, "sigma_s", path), np.float64)
                 if "pool" in keys and made_by == extractor.identity:
-                    stats.pool = data["pool"]
-    return stats, images
+                    stats.pool = _read_key(data, "pool", path)
+    return stats, has_images
 
 
 def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, cache_dir: str | os.PathLike | None = None,
                    need_features: bool = True, progress: bool = False) -> FeatureStats:
     """Reference statistics from an ADM reference batch (`mu`/`sigma` used as stored, images for
     precision/recall), a folder of images, or a statistics file we cached. Computed features are
-    cached in `cache_dir` under a key made of the source's identity, the extractor's identity
-    (weights digest) and the number of images, so a different weights file, a changed folder or a
-    different N never reuses stale statistics."""
+    cached in `cache_dir` under a key made of the source's identity (path, size, modification
+    time) and the extractor's identity (weights digest), so a different weights file, a changed
+    file or folder, or a different N never reuses stale statistics."""
     source = Path(source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"reference {source} does not exist: pass an ADM reference batch .npz, a folder of "
                                 "images, or a statistics .npz written by dit.metrics.save_stats")
-    stored, images = (None, None) if source.is_dir() else _read_stats_npz(source, extractor)
-    if stored is not None and (stored.pool is not None or not need_features or images is None):
+    stored, has_images = (None, True) if source.is_dir() else _read_stats_npz(source, extractor)
+    if stored is not None and (stored.pool is not None or not need_features or not has_images):
         return stored
+    if not has_images:
+        raise ValueError(f"reference {source} has no images (arr_0) and no mu/sigma usable with the "
+                         f"{extractor.identity} extractor: give a reference made with this extractor, or images")
 
     cache_path = None
     if cache_dir is not None:
@@ -588,12 +606,7 @@ def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, ca
             if cached is not None and cached.pool is not None:
                 return _prefer_stored(stored, cached)
 
-    if images is None:
-        if source.is_dir():
-            images = read_image_folder(source)
-        else:
-            raise ValueError(f"reference {source} has no images (arr_0) and no mu/sigma usable with the "
-                             f"{extractor.identity} extractor: give a reference made with this extractor, or images")
+    images = read_image_folder(source) if source.is_dir() else read_samples_npz(source)[0]
     computed = compute_stats(images, extractor, progress=progress)
     computed.source = str(source)
     if cache_path is not None:
@@ -692,6 +705,8 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
         out["sfid"] = frechet_distance(sample.mu_s, sample.sigma_s, reference.mu_s, reference.sigma_s)
     if isc and sample.logits is not None:
         out["inception_score"], out["inception_score_std"] = inception_score(sample.logits, isc_split_size)
+    if (prc or kid) and reference.pool is None:
+        warnings.warn(f"precision/recall and KID need reference images; {reference.source} has statistics only")
     if prc and reference.pool is not None:
         out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, prc_k)
     if kid and reference.pool is not None:

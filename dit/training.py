@@ -66,9 +66,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT_VERSION = 1
 # Stream ids for `item_seed(seed, step, stream)`: far above any dataset index, so they never
 # collide with the per-item streams of the datasets (seed, epoch, index).
-_STEP_STREAM = 1 << 62
-_GRID_STREAM = (1 << 62) + 1
-_RANK_STREAM = (1 << 62) + 2
+_STEP_STREAM = 1 << 62  # (seed, step): the step's timesteps, noise and label-dropout mask
+_GRID_STREAM = (1 << 62) + 1  # (seed, 0 | 1): the sample grids' noise and sampler noise
+_RANK_STREAM = (1 << 62) + (1 << 20)  # + rank, (seed, step): the rank's global RNGs
+_LOADER_STREAM = (1 << 62) + (1 << 40)  # + rank, (seed, epoch): DataLoader worker base seeds
 
 
 # --------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ class DataStream:
                 num_workers=self.num_workers, pin_memory=self.env.device.type == "cuda",
                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                 # Seeds the workers' base seed without touching the global RNG.
-                generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, _RANK_STREAM + self.env.rank)),
+                generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, _LOADER_STREAM + self.env.rank)),
             )
             yield from loader
             epoch, k = epoch + 1, 0

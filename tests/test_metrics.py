@@ -213,6 +213,28 @@ def test_statistics_from_another_extractor_are_not_used(tmp_path):
     assert M.load_reference(tmp_path / "both.npz", b).extractor == "B" and b.calls == 1
 
 
+def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_precision_recall(tmp_path):
+    """ADM's evaluator takes mu/sigma from the reference file when present (its images serve
+    precision/recall only); ADM files carry no metadata, so they are trusted for Inception only."""
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    stored_mu, stored_sigma = np.full(12, 0.5), 2.0 * np.eye(12)  # deliberately not the images' statistics
+    M.write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": images, "mu": stored_mu, "sigma": stored_sigma})
+    inception_like = CountingExtractor()
+    inception_like.name = "inception"
+    ref = M.load_reference(tmp_path / "VIRTUAL_ref.npz", inception_like)
+    np.testing.assert_array_equal(ref.mu, stored_mu)
+    np.testing.assert_array_equal(ref.sigma, stored_sigma)
+    assert ref.pool.shape == (10, 12) and ref.num_images == 10 and inception_like.calls == 1
+    stats_only = M.load_reference(tmp_path / "VIRTUAL_ref.npz", CountingExtractor(), need_features=False)
+    assert not np.array_equal(stats_only.mu, stored_mu)  # another extractor: recomputed from the images
+    M.write_npz_atomic(tmp_path / "stats_only.npz", {"mu": stored_mu, "sigma": stored_sigma})
+    ref = M.load_reference(tmp_path / "stats_only.npz", inception_like)
+    with pytest.warns(UserWarning, match="need reference images"):
+        out = M.compute_metrics(images, ref, inception_like)
+    assert "fid" in out and "precision" not in out
+
+
 # ------------------------------------------------------------------------------ Inception, offline
 
 

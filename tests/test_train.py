@@ -175,8 +175,9 @@ def test_memory_and_precision_options_keep_the_math(tmp_path):
     (plain, plain_log), (ckpt, _) = run("plain"), run("checkpointed", "grad_checkpointing=true")
     assert all(torch.equal(plain["model"][k], v) for k, v in ckpt["model"].items())  # recomputation is exact
     bf16, bf16_log = run("bf16", "precision=bf16")
-    assert bf16_log[0]["train/loss"] == pytest.approx(plain_log[0]["train/loss"], rel=2e-2)
-    assert bf16_log[0]["train/loss"] != plain_log[0]["train/loss"]  # autocast did run in bfloat16
+    # Step 1 sees the zero output of adaLN-Zero in any precision; step 2 does not.
+    assert bf16_log[1]["train/loss"] == pytest.approx(plain_log[1]["train/loss"], rel=2e-2)
+    assert bf16_log[1]["train/loss"] != plain_log[1]["train/loss"]  # autocast did run in bfloat16
     workers, _ = run("workers", "data.num_workers=2")  # augmentation is seeded per item, not per worker
     assert all(torch.equal(plain["ema"][k], v) for k, v in workers["ema"].items())
 
