@@ -1,7 +1,7 @@
 """Sampling and evaluation throughput: images/s of each sampler (network passes counted) and of
 Inception feature extraction, for a small model, measured in the same run.
 
-    python benchmarks/bench_sampling_eval.py                         # CPU default, ~3-5 min on 2 cores
+    python benchmarks/bench_sampling_eval.py --threads 1             # CPU: ~2 min on 2 shared cores
     python benchmarks/bench_sampling_eval.py --device cuda --model DiT-XL/2 --input-size 32 --batch-size 64
 
 Sampling: a DiT of the given architecture with random (perturbed) weights, `--batch-size`
@@ -54,13 +54,14 @@ def main() -> None:
     p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--input-size", type=int, default=8, help="latent side (8: 64x64 images with a KL-f8 VAE)")
     p.add_argument("--in-channels", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--feature-images", type=int, default=16)
-    p.add_argument("--feature-batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--feature-images", type=int, default=8)
+    p.add_argument("--feature-batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids spin-waiting on a machine shared with other jobs)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args()
     if args.threads:

@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
     "save_atomic",
     "save_weights_safetensors",
     "load_state",
@@ -59,6 +60,15 @@ class UnsafeCheckpointError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The weights in the file do not fit the requested model (keys or shapes differ)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A file could not be written (disk full, quota, permissions, I/O error). Nothing was
+    written under its name: a file already there is unchanged. `errno` is the OS error number."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 # --------------------------------------------------------------------------------------
@@ -98,20 +108,54 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
     return path
 
 
+class _WriteRecorder:
+    """A file wrapper for `torch.save` that remembers the OSError of a failed write: torch's
+    zip writer replaces it by an opaque "unexpected pos" RuntimeError, and the real reason
+    (e.g. ENOSPC, no space left on device) is what the user needs to hear."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):  # flush, seek, tell, ...: the file's own
+        return getattr(self.f, name)
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj, path)` that never leaves a partial file under `path`.
 
     Store only tensors, plain containers and Python scalars/strings in `obj` (no numpy arrays,
     no custom classes, no OmegaConf objects), so that `load_state` can read it back with
-    `weights_only=True`.
+    `weights_only=True`. A failed write (full disk, ...) raises CheckpointWriteError naming the
+    OS error; `path` then keeps its previous content (or stays absent).
     """
+    recorder = None
 
     def write(tmp: Path) -> None:
+        nonlocal recorder
         with open(tmp, "xb") as f:
-            torch.save(obj, f)
+            recorder = _WriteRecorder(f)
+            torch.save(obj, recorder)
             f.flush()
 
-    return _write_atomic(path, write)
+    try:
+        return _write_atomic(path, write)
+    except (OSError, RuntimeError) as err:
+        cause = recorder.error if recorder is not None and recorder.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        reason = f"{cause.strerror or cause} (errno {cause.errno})" if cause.errno else str(cause)
+        raise CheckpointWriteError(
+            f"could not write {path}: {reason}. Nothing was written under that name (a file already there is "
+            f"unchanged). Free space or fix permissions on {Path(path).parent}, then relaunch",
+            errno=cause.errno,
+        ) from cause
 
 
 def save_weights_safetensors(

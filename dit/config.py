@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -180,10 +181,45 @@ class LogConfig:
 
 
 @dataclass
-class DebugConfig:
-    """For tests of crash recovery; never set in real runs."""
+class FaultConfig:
+    """What a run does when something goes wrong (docs/reliability.md)."""
 
-    kill_at_step: Optional[int] = None  # SIGKILL this process right after finishing that step
+    # A step whose loss or gradient is NaN/inf is skipped (no optimizer or EMA update) and
+    # counted; after this many consecutive such steps the run stops with an error, leaving the
+    # newest checkpoint as it was. null: no per-step check (saves one host sync per step); a
+    # non-finite mean loss then stops the run at the next log step.
+    max_nonfinite_steps: Optional[int] = 10
+    # On these signals (what SLURM and torchrun send before stopping a job) the run writes a
+    # checkpoint at the next step boundary and exits with `preempt_exit_code`. A handler that
+    # was installed before (submitit's requeue on SIGUSR2) is called after the checkpoint.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    preempt_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, run me again"
+    # Collectives (and so every rank, when one rank dies or hangs) fail after this long. It must
+    # exceed the longest wait of one rank for another: a checkpoint write or a sample grid on rank 0.
+    dist_timeout_minutes: float = 30.0
+
+
+class KillWhen(enum.Enum):
+    after_step = "after_step"  # right after the step (and its checkpoint, if one is due)
+    mid_step = "mid_step"  # after the backward pass, before the optimizer update
+    checkpoint_write = "checkpoint_write"  # halfway through writing a checkpoint at that step (rank 0)
+
+
+class KillHow(enum.Enum):
+    sigkill = "sigkill"  # kill -9: no cleanup, no final checkpoint
+    hang = "hang"  # stop responding forever (a stuck rank; for collective-timeout tests)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests of crash recovery; never set in real runs."""
+
+    kill_at_step: Optional[int] = None  # kill this process at that step (1-based, as logged) ...
+    kill_when: KillWhen = KillWhen.after_step  # ... at this point of the step ...
+    kill_how: KillHow = KillHow.sigkill  # ... in this way ...
+    kill_rank: Optional[int] = None  # ... on this rank only (None: every rank)
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps' losses become NaN
+    nan_grad_at_steps: list[int] = field(default_factory=list)  # one gradient entry becomes inf
 
 
 # --------------------------------------------------------------------------------------
@@ -201,6 +237,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     name: str = MISSING  # run name: the run directory is outputs/<name>, and the wandb run name
@@ -222,7 +259,7 @@ class TrainConfig:
 # Everything else defines the run; a mismatch in the run directory is refused (see
 # `config_mismatches`).
 RESUMABLE_CHANGES = (
-    "max_steps", "ckpt", "log", "debug", "resume", "data.num_workers", "data.root", "compile",
+    "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "compile",
     "grad_checkpointing", "device", "name",
 )
 
@@ -366,6 +403,16 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1], got {cfg.ema.decay}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    f = cfg.fault
+    if f.max_nonfinite_steps is not None and f.max_nonfinite_steps < 1:
+        raise ConfigError(f"fault.max_nonfinite_steps must be >= 1 or null (no check), got {f.max_nonfinite_steps}")
+    unknown = [name for name in f.preempt_signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
+    if unknown:
+        raise ConfigError(f"fault.preempt_signals: unknown signal(s) {unknown}; use names such as SIGTERM, SIGUSR1")
+    if not 1 <= f.preempt_exit_code <= 255:
+        raise ConfigError(f"fault.preempt_exit_code must be in 1..255 (0 would read as success), got {f.preempt_exit_code}")
+    if f.dist_timeout_minutes <= 0:
+        raise ConfigError(f"fault.dist_timeout_minutes must be positive, got {f.dist_timeout_minutes}")
     s = cfg.log.samples
     if s.every < 0 or (s.every and s.num_images <= 0):
         raise ConfigError("log.samples.every must be >= 0 and log.samples.num_images positive")

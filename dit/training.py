@@ -15,6 +15,8 @@ depend on how the global batch is split across ranks (up to floating-point summa
 from __future__ import annotations
 
 import copy
+import functools
+import io
 import json
 import logging
 import math
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import uuid
 from contextlib import nullcontext
@@ -205,12 +208,16 @@ class DataStream:
     resumed at step s starts in epoch s // steps_per_epoch at position (s % steps_per_epoch) * B.
     Workers are restarted each epoch so that they see the new epoch of the dataset."""
 
-    def __init__(self, dataset: Dataset, env: DistEnv, global_batch: int, seed: int, num_workers: int):
+    def __init__(self, dataset: Dataset, env: DistEnv, global_batch: int, seed: int, num_workers: int,
+                 worker_ignored_signals: tuple[int, ...] = ()):
         from dit.data import DistributedResumableSampler
 
         self.dataset, self.env, self.global_batch = dataset, env, global_batch
         self.local_batch = global_batch // env.world_size
         self.seed, self.num_workers = seed, num_workers
+        # SLURM signals every process of a job: workers ignore the preemption signals, so that
+        # they keep loading until the training process has written its checkpoint.
+        self.worker_ignored_signals = tuple(worker_ignored_signals)
         self.sampler = DistributedResumableSampler(len(dataset), env.world_size, env.rank, seed=seed, drop_last=True)
         self.steps_per_epoch = self.sampler.total_size // global_batch
         if self.steps_per_epoch == 0:
@@ -236,9 +243,16 @@ class DataStream:
                 persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
                 # Seeds the workers' base seed without touching the global RNG.
                 generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, _LOADER_STREAM + self.env.rank)),
+                worker_init_fn=(functools.partial(_ignore_signals, self.worker_ignored_signals)
+                                if self.num_workers and self.worker_ignored_signals else None),
             )
             yield from loader
             epoch, k = epoch + 1, 0
+
+
+def _ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------
@@ -280,6 +294,67 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: Optional[int], keep_every: Opti
         path.unlink(missing_ok=True)
         deleted.append(path)
     return deleted
+
+
+# Temp files of `dit.checkpoint.save_atomic` (".0000100.pt.<pid>.<hex>.tmp"), left behind when a
+# write was killed: never loaded (the name pattern above excludes them), removed at the next start.
+_CKPT_TEMP = re.compile(r"^\.\d+\.pt\..*\.tmp$")
+_REQUIRED_KEYS = ("model", "ema", "opt", "step")
+
+
+def remove_interrupted_writes(ckpt_dir: Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that were killed midway. Returns their paths."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = [ckpt_dir / name for name in os.listdir(ckpt_dir) if _CKPT_TEMP.match(name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A checkpoint of ours, checked to hold what a resume needs. Raises CheckpointError (file
+    unreadable, truncated, or not a training checkpoint) or UnsafeCheckpointError."""
+    from dit.checkpoint import CheckpointError, load_state
+
+    state = load_state(path)
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this code (no {', '.join(missing)})")
+    return state
+
+
+def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the newest checkpoint in `ckpt_dir` that loads, or (None, None) if there
+    is none. A newer one that does not load (truncated by a crash outside our atomic write,
+    bit rot, a bad copy) is renamed to `<name>.corrupt`, out of the way of resuming and pruning,
+    with a warning naming it and the checkpoint used instead. A file that would run code is not
+    skipped quietly: UnsafeCheckpointError. Call on one rank only (it renames files)."""
+    from dit.checkpoint import CheckpointError, UnsafeCheckpointError
+
+    bad = []
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = read_training_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as err:
+            bad.append((path, err))
+            continue
+        for corrupt, err in bad:
+            aside = corrupt.with_name(corrupt.name + ".corrupt")
+            os.replace(corrupt, aside)
+            log.warning("checkpoint %s is unreadable (%s); resuming from the previous one, %s, instead "
+                        "(the unreadable file is kept as %s)", corrupt, err, path, aside.name)
+        return path, state
+    if bad:
+        listed = "; ".join(f"{p.name}: {e}" for p, e in bad)
+        raise CheckpointError(
+            f"no checkpoint in {ckpt_dir} can be read ({listed}). Move them away to start the run over, or "
+            "set resume=<a good checkpoint> in a new run directory"
+        )
+    return None, None
 
 
 def resolve_resume_path(path: str) -> Path:
@@ -433,25 +508,46 @@ def _same_autoencoder(a: str, b: str) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
-def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool]:
-    """(checkpoint to start from, whether it is this run directory's own)."""
-    own = latest_checkpoint(ckpt_dir)
+def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool, Optional[dict]]:
+    """(checkpoint to start from, whether it is this run directory's own, its state if read)."""
+    own, state = newest_readable_checkpoint(ckpt_dir)
     if own is not None:
-        return own, True
+        return own, True, state
     if cfg.resume:
-        return resolve_resume_path(cfg.resume), False
-    return None, False
+        return resolve_resume_path(cfg.resume), False, None
+    return None, False, None
 
 
-def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict) -> Optional[dict]:
-    """The checkpoint to continue from (this run directory's newest, else `cfg.resume`), or None.
-    A checkpoint in the run directory whose recipe differs from `cfg` is refused."""
+def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
+                     env: Optional[DistEnv] = None) -> Optional[dict]:
+    """The checkpoint to continue from (this run directory's newest readable one, else
+    `cfg.resume`), or None. A checkpoint in the run directory whose recipe differs from `cfg` is
+    refused. Rank 0 chooses (and moves unreadable checkpoints aside); the other ranks load its
+    choice. The state's "source" entry is the path it was read from."""
     from dit.checkpoint import load_state
 
-    source, own = _find_resume(cfg, ckpt_dir)
+    env = env or DistEnv(0, 0, 1, torch.device("cpu"))
+    choice, state, error = (None, False), None, None
+    if env.is_main:
+        for path in remove_interrupted_writes(ckpt_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", path.name)
+        try:
+            source, own, state = _find_resume(cfg, ckpt_dir)
+            choice = (None if source is None else str(source), own)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    # Every rank learns rank 0's outcome, so that none waits for the others after an error.
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 could not choose the checkpoint to resume from ({failed})")
+    source, own = broadcast_object(choice, env)
     if source is None:
         return None
-    state = load_state(source)
+    source = Path(source)
+    if state is None:
+        state = load_state(source)
     differ = config_mismatches(state.get("config") or {}, config_dict)
     if differ and own:
         raise ConfigError(
@@ -463,7 +559,24 @@ def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict) -> Opt
     if differ:
         log.warning("resuming from %s with a changed configuration:\n  %s", source, "\n  ".join(differ))
     log.info("resuming from %s (step %d)", source, state["step"])
-    return state
+    return {**state, "source": str(source)}
+
+
+def check_checkpoint_fits(state: dict, model_config: dict, cfg: TrainConfig) -> None:
+    """ConfigError, before any training, if the checkpoint to resume holds another DiT than the
+    one this config and data build (e.g. a latents cache of another shape or class count)."""
+    stored = state.get("model_config") or {}
+    differ = {k: (v, model_config[k]) for k, v in stored.items() if k in model_config and model_config[k] != v}
+    if not differ:
+        return
+    listed = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in sorted(differ.items()))
+    data = ("latents cache" if cfg.data.kind == "latents" else "data") + (
+        f" data.root={cfg.data.root}" if getattr(cfg.data, "root", None) else "")
+    raise ConfigError(
+        f"checkpoint {state.get('source', '')} does not fit the model this run builds from its config and {data} "
+        f"({listed}): use the data (or latents cache) and model it was trained with, or start without it "
+        "(a new run directory, no resume=)"
+    )
 
 
 @dataclass
@@ -511,8 +624,14 @@ def build_latent_space(cfg: TrainConfig, data: TrainData, patch_size: int, devic
 
 def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
     """Train as configured, writing checkpoints, metrics and samples under `out_dir` (rank 0's
-    value is used on every rank). Returns {"step", "loss", "checkpoint"} of the end of the run."""
-    env = init_distributed(cfg.device)
+    value is used on every rank). Returns {"step", "loss", "checkpoint", "skipped_steps"} of the
+    end of the run.
+
+    Faults (docs/reliability.md): raises TrainingPreempted (a SystemExit with status
+    fault.preempt_exit_code) after the checkpoint a preemption signal asked for,
+    NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
+    CheckpointWriteError when a checkpoint cannot be written (the previous one is kept)."""
+    env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
     try:
         return Trainer(cfg, Path(out_dir), env).run()
     finally:
@@ -533,7 +652,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         configure_backends(cfg)
         self.config_dict = plain_config(cfg)
-        state = load_start_state(cfg, self.ckpt_dir, self.config_dict)
+        state = load_start_state(cfg, self.ckpt_dir, self.config_dict, env)
+        self.preempt_signals = tuple(getattr(signal, name) for name in cfg.fault.preempt_signals)
 
         self.data = build_data(cfg)
         arch = resolve_architecture(cfg.model)
@@ -546,7 +666,10 @@ class Trainer:
             "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
             diffusion_steps=cfg.diffusion.diffusion_steps,
         )
-        self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers)
+        self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers,
+                                 worker_ignored_signals=self.preempt_signals)
+        # Steps with a non-finite loss or gradient: in total, and in the current unbroken run.
+        self.nonfinite = dict((state or {}).get("nonfinite_steps") or {"total": 0, "consecutive": 0})
         if state is not None:
             size = (state.get("data_state") or {}).get("dataset_size")
             if size not in (None, len(self.data.dataset)):
@@ -566,6 +689,7 @@ class Trainer:
         self.drop_prob = take_over_label_dropout(model)
         self.ema = EMA(model, cfg.ema.decay)
         if state is not None:
+            check_checkpoint_fits(state, model.config.to_dict(), cfg)
             model.load_state_dict(state["model"])
             self.ema.module.load_state_dict(state["ema"])
         self.model_name = _model_name(model)
@@ -609,9 +733,9 @@ class Trainer:
 
     # ---- one optimizer step
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on this rank's rows of the global batch `self.step`: (loss, grad norm) as
-        device tensors (no host sync)."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and gradients of step `self.step + 1` on this rank's rows of its global batch:
+        (loss, grad norm) as device tensors (no host sync). No update yet: `apply_update`."""
         cfg, lat = self.cfg, self.latents
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
@@ -631,22 +755,80 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             losses = self.diffusion.training_losses(self.train_module, x0, r.t, model_kwargs={"y": y}, noise=r.noise)
             loss = losses["loss"].mean()
+        if self.step + 1 in cfg.debug.nan_loss_at_steps:
+            loss = loss * float("nan")  # fault injection: NaN loss, hence NaN gradients
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.step + 1 in cfg.debug.nan_grad_at_steps:  # fault injection: a finite loss, an inf gradient
+            with torch.no_grad():
+                next(p.grad for p in self.params if p.grad is not None).view(-1)[0] = float("inf")
         if cfg.optim.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        return loss.detach().float(), full_tensor(grad_norm).float()
+
+    def apply_update(self) -> None:
         self.opt.step()
         self.ema.update(self.model)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step without fault handling (forward, backward, update): (loss, grad norm)."""
+        loss, grad_norm = self.forward_backward(x, y)
+        self.apply_update()
         self.step += 1
-        return loss.detach().float(), full_tensor(grad_norm).float()
+        return loss, grad_norm
+
+    def step_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor, preempt: bool) -> tuple[bool, bool]:
+        """(skip this step's update: non-finite loss or gradient on any rank, a preemption
+        signal reached any rank). All ranks get the same answer: one all-reduce of two numbers
+        and one host sync per step, done only when a check needs it."""
+        check = self.cfg.fault.max_nonfinite_steps is not None
+        if not check and not (self.env.distributed and self.preempt_signals):
+            return False, preempt
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) if check else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([bad.float().to(self.device), torch.tensor(float(preempt), device=self.device)])
+        bad, preempt = (v > 0 for v in all_reduce_sum(flags, self.env).tolist())
+        return bad, preempt
+
+    # ---- fault injection (debug.*)
+
+    def _fault_here(self, when: str, step: int) -> bool:
+        d = self.cfg.debug
+        return (d.kill_at_step == step and d.kill_when.value == when
+                and (d.kill_rank is None or d.kill_rank == self.env.rank))
+
+    def _die(self) -> None:
+        if self.cfg.debug.kill_how.value == "hang":  # a stuck rank: alive, never answering
+            log.warning("debug: rank %d hangs at step %d", self.env.rank, self.cfg.debug.kill_at_step)
+            while True:
+                time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no final checkpoint
+
+    def _write_half_then_die(self, ckpt: dict, path: Path) -> None:
+        """Start the atomic write of `ckpt` as `save_atomic` does, and die with half of it on disk."""
+        from dit.checkpoint import _write_atomic  # the real temp-file-and-rename path
+
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        data = buffer.getbuffer()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "xb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            self._die()
+
+        _write_atomic(path, write)
 
     # ---- checkpoints
 
-    def save_checkpoint(self) -> Path:
-        """Contract 2 of DESIGN.md. Collectives under FSDP: every rank gathers, rank 0 writes."""
-        from dit.checkpoint import save_atomic
+    def save_checkpoint(self, previous: Optional[Path] = None) -> Path:
+        """Contract 2 of DESIGN.md. Collectives under FSDP: every rank gathers, rank 0 writes.
+        Old checkpoints are pruned only once the new one is complete. A failed write (full disk)
+        raises CheckpointWriteError on every rank, naming `previous`, which is kept."""
+        from dit.checkpoint import CheckpointWriteError, save_atomic
 
         ckpt = {
             "model": full_model_state(self.model),
@@ -655,75 +837,174 @@ class Trainer:
             "rng": {"ranks": gather_objects(rng_state(self.device), self.env)},
         }
         path = checkpoint_path(self.ckpt_dir, self.step)
+        error = None
         if self.env.is_main:
             ckpt.update(
                 step=self.step, model_name=self.model_name, model_config=self.model.config.to_dict(),
                 autoencoder=self.latents.spec, config=self.config_dict, data_state=self.stream.position(self.step),
                 wandb_run_id=self.logger.run_id, format_version=CHECKPOINT_FORMAT_VERSION,
+                nonfinite_steps=dict(self.nonfinite),
             )
-            save_atomic(ckpt, path)
-            for old in prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every):
-                log.info("deleted old checkpoint %s", old)
-            log.info("saved checkpoint %s", path)
-        barrier(self.env)
+            if self._fault_here("checkpoint_write", self.step):
+                self._write_half_then_die(ckpt, path)
+            try:
+                save_atomic(ckpt, path)
+            except CheckpointWriteError as err:
+                error = err
+            else:
+                for old in prune_checkpoints(self.ckpt_dir, self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every):
+                    log.info("deleted old checkpoint %s", old)
+                log.info("saved checkpoint %s", path)
+        failed = broadcast_object(None if error is None else str(error), self.env)  # also the barrier
+        if failed is not None:
+            kept = f"the newest complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"checkpoint at step {self.step} failed: {failed}; {kept}",
+                                       errno=getattr(error, "errno", None)) from error
         return path
 
     # ---- the loop
 
     def run(self) -> dict:
+        with PreemptionWatch(self.preempt_signals) as watch:
+            try:
+                return self._loop(watch)
+            finally:
+                self.logger.close()
+
+    def _loop(self, watch: "PreemptionWatch") -> dict:
         cfg, env = self.cfg, self.env
+        max_bad = cfg.fault.max_nonfinite_steps
         self.train_module.train()
         loss_sum = torch.zeros((), device=self.device)
         norm_sum = torch.zeros((), device=self.device)
-        window_steps, window_start = 0, time.perf_counter()
+        window_steps, window_good, window_start = 0, 0, time.perf_counter()
         last_loss = float("nan")
         last_ckpt, last_save_time = latest_checkpoint(self.ckpt_dir), time.monotonic()
         batches = self.stream.batches(self.step)
-        try:
-            while self.step < cfg.max_steps:
-                loss, grad_norm = self.train_step(*next(batches))
-                step = self.step
-                self.logger.step()
+        while self.step < cfg.max_steps:
+            loss, grad_norm = self.forward_backward(*next(batches))
+            step = self.step + 1
+            if self._fault_here("mid_step", step):
+                self._die()
+            bad, preempt = self.step_flags(loss, grad_norm, watch.received is not None)
+            if bad:  # no optimizer or EMA update: the weights stay as they were
+                self.nonfinite["total"] += 1
+                self.nonfinite["consecutive"] += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
+                            "(%d in a row, %d in total; the run stops at %d in a row)", step, loss.item(),
+                            grad_norm.item(), self.nonfinite["consecutive"], self.nonfinite["total"], max_bad)
+            else:
+                self.apply_update()
+                self.nonfinite["consecutive"] = 0
                 loss_sum += loss
                 norm_sum += grad_norm
-                window_steps += 1
-                save_now = step % cfg.ckpt.every == 0 or step == cfg.max_steps
-                if step % cfg.log.every == 0 or step == cfg.max_steps:
-                    # Rank 0's clock decides time-based saves, so that all ranks agree.
-                    overdue = float(env.is_main and cfg.ckpt.every_minutes is not None
-                                    and time.monotonic() - last_save_time > 60 * cfg.ckpt.every_minutes)
-                    flags = torch.tensor(overdue, device=self.device)
-                    totals = all_reduce_sum(torch.stack([loss_sum, norm_sum, flags]), env)
-                    save_now = save_now or totals[2].item() > 0
-                    elapsed = time.perf_counter() - window_start  # .item() above waited for the device
-                    last_loss = totals[0].item() / env.world_size / window_steps  # mean over ranks and steps
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(
-                            f"the training loss is {last_loss} at step {step}; the newest checkpoint is {last_ckpt}. "
-                            "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
-                        )
-                    self.logger.metrics(step, {
-                        "train/loss": last_loss,
-                        "train/grad_norm": totals[1].item() / env.world_size / window_steps,
-                        "train/lr": self.opt.param_groups[0]["lr"],
-                        "train/steps_per_sec": window_steps / elapsed,
-                        "train/images_per_sec": window_steps * cfg.global_batch_size / elapsed,
-                        "train/epoch": step / self.stream.steps_per_epoch,
-                    })
-                    loss_sum.zero_(), norm_sum.zero_()
-                    window_steps, window_start = 0, time.perf_counter()
-                if self.grid is not None and step % cfg.log.samples.every == 0:
-                    path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
-                    if path is not None:
-                        self.logger.image(step, "samples", path)
-                if save_now:
-                    last_ckpt, last_save_time = self.save_checkpoint(), time.monotonic()
-                if cfg.debug.kill_at_step is not None and step == cfg.debug.kill_at_step:
-                    os.kill(os.getpid(), signal.SIGKILL)  # a crash test: no cleanup, no final checkpoint
-        finally:
-            self.logger.close()
+                window_good += 1
+            self.step = step
+            self.logger.step()
+            window_steps += 1
+            if max_bad is not None and self.nonfinite["consecutive"] >= max_bad:
+                raise NonFiniteTrainingError(
+                    f"training stopped at step {step}: the loss or gradient was NaN/inf in {max_bad} consecutive "
+                    f"steps ({step - max_bad + 1}..{step}; their updates were skipped, no checkpoint was written). "
+                    f"The newest checkpoint, {last_ckpt}, is intact and a relaunch resumes from it. Fix: lower "
+                    "optim.lr, set optim.grad_clip, use precision=fp32, or check the data "
+                    f"(fault.max_nonfinite_steps={max_bad} sets the limit)"
+                )
+            save_now = step % cfg.ckpt.every == 0 or step == cfg.max_steps
+            if step % cfg.log.every == 0 or step == cfg.max_steps:
+                # Rank 0's clock decides time-based saves, so that all ranks agree.
+                overdue = float(env.is_main and cfg.ckpt.every_minutes is not None
+                                and time.monotonic() - last_save_time > 60 * cfg.ckpt.every_minutes)
+                flags = torch.tensor(overdue, device=self.device)
+                totals = all_reduce_sum(torch.stack([loss_sum, norm_sum, flags]), env)
+                save_now = save_now or totals[2].item() > 0
+                elapsed = time.perf_counter() - window_start  # .item() above waited for the device
+                # Means over ranks and the window's finite steps (NaN if all were skipped).
+                last_loss = totals[0].item() / env.world_size / window_good if window_good else float("nan")
+                if max_bad is None and not math.isfinite(last_loss):
+                    raise NonFiniteTrainingError(
+                        f"the training loss is {last_loss} at step {step}; the newest checkpoint is {last_ckpt}. "
+                        "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
+                    )
+                self.logger.metrics(step, {
+                    "train/loss": last_loss,
+                    "train/grad_norm": totals[1].item() / env.world_size / window_good if window_good else float("nan"),
+                    "train/lr": self.opt.param_groups[0]["lr"],
+                    "train/steps_per_sec": window_steps / elapsed,
+                    "train/images_per_sec": window_steps * cfg.global_batch_size / elapsed,
+                    "train/epoch": step / self.stream.steps_per_epoch,
+                    "train/skipped_steps": self.nonfinite["total"],
+                })
+                loss_sum.zero_(), norm_sum.zero_()
+                window_steps, window_good, window_start = 0, 0, time.perf_counter()
+            if self.grid is not None and step % cfg.log.samples.every == 0:
+                path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
+                if path is not None:
+                    self.logger.image(step, "samples", path)
+            if save_now or preempt or self._fault_here("checkpoint_write", step):
+                last_ckpt, last_save_time = self.save_checkpoint(last_ckpt), time.monotonic()
+            if preempt:
+                code = cfg.fault.preempt_exit_code
+                log.warning("preempted (%s): wrote checkpoint %s at step %d; exiting with status %d so that the "
+                            "launcher requeues the job; relaunching the same command resumes from it",
+                            watch.signal_name or "a signal on another rank", last_ckpt, step, code)
+                watch.hand_over()  # the launcher's own handler (submitit: requeue), if any
+                raise TrainingPreempted(code)
+            if self._fault_here("after_step", step):
+                self._die()
         final = latest_checkpoint(self.ckpt_dir) if env.is_main else None
-        return {"step": self.step, "loss": last_loss, "checkpoint": None if final is None else str(final)}
+        return {"step": self.step, "loss": last_loss, "checkpoint": None if final is None else str(final),
+                "skipped_steps": self.nonfinite["total"]}
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped because its loss or gradients stayed non-finite (NaN/inf)."""
+
+
+class TrainingPreempted(SystemExit):
+    """Raised after the checkpoint that a preemption signal asked for has been written. As a
+    SystemExit it ends the process with status `code` (fault.preempt_exit_code) unless caught."""
+
+
+class PreemptionWatch:
+    """Turns the preemption signals into a flag that the loop reads at step boundaries (a
+    handler that only sets a flag is safe whatever the process is doing when the signal comes).
+
+    Handlers installed before (submitit's requeue handler on SIGUSR2, say) are remembered:
+    `hand_over()` calls the one of the signal received, once the checkpoint is written. All
+    handlers are restored on exit. Signals can only be handled in the main thread; elsewhere
+    (a test calling `run_training` from a thread) the watch does nothing."""
+
+    def __init__(self, signums: tuple[int, ...]):
+        self.signums = tuple(signums)
+        self.previous: dict[int, object] = {}
+        self.received: Optional[int] = None
+
+    @property
+    def signal_name(self) -> Optional[str]:
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is not threading.main_thread():
+            if self.signums:
+                log.warning("not in the main thread: preemption signals are not handled")
+            return self
+        for signum in self.signums:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def hand_over(self) -> None:
+        handler = self.previous.get(self.received)
+        if callable(handler):
+            handler(self.received, None)
 
 
 class _GridSampler:
