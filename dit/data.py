@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import warnings
 from bisect import bisect_right
 from pathlib import Path
@@ -462,7 +463,20 @@ def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtype, 
 
 def _load_shard(path: Path) -> dict:
     # weights_only: a cache file can never run code; mmap: random access without reading it all.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        # Same type (callers may catch it), with a message that says what to do.
+        raise pickle.UnpicklingError(
+            f"latents cache shard {path} holds Python objects other than tensors and is refused: loading it "
+            f"could run code ({str(err).splitlines()[0][:200]}). Rebuild the cache from the images"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise LatentCacheMismatch(
+            f"latents cache shard {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated "
+            f"or corrupt: delete it and {META_FILE}, then rerun the same `python -m dit.cache_latents` command "
+            "(it encodes only the missing shard)"
+        ) from err
 
 
 def _finalize_cache(out_dir: Path, settings: dict, num_shards: int) -> None:

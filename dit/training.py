@@ -1,5 +1,7 @@
 """The training loop and its parts: EMA, per-step randomness, the data stream, checkpoints with
-exact resume, and metric logging. `train.py` resolves the hydra config and calls `run_training`.
+exact resume, metric logging, and fault handling (preemption signals, non-finite steps, corrupt
+checkpoints, failed writes: docs/reliability.md). `train.py` resolves the hydra config and calls
+`run_training`.
 
 Reproducibility is by construction rather than by saved RNG states:
 
@@ -462,10 +464,18 @@ class RunLogger:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines after `step` (written by an interrupted attempt that is now redone)."""
+    """Drop metric lines after `step` (written by an interrupted attempt that is now redone), and
+    a line that a crash (or a full disk) cut short."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+
+    def line_step(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf  # unreadable: dropped
+
+    keep = [line for line in path.read_text().splitlines() if line and line_step(line) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
@@ -772,13 +782,6 @@ class Trainer:
         self.opt.step()
         self.ema.update(self.model)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step without fault handling (forward, backward, update): (loss, grad norm)."""
-        loss, grad_norm = self.forward_backward(x, y)
-        self.apply_update()
-        self.step += 1
-        return loss, grad_norm
-
     def step_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor, preempt: bool) -> tuple[bool, bool]:
         """(skip this step's update: non-finite loss or gradient on any rank, a preemption
         signal reached any rank). All ranks get the same answer: one all-reduce of two numbers
@@ -865,13 +868,17 @@ class Trainer:
     # ---- the loop
 
     def run(self) -> dict:
+        batches = self.stream.batches(self.step)
         with PreemptionWatch(self.preempt_signals) as watch:
             try:
-                return self._loop(watch)
+                return self._loop(watch, batches)
             finally:
+                # Stop the DataLoader workers now: left to the interpreter's exit, they would be
+                # sent SIGTERM, which they ignore (see DataStream), and waited for forever.
+                batches.close()
                 self.logger.close()
 
-    def _loop(self, watch: "PreemptionWatch") -> dict:
+    def _loop(self, watch: "PreemptionWatch", batches) -> dict:
         cfg, env = self.cfg, self.env
         max_bad = cfg.fault.max_nonfinite_steps
         self.train_module.train()
@@ -880,7 +887,6 @@ class Trainer:
         window_steps, window_good, window_start = 0, 0, time.perf_counter()
         last_loss = float("nan")
         last_ckpt, last_save_time = latest_checkpoint(self.ckpt_dir), time.monotonic()
-        batches = self.stream.batches(self.step)
         while self.step < cfg.max_steps:
             loss, grad_norm = self.forward_backward(*next(batches))
             step = self.step + 1
@@ -905,7 +911,7 @@ class Trainer:
             if max_bad is not None and self.nonfinite["consecutive"] >= max_bad:
                 raise NonFiniteTrainingError(
                     f"training stopped at step {step}: the loss or gradient was NaN/inf in {max_bad} consecutive "
-                    f"steps ({step - max_bad + 1}..{step}; their updates were skipped, no checkpoint was written). "
+                    f"steps, {step - max_bad + 1}..{step} (their updates were skipped; no checkpoint was written). "
                     f"The newest checkpoint, {last_ckpt}, is intact and a relaunch resumes from it. Fix: lower "
                     "optim.lr, set optim.grad_clip, use precision=fp32, or check the data "
                     f"(fault.max_nonfinite_steps={max_bad} sets the limit)"
@@ -941,7 +947,8 @@ class Trainer:
                 path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
                 if path is not None:
                     self.logger.image(step, "samples", path)
-            if save_now or preempt or self._fault_here("checkpoint_write", step):
+            forced = cfg.debug.kill_at_step == step and cfg.debug.kill_when.value == "checkpoint_write"  # every rank
+            if save_now or preempt or forced:
                 last_ckpt, last_save_time = self.save_checkpoint(last_ckpt), time.monotonic()
             if preempt:
                 code = cfg.fault.preempt_exit_code
