@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from dit.checkpoint import write_text_atomic
 from dit.distributed import env_rank
 from dit.metrics import append_results_row, build_feature_extractor, compute_metrics, load_reference, read_images
 from dit.sampling import settings_path_for
@@ -61,9 +62,7 @@ def evaluate(cfg: DictConfig, samples: str | os.PathLike) -> dict:
 
     out_json = Path(cfg.results_json) if cfg.results_json else samples.with_name(
         f"{samples.stem if samples.is_file() else samples.name}.{cfg.feature_extractor}.metrics.json")
-    tmp = out_json.with_name(f".{out_json.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, out_json)
+    write_text_atomic(out_json, json.dumps(record, indent=2, default=str) + "\n")
     row = {**{k: settings.get(k) for k in ("checkpoint", "step", "sampler", "num_steps", "cfg_scale",
                                            "guided_channels", "guidance_interval", "vae", "seed", "labels")},
            **metrics, "time": record["time"], "samples": str(samples), "reference": str(cfg.reference),

@@ -76,7 +76,7 @@ class CheckpointWriteError(CheckpointError):
 # --------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_path)` for a temp file beside `path`, fsync it, rename it onto `path`.
 
     The temp file lives in the same directory so that `os.replace` is a rename within one
@@ -106,6 +106,11 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Pat
     finally:
         os.close(dir_fd)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (JSON, CSV, logs) through `write_atomic`."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class _WriteRecorder:
@@ -145,7 +150,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             f.flush()
 
     try:
-        return _write_atomic(path, write)
+        return write_atomic(path, write)
     except (OSError, RuntimeError) as err:
         cause = recorder.error if recorder is not None and recorder.error is not None else err
         if not isinstance(cause, OSError):
@@ -170,7 +175,7 @@ def save_weights_safetensors(
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     header = {str(k): json.dumps(v) for k, v in (metadata or {}).items()}
-    return _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 # --------------------------------------------------------------------------------------

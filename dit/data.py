@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from dit.checkpoint import write_atomic, write_text_atomic
+
 CACHE_FORMAT_VERSION = 1
 META_FILE = "meta.json"  # written last: its presence means the cache is complete
 BUILD_FILE = "build.json"  # the settings of a cache being built, for resuming
@@ -266,20 +268,17 @@ class ImageFolderDataset(Dataset):
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """`write(file)` into a temp file renamed onto `path` (dit.checkpoint.write_atomic)."""
+
+    def to_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    write_atomic(path, to_file)
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def _shard_name(k: int) -> str:

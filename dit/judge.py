@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dit.checkpoint import save_atomic
 from dit.metrics import feature_statistics, frechet_distance
 from dit.toy import DATA_VERSION, NUM_CLASSES, make_toy_arrays, to_model_range
 
@@ -169,12 +170,9 @@ class ToyJudge:
             return cls(net, settings, blob.get("stats"))
         net, stats = train_judge(settings, progress=progress)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             blob = {"state_dict": net.state_dict(), "settings": asdict(settings), "stats": stats,
                     "format_version": FORMAT_VERSION}
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            torch.save(blob, tmp)
-            os.replace(tmp, path)  # atomic: concurrent runs never see a half-written file
+            save_atomic(blob, path)  # concurrent runs never see a half-written file
         return cls(net, settings, stats)
 
     @torch.no_grad()

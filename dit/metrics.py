@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit.checkpoint import save_atomic
 # torch-fidelity's InceptionV3 weights, converted from the TF 2015-12-05 graph that FID uses.
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -473,10 +474,7 @@ def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Pa
             torch.nn.init.normal_(net.fc.weight, std=2048 ** -0.5)
     finally:
         placeholder.unlink()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic(net.state_dict(), path)
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit.checkpoint import write_atomic, write_text_atomic
 from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -347,9 +348,7 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], *, s
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _check_same_settings(old: dict, new: dict, where: Path) -> None:
@@ -526,12 +525,7 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 4, paddin
         r, c = divmod(k, nrow)
         y, x = padding + r * (h + padding), padding + c * (w + padding)
         grid[y : y + h, x : x + w] = img
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------

@@ -48,11 +48,11 @@ from dit.config import (
     config_mismatches,
     resolve_architecture,
 )
+from dit.checkpoint import write_text_atomic
 from dit.data import item_seed
 from dit.distributed import (
     DistEnv,
     all_reduce_sum,
-    barrier,
     broadcast_object,
     cleanup,
     full_model_state,
@@ -476,9 +476,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             return math.inf  # unreadable: dropped
 
     keep = [line for line in path.read_text().splitlines() if line and line_step(line) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 # --------------------------------------------------------------------------------------
@@ -810,7 +808,7 @@ class Trainer:
 
     def _write_half_then_die(self, ckpt: dict, path: Path) -> None:
         """Start the atomic write of `ckpt` as `save_atomic` does, and die with half of it on disk."""
-        from dit.checkpoint import _write_atomic  # the real temp-file-and-rename path
+        from dit.checkpoint import write_atomic  # the real temp-file-and-rename path
 
         buffer = io.BytesIO()
         torch.save(ckpt, buffer)
@@ -823,7 +821,7 @@ class Trainer:
                 os.fsync(f.fileno())
             self._die()
 
-        _write_atomic(path, write)
+        write_atomic(path, write)
 
     # ---- checkpoints
 
