@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from dit.distributed import barrier, cleanup, init_distributed
+from dit.runtime import tune_host_allocator
 from dit.sampling import (
     bulk_sample, default_output_name, generate_samples, load_for_sampling, save_grid, settings_path_for,
 )
@@ -102,5 +103,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
     torch.set_grad_enabled(False)
     main()

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
+from dit.runtime import tune_host_allocator
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,6 +28,7 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
     register_configs()
     sys.argv = flatten_model_overrides(sys.argv)
     if env_rank() != 0:

@@ -133,7 +133,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global grad norm; None: no clipping (the paper)
-    fused: Optional[bool] = None  # fused AdamW kernel; None: on for CUDA, off otherwise
+    fused: Optional[bool] = None  # fused AdamW kernel; None: on (CPU and CUDA) except under FSDP
 
 
 @dataclass

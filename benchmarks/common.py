@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark scripts: what machine a figure came from, medians with their
+spread, and the matmul peak that utilisation figures are quoted against."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """Where and when a measurement ran; the load average shows other work on a shared machine."""
+    device = torch.device(device)
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def summary(values) -> dict:
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                repeats: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n matmul through torch (median of `repeats` after warm-up):
+    the practical peak that model FLOP/s are compared with."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)

@@ -1,0 +1,120 @@
+"""The speed-ups change nothing but speed: the fused AdamW default computes the update of the
+reference optimizer and resumes from its state, and the host-allocator setting is applied only
+where it may be."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit.config import OptimConfig
+from dit.models import DiT
+from dit.training import EMA, build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():  # off the adaLN-Zero init, so every weight gets a gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _train(model: DiT, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:
+    """Optimizer steps on a fixed sequence of gradients (one real backward's gradients, rescaled
+    per step), so two optimizers can be compared without the model feeding rounding back."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    y = torch.randint(0, 10, (4,), generator=g)
+    probe = _tiny_dit(seed=3)
+    probe(x, t, y).square().mean().backward()
+    grads = [p.grad.clone() for p in probe.parameters() if p.requires_grad]
+    for step in range(steps):
+        noise = [torch.randn(gr.shape, generator=g) * gr.abs().mean() for gr in grads]
+        for p, gr, n in zip([p for p in model.parameters() if p.requires_grad], grads, noise):
+            p.grad = (1 + step) * gr + n
+        opt.step()
+
+
+def test_default_optimizer_is_fused_on_cpu_and_foreach_under_fsdp():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    assert build_optimizer(params, OptimConfig(), torch.device("cpu")).defaults["fused"] is True
+    assert not build_optimizer(params, OptimConfig(), torch.device("cpu"), parallel="fsdp").defaults["fused"]
+    assert not build_optimizer(params, OptimConfig(fused=False), torch.device("cpu")).defaults["fused"]
+
+
+def test_fused_adamw_matches_the_reference_update_and_hyperparameters():
+    cfg = OptimConfig(lr=3e-3, weight_decay=0.01, betas=[0.8, 0.95], eps=1e-6)
+    fused_model, ref_model = _tiny_dit(), _tiny_dit()
+    fused = build_optimizer(fused_model.parameters(), cfg, torch.device("cpu"))
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.8, 0.95), eps=1e-6,
+                            foreach=False)  # the single-tensor loop: AdamW written out
+    _train(fused_model, fused, 5)
+    _train(ref_model, ref, 5)
+    for (name, a), b in zip(fused_model.named_parameters(), ref_model.parameters()):
+        moved = (b - _tiny_dit().state_dict()[name]).abs().max()
+        assert moved > 0 or not a.requires_grad, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_optimizer_resumes_from_a_foreach_state_and_continues_the_same_run():
+    cfg = OptimConfig(lr=1e-3)
+    a, b = _tiny_dit(), _tiny_dit()
+    opt_a = build_optimizer(a.parameters(), OptimConfig(lr=1e-3, fused=False), torch.device("cpu"))
+    _train(a, opt_a, 3)
+    b.load_state_dict(a.state_dict())
+    opt_b = build_optimizer(b.parameters(), cfg, torch.device("cpu"))
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as from a checkpoint file: no shared tensors
+    _train(a, opt_a, 3, seed=2)
+    _train(b, opt_b, 3, seed=2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ema_update_touches_every_parameter_once():
+    model = _tiny_dit()
+    ema = EMA(model, decay=0.9)
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for old, new, p in zip(before, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * p)
+
+
+def _run(code: str, **env) -> str:
+    clean = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") and k.endswith("_"))}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean, **env}, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_allocator_tuning_stops_page_faults_per_step_and_yields_to_user_settings():
+    probe = """
+import resource, torch
+from dit.runtime import tune_host_allocator
+applied = TUNE and tune_host_allocator()
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = [torch.ones(3 << 20) for _ in range(8)]  # 8 blocks of 12 MB, freed again: one 'step'
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sum(faults[2:]))
+"""
+    applied, faults = _run(probe.replace("TUNE", "True")).split()
+    assert applied == "True" and int(faults) == 0  # freed blocks are reused: no fresh pages
+    _, plain_faults = _run(probe.replace("TUNE", "False")).split()
+    assert int(plain_faults) > 10_000  # glibc's default returns them and faults them in again
+    # A user's own glibc setting wins: nothing is changed.
+    assert _run(probe.replace("TUNE", "True"), MALLOC_ARENA_MAX_="2").split()[0] == "False"
