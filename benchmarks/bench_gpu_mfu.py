@@ -51,7 +51,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -62,6 +61,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import summary, sync  # noqa: E402
 
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name, model_arch  # noqa: E402
@@ -75,13 +77,6 @@ DATASHEET_BF16 = (("H200 NVL", None), ("H200", 989.4), ("H100 PCIe", 756.0), ("H
                   ("H100", 989.4), ("A100", 312.0))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 # --------------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ from dit.data import (  # noqa: E402
     LatentCacheDataset,
     build_latent_cache,
 )
+from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
+from dit.runtime import tune_host_allocator  # noqa: E402
+from dit.training import EMA, build_optimizer  # noqa: E402
 
 
 def sd_vae(device: str) -> VAEAutoencoder:
@@ -91,13 +94,13 @@ def batches(dataset, batch_size: int, num_workers: int, seed: int, device: str):
 
 
 class Trainer:
-    """DiT training step as the reference loop does it: hybrid loss, AdamW, EMA."""
+    """Our DiT training step (dit.training's optimizer and EMA): hybrid loss, fused AdamW, EMA."""
 
     def __init__(self, model_name: str, latent_size: int, device: str, seed: int):
         torch.manual_seed(seed)
         self.model = DiT_models[model_name](input_size=latent_size, num_classes=1000).to(device)
-        self.ema = [p.detach().clone() for p in self.model.parameters()]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
+        self.ema = EMA(self.model, 0.9999)
+        self.opt = build_optimizer(self.model.parameters(), OptimConfig(), torch.device(device))
         self.diffusion = create_diffusion("")
         self.generator = torch.Generator(device).manual_seed(seed)
 
@@ -107,9 +110,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        with torch.no_grad():
-            params = list(self.model.parameters())
-            torch._foreach_lerp_(self.ema, params, 1 - 0.9999)
+        self.ema.update(self.model)
         return loss.item()
 
 
@@ -136,10 +137,10 @@ def summary(rates):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps per path")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path")
-    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--source-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
@@ -151,6 +152,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args()
 
+    tune_host_allocator()  # as train.py: both paths run in this process and share the setting
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     machine = {

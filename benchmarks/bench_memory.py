@@ -69,7 +69,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import summary  # noqa: E402
 
 from dit.data import item_seed  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
@@ -313,9 +315,6 @@ def gradient_check(args) -> dict:
         "ok": g0.keys() == g1.keys() and max_rel <= 1e-6 and abs(l0 - l1) <= 1e-6 * max(1.0, abs(l0)),
     }
 
-
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def main() -> None:
