@@ -41,6 +41,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import summary, sync  # noqa: E402
 
 from dit.autoencoder import SD_SCALE_FACTOR, VAEAutoencoder  # noqa: E402
 from dit.data import (  # noqa: E402
@@ -114,24 +117,16 @@ class Trainer:
         return loss.item()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_step(trainer, stream, to_latents, device) -> tuple[float, float]:
+def timed_step(trainer, stream, to_latents, device) -> tuple[float, float, float]:
     """Seconds for one step, data loading and encoding included (from asking for a batch to the
-    end of its optimizer step), and the loss."""
+    end of its optimizer step), the seconds of that spent waiting for the batch, and the loss."""
     sync(device)
     start = time.perf_counter()
     x, y = next(stream)
+    waited = time.perf_counter() - start
     loss = trainer.step(to_latents(x), y)
     sync(device)
-    return time.perf_counter() - start, loss
-
-
-def summary(rates):
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "n": len(rates)}
+    return time.perf_counter() - start, waited, loss
 
 
 def main() -> None:
@@ -193,11 +188,13 @@ def main() -> None:
         }
         # Alternate the two paths step by step, so both see the same load on a shared machine.
         rates = {name: [] for name in paths}
+        waits = {name: [] for name in paths}  # fraction of each step spent waiting for the batch
         for i in range(args.warmup + args.steps):
             for name, (trainer, stream, to_latents) in paths.items():
-                elapsed, loss = timed_step(trainer, stream, to_latents, args.device)
+                elapsed, waited, loss = timed_step(trainer, stream, to_latents, args.device)
                 if i >= args.warmup:
                     rates[name].append(args.batch_size / elapsed)
+                    waits[name].append(waited / elapsed)
                 tag = " (warm-up)" if i < args.warmup else ""
                 print(f"  step {i}{tag} {name:>10}: {elapsed:.2f} s, loss {loss:.4f}", flush=True)
         del paths  # stop the loaders' workers before the temp folder goes
@@ -212,6 +209,7 @@ def main() -> None:
         "on_the_fly_images_per_s": fly_s, "cached_images_per_s": cached_s,
         "cache_build_s_per_image": build_per_image,
         "cache_break_even_epochs": build_per_image / saving_per_image if saving_per_image > 0 else None,
+        "data_wait_fraction": {k: summary(v) for k, v in waits.items()},
         "ratio_cached_over_on_the_fly": cached_s["median"] / fly_s["median"],
     }
     machine["load_average_at_end"] = os.getloadavg()[0]
@@ -221,9 +219,10 @@ def main() -> None:
           f"{machine['load_average_at_end']:.1f} on {machine['cpu_count']} cores")
     print(f"cache build (one-off, image + mirror): {build_per_image:.2f} s/image; "
           f"pays for itself after {results['cache_break_even_epochs']:.2f} epochs")
-    for label, s in (("on the fly", fly_s), ("cached", cached_s)):
+    for label, key, s in (("on the fly", "on-the-fly", fly_s), ("cached", "cached", cached_s)):
         print(f"{args.model} training, {label:>10}: {s['median']:.3f} images/s "
-              f"(median of {s['n']}, min {s['min']:.3f}, max {s['max']:.3f})")
+              f"(median of {s['n']}, min {s['min']:.3f}, max {s['max']:.3f}); "
+              f"waiting for data {100 * statistics.median(waits[key]):.1f} % of the step")
     print(f"ratio cached / on-the-fly: {results['ratio_cached_over_on_the_fly']:.1f}x")
 
 
