@@ -3,6 +3,7 @@ reference optimizer and resumes from its state, and the host-allocator setting i
 where it may be."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dit.config import OptimConfig
-from dit.models import DiT
+from dit.models import DiT, DiT_models
 from dit.training import EMA, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +119,20 @@ print(applied, sum(faults[2:]))
     assert int(plain_faults) > 10_000  # glibc's default returns them and faults them in again
     # A user's own glibc setting wins: nothing is changed.
     assert _run(probe.replace("TUNE", "True"), MALLOC_ARENA_MAX_="2").split()[0] == "False"
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_runs_every_variant_and_reports_the_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "benchmarks/bench_train_step.py", "--models", "DiT-S/8", "--input-size", "8",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1", "--extra",
+                    "--json", str(out)], cwd=REPO, check=True, capture_output=True, timeout=300)
+    (r,) = json.loads(out.read_text())["results"]
+    v = r["variants"]
+    assert set(v) == {"ours", "diffusers", "reference", "diffusers+ours", "ours, default malloc"}
+    # ours and reference train the same (our) DiT-S/8; diffusers' peer has its own count.
+    expected = sum(p.numel() for p in DiT_models["DiT-S/8"](input_size=8).parameters())
+    assert v["ours"]["params"] == v["reference"]["params"] == v["ours, default malloc"]["params"] == expected
+    assert v["diffusers"]["params"] == v["diffusers+ours"]["params"] != expected
+    assert r["flops_per_step"] > 0 and all(x["s_per_step"]["median"] > 0 for x in v.values())
+    assert r["ratio_ours_over_diffusers"] == pytest.approx(v["ours"]["images_per_s"] / v["diffusers"]["images_per_s"])
