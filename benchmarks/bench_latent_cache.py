@@ -117,6 +117,23 @@ class Trainer:
         return loss.item()
 
 
+def flops_per_image(autoencoder, model_name: str, latent_size: int, image_size: int, device: str) -> tuple[float, float]:
+    """(VAE encode, DiT training step) FLOPs per image, counted by torch's FlopCounterMode (the
+    step as one forward + backward; attention under the math backend, which the counter knows)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, image_size, image_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as vae:
+        autoencoder.encode(x)
+    model = DiT_models[model_name](input_size=latent_size, num_classes=1000).to(device)
+    z = torch.randn(1, autoencoder.latent_channels, latent_size, latent_size, device=device)
+    t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as step, sdpa_kernel(SDPBackend.MATH):
+        model(z, t, y).square().mean().backward()
+    return vae.get_total_flops(), step.get_total_flops()
+
+
 def timed_step(trainer, stream, to_latents, device) -> tuple[float, float, float]:
     """Seconds for one step, data loading and encoding included (from asking for a batch to the
     end of its optimizer step), the seconds of that spent waiting for the batch, and the loss."""
@@ -162,6 +179,7 @@ def main() -> None:
 
     autoencoder = sd_vae(args.device)
     latent_size = autoencoder.latent_size(args.image_size)
+    vae_flops, step_flops = flops_per_image(autoencoder, args.model, latent_size, args.image_size, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
         make_image_folder(root, args.num_images, args.source_size, args.seed)
@@ -210,6 +228,9 @@ def main() -> None:
         "cache_build_s_per_image": build_per_image,
         "cache_break_even_epochs": build_per_image / saving_per_image if saving_per_image > 0 else None,
         "data_wait_fraction": {k: summary(v) for k, v in waits.items()},
+        "flops_per_image": {"vae_encode": vae_flops, "dit_step": step_flops},
+        # What the ratio would be if both paths ran at the same FLOP/s: the VAE's share bounds it.
+        "ratio_bound_at_equal_efficiency": (vae_flops + step_flops) / step_flops,
         "ratio_cached_over_on_the_fly": cached_s["median"] / fly_s["median"],
     }
     machine["load_average_at_end"] = os.getloadavg()[0]
@@ -223,6 +244,8 @@ def main() -> None:
         print(f"{args.model} training, {label:>10}: {s['median']:.3f} images/s "
               f"(median of {s['n']}, min {s['min']:.3f}, max {s['max']:.3f}); "
               f"waiting for data {100 * statistics.median(waits[key]):.1f} % of the step")
+    print(f"FLOPs per image: VAE encode {vae_flops / 1e9:.1f} G, {args.model} training step {step_flops / 1e9:.1f} G; "
+          f"at equal FLOP/s the ratio would be {results['ratio_bound_at_equal_efficiency']:.2f}x")
     print(f"ratio cached / on-the-fly: {results['ratio_cached_over_on_the_fly']:.1f}x")
 
 
