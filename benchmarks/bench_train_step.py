@@ -16,6 +16,8 @@ forward, DiT's hybrid loss, backward, AdamW, EMA):
               (torch's default implementation for the device) and an EMA updated tensor by tensor.
   reference   our model with that reference recipe: the reference step as far as the model is
               the same computation (it is: same layers, same numerics).
+  --compile adds `ours+compile` (`model.compile()`, train.py's compile=true; compilation happens in
+  the first warm-up step, whose time is printed).
   --extra adds `diffusers+ours` (the peer model with our step) and `ours, default malloc` (our
   step without `dit.runtime.tune_host_allocator`), to separate model, recipe and process setup.
 
@@ -154,10 +156,16 @@ EXTRA_VARIANTS = {
     "diffusers+ours": ("diffusers", "ours", True),
     "ours, default malloc": ("ours", "ours", False),
 }
+COMPILE_VARIANT = {"ours+compile": ("ours+compile", "ours", True)}
 
 
 def build(kind: str, name: str, size: int) -> nn.Module:
-    return DiT_models[name](input_size=size, num_classes=1000) if kind == "ours" else DiffusersDiT(name, size)
+    if kind == "diffusers":
+        return DiffusersDiT(name, size)
+    model = DiT_models[name](input_size=size, num_classes=1000)
+    if kind == "ours+compile":
+        model.compile()  # in place, as train.py compile=true does
+    return model
 
 
 def example_batch(args, device: torch.device) -> tuple:
@@ -189,7 +197,7 @@ def worker(conn, name: str, kind: str, recipe: str, tuned: bool, args) -> None:
 
 
 def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    variants = dict(VARIANTS, **(EXTRA_VARIANTS if args.extra else {}))
+    variants = dict(VARIANTS, **(EXTRA_VARIANTS if args.extra else {}), **(COMPILE_VARIANT if args.compile else {}))
     torch.manual_seed(0)
     x, y = example_batch(args, device)
     flops = step_flops(build("ours", name, args.input_size).to(device), x, y)
@@ -250,6 +258,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--extra", action="store_true",
                    help="also time diffusers' model with our step, and our step with glibc's default allocator")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our step with model.compile() (train.py compile=true); compiles during warm-up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
