@@ -232,6 +232,9 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
         raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if sampler in ("ddpm", "ddim") and int(num_steps) < 2:
+        # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
+        raise ValueError(f"the {sampler} sampler needs num_steps >= 2 (a chain from t=999 to t=0), got {num_steps}")
     model = _unwrap(model)
     device = noise.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)

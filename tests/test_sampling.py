@@ -208,6 +208,9 @@ def test_bad_sampling_inputs_fail_with_a_clear_message():
         S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=-1, noise=noise, num_steps=2)
     with pytest.raises(ValueError, match="unknown sampler"):
         S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, sampler="euler")
+    for sampler in ("ddpm", "ddim"):  # one step used to crash deep in the chain with an IndexError
+        with pytest.raises(ValueError, match=f"the {sampler} sampler needs num_steps >= 2"):
+            S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, sampler=sampler, num_steps=1)
     with pytest.raises(ValueError, match="noise must be"):
         S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise[:, :3], num_steps=2)
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
