@@ -80,7 +80,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import summary  # noqa: E402
+from common import perturbed, summary  # noqa: E402
 
 from dit.data import item_seed  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
@@ -171,11 +171,7 @@ class CudaProbe:
 def build_model(args, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():  # every branch live: see the module docstring
-        for prm in model.parameters():
-            if prm.requires_grad:
-                prm.add_(0.02 * torch.randn(prm.shape, generator=g))
+    perturbed(model, seed=args.seed + 1)  # every branch live: see the module docstring
     model.y_embedder.dropout_prob = 0.0  # the step draws the label-dropout mask itself
     return model.to(device).train()
 

@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, matmul_peak, summary, sync  # noqa: E402
+from common import machine_info, matmul_peak, perturbed, summary, sync  # noqa: E402
 from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, model_arch  # noqa: E402
@@ -134,17 +134,6 @@ def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         model(x, t, y).float().square().mean().backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-def perturbed(model: nn.Module) -> nn.Module:
-    """Zero-initialised adaLN layers make every block the identity at first; move them off zero so
-    that every variant does its full work (the timing does not depend on the values)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g).to(p.device))
-    return model
 
 
 VARIANTS = {  # label: (model, recipe, tuned host allocator)

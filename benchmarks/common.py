@@ -53,3 +53,15 @@ def matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
         sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1, std: float = 0.02) -> torch.nn.Module:
+    """Add N(0, std) noise to every trainable parameter, in place. adaLN-Zero initialises the
+    modulation and output layers to zero, which makes every block the identity and leaves most
+    weights without gradient; benchmarks move off zero so that every step does its full work."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g).to(p.device))
+    return model
