@@ -220,8 +220,12 @@ def _tiny_vae(path):
 def wandb_history(run_dir):
     """History rows of an offline wandb run, read from its `.wandb` file (a LevelDB-style log of
     protobuf `Record`s in 32 KiB blocks, after a 7-byte header)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    # wandb's service process writes the file behind the run: `finish()` can return before it is
+    # flushed on a loaded machine. Shutting the service down waits for every write.
+    wandb.teardown()
     (path,) = glob.glob(str(Path(run_dir) / "wandb" / "offline-run-*" / "run-*.wandb"))
     data, pos, block, records, partial = Path(path).read_bytes(), 7, 32768, [], b""
     while pos + 7 <= len(data):
@@ -240,13 +244,15 @@ def wandb_history(run_dir):
             partial += chunk
         elif kind == 4:
             records.append(partial + chunk)
-    rows = []
+    rows, kinds = [], []
     for raw in records:
         record = pb.Record()
         record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
+        kinds.append(record.WhichOneof("record_type"))
+        if kinds[-1] == "history":
             items = record.history.item
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    assert "exit" in kinds, f"{path} is incomplete (no exit record; records: {kinds})"
     return rows
 
 
