@@ -12,6 +12,7 @@ This file imports nothing from the rest of `dit/`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -111,6 +112,15 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         # timm's Attention calls F.scaled_dot_product_attention (fused kernels) when available.
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        if not self.attn.fused_attn:
+            # The same numbers, but attention then materialises the (T, T) score matrices: several
+            # times slower and larger on a GPU. Easy to leave on by accident, so say so.
+            warnings.warn(
+                "timm's fused attention is off (TIMM_FUSED_ATTN=0, timm.layers.set_fused_attn(False) "
+                "or exportable mode): DiT attention will not use F.scaled_dot_product_attention and "
+                "runs slower with more memory. Unset TIMM_FUSED_ATTN to turn it back on.",
+                stacklevel=2,
+            )
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(
             in_features=hidden_size,

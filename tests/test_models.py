@@ -328,6 +328,31 @@ def test_seed_fixes_init():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_warns_when_timm_fused_attention_is_off_and_outputs_agree():
+    import warnings
+
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    cfg = tiny_cfg()
+    state = official_random_state_dict(cfg, torch.Generator().manual_seed(3))
+    assert use_fused_attn()  # the default: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = DiT(**cfg).eval()
+    set_fused_attn(False)
+    try:
+        with pytest.warns(UserWarning, match="TIMM_FUSED_ATTN"):
+            plain = DiT(**cfg).eval()
+    finally:
+        set_fused_attn(True)
+    fused.load_state_dict(state)
+    plain.load_state_dict(state)
+    x, t, y = torch.randn(2, cfg["in_channels"], 8, 8), torch.tensor([5.0, 700.0]), torch.tensor([1, 2])
+    assert not plain.blocks[0].attn.fused_attn and fused.blocks[0].attn.fused_attn
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, y), fused(x, t, y), rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # Classifier-free guidance
 # --------------------------------------------------------------------------------------
