@@ -46,11 +46,9 @@ checkpointing off).
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
@@ -63,7 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import summary, sync  # noqa: E402
+from common import machine_info, summary, sync  # noqa: E402
 
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name, model_arch  # noqa: E402
@@ -301,14 +299,8 @@ def main() -> None:
     datasheet = args.datasheet_tflops
     if datasheet is None and cuda and args.dtype == "bfloat16":
         datasheet = next((v for key, v in DATASHEET_BF16 if key in device_name), None)
-    machine = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "device": device_name,
-        "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
-        "load_average_at_start": os.getloadavg()[0],
-    }
+    machine = machine_info(device, cuda=torch.version.cuda,
+                           capability=".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None)
     print("machine:", json.dumps(machine))
     print("args:", json.dumps(vars(args)))
     if not cuda:

@@ -25,10 +25,8 @@ Prints images/s (median over timed steps, min-max) of both paths, and the ratio 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,7 +41,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import summary, sync  # noqa: E402
+from common import machine_info, step_flops, summary, sync  # noqa: E402
 
 from dit.autoencoder import SD_SCALE_FACTOR, VAEAutoencoder  # noqa: E402
 from dit.data import (  # noqa: E402
@@ -120,7 +118,6 @@ class Trainer:
 def flops_per_image(autoencoder, model_name: str, latent_size: int, image_size: int, device: str) -> tuple[float, float]:
     """(VAE encode, DiT training step) FLOPs per image, counted by torch's FlopCounterMode (the
     step as one forward + backward; attention under the math backend, which the counter knows)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 3, image_size, image_size, device=device)
@@ -128,10 +125,7 @@ def flops_per_image(autoencoder, model_name: str, latent_size: int, image_size: 
         autoencoder.encode(x)
     model = DiT_models[model_name](input_size=latent_size, num_classes=1000).to(device)
     z = torch.randn(1, autoencoder.latent_channels, latent_size, latent_size, device=device)
-    t, y = torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as step, sdpa_kernel(SDPBackend.MATH):
-        model(z, t, y).square().mean().backward()
-    return vae.get_total_flops(), step.get_total_flops()
+    return vae.get_total_flops(), step_flops(model, z, torch.zeros(1, dtype=torch.long, device=device))
 
 
 def timed_step(trainer, stream, to_latents, device) -> tuple[float, float, float]:
@@ -167,13 +161,7 @@ def main() -> None:
     tune_host_allocator()  # as train.py: both paths run in this process and share the setting
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    machine = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "load_average_at_start": os.getloadavg()[0],  # other work on a shared machine skews timings
-    }
+    machine = machine_info(args.device)
     print("machine:", json.dumps(machine))
     print("args:", json.dumps(vars(args)))
 
@@ -236,7 +224,7 @@ def main() -> None:
     machine["load_average_at_end"] = os.getloadavg()[0]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    print(f"load average (1 min) at start / end: {machine['load_average_at_start']:.1f} / "
+    print(f"load average (1 min) at start / end: {machine['load_average']:.1f} / "
           f"{machine['load_average_at_end']:.1f} on {machine['cpu_count']} cores")
     print(f"cache build (one-off, image + mirror): {build_per_image:.2f} s/image; "
           f"pays for itself after {results['cache_break_even_epochs']:.2f} epochs")

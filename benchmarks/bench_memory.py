@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import gc
 import json
 import os
@@ -80,7 +79,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import perturbed, summary  # noqa: E402
+from common import machine_info, perturbed, summary  # noqa: E402
 
 from dit.data import item_seed  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
@@ -341,13 +340,7 @@ def main() -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    machine = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "host": platform.node(), "cpu": platform.processor() or platform.machine(), "kernel": platform.release(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "load_average_at_start": os.getloadavg()[0],
-    }
+    machine = machine_info(args.device, kernel=platform.release())
     print("machine:", json.dumps(machine))
     print("args:", json.dumps(vars(args)))
 
@@ -378,7 +371,7 @@ def main() -> None:
     unit = "RSS" if args.device == "cpu" else "allocated"
     state = runs["plain"]["tensor_state_mib"]
     print(f"# {machine['host']} {machine['cpu']}, torch {machine['torch']}, {machine['torch_threads']} thread(s), "
-          f"device {machine['device']}, {machine['date']}; load average {machine['load_average_at_start']:.1f} / "
+          f"device {machine['device']}, {machine['date']}; load average {machine['load_average']:.1f} / "
           f"{machine['load_average_at_end']:.1f} on {machine['cpu_count']} cores")
     print(f"# {args.model}, {args.in_channels}x{args.input_size}x{args.input_size} latents, batch {args.batch_size}, "
           f"{args.precision}; step = hybrid loss + backward + AdamW + EMA; {args.warmup} warm-up, "

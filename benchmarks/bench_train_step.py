@@ -41,20 +41,17 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, matmul_peak, perturbed, summary, sync  # noqa: E402
+from common import machine_info, matmul_peak, perturbed, step_flops, summary, sync  # noqa: E402
 from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, model_arch  # noqa: E402
@@ -121,19 +118,6 @@ class Step:
         self.opt.step()
         self.ema.update(self.model)
         return loss.detach()
-
-
-def step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Matmul + attention FLOPs of one forward and backward through `model`. The counter has
-    formulas for the CUDA attention kernels but not for the CPU flash kernel, so on CPU it counts
-    under the math backend (the same FLOPs in the model's terms)."""
-    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    counter = FlopCounterMode(display=False)
-    backend = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext()
-    with counter, backend:
-        model(x, t, y).float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 VARIANTS = {  # label: (model, recipe, tuned host allocator)

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: what machine a figure came from, medians with their
-spread, and the matmul peak that utilisation figures are quoted against."""
+spread, the matmul peak that utilisation figures are quoted against, and FLOPs per step."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ import os
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 
-def machine_info(device: str | torch.device = "cpu") -> dict:
-    """Where and when a measurement ran; the load average shows other work on a shared machine."""
+def machine_info(device: str | torch.device = "cpu", **extra) -> dict:
+    """Where and when a measurement ran, plus any `extra` fields; the load average shows other
+    work on a shared machine."""
     device = torch.device(device)
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -24,6 +28,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "load_average": os.getloadavg()[0],
+        **extra,
     }
 
 
@@ -65,3 +70,15 @@ def perturbed(model: torch.nn.Module, seed: int = 1, std: float = 0.02) -> torch
             if p.requires_grad:
                 p.add_(std * torch.randn(p.shape, generator=g).to(p.device))
     return model
+
+
+def step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Matmul + attention FLOPs of one forward and backward through `model` (a batch `x`, labels
+    `y`, t = 0). The counter has formulas for the CUDA attention kernels but not for the CPU flash
+    kernel, so on CPU it counts under the math backend (the same FLOPs in the model's terms)."""
+    t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    backend = sdpa_kernel(SDPBackend.MATH) if x.device.type == "cpu" else nullcontext()
+    with FlopCounterMode(display=False) as counter, backend:
+        model(x, t, y).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
