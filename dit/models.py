@@ -11,6 +11,7 @@ This file imports nothing from the rest of `dit/`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -65,6 +66,23 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
+def null_class(num_classes: int) -> int:
+    """The label id of "no class": the extra last row of the label table (docs/design.md,
+    classifier-free guidance). Label dropout in training and the unconditional half of a guided
+    pass both use it."""
+    return int(num_classes)
+
+
+def parse_guided_channels(value: int | str, in_channels: int) -> int:
+    """How many leading epsilon channels classifier-free guidance mixes: 3 (also "3"), as the
+    released models were evaluated, or "all" (= `in_channels`). Raises ValueError otherwise."""
+    if isinstance(value, str):
+        value = in_channels if value == "all" else int(value) if value.isdigit() else value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= in_channels:
+        raise ValueError(f"guided_channels must be 1..{in_channels} or 'all' (3 reproduces the paper), got {value!r}")
+    return value
+
+
 class LabelEmbedder(nn.Module):
     """Class labels -> (N, D) vectors. With `dropout_prob > 0` the table has one extra row,
     the "null" class (id `num_classes`), used for label dropout and classifier-free guidance."""
@@ -83,7 +101,7 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return torch.where(drop, torch.full_like(labels, null_class(self.num_classes)), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
@@ -179,20 +197,16 @@ class DiTConfig:
 class DiT(nn.Module):
     """Class-conditional diffusion transformer over a (C, H, W) latent (or pixel) grid."""
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        class_dropout_prob: float = 0.1,
-        num_classes: int = 1000,
-        learn_sigma: bool = True,
-    ):
+    def __init__(self, **config):
+        """Keyword arguments are `DiTConfig`'s fields; those left out take its defaults
+        (DiT-XL/2 on 32x32x4 latents, 1000 classes), so the defaults live in one place."""
         super().__init__()
+        c = DiTConfig(**config)
+        c = dataclasses.replace(c, mlp_ratio=float(c.mlp_ratio), class_dropout_prob=float(c.class_dropout_prob),
+                                learn_sigma=bool(c.learn_sigma))
+        self.config = c
+        input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
+        depth, num_heads, mlp_ratio, num_classes, learn_sigma = c.depth, c.num_heads, c.mlp_ratio, c.num_classes, c.learn_sigma
         if input_size % patch_size:
             raise ValueError(
                 f"input_size {input_size} is not divisible by patch_size {patch_size}: "
@@ -200,10 +214,6 @@ class DiT(nn.Module):
             )
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.config = DiTConfig(
-            input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-            float(mlp_ratio), float(class_dropout_prob), num_classes, bool(learn_sigma),
-        )
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -213,7 +223,7 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, c.class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed (not trained) sin-cos table; a parameter so that it sits in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
@@ -296,11 +306,7 @@ class DiT(nn.Module):
         models were evaluated (the paper's numbers); "all" guides every epsilon channel. The
         learned-variance channels are never guided.
         """
-        if guided_channels == "all":
-            guided_channels = self.in_channels
-        is_int = isinstance(guided_channels, int) and not isinstance(guided_channels, bool)
-        if not (is_int and 0 < guided_channels <= self.in_channels):
-            raise ValueError(f"guided_channels must be in 1..{self.in_channels} or 'all', got {guided_channels!r}")
+        guided_channels = parse_guided_channels(guided_channels, self.in_channels)
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
         eps, rest = model_out[:, :guided_channels], model_out[:, guided_channels:]
