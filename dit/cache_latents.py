@@ -1,7 +1,9 @@
 """Build a latents cache: `python -m dit.cache_latents data_root=IMAGEFOLDER out_dir=DIR [vae=sd-ema]`.
 
-Thin hydra entry point around `dit.data.build_latent_cache`. Under torchrun each rank encodes
-its own shards (process group: NCCL on GPU, gloo on CPU); rank 0 writes meta.json at the end.
+Thin hydra entry point around `dit.data.build_latent_cache` (dit/data/cache.py). Under torchrun
+each rank encodes its own shards (process group: NCCL on GPU, gloo on CPU); rank 0 writes
+meta.json at the end. A data_root that is not an ImageFolder fails in one line, before the
+autoencoder is loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from dit.autoencoder import build_autoencoder
 from dit.config import VAEConfig
+from dit.data import build_latent_cache, check_image_root
 
 
 @dataclass
@@ -40,9 +44,7 @@ ConfigStore.instance().store(name="cache_latents_schema", node=CacheLatentsConfi
 
 
 def run(cfg: CacheLatentsConfig) -> None:
-    from dit.autoencoder import build_autoencoder
-    from dit.data import build_latent_cache
-
+    check_image_root(cfg.data_root)  # before the autoencoder, which can take minutes to load
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -70,7 +72,12 @@ def run(cfg: CacheLatentsConfig) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="cache_latents")
 def main(cfg) -> None:
-    run(OmegaConf.to_object(cfg))
+    cfg = OmegaConf.to_object(cfg)
+    try:
+        check_image_root(cfg.data_root)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""Images from disk: the ADM center crop, RGB decoding with errors that name the file, and
+`ImageFolderDataset` (torchvision's ImageFolder layout, root/<class>/<image>).
+
+    ds = ImageFolderDataset("imagenet/train", image_size=256)   # (3, 256, 256) in [-1, 1], label
+
+The horizontal flip of item i in epoch e is drawn from `item_seed(seed, e, i)` (dit/data/seeds.py),
+so it does not depend on the DataLoader worker that loads the item.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from dit.data.seeds import draw_flip, item_generator
+
+
+class BadImageError(OSError):
+    """An image file that cannot be decoded (unreadable, truncated, not an image)."""
+
+
+# --------------------------------------------------------------------------------------
+# Pixels: the ADM center crop and [-1, 1] tensors
+# --------------------------------------------------------------------------------------
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's preprocessing (used by DiT): shrink by exact factors of 2 with a box filter while
+    the short side is at least twice the target (cheap and alias-free), resize with bicubic so
+    the short side equals `image_size`, then cut the central `image_size` square."""
+    while min(pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(side // 2 for side in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(pil_image.size)
+    pil_image = pil_image.resize(tuple(round(side * scale) for side in pil_image.size), resample=Image.BICUBIC)
+    width, height = pil_image.size
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float (3, H, W) in [-1, 1], computed as the reference's
+    ToTensor + Normalize(0.5, 0.5) so the numbers match bit for bit."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    return x.float().div(255).sub(0.5).div(0.5)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image as RGB; any failure becomes a BadImageError naming the file.
+    (PIL decodes lazily, so `convert` is what surfaces a truncated file.)"""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise BadImageError(
+            f"cannot read image {path}: {type(err).__name__}: {err}. Replace or delete the file, "
+            "or set skip_bad=True to skip unreadable images"
+        ) from err
+
+
+# --------------------------------------------------------------------------------------
+# ImageFolder
+# --------------------------------------------------------------------------------------
+
+
+def _class_folders(root: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def check_image_root(root: str | os.PathLike) -> None:
+    """Clear errors for the layouts torchvision would reject with a terse message (a missing
+    folder, a file, no class subfolders). Cheap: entry points call it before slow set-up."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist: set the data path to an ImageFolder directory")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder {root} is not a directory: set the data path to an ImageFolder directory")
+    if not _class_folders(root):
+        has_images = any(name.lower().endswith(IMG_EXTENSIONS) for name in os.listdir(root))
+        hint = "the images sit directly in it" if has_images else "it is empty"
+        raise ValueError(
+            f"empty dataset: image folder {root} has no class subfolders ({hint}); "
+            "put each class's images in its own subfolder, root/<class>/<image>"
+        )
+
+
+class ImageFolderDataset(Dataset):
+    """torchvision's ImageFolder (one subfolder per class, sorted names -> labels 0..K-1) with the
+    ADM center crop, a seeded horizontal flip, and errors that name the offending file.
+
+    Items: (float tensor (3, image_size, image_size) in [-1, 1], int label).
+
+    The flip of item i in epoch e is decided by `item_seed(seed, e, i)`; call `set_epoch(e)` before
+    each epoch (before creating the DataLoader iterator; with `persistent_workers=True` the
+    workers would keep the old epoch).
+
+    A file that cannot be decoded raises BadImageError naming it. With `skip_bad=True` it is
+    skipped with a warning instead and the next readable item is returned in its place;
+    `num_skipped` counts the distinct bad files this process met (DataLoader workers count in
+    their own copies). `scan()` decodes every file up front for an exact count before training.
+    """
+
+    def __init__(self, root, image_size: int, hflip: bool = True, skip_bad: bool = False, seed: int = 0):
+        root = Path(root).expanduser()
+        check_image_root(root)
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.root = root
+        self.folder = ImageFolder(str(root), loader=load_rgb, allow_empty=True)
+        counts = np.bincount(np.asarray(self.folder.targets, dtype=np.int64), minlength=len(self.folder.classes))
+        if counts.sum() == 0:
+            raise ValueError(
+                f"empty dataset: no image files under {root} (extensions {', '.join(IMG_EXTENSIONS)}); "
+                "add images to its class subfolders"
+            )
+        empty = [name for name, n in zip(self.folder.classes, counts) if n == 0]
+        if empty:
+            listed = ", ".join(str(root / name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
+            raise ValueError(
+                f"{len(empty)} empty class folder(s) without image files: {listed}; "
+                "add images or remove the folder(s) so labels stay contiguous"
+            )
+        self.samples: list[tuple[str, int]] = list(self.folder.samples)
+        self.image_size = int(image_size)
+        self.hflip = hflip
+        self.skip_bad = skip_bad
+        self.seed = int(seed)
+        self.epoch = 0
+        self.bad_files: set[str] = set()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.folder.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.folder.classes)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _note_bad(self, path: str, err: BadImageError) -> None:
+        if path not in self.bad_files:
+            self.bad_files.add(path)
+            warnings.warn(f"skipping unreadable image ({err})", stacklevel=3)
+
+    def load(self, index: int) -> tuple[torch.Tensor, int]:
+        """The cropped image tensor (never flipped) and label of item `index`; BadImageError if
+        the file is unreadable."""
+        path, label = self.samples[index]
+        return pil_to_tensor(center_crop_arr(load_rgb(path), self.image_size)), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        flip = self.hflip and draw_flip(item_generator(self.seed, self.epoch, index))
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                x, label = self.load(candidate)
+                break
+            except BadImageError as err:
+                if not self.skip_bad:
+                    raise
+                self._note_bad(self.samples[candidate][0], err)
+        else:
+            raise BadImageError(f"no readable image under {self.root}")
+        if flip:
+            x = x.flip(-1)  # (3, H, W): mirror the width axis
+        return x, label
+
+    def scan(self, progress: bool = True) -> int:
+        """Decode every image once. Raises on the first bad file, or with `skip_bad` drops bad
+        files from the index (changing `len`) and returns how many were dropped. For a start-up
+        check before training (a config option), so a bad file fails or is counted up front."""
+        from tqdm.auto import tqdm
+
+        good = []
+        for path, label in tqdm(self.samples, desc="checking images", disable=not progress):
+            try:
+                load_rgb(path)
+                good.append((path, label))
+            except BadImageError as err:
+                if not self.skip_bad:
+                    raise
+                self._note_bad(path, err)
+        if not good:
+            raise BadImageError(f"no readable image under {self.root}")
+        self.samples = good
+        return self.num_skipped

@@ -1,0 +1,243 @@
+"""The latents cache on disk, and `LatentCacheDataset`, its reader.
+
+    ds = LatentCacheDataset("cache/in256")   # (4, 32, 32) scaled latent, label
+
+A cache holds each image's posterior moments (and its mirror's), written once by
+`build_latent_cache` (dit/data/cache.py, `python -m dit.cache_latents`). Each item draws its mirror
+and its posterior noise from `item_seed(seed, epoch, index)` (dit/data/seeds.py), so an epoch's
+latents do not depend on the DataLoader workers and a resumed run sees the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dit.data.seeds import draw_flip, item_generator
+
+# --------------------------------------------------------------------------------------
+# The format. Layout of a cache directory:
+#   shard_00000.pt ...   torch.save dicts (weights_only-loadable, read with mmap):
+#                          mean  (n, V, C, h, w)  posterior mean, unscaled; V = 2 with flips
+#                                                 (view 0 the image, view 1 its mirror), else 1
+#                          std   (n, V, C, h, w)  posterior std, unscaled (absent when all zero,
+#                                                 as for the pixel autoencoder)
+#                          labels (n,) int64, indices (n,) int64 (ImageFolder index),
+#                          skipped: list of unreadable files left out (skip_bad=True)
+#   build.json           the settings, written first; lets an interrupted build resume
+#   meta.json            written last (complete cache): settings + shard list + count
+#
+# Shard k holds ImageFolder items [k * shard_size, (k + 1) * shard_size); every shard file is
+# written atomically, so a killed build resumes by skipping the shard files that exist.
+# --------------------------------------------------------------------------------------
+
+CACHE_FORMAT_VERSION = 1
+META_FILE = "meta.json"  # written last: its presence means the cache is complete
+BUILD_FILE = "build.json"  # the settings of a cache being built, for resuming
+
+
+class LatentCacheMismatch(ValueError):
+    """A latents cache that does not fit the model or the requested settings."""
+
+
+def shard_name(k: int) -> str:
+    """The file name of shard `k`."""
+    return f"shard_{k:05d}.pt"
+
+
+def load_shard(path: Path) -> dict:
+    """One shard file's dict (see the layout above); refuses files that could run code."""
+    # weights_only: a cache file can never run code; mmap: random access without reading it all.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        # Same type (callers may catch it), with a message that says what to do.
+        raise pickle.UnpicklingError(
+            f"latents cache shard {path} holds Python objects other than tensors and is refused: loading it "
+            f"could run code ({str(err).splitlines()[0][:200]}). Rebuild the cache from the images"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise LatentCacheMismatch(
+            f"latents cache shard {path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it is truncated "
+            f"or corrupt: delete it and {META_FILE}, then rerun the same `python -m dit.cache_latents` command "
+            "(it encodes only the missing shard)"
+        ) from err
+
+
+class LatentCacheDataset(Dataset):
+    """Items of a cache written by `build_latent_cache`: (latent (C, h, w) float32, already
+    multiplied by the autoencoder's scale, int label).
+
+    Each item draws, from `item_seed(seed, epoch, index)`, first a coin for the mirror (used when
+    `hflip`) and then eps ~ N(0, I) for the posterior sample `(mean + std * eps) * scale` (used
+    when `sample_posterior`; otherwise the latent is `mean * scale`). `noise_for(index)` returns
+    exactly those draws. Call `set_epoch(e)` before each epoch (see ImageFolderDataset). With
+    the same seed, item i of epoch e uses the same mirror as ImageFolderDataset's item i, so the
+    two pipelines differ only in the posterior noise.
+    """
+
+    def __init__(self, path, hflip: bool = True, sample_posterior: bool = True, seed: int = 0):
+        self.path = Path(path).expanduser()
+        meta_path = self.path / META_FILE
+        if not meta_path.exists():
+            if (self.path / BUILD_FILE).exists():
+                raise FileNotFoundError(
+                    f"latents cache {self.path} is incomplete (no {META_FILE}): its build was "
+                    "interrupted; rerun the same `python -m dit.cache_latents` command to resume it"
+                )
+            raise FileNotFoundError(
+                f"no latents cache at {self.path} ({META_FILE} not found): build one with "
+                "`python -m dit.cache_latents data_root=IMAGEFOLDER out_dir=DIR vae=...`"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != CACHE_FORMAT_VERSION:
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} has format version {meta.get('format_version')}, this code "
+                f"reads version {CACHE_FORMAT_VERSION}: rebuild the cache"
+            )
+        if hflip and not meta["flip"]:
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} was built without mirrored images, so it cannot provide "
+                "horizontal flips: rebuild it with flip=true, or train with hflip disabled"
+            )
+        self.meta = meta
+        self.hflip = hflip
+        self.sample_posterior = sample_posterior
+        self.seed = int(seed)
+        self.epoch = 0
+        self.latent_shape = tuple(meta["latent_shape"])
+        self.classes = list(meta["classes"])
+        self.num_classes = int(meta["num_classes"])
+        self.autoencoder_spec = dict(meta["autoencoder"])
+        self.scale_factor = float(self.autoencoder_spec["scale_factor"])
+        shards = [s for s in meta["shards"] if s["count"] > 0]
+        self._files = [self.path / s["file"] for s in shards]
+        self._starts = np.cumsum([0] + [s["count"] for s in shards]).tolist()  # item offsets of shards
+        self._shards: dict[int, dict] = {}
+
+    def __getstate__(self):
+        # DataLoader workers reopen the shards themselves (mmap is cheap), not pickle them.
+        return {**self.__dict__, "_shards": {}}
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._shards:
+            path = self._files[k]
+            if not path.exists():
+                raise FileNotFoundError(f"latents cache shard {path} is missing: rebuild the cache")
+            shard = load_shard(path)
+            expected = (self._starts[k + 1] - self._starts[k], 2 if self.meta["flip"] else 1, *self.latent_shape)
+            if tuple(shard["mean"].shape) != expected:
+                raise LatentCacheMismatch(
+                    f"latents cache shard {path} holds shape {tuple(shard['mean'].shape)}, "
+                    f"{META_FILE} says {expected}: the cache is corrupt; rebuild it"
+                )
+            self._shards[k] = shard
+        return self._shards[k]
+
+    def noise_for(self, index: int) -> tuple[bool, torch.Tensor]:
+        """The mirror choice and posterior noise eps (C, h, w) that item `index` uses this epoch."""
+        g = item_generator(self.seed, self.epoch, index)
+        flip = draw_flip(g) and self.hflip
+        eps = torch.randn(self.latent_shape, generator=g)
+        return flip, eps
+
+    def moments(self, index: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled posterior (mean, std) of item `index` (its mirror with `flip`), float32."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a latents cache of {len(self)} items")
+        k = bisect_right(self._starts, index) - 1
+        shard, i = self._shard(k), index - self._starts[k]
+        view = 1 if flip else 0
+        mean = shard["mean"][i, view].float()
+        std = shard["std"][i, view].float() if "std" in shard else torch.zeros_like(mean)
+        return mean, std
+
+    def label(self, index: int) -> int:
+        k = bisect_right(self._starts, index) - 1
+        return int(self._shard(k)["labels"][index - self._starts[k]])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        flip, eps = self.noise_for(index)
+        mean, std = self.moments(index, flip)
+        latent = mean + std * eps if self.sample_posterior else mean
+        return latent * self.scale_factor, self.label(index)
+
+    def check_compatible(self, latent_channels: int | None = None, latent_size: int | None = None,
+                         num_classes: int | None = None, autoencoder_spec: dict | None = None,
+                         patch_size: int | None = None) -> None:
+        """Raise LatentCacheMismatch, before any training, if the model or the configured
+        autoencoder expects other latents. Only what is given is checked:
+
+        latent_channels, latent_size: the model's input (C, size, size);
+        num_classes: the model's class count;
+        autoencoder_spec: keys of `Autoencoder.to_dict()` (name, latent_channels,
+            downsample_factor, scale_factor); only the keys present are compared, and names of
+            local directories are compared as paths ("./vae" and "/abs/vae" agree);
+        patch_size: must divide the cached latent side.
+        """
+        if latent_channels is not None or latent_size is not None:
+            c, h, w = self.latent_shape
+            expected = (
+                c if latent_channels is None else int(latent_channels),
+                h if latent_size is None else int(latent_size),
+                w if latent_size is None else int(latent_size),
+            )
+            if tuple(self.latent_shape) != expected:
+                raise LatentCacheMismatch(
+                    f"latents cache {self.path} holds latents of shape {self.latent_shape} (C, H, W) but the "
+                    f"model expects {expected}: set the model's in_channels/input size to match the cache "
+                    f"(image size {self.meta['image_size']}, autoencoder {self.autoencoder_spec['name']}), "
+                    "or rebuild the cache for this model"
+                )
+        if num_classes is not None and int(num_classes) != self.num_classes:
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} has {self.num_classes} classes but the model has {num_classes}: "
+                "take num_classes from the data"
+            )
+        if autoencoder_spec is not None:
+            differ = sorted(k for k in ("name", "latent_channels", "downsample_factor", "scale_factor")
+                            if k in autoencoder_spec and not self._same(k, autoencoder_spec[k]))
+            if differ:
+                name = self.autoencoder_spec.get("name")
+                hint = f" (vae.name={name}; vae=local vae.name=DIR for a directory)" if "name" in differ else ""
+                raise LatentCacheMismatch(
+                    f"latents cache {self.path} was made with autoencoder {self.autoencoder_spec}, which "
+                    f"differs from the configured one in {', '.join(differ)}: use the same vae{hint} "
+                    "or rebuild the cache"
+                )
+        if patch_size is not None:
+            side = self.latent_shape[-1]
+            if side % int(patch_size):
+                raise LatentCacheMismatch(
+                    f"the latents cache {self.path} holds {side}x{side} latents (images {self.meta['image_size']}), "
+                    f"which model.patch_size={patch_size} does not divide: use a smaller patch size"
+                )
+
+    def _same(self, key: str, value) -> bool:
+        """The cache's autoencoder has `value` for `key` (names: local directories as paths)."""
+        mine = self.autoencoder_spec.get(key)
+        if key == "name" and isinstance(value, (str, os.PathLike)) and isinstance(mine, str):
+            return same_autoencoder_name(mine, value)
+        return mine == value
+
+
+def same_autoencoder_name(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Two autoencoder names denote the same one: equal strings (hub ids, "pixel"), or local
+    directories that resolve to the same path."""
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
