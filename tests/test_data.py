@@ -346,6 +346,41 @@ def test_latent_cache_compatibility_errors(image_folder, tiny_vae_dir, tmp_path)
         LatentCacheDataset(tmp_path / "nothing")
 
 
+def test_latent_cache_compatibility_with_the_trainers_settings(image_folder, tiny_vae_dir, tmp_path, monkeypatch):
+    """What the trainer checks: the configured autoencoder name (a local directory matches however
+    its path is spelled) and a patch size that divides the cached latents."""
+    out = build_latent_cache(image_folder, build_autoencoder(str(tiny_vae_dir)), tmp_path / "c", IMAGE_SIZE,
+                             num_workers=0, device="cpu", flip=False, progress=False)
+    ds = LatentCacheDataset(out, hflip=False)  # latents (4, 8, 8), autoencoder named by its absolute path
+    monkeypatch.chdir(tiny_vae_dir.parent)
+    for name in (str(tiny_vae_dir), tiny_vae_dir.name, f"./{tiny_vae_dir.name}/"):
+        ds.check_compatible(autoencoder_spec={"name": name}, patch_size=2)
+    with pytest.raises(LatentCacheMismatch, match=r"differs from the configured one in name.*'sd-ema'.*vae\.name="):
+        ds.check_compatible(autoencoder_spec={"name": "sd-ema"})
+    with pytest.raises(LatentCacheMismatch, match="8x8 latents.*patch_size=3 does not divide"):
+        ds.check_compatible(patch_size=3)
+
+
+def test_cache_latents_checks_the_data_root_before_loading_the_autoencoder(tmp_path, monkeypatch):
+    import dit.cache_latents as cli
+
+    monkeypatch.setattr(cli, "build_autoencoder", lambda *a, **k: pytest.fail("autoencoder loaded first"))
+    cfg = cli.CacheLatentsConfig(data_root=str(tmp_path / "nope"), out_dir=str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        cli.run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_latent_cache_shards_do_not_depend_on_the_output_path(image_folder, tmp_path):
+    """Shards are saved through an open file: torch would name the zip records after a file name."""
+    ae = build_autoencoder("pixel")
+    kwargs = dict(num_workers=0, device="cpu", progress=False, shard_size=4)
+    a = build_latent_cache(image_folder, ae, tmp_path / "a", IMAGE_SIZE, **kwargs)
+    b = build_latent_cache(image_folder, ae, tmp_path / "elsewhere" / "b", IMAGE_SIZE, **kwargs)
+    for name in ("shard_00000.pt", "shard_00001.pt", "meta.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))

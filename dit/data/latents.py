@@ -211,12 +211,13 @@ class LatentCacheDataset(Dataset):
             differ = sorted(k for k in ("name", "latent_channels", "downsample_factor", "scale_factor")
                             if k in autoencoder_spec and not self._same(k, autoencoder_spec[k]))
             if differ:
+                listed = ", ".join(f"{k} (cache {self.autoencoder_spec.get(k)!r}, configured {autoencoder_spec[k]!r})"
+                                   for k in differ)
                 name = self.autoencoder_spec.get("name")
                 hint = f" (vae.name={name}; vae=local vae.name=DIR for a directory)" if "name" in differ else ""
                 raise LatentCacheMismatch(
                     f"latents cache {self.path} was made with autoencoder {self.autoencoder_spec}, which "
-                    f"differs from the configured one in {', '.join(differ)}: use the same vae{hint} "
-                    "or rebuild the cache"
+                    f"differs from the configured one in {listed}: use the same vae{hint} or rebuild the cache"
                 )
         if patch_size is not None:
             side = self.latent_shape[-1]
