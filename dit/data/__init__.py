@@ -20,7 +20,14 @@ The built-in toy set is dit/toy.py.
 """
 
 from dit.data.cache import build_latent_cache
-from dit.data.images import BadImageError, ImageFolderDataset, center_crop_arr, check_image_root, load_rgb, pil_to_tensor
+from dit.data.images import (
+    BadImageError,
+    ImageFolderDataset,
+    center_crop_arr,
+    check_image_root,
+    load_rgb,
+    pil_to_tensor,
+)
 from dit.data.latents import (
     BUILD_FILE,
     CACHE_FORMAT_VERSION,
