@@ -18,12 +18,11 @@ from omegaconf import DictConfig
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
 from dit.runtime import tune_host_allocator
+from dit.train import run_training
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> dict:
-    from dit.training import run_training
-
     return run_training(to_train_config(cfg), out_dir=HydraConfig.get().runtime.output_dir)
 
 

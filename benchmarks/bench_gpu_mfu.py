@@ -19,10 +19,10 @@ the same run) and peak memory, with activation checkpointing off and on.
    on CPU under the math backend (the counter has no formula for the CPU flash kernel, the math
    path's bmm's count the same FLOPs). A closed-form count (3x the forward's matmul FLOPs) is
    printed as a cross-check.
-3. Training step, as `dit/training.py` does it: `DiT_models[--model]`, label dropout,
+3. Training step: the project's own `dit.train.step.train_step`, as the trainer calls it: `DiT_models[--model]`, label dropout,
    `create_diffusion("").training_losses` (hybrid loss), forward under
    `torch.autocast(bfloat16)` (fp32 weights), backward, fused AdamW (CUDA), EMA update
-   (`dit.training.EMA`: one `torch._foreach_lerp_`), with `model.compile()` in place (optional).
+   (`dit.train.EMA`: one `torch._foreach_lerp_`), with `model.compile()` in place (optional).
    On CUDA forward and backward run under `torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)`
    (a missing flash kernel is an error, not a silent fallback; the backward is included so the
    checkpointed blocks' recompute uses flash too). Synthetic N(0, 1) latents and random labels,
@@ -65,7 +65,10 @@ from common import machine_info, summary, sync  # noqa: E402
 
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name, model_arch  # noqa: E402
-from dit.training import EMA  # noqa: E402
+from dit.config import OptimConfig  # noqa: E402
+from dit.train import EMA, build_optimizer, train_step  # noqa: E402
+from dit.train.randomness import step_randomness  # noqa: E402
+from dit.train.step import take_over_label_dropout  # noqa: E402
 
 GIB = 2.0 ** 30
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -173,24 +176,22 @@ def run_variant(args, device, amp_dtype, attention_ctx, checkpointing: bool) -> 
     start_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     model = build_model(args, device, checkpointing)
     ema = EMA(model, 0.9999)  # before compiling: a deep copy of the plain module
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=args.fused or None)
+    opt = build_optimizer(model.parameters(), OptimConfig(fused=args.fused), device)
+    drop_prob = take_over_label_dropout(model)  # the step draws the label-dropout mask itself
+    params = [p for p in model.parameters() if p.requires_grad]
     if args.compile:
-        model.compile(mode=args.compile_mode)  # in place, as dit/training.py
+        model.compile(mode=args.compile_mode)  # in place, as the trainer does
     diffusion = create_diffusion("")
     batches = [synthetic_batch(args, device, args.batch_size, i) for i in range(2)]
-    g = torch.Generator(device=device).manual_seed(args.seed)
 
     def step(i: int) -> torch.Tensor:
         x0, y = batches[i % len(batches)]
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=device, generator=g)
-        opt.zero_grad(set_to_none=True)
+        r = step_randomness(args.seed, i, len(x0), tuple(x0.shape[1:]), diffusion.num_timesteps, drop_prob,
+                            0, 1, device)
         with attention_ctx():
-            with amp(device, amp_dtype):
-                loss = diffusion.training_losses(model, x0, t, model_kwargs={"y": y})["loss"].mean()
-            loss.backward()
-        opt.step()
-        ema.update(model)
-        return loss.detach()
+            loss, _ = train_step(model, diffusion, opt, ema, x0, y, r, num_classes=args.num_classes, params=params,
+                                 autocast_dtype=amp_dtype)
+        return loss
 
     out = {"gradient_checkpointing": checkpointing, "start_allocated_gib": None if start_allocated is None
            else start_allocated / GIB}

@@ -54,7 +54,9 @@ from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
 from dit.runtime import tune_host_allocator  # noqa: E402
-from dit.training import EMA, build_optimizer  # noqa: E402
+from dit.train import EMA, build_optimizer, train_step  # noqa: E402
+from dit.train.randomness import step_randomness  # noqa: E402
+from dit.train.step import take_over_label_dropout  # noqa: E402
 
 
 def sd_vae(device: str) -> VAEAutoencoder:
@@ -95,23 +97,25 @@ def batches(dataset, batch_size: int, num_workers: int, seed: int, device: str):
 
 
 class Trainer:
-    """Our DiT training step (dit.training's optimizer and EMA): hybrid loss, fused AdamW, EMA."""
+    """The project's training step (`dit.train.step.train_step`: label dropout, hybrid loss,
+    fused AdamW, grad norm, EMA) on the batches given."""
 
     def __init__(self, model_name: str, latent_size: int, device: str, seed: int):
         torch.manual_seed(seed)
         self.model = DiT_models[model_name](input_size=latent_size, num_classes=1000).to(device)
+        self.drop_prob = take_over_label_dropout(self.model)
         self.ema = EMA(self.model, 0.9999)
         self.opt = build_optimizer(self.model.parameters(), OptimConfig(), torch.device(device))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.diffusion = create_diffusion("")
-        self.generator = torch.Generator(device).manual_seed(seed)
+        self.seed, self.steps = seed, 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=self.generator)
-        loss = self.diffusion.training_losses(self.model, x, t, dict(y=y))["loss"].mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.ema.update(self.model)
+        r = step_randomness(self.seed, self.steps, len(x), tuple(x.shape[1:]), self.diffusion.num_timesteps,
+                            self.drop_prob, 0, 1, x.device)
+        self.steps += 1
+        loss, _ = train_step(self.model, self.diffusion, self.opt, self.ema, x, y, r, num_classes=1000,
+                             params=self.params)
         return loss.item()
 
 

@@ -5,9 +5,9 @@ each variant measured in a fresh subprocess.
     python benchmarks/bench_memory.py --threads 1 --json benchmarks/results/memory_cpu.json | tee benchmarks/results/memory_cpu.txt
     python benchmarks/bench_memory.py --device cuda --model DiT-XL/2 --batch-size 32 --precision bf16
 
-The step is the training step of `dit/training.py`: DiT's hybrid loss
+The step is the project's training step, `dit.train.step.train_step`: DiT's hybrid loss
 (`create_diffusion("").training_losses`, MSE on epsilon + the variational bound on the learned
-variance), backward, AdamW step, EMA update (`dit.training.EMA`, one `torch._foreach_lerp_`).
+variance), backward, AdamW step, EMA update (`dit.train.EMA`, one `torch._foreach_lerp_`).
 Label dropout is drawn by the step itself, as training does. The weights are the paper's
 initialisation plus N(0, 0.02) noise, so that no branch is zero (adaLN-Zero would otherwise
 give zero gradients to every attention and MLP weight).
@@ -71,7 +71,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -81,9 +80,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine_info, perturbed, summary  # noqa: E402
 
+from dit.config import OptimConfig  # noqa: E402
 from dit.data import item_seed  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name  # noqa: E402
+from dit.train import EMA, build_optimizer, train_step  # noqa: E402
+from dit.train.randomness import step_randomness  # noqa: E402
+from dit.train.step import take_over_label_dropout  # noqa: E402
 
 MIB = 2.0 ** 20
 VARIANTS = (("plain", False), ("checkpointed", True))
@@ -171,33 +174,30 @@ def build_model(args, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = DiT_models[args.model](input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
     perturbed(model, seed=args.seed + 1)  # every branch live: see the module docstring
-    model.y_embedder.dropout_prob = 0.0  # the step draws the label-dropout mask itself
+    take_over_label_dropout(model)  # the step draws the label-dropout mask itself
     return model.to(device).train()
 
 
 def make_batch(args, step: int, device: torch.device, num_timesteps: int) -> dict:
-    """The synthetic batch of step `step` (the same in every process)."""
+    """The synthetic batch of step `step` (the same in every process): latents and labels, and the
+    step's randomness (timesteps, noise, label-dropout mask) drawn as training draws it."""
     g = torch.Generator().manual_seed(item_seed(args.seed, step, _INPUT_STREAM))
-    shape = (args.batch_size, args.in_channels, args.input_size, args.input_size)
-    y = torch.randint(0, 1000, (args.batch_size,), generator=g)
-    drop = torch.rand(args.batch_size, generator=g) < 0.1
+    shape = (args.in_channels, args.input_size, args.input_size)
     batch = {
-        "x0": torch.randn(shape, generator=g),
-        "t": torch.randint(0, num_timesteps, (args.batch_size,), generator=g),
-        "noise": torch.randn(shape, generator=g),
-        "y": torch.where(drop, torch.full_like(y, 1000), y),  # null class id = num_classes
+        "x0": torch.randn((args.batch_size, *shape), generator=g).to(device),
+        "y": torch.randint(0, 1000, (args.batch_size,), generator=g).to(device),
     }
-    return {k: v.to(device) for k, v in batch.items()}
+    batch["r"] = step_randomness(args.seed, step, args.batch_size, shape, num_timesteps, 0.1, 0, 1, device)
+    return batch
 
 
-def forward_backward(model, diffusion, batch: dict, precision: str, device: torch.device) -> torch.Tensor:
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with amp:
-        losses = diffusion.training_losses(model, batch["x0"], batch["t"], model_kwargs={"y": batch["y"]},
-                                           noise=batch["noise"])
-        loss = losses["loss"].mean()
-    loss.backward()
-    return loss.detach()
+def run_step(model, diffusion, opt, ema, batch: dict, precision: str, update: bool = True) -> torch.Tensor:
+    """The project's step on `batch`; `update=False` stops after the backward pass (gradients kept)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss, _ = train_step(model, diffusion, opt, ema, batch["x0"], batch["y"], batch["r"], num_classes=1000,
+                         params=params, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                         update_if=None if update else (lambda loss, grad_norm: False))
+    return loss
 
 
 def tensor_state_bytes(model, opt, ema) -> dict:
@@ -215,8 +215,6 @@ def tensor_state_bytes(model, opt, ema) -> dict:
 
 def child(args) -> None:
     """One variant in this fresh process; writes its measurements to args._out."""
-    from dit.training import EMA
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -225,15 +223,13 @@ def child(args) -> None:
     model = build_model(args, device)
     model.gradient_checkpointing = dict(VARIANTS)[args._child]
     ema = EMA(model, 0.9999)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=(device.type == "cuda") or None)
+    opt = build_optimizer(model.parameters(), OptimConfig(), device)
     batches = [make_batch(args, i, device, diffusion.num_timesteps) for i in range(args.warmup + args.repeats)]
 
     def step(batch) -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)  # grads stay allocated: they belong to the baseline
-        loss = forward_backward(model, diffusion, batch, args.precision, device)
-        opt.step()
-        ema.update(model)
-        return loss
+        # The previous step's gradients are held until the step frees them (zero_grad(set_to_none))
+        # right before its backward pass: they belong to the baseline.
+        return run_step(model, diffusion, opt, ema, batch, args.precision)
 
     losses, base, peak, after = [], [], [], []
     for i, batch in enumerate(batches):
@@ -286,11 +282,11 @@ def gradient_check(args) -> dict:
     diffusion = create_diffusion("")
     model = build_model(args, device)
     batch = make_batch(args, 0, device, diffusion.num_timesteps)
+    opt = build_optimizer(model.parameters(), OptimConfig(), device)
     results = {}
     for name, flag in VARIANTS:
         model.gradient_checkpointing = flag
-        model.zero_grad(set_to_none=True)
-        loss = forward_backward(model, diffusion, batch, args.precision, device)
+        loss = run_step(model, diffusion, opt, None, batch, args.precision, update=False)
         results[name] = (float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                                        if p.grad is not None})
     (l0, g0), (l1, g1) = results["plain"], results["checkpointed"]

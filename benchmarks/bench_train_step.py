@@ -7,9 +7,9 @@ the same shape driven by the reference recipe, and utilisation of the measured m
 
 Variants (each one full optimizer step on the same batch: diffusion timesteps and noise drawn,
 forward, DiT's hybrid loss, backward, AdamW, EMA):
-  ours        dit.models.DiT + the step of dit.training: fused AdamW (`build_optimizer`), the
-              one-kernel EMA (`EMA`), and the global grad norm our loop computes every step
-              (for logging and the non-finite check).
+  ours        dit.models.DiT + the project's own step, `dit.train.step.train_step`, as the trainer
+              calls it: per-step randomness and label dropout, fused AdamW (`build_optimizer`),
+              the global grad norm, the non-finite check (`NonFiniteGuard`), the one-kernel EMA.
   diffusers   diffusers' DiTTransformer2DModel (12 layers for S, 6 heads of 64, patch 2, 4 -> 8
               channels, 1000 classes), the peer we can run in the same process, with the
               reference recipe: `torch.optim.AdamW(lr=1e-4, weight_decay=0)` as constructed there
@@ -55,7 +55,10 @@ from common import machine_info, matmul_peak, perturbed, step_flops, summary, sy
 from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, model_arch  # noqa: E402
-from dit.training import EMA, build_optimizer  # noqa: E402
+from dit.distributed import DistEnv  # noqa: E402
+from dit.train import EMA, build_optimizer, train_step  # noqa: E402
+from dit.train.faults import NonFiniteGuard  # noqa: E402
+from dit.train.randomness import step_randomness  # noqa: E402
 
 
 class DiffusersDiT(nn.Module):
@@ -90,22 +93,33 @@ class ReferenceEMA:
 
 
 class Step:
-    """One optimizer step of `model` with either our recipe or the reference one."""
+    """One optimizer step of `model`: the project's `train_step` ("ours") or the reference recipe
+    (the baseline, written out here as the reference script does it)."""
 
     def __init__(self, model: nn.Module, recipe: str, device: torch.device, batch: tuple, dtype: torch.dtype):
         self.model, self.recipe, self.device, self.dtype = model, recipe, device, dtype
         self.x, self.y = batch
         self.diffusion = create_diffusion("")
         self.generator = torch.Generator(device).manual_seed(0)
+        self.step = 0
         if recipe == "ours":
             self.opt = build_optimizer(model.parameters(), OptimConfig(), device)
             self.ema = EMA(model, 0.9999)
+            self.guard = NonFiniteGuard(10, DistEnv(0, 0, 1, device), watch_signals=True)  # the trainer's default
         else:
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
             self.ema = ReferenceEMA(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self) -> float:
+    def __call__(self) -> torch.Tensor:
+        if self.recipe == "ours":
+            r = step_randomness(0, self.step, len(self.x), tuple(self.x.shape[1:]), self.diffusion.num_timesteps,
+                                0.1, 0, 1, self.device)
+            self.step += 1
+            loss, _ = train_step(self.model, self.diffusion, self.opt, self.ema, self.x, self.y, r, num_classes=1000,
+                                 params=self.params, update_if=self.guard.update_if, step=self.step,
+                                 autocast_dtype=None if self.dtype == torch.float32 else self.dtype)
+            return loss
         t = torch.randint(0, 1000, (self.x.shape[0],), device=self.device, generator=self.generator)
         noise = torch.randn(self.x.shape, device=self.device, generator=self.generator)
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -113,8 +127,6 @@ class Step:
             loss = self.diffusion.training_losses(self.model, self.x, t, {"y": self.y}, noise=noise)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.recipe == "ours":  # what dit.training does every step (logging, non-finite check)
-            torch.nn.utils.get_total_norm([p.grad for p in self.params])
         self.opt.step()
         self.ema.update(self.model)
         return loss.detach()

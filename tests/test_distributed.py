@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import RankZeroFilter, env_rank
-from dit.training import run_training
+from dit.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a 2-block DiT, global batch 8 (4 per rank), on the toy set in pixel space.

@@ -14,7 +14,7 @@ import torch
 
 from dit.config import OptimConfig
 from dit.models import DiT, DiT_models
-from dit.training import EMA, build_optimizer
+from dit.train import EMA, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 

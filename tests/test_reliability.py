@@ -30,7 +30,9 @@ from hydra import compose, initialize_config_dir
 
 from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_dit_checkpoint
 from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
-from dit.training import NonFiniteTrainingError, checkpoint_path, list_checkpoints, run_training
+from dit.train import run_training
+from dit.train.faults import NonFiniteTrainingError
+from dit.train.resume import checkpoint_path, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # ~1 s of training: long enough for a signal to land mid-run
@@ -255,7 +257,7 @@ def test_a_corrupt_newest_checkpoint_is_detected_and_the_previous_one_used(tmp_p
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 3])  # cut short, e.g. by a copy or a dying file system
 
-    with caplog.at_level(logging.WARNING, logger="dit.training"):
+    with caplog.at_level(logging.WARNING, logger="dit.train"):
         result = run_training(config(f"max_steps={STEPS}", *common), run)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(newest) in w and str(previous) in w and "unreadable" in w for w in warnings), warnings
@@ -625,7 +627,7 @@ def test_a_dying_rank_makes_the_others_exit_nonzero_in_bounded_time_and_the_rela
     assert waited < 60, waited
     assert checkpoint_steps(run) == [2, 4]
 
-    with caplog.at_level(logging.INFO, logger="dit.training"):
+    with caplog.at_level(logging.INFO, logger="dit.train"):
         result = run_training(config(*common), run)  # relaunched (here on one process)
     assert any("(step 4)" in r.getMessage() and "resuming from" in r.getMessage() for r in caplog.records)
     assert result["step"] == 8 and logged_steps(run) == list(range(1, 9))

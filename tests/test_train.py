@@ -15,15 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
-from dit.training import (
-    EMA,
-    ItemSeeded,
-    checkpoint_path,
-    list_checkpoints,
-    prune_checkpoints,
-    run_training,
-    step_randomness,
-)
+from dit.train import EMA, run_training
+from dit.train.randomness import step_randomness
+from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
+from dit.train.stream import ItemSeeded
 
 REPO = Path(__file__).resolve().parents[1]
 # A 2-block DiT on 16x16 pixels (patch 4: 16 tokens); runs a step in milliseconds.

@@ -1,0 +1,233 @@
+"""What a run does when something goes wrong (docs/reliability.md): preemption signals, steps
+whose loss or gradient is not finite, and the fault injection that the crash tests use.
+
+Fault injection (`debug.*`) is one object handed to the step and the trainer, called at named
+points (`loss`, `gradients`, `before_update`, `after_step`, `checkpoint_write`); the default
+`Faults()` does nothing there, so the hot path holds no `if cfg.debug...`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dit.distributed import DistEnv, all_reduce_sum
+from dit.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped because its loss or gradients stayed non-finite (NaN/inf)."""
+
+
+class TrainingPreempted(SystemExit):
+    """Raised after the checkpoint that a preemption signal asked for has been written. As a
+    SystemExit it ends the process with status `code` (fault.preempt_exit_code) unless caught."""
+
+
+# --------------------------------------------------------------------------------------
+# Fault injection
+# --------------------------------------------------------------------------------------
+
+
+class Faults:
+    """The named points of a run where a fault can be injected; all no-ops."""
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def gradients(self, step: int, params: list[torch.Tensor]) -> None:
+        pass
+
+    def before_update(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def forces_checkpoint(self, step: int) -> bool:
+        return False
+
+    def checkpoint_write(self, step: int, ckpt: dict, path: Path) -> None:
+        pass
+
+
+NO_FAULTS = Faults()
+
+
+class FaultInjector(Faults):
+    """Faults from a `DebugConfig`: kill (SIGKILL) or hang this rank at a step and a point of it,
+    a NaN loss or an inf gradient at given steps, half a checkpoint on disk then death."""
+
+    def __init__(self, debug, rank: int):
+        self.d, self.rank = debug, rank
+
+    def _here(self, when: str, step: int) -> bool:
+        d = self.d
+        return (d.kill_at_step == step and d.kill_when.value == when
+                and (d.kill_rank is None or d.kill_rank == self.rank))
+
+    def _die(self) -> None:
+        if self.d.kill_how.value == "hang":  # a stuck rank: alive, never answering
+            log.warning("debug: rank %d hangs at step %d", self.rank, self.d.kill_at_step)
+            while True:
+                time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGKILL)  # a crash: no cleanup, no final checkpoint
+
+    def loss(self, step, loss):
+        return loss * float("nan") if step in self.d.nan_loss_at_steps else loss  # hence NaN gradients
+
+    def gradients(self, step, params):
+        if step in self.d.nan_grad_at_steps:  # a finite loss, an inf gradient
+            with torch.no_grad():
+                next(p.grad for p in params if p.grad is not None).view(-1)[0] = float("inf")
+
+    def before_update(self, step):
+        if self._here("mid_step", step):
+            self._die()
+
+    def after_step(self, step):
+        if self._here("after_step", step):
+            self._die()
+
+    def forces_checkpoint(self, step):
+        return self.d.kill_at_step == step and self.d.kill_when.value == "checkpoint_write"  # every rank
+
+    def checkpoint_write(self, step, ckpt, path):
+        """Start the atomic write of `ckpt` as `save_atomic` does, and die with half of it on disk."""
+        if not self._here("checkpoint_write", step):
+            return
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        data = buffer.getbuffer()
+
+        def write(tmp: Path) -> None:  # inside the real temp-file-and-rename path
+            with open(tmp, "xb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            self._die()
+
+        write_atomic(path, write)
+
+
+def make_faults(debug, rank: int) -> Faults:
+    """The injector for `debug` (a DebugConfig), or the no-op `Faults` when nothing is set."""
+    d = debug
+    if d.kill_at_step is None and not d.nan_loss_at_steps and not d.nan_grad_at_steps:
+        return NO_FAULTS
+    return FaultInjector(d, rank)
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite steps
+# --------------------------------------------------------------------------------------
+
+
+class NonFiniteGuard:
+    """Decides, after each backward pass, whether the step's update is applied: not when the loss
+    or the gradient norm is NaN/inf on any rank. Also carries a preemption signal received by
+    any rank to all of them. Counts skipped steps in total and in the current unbroken streak
+    (`counts`, saved in checkpoints) and stops the run after `max_bad` in a row."""
+
+    def __init__(self, max_bad: Optional[int], env: DistEnv, watch_signals: bool, counts: Optional[dict] = None):
+        self.max_bad, self.env, self.watch_signals = max_bad, env, watch_signals
+        self.counts = dict(counts or {"total": 0, "consecutive": 0})
+        self.received = lambda: False  # set by the trainer: has this rank received a preemption signal
+        self.updated, self.preempt = True, False
+
+    def update_if(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """(The step's `update_if`.) One all-reduce of two numbers and one host sync per step,
+        done only when a check needs it; every rank gets the same answer."""
+        preempt = bool(self.received())
+        check = self.max_bad is not None
+        if not check and not (self.env.distributed and self.watch_signals):
+            self.updated, self.preempt = True, preempt
+            return True
+        device = loss.device
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) if check else torch.zeros((), dtype=torch.bool)
+        flags = torch.stack([bad.float().to(device), torch.tensor(float(preempt), device=device)])
+        bad, self.preempt = (v > 0 for v in all_reduce_sum(flags, self.env).tolist())
+        self.updated = not bad  # no optimizer or EMA update: the weights stay as they were
+        return self.updated
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, last_ckpt: Optional[Path]) -> None:
+        """Count the step; raise NonFiniteTrainingError when the streak reaches `max_bad`."""
+        if self.updated:
+            self.counts["consecutive"] = 0
+            return
+        self.counts["total"] += 1
+        self.counts["consecutive"] += 1
+        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
+                    "(%d in a row, %d in total; the run stops at %d in a row)", step, loss.item(),
+                    grad_norm.item(), self.counts["consecutive"], self.counts["total"], self.max_bad)
+        if self.max_bad is not None and self.counts["consecutive"] >= self.max_bad:
+            max_bad = self.max_bad
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: the loss or gradient was NaN/inf in {max_bad} consecutive "
+                f"steps, {step - max_bad + 1}..{step} (their updates were skipped; no checkpoint was written). "
+                f"The newest checkpoint, {last_ckpt}, is intact and a relaunch resumes from it. Fix: lower "
+                "optim.lr, set optim.grad_clip, use precision=fp32, or check the data "
+                f"(fault.max_nonfinite_steps={max_bad} sets the limit)"
+            )
+
+
+# --------------------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------------------
+
+
+class PreemptionWatch:
+    """Turns the preemption signals into a flag that the loop reads at step boundaries (a
+    handler that only sets a flag is safe whatever the process is doing when the signal comes).
+
+    Handlers installed before (submitit's requeue handler on SIGUSR2, say) are remembered:
+    `hand_over()` calls the one of the signal received, once the checkpoint is written. All
+    handlers are restored on exit. Signals can only be handled in the main thread; elsewhere
+    (a test calling `run_training` from a thread) the watch does nothing."""
+
+    def __init__(self, signums: tuple[int, ...]):
+        self.signums = tuple(signums)
+        self.previous: dict[int, object] = {}
+        self.received: Optional[int] = None
+
+    @property
+    def signal_name(self) -> Optional[str]:
+        return None if self.received is None else signal.Signals(self.received).name
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> "PreemptionWatch":
+        if threading.current_thread() is not threading.main_thread():
+            if self.signums:
+                log.warning("not in the main thread: preemption signals are not handled")
+            return self
+        for signum in self.signums:
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def hand_over(self) -> None:
+        handler = self.previous.get(self.received)
+        if callable(handler):
+            handler(self.received, None)
+
+
+def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:
+    """DataLoader worker_init_fn: the workers ignore the preemption signals (see DataStream)."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,0 +1,260 @@
+"""Run-directory checkpoints and exact resume.
+
+A run directory holds `checkpoints/<step:07d>.pt` (our checkpoint file: contract 2 in
+docs/design.md), written atomically; a relaunch continues from the newest one that reads back,
+refusing one whose recipe differs from the config (a different run in the same directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic
+from dit.config import ConfigError, TrainConfig, config_mismatches
+from dit.distributed import (
+    DistEnv,
+    broadcast_object,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+)
+from dit.train.faults import NO_FAULTS, Faults
+from dit.train.randomness import rng_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+_CKPT_NAME = re.compile(r"^(\d+)\.pt$")
+# Temp files of `dit.checkpoint.save_atomic` (".0000100.pt.<pid>.<hex>.tmp"), left behind when a
+# write was killed: never loaded (the name pattern above excludes them), removed at the next start.
+_CKPT_TEMP = re.compile(r"^\.\d+\.pt\..*\.tmp$")
+_REQUIRED_KEYS = ("model", "ema", "opt", "step")
+
+
+def plain_config(cfg: TrainConfig) -> dict:
+    """The config as plain Python values (enums as strings), for checkpoints and wandb."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+# --------------------------------------------------------------------------------------
+# The checkpoints of a run directory
+# --------------------------------------------------------------------------------------
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"{step:07d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `ckpt_dir`, oldest first. Temporary files of
+    an interrupted write do not match the name pattern."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), ckpt_dir / name) for name in os.listdir(ckpt_dir) if (m := _CKPT_NAME.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: Optional[int], keep_every: Optional[int] = None) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (and those at multiples of
+    `keep_every`). Returns the deleted paths."""
+    if keep_last is None:
+        return []
+    found = list_checkpoints(ckpt_dir)
+    deleted = []
+    for step, path in found[: max(0, len(found) - keep_last)]:
+        if keep_every and step % keep_every == 0:
+            continue
+        path.unlink(missing_ok=True)
+        deleted.append(path)
+    return deleted
+
+
+def remove_interrupted_writes(ckpt_dir: Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that were killed midway. Returns their paths."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed = [ckpt_dir / name for name in os.listdir(ckpt_dir) if _CKPT_TEMP.match(name)]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """A checkpoint of ours, checked to hold what a resume needs. Raises CheckpointError (file
+    unreadable, truncated, or not a training checkpoint) or UnsafeCheckpointError."""
+    state = load_state(path)
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this code (no {', '.join(missing)})")
+    return state
+
+
+def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the newest checkpoint in `ckpt_dir` that loads, or (None, None) if there
+    is none. A newer one that does not load (truncated by a crash outside our atomic write,
+    bit rot, a bad copy) is renamed to `<name>.corrupt`, out of the way of resuming and pruning,
+    with a warning naming it and the checkpoint used instead. A file that would run code is not
+    skipped quietly: UnsafeCheckpointError. Call on one rank only (it renames files)."""
+    bad = []
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            state = read_training_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as err:
+            bad.append((path, err))
+            continue
+        for corrupt, err in bad:
+            aside = corrupt.with_name(corrupt.name + ".corrupt")
+            os.replace(corrupt, aside)
+            log.warning("checkpoint %s is unreadable (%s); resuming from the previous one, %s, instead "
+                        "(the unreadable file is kept as %s)", corrupt, err, path, aside.name)
+        return path, state
+    if bad:
+        listed = "; ".join(f"{p.name}: {e}" for p, e in bad)
+        raise CheckpointError(
+            f"no checkpoint in {ckpt_dir} can be read ({listed}). Move them away to start the run over, or "
+            "set resume=<a good checkpoint> in a new run directory"
+        )
+    return None, None
+
+
+def resolve_resume_path(path: str) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory (or of its checkpoints/)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for d in (p / "checkpoints", p):
+        latest = latest_checkpoint(d)
+        if latest is not None:
+            return latest
+    raise ConfigError(f"resume={path}: no such checkpoint file, and no checkpoints in that directory")
+
+
+# --------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------
+
+
+def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool, Optional[dict]]:
+    """(checkpoint to start from, whether it is this run directory's own, its state if read)."""
+    own, state = newest_readable_checkpoint(ckpt_dir)
+    if own is not None:
+        return own, True, state
+    if cfg.resume:
+        return resolve_resume_path(cfg.resume), False, None
+    return None, False, None
+
+
+def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
+                     env: Optional[DistEnv] = None) -> Optional[dict]:
+    """The checkpoint to continue from (this run directory's newest readable one, else
+    `cfg.resume`), or None. A checkpoint in the run directory whose recipe differs from `cfg` is
+    refused. Rank 0 chooses (and moves unreadable checkpoints aside); the other ranks load its
+    choice. The state's "source" entry is the path it was read from."""
+    env = env or DistEnv(0, 0, 1, torch.device("cpu"))
+    choice, state, error = (None, False), None, None
+    if env.is_main:
+        for path in remove_interrupted_writes(ckpt_dir):
+            log.info("removed %s, left by a checkpoint write that was interrupted", path.name)
+        try:
+            source, own, state = _find_resume(cfg, ckpt_dir)
+            choice = (None if source is None else str(source), own)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    # Every rank learns rank 0's outcome, so that none waits for the others after an error.
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 could not choose the checkpoint to resume from ({failed})")
+    source, own = broadcast_object(choice, env)
+    if source is None:
+        return None
+    source = Path(source)
+    if state is None:
+        state = load_state(source)
+    differ = config_mismatches(state.get("config") or {}, config_dict)
+    if differ and own:
+        raise ConfigError(
+            f"the run directory {ckpt_dir.parent} holds a run with a different configuration:\n  "
+            + "\n  ".join(differ)
+            + "\nStart a new run with name=<new name> (or hydra.run.dir=...), or continue from this run "
+            "on purpose with resume=<its checkpoint> in a new directory"
+        )
+    if differ:
+        log.warning("resuming from %s with a changed configuration:\n  %s", source, "\n  ".join(differ))
+    log.info("resuming from %s (step %d)", source, state["step"])
+    return {**state, "source": str(source)}
+
+
+def check_checkpoint_fits(state: dict, model_config: dict, cfg: TrainConfig) -> None:
+    """ConfigError, before any training, if the checkpoint to resume holds another DiT than the
+    one this config and data build (e.g. a latents cache of another shape or class count)."""
+    stored = state.get("model_config") or {}
+    differ = {k: (v, model_config[k]) for k, v in stored.items() if k in model_config and model_config[k] != v}
+    if not differ:
+        return
+    listed = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in sorted(differ.items()))
+    data = ("latents cache" if cfg.data.kind == "latents" else "data") + (
+        f" data.root={cfg.data.root}" if getattr(cfg.data, "root", None) else "")
+    raise ConfigError(
+        f"checkpoint {state.get('source', '')} does not fit the model this run builds from its config and {data} "
+        f"({listed}): use the data (or latents cache) and model it was trained with, or start without it "
+        "(a new run directory, no resume=)"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, ema_module: nn.Module, opt,
+                    meta: dict, *, keep_last: Optional[int], keep_every: Optional[int],
+                    previous: Optional[Path] = None, faults: Faults = NO_FAULTS) -> Path:
+    """Write our checkpoint of step `step` (contract 2 in docs/design.md): the weights and the
+    optimizer state gathered from every rank (collectives under FSDP), each rank's RNG states,
+    and `meta` (configs, data position, format version, ...) from rank 0, which writes the file. Old
+    checkpoints are pruned only once the new one is complete. A failed write (full disk) raises
+    CheckpointWriteError on every rank, naming `previous`, which is kept."""
+    ckpt = {
+        "model": full_model_state(model),
+        "ema": full_model_state(ema_module),
+        "opt": full_optimizer_state(model, opt),
+        "rng": {"ranks": gather_objects(rng_state(env.device), env)},
+    }
+    path = checkpoint_path(ckpt_dir, step)
+    error = None
+    if env.is_main:
+        ckpt.update(step=step, **meta)
+        faults.checkpoint_write(step, ckpt, path)
+        try:
+            save_atomic(ckpt, path)
+        except CheckpointWriteError as err:
+            error = err
+        else:
+            for old in prune_checkpoints(ckpt_dir, keep_last, keep_every):
+                log.info("deleted old checkpoint %s", old)
+            log.info("saved checkpoint %s", path)
+    failed = broadcast_object(None if error is None else str(error), env)  # also the barrier
+    if failed is not None:
+        kept = f"the newest complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"checkpoint at step {step} failed: {failed}; {kept}",
+                                   errno=getattr(error, "errno", None)) from error
+    return path

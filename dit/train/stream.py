@@ -1,0 +1,170 @@
+"""The training data as the step sees it: the data set named by the config, this rank's
+batches from any step on (the data stream), and the latent space the model works in."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from dit.autoencoder import build_autoencoder
+from dit.config import ConfigError, TrainConfig, check_resolution
+from dit.data import DistributedResumableSampler, ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, item_seed
+from dit.distributed import DistEnv
+from dit.toy import NUM_CLASSES as TOY_CLASSES
+from dit.toy import ToyShapesDataset
+from dit.train.faults import ignore_signals
+from dit.train.randomness import LOADER_STREAM, StepRandomness
+
+
+class ItemSeeded(Dataset):
+    """Makes a dataset that draws its augmentation from torch's global RNG (e.g. the toy set's
+    flip) deterministic per item: item i of epoch e runs under the seed (seed, e, i), whichever
+    worker loads it and whenever. The global RNG of the caller is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+@dataclass
+class TrainData:
+    dataset: Dataset  # has set_epoch(epoch)
+    num_classes: int
+    encoded: bool  # items are latents already (a latents cache)
+    image_size: int
+    latent_shape: Optional[tuple] = None  # (C, h, w), known for a cache
+    autoencoder_spec: Optional[dict] = None  # the cache's autoencoder
+
+
+def build_data(cfg: TrainConfig) -> TrainData:
+    """The training set named by `cfg.data`, its augmentation seeded by `cfg.seed`."""
+    d = cfg.data
+    if d.kind == "toy":
+        ds = ToyShapesDataset(d.num_per_class, d.image_size, seed=d.seed, hflip=d.hflip)
+        return TrainData(ItemSeeded(ds, cfg.seed), TOY_CLASSES, False, d.image_size)
+    if d.kind == "imagefolder":
+        ds = ImageFolderDataset(d.root, d.image_size, hflip=d.hflip, skip_bad=d.skip_bad, seed=cfg.seed)
+        return TrainData(ds, ds.num_classes, False, d.image_size)
+    if d.kind == "latents":
+        ds = LatentCacheDataset(d.root, hflip=d.hflip, sample_posterior=cfg.vae.sample_posterior, seed=cfg.seed)
+        cached_size = int(ds.meta["image_size"])
+        if d.image_size is not None and d.image_size != cached_size:
+            raise ConfigError(
+                f"data.image_size={d.image_size} but the latents cache {d.root} holds {cached_size}x{cached_size} "
+                "images: drop data.image_size (it is read from the cache) or use a cache of that size"
+            )
+        return TrainData(ds, ds.num_classes, True, cached_size, tuple(ds.latent_shape), dict(ds.autoencoder_spec))
+    raise ConfigError(f"data.kind={d.kind!r} is not one of imagefolder, latents, toy")
+
+
+class DataStream:
+    """This rank's batches, epoch after epoch, starting at any step.
+
+    Epoch e covers `steps_per_epoch` global batches of the sampler's epoch-e order; a run
+    resumed at step s starts in epoch s // steps_per_epoch at position (s % steps_per_epoch) * B.
+    Workers are restarted each epoch so that they see the new epoch of the dataset."""
+
+    def __init__(self, dataset: Dataset, env: DistEnv, global_batch: int, seed: int, num_workers: int,
+                 worker_ignored_signals: tuple[int, ...] = ()):
+        self.dataset, self.env, self.global_batch = dataset, env, global_batch
+        self.local_batch = global_batch // env.world_size
+        self.seed, self.num_workers = seed, num_workers
+        # SLURM signals every process of a job: workers ignore the preemption signals, so that
+        # they keep loading until the training process has written its checkpoint.
+        self.worker_ignored_signals = tuple(worker_ignored_signals)
+        self.sampler = DistributedResumableSampler(len(dataset), env.world_size, env.rank, seed=seed, drop_last=True)
+        self.steps_per_epoch = self.sampler.total_size // global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the dataset has {len(dataset)} items, fewer than global_batch_size={global_batch}: "
+                "lower global_batch_size or use more data"
+            )
+
+    def position(self, step: int) -> dict:
+        """Where step `step` starts in the data order (stored in checkpoints)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "position": k * self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                "dataset_size": len(self.dataset)}
+
+    def batches(self, start_step: int):
+        epoch, k = divmod(start_step, self.steps_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch, start_index=k * self.global_batch)
+            self.dataset.set_epoch(epoch)
+            loader = DataLoader(
+                self.dataset, batch_size=self.local_batch, sampler=self.sampler, drop_last=True,
+                num_workers=self.num_workers, pin_memory=self.env.device.type == "cuda",
+                persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
+                # Seeds the workers' base seed without touching the global RNG.
+                generator=torch.Generator().manual_seed(item_seed(self.seed, epoch, LOADER_STREAM + self.env.rank)),
+                worker_init_fn=(functools.partial(ignore_signals, self.worker_ignored_signals)
+                                if self.num_workers and self.worker_ignored_signals else None),
+            )
+            yield from loader
+            epoch, k = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------
+# The latent space
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LatentSpace:
+    """What the model sees: (channels, side, side) latents made by `autoencoder` (None when the
+    data are cached latents and no sample grids need decoding)."""
+
+    autoencoder: Optional[nn.Module]
+    spec: dict  # Autoencoder.to_dict(), stored in checkpoints
+    channels: int
+    side: int
+    sample_posterior: bool  # encode images to posterior samples (not the mean) in the step
+    encoded: bool = False  # the data items are latents already (a cache)
+
+    @property
+    def shape(self) -> tuple:
+        return (self.channels, self.side, self.side)
+
+    @torch.no_grad()
+    def to_latents(self, x: torch.Tensor, r: StepRandomness) -> torch.Tensor:
+        """A batch of data items -> x0 for the diffusion: the VAE posterior sample
+        (mean + std * eps) * scale with the step's eps (the mean if not sampling; the identity for
+        pixels), or the items themselves for a latents cache."""
+        if self.encoded:
+            return x
+        mean, std = self.autoencoder.encode_moments(x)
+        return (mean + std * r.posterior if self.sample_posterior else mean).float() * self.autoencoder.scale_factor
+
+
+def build_latent_space(cfg: TrainConfig, data: TrainData, patch_size: int, device: torch.device) -> LatentSpace:
+    if data.encoded:
+        spec = data.autoencoder_spec
+        try:  # the cache's own check: the configured autoencoder, and whole patches
+            data.dataset.check_compatible(autoencoder_spec={"name": cfg.vae.name}, patch_size=patch_size)
+        except LatentCacheMismatch as err:
+            raise ConfigError(str(err)) from None
+        side = data.latent_shape[-1]
+        # The VAE is only needed to decode sample grids.
+        ae = None
+        if cfg.log.samples.every:
+            ae = build_autoencoder(spec["name"], scale_factor=spec["scale_factor"], device=device)
+        return LatentSpace(ae, spec, spec["latent_channels"], side, False, encoded=True)
+    ae = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device)
+    side = check_resolution(data.image_size, ae.downsample_factor, patch_size)
+    sample = cfg.vae.sample_posterior and ae.name != "pixel"  # pixels have no posterior noise
+    return LatentSpace(ae, ae.to_dict(), ae.latent_channels, side, sample)

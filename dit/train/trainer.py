@@ -1,0 +1,250 @@
+"""The trainer: builds a run from its config (data, latent space, model, EMA, optimizer,
+diffusion, data stream, reporting, fault handling) and runs the loop. `train.py` resolves the
+hydra config and calls `run_training`. Where each part lives: docs/design.md."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dit.config import TrainConfig, check_static, resolve_architecture
+from dit.diffusion import create_diffusion
+from dit.distributed import (
+    DistEnv, broadcast_object, cleanup, init_distributed, load_full_optimizer_state, shard_model, wrap_model,
+)
+from dit.models import DiT, arch_name
+from dit.train.ema import EMA
+from dit.train.faults import NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults
+from dit.train.optimizer import apply_hyperparameters, build_optimizer
+from dit.train.randomness import seed_rank, step_randomness
+from dit.train.report import GridSampler, MetricsWindow, RunLogger
+from dit.train.resume import (
+    CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, latest_checkpoint, load_start_state, plain_config,
+    save_checkpoint,
+)
+from dit.train.step import take_over_label_dropout, train_step
+from dit.train.stream import DataStream, build_data, build_latent_space
+
+log = logging.getLogger(__name__)
+
+
+def configure_backends(cfg: TrainConfig) -> None:
+    precision = "tf32" if cfg.tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def build_model(cfg: TrainConfig, input_size: int, in_channels: int, num_classes: int) -> DiT:
+    arch = resolve_architecture(cfg.model)
+    return DiT(
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+        mlp_ratio=cfg.model.mlp_ratio, class_dropout_prob=cfg.model.class_dropout_prob,
+        learn_sigma=cfg.model.learn_sigma, **arch,
+    )
+
+
+def official_name(model: DiT) -> Optional[str]:
+    """`DiT-XL/2` etc. when the model is one of the paper's, else None."""
+    c = model.config
+    return arch_name(c.depth, c.hidden_size, c.num_heads, c.patch_size) if c.mlp_ratio == 4.0 else None
+
+
+def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
+    """Train as configured, writing checkpoints, metrics and samples under `out_dir` (rank 0's
+    value is used on every rank). Returns {"step", "loss", "checkpoint", "skipped_steps"} of the
+    end of the run.
+
+    Faults (docs/reliability.md): raises TrainingPreempted (a SystemExit with status
+    fault.preempt_exit_code) after the checkpoint a preemption signal asked for,
+    NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
+    CheckpointWriteError when a checkpoint cannot be written (the previous one is kept)."""
+    env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
+    try:
+        return Trainer(cfg, Path(out_dir), env).run()
+    finally:
+        cleanup(env)
+
+
+class Trainer:
+    """Everything one rank holds during a run; built from the config, then `run()`."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, env: DistEnv):
+        check_static(cfg, env.world_size)  # before any data is read or weights loaded
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.out_dir = Path(broadcast_object(str(out_dir.resolve()), env))  # one run directory for all ranks
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        configure_backends(cfg)
+        self.config_dict = plain_config(cfg)
+        state = load_start_state(cfg, self.ckpt_dir, self.config_dict, env)
+        self.preempt_signals = tuple(getattr(signal, name) for name in cfg.fault.preempt_signals)
+        self.faults = make_faults(cfg.debug, env.rank)
+
+        self.data = build_data(cfg)
+        self.latents = build_latent_space(cfg, self.data, resolve_architecture(cfg.model)["patch_size"], self.device)
+        self._build_model(state)
+        self._build_optimizer(state)
+        self.step = int(state["step"]) if state is not None else 0
+        seed_rank(cfg.seed, self.step, env.rank, env.world_size, self.device,
+                  (state or {}).get("rng", {}).get("ranks", []))
+        self.diffusion = create_diffusion(
+            "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
+            diffusion_steps=cfg.diffusion.diffusion_steps,
+        )
+        self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers,
+                                 worker_ignored_signals=self.preempt_signals)
+        # Steps with a non-finite loss or gradient: in total, and in the current unbroken run.
+        self.guard = NonFiniteGuard(cfg.fault.max_nonfinite_steps, env, bool(self.preempt_signals),
+                                    (state or {}).get("nonfinite_steps"))
+        if state is not None:
+            size = (state.get("data_state") or {}).get("dataset_size")
+            if size not in (None, len(self.data.dataset)):
+                log.warning("the data set has %d items, the checkpoint's had %s: the data order differs from "
+                            "the interrupted run's", len(self.data.dataset), size)
+        self.logger = RunLogger(env, self.out_dir, cfg.log.wandb, cfg.name, self.config_dict,
+                                state.get("wandb_run_id") if state is not None else None, self.step, cfg.max_steps)
+        self.grid = (GridSampler(cfg.log.samples, cfg.seed, env, self.parallel, self.latents.shape,
+                                 self.data.num_classes, self.out_dir) if cfg.log.samples.every else None)
+
+    # ---- construction
+
+    def _build_model(self, state: Optional[dict]) -> None:
+        cfg, env = self.cfg, self.env
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
+        model = build_model(cfg, self.latents.side, self.latents.channels, self.data.num_classes).to(self.device)
+        self.drop_prob = take_over_label_dropout(model)
+        self.ema = EMA(model, cfg.ema.decay)
+        if state is not None:
+            check_checkpoint_fits(state, model.config.to_dict(), cfg)
+            model.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+        self.model_name = official_name(model)
+        log.info(
+            "model %s: %s, %.2fM parameters, input %s, %d classes; %d rank(s), %s, global batch %d",
+            self.model_name or "custom", model.config.to_dict(), sum(p.numel() for p in model.parameters()) / 1e6,
+            self.latents.shape, self.data.num_classes, env.world_size, self.device, cfg.global_batch_size,
+        )
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        self.parallel = cfg.parallel.value if env.distributed else "none"
+        if cfg.compile:
+            if self.parallel == "fsdp":
+                for block in model.blocks:  # per block, before sharding (FSDP2's recommended order)
+                    block.compile()
+            else:
+                model.compile()  # in place: the state-dict keys stay the official ones
+        self.model = model  # owns the parameters and the official state-dict keys
+        self.train_module = wrap_model(model, env, self.parallel)  # what the step calls (DDP, FSDP or model)
+        if self.parallel == "fsdp":
+            shard_model(self.ema.module, env)  # sharded like the model, so EMA updates are shard-local
+
+    def _build_optimizer(self, state: Optional[dict]) -> None:
+        self.opt = build_optimizer(self.model.parameters(), self.cfg.optim, self.device, self.parallel)
+        if state is not None:
+            load_full_optimizer_state(self.model, self.opt, state["opt"])
+            apply_hyperparameters(self.opt, self.cfg.optim)  # the config's hyperparameters, not the file's
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    # ---- the parts of the loop
+
+    def train_one(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step` (= self.step + 1) on this rank's rows of its global batch: (loss, grad norm)."""
+        cfg, lat, env = self.cfg, self.latents, self.env
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape, self.diffusion.num_timesteps,
+                            self.drop_prob, env.rank, env.world_size, self.device, posterior=lat.sample_posterior)
+        return train_step(
+            self.train_module, self.diffusion, self.opt, self.ema, lat.to_latents(x, r), y, r,
+            num_classes=self.data.num_classes, params=self.params, grad_clip=cfg.optim.grad_clip,
+            autocast_dtype=torch.bfloat16 if cfg.precision.value == "bf16" else None,
+            update_if=self.guard.update_if, hooks=self.faults, step=step,
+        )
+
+    def log_window(self, window: MetricsWindow, step: int, last_ckpt: Optional[Path], last_save: float) -> tuple:
+        """Write the window's metric line; (mean loss, whether a time-based checkpoint is due)."""
+        cfg = self.cfg
+        # Rank 0's clock decides time-based saves, so that all ranks agree.
+        overdue = (self.env.is_main and cfg.ckpt.every_minutes is not None
+                   and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes)
+        loss, grad_norm, overdue, elapsed = window.reduce(self.env, overdue)
+        if cfg.fault.max_nonfinite_steps is None and not math.isfinite(loss):  # no per-step guard caught it
+            raise NonFiniteTrainingError(
+                f"the training loss is {loss} at step {step}; the newest checkpoint is {last_ckpt}. "
+                "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
+            )
+        self.logger.metrics(step, {
+            "train/loss": loss, "train/grad_norm": grad_norm, "train/lr": self.opt.param_groups[0]["lr"],
+            "train/steps_per_sec": window.steps / elapsed,
+            "train/images_per_sec": window.steps * cfg.global_batch_size / elapsed,
+            "train/epoch": step / self.stream.steps_per_epoch, "train/skipped_steps": self.guard.counts["total"],
+        })
+        window.reset()
+        return loss, overdue
+
+    def save_checkpoint(self, previous: Optional[Path] = None) -> Path:
+        meta = dict(
+            model_name=self.model_name, model_config=self.model.config.to_dict(), autoencoder=self.latents.spec,
+            config=self.config_dict, data_state=self.stream.position(self.step), wandb_run_id=self.logger.run_id,
+            format_version=CHECKPOINT_FORMAT_VERSION, nonfinite_steps=dict(self.guard.counts),
+        )
+        return save_checkpoint(self.env, self.ckpt_dir, self.step, self.model, self.ema.module, self.opt, meta,
+                               keep_last=self.cfg.ckpt.keep_last, keep_every=self.cfg.ckpt.keep_every,
+                               previous=previous, faults=self.faults)
+
+    def sample_grid(self, step: int) -> None:
+        path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
+        if path is not None:
+            self.logger.image(step, "samples", path)
+
+    # ---- the loop
+
+    def run(self) -> dict:
+        batches = self.stream.batches(self.step)
+        with PreemptionWatch(self.preempt_signals) as watch:
+            try:
+                return self._loop(watch, batches)
+            finally:
+                # Stop the DataLoader workers now: left to the interpreter's exit, they would be
+                # sent SIGTERM, which they ignore (see DataStream), and waited for forever.
+                batches.close()
+                self.logger.close()
+
+    def _loop(self, watch: PreemptionWatch, batches) -> dict:
+        cfg = self.cfg
+        self.guard.received = lambda: watch.received is not None
+        self.train_module.train()
+        window, last_loss = MetricsWindow(self.device), float("nan")
+        last_ckpt, last_save = latest_checkpoint(self.ckpt_dir), time.monotonic()
+        while self.step < cfg.max_steps:
+            step = self.step + 1
+            loss, grad_norm = self.train_one(*next(batches), step)
+            self.step = step
+            self.logger.step()
+            window.add(loss, grad_norm, self.guard.updated)
+            self.guard.record(step, loss, grad_norm, last_ckpt)  # raises after too many non-finite steps
+            save_now = step % cfg.ckpt.every == 0 or step == cfg.max_steps
+            if step % cfg.log.every == 0 or step == cfg.max_steps:
+                last_loss, overdue = self.log_window(window, step, last_ckpt, last_save)
+                save_now = save_now or overdue
+            if self.grid is not None and step % cfg.log.samples.every == 0:
+                self.sample_grid(step)
+            if save_now or self.guard.preempt or self.faults.forces_checkpoint(step):
+                last_ckpt, last_save = self.save_checkpoint(last_ckpt), time.monotonic()
+            if self.guard.preempt:
+                code = cfg.fault.preempt_exit_code
+                log.warning("preempted (%s): wrote checkpoint %s at step %d; exiting with status %d so that the "
+                            "launcher requeues the job; relaunching the same command resumes from it",
+                            watch.signal_name or "a signal on another rank", last_ckpt, step, code)
+                watch.hand_over()  # the launcher's own handler (submitit: requeue), if any
+                raise TrainingPreempted(code)
+            self.faults.after_step(step)
+        final = latest_checkpoint(self.ckpt_dir) if self.env.is_main else None
+        return {"step": self.step, "loss": last_loss, "checkpoint": None if final is None else str(final),
+                "skipped_steps": self.guard.counts["total"]}
