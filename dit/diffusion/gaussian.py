@@ -2,7 +2,7 @@
 
 One class serves both the full 1000-step chain (training) and respaced chains (sampling):
 `t` everywhere is an index into *this* chain, and the network is always called with the
-original timestep `timestep_map[t]` (contract 5 in DESIGN.md).
+original timestep `timestep_map[t]` (contract 5 in docs/design.md).
 
 Schedule constants are float64 numpy arrays; a value indexed by a batch of `t` is handed to
 torch as float32 before it meets the network's tensors (the reference numerics).
