@@ -1,18 +1,18 @@
-"""Checkpoint files: atomic writes, safe reads, and loading DiT weights from ours or the release.
+"""Checkpoint files: safe writes and reads, and loading DiT weights from ours or the release.
 
 Two file formats hold DiT weights:
 
 * the official release (`DiT-XL-2-256x256.pt`, ...): a plain EMA state dict in the official
   layout, nothing else; the configuration has to be inferred from the tensor shapes;
-* ours (contract 2 in DESIGN.md): a dict with `model`, `ema` (both official layout), `opt`,
+* ours (contract 2 in docs/design.md): a dict with `model`, `ema` (both official layout), `opt`,
   `step`, `model_name`, `model_config`, `autoencoder`, `config`, ... written by `save_atomic`.
 
 Either may also be a `.safetensors` file (weights only; `save_weights_safetensors` stores
 `model_name` / `model_config` in its string metadata).
 
 Reading never unpickles arbitrary objects: `torch.load(..., weights_only=True)` or safetensors.
-Writing goes to a temp file in the same directory, is fsynced, then renamed over the target,
-so a crash leaves either the old file or the new one, never half of one.
+Writing goes through `dit.files.write_atomic` (temp file, fsync, rename), so a crash leaves
+either the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import json
 import math
 import os
 import pickle
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from dit.files import write_atomic
 from dit.models import DIT_SIZES, DiT, DiTConfig, arch_name, canonical_model_name, model_arch
 
 __all__ = [
@@ -74,43 +74,6 @@ class CheckpointWriteError(CheckpointError):
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_path)` for a temp file beside `path`, fsync it, rename it onto `path`.
-
-    The temp file lives in the same directory so that `os.replace` is a rename within one
-    filesystem (atomic on POSIX). On any failure the temp file is removed and `path` keeps
-    its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # Persist the rename itself (the directory entry); not possible on every OS/filesystem.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file (JSON, CSV, logs) through `write_atomic`."""
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class _WriteRecorder:

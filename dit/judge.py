@@ -7,8 +7,7 @@ toy images, in seconds on a CPU. It answers two questions about generated sample
 - class accuracy: is a sample conditioned on class y classified as y? (chance is 10 %)
 - Frechet distance in its feature space (the globally pooled last convolution) between
   generated and real images: FID's formula (`dit.metrics.frechet_distance`) with this judge in
-  place of Inception. `eval_fid.py feature_extractor=toy_judge` gives the same numbers through
-  the real evaluation path.
+  place of Inception (`JudgeFeatures`, used by `eval_fid.py feature_extractor=toy_judge`).
 
 The trained weights are cached in a file keyed by every setting that affects them, so the
 judge is trained once per machine and identical across runs with the same seed.
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dit.checkpoint import save_atomic
-from dit.metrics import feature_statistics, frechet_distance
+from dit.files import check_images
 from dit.toy import DATA_VERSION, NUM_CLASSES, make_toy_arrays, to_model_range
 
 FORMAT_VERSION = 1
@@ -193,32 +192,20 @@ class ToyJudge:
         return self._run(images_uint8, self.net.features).double().numpy()
 
 
-def judge_report(samples_uint8, labels, real_uint8, judge: ToyJudge | None = None,
-                 cache_dir: str | os.PathLike | None = None, seed: int = 0) -> dict:
-    """Score generated toy samples against real ones.
+class JudgeFeatures:
+    """The judge as a feature extractor for `dit.metrics`: its pooled features stand in for
+    Inception's, its logits give an Inception-Score analogue, and `classify` gives the class
+    accuracy of conditional samples."""
 
-    samples_uint8: (N, H, W, 3) generated images; labels: (N,) the classes they were
-    conditioned on; real_uint8: (M, H, W, 3) real toy images. `judge` defaults to
-    `ToyJudge.load_or_train(cache_dir, H, seed)`.
-    Returns {"class_accuracy", "per_class_accuracy", "frechet_distance", "num_samples", "num_real"}.
-    """
-    samples = samples_uint8.numpy() if isinstance(samples_uint8, torch.Tensor) else np.asarray(samples_uint8)
-    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
-    if labels.shape != (len(samples),):
-        raise ValueError(f"need one label per sample: {len(samples)} samples, labels shaped {labels.shape}")
-    if judge is None:
-        if samples.ndim != 4:
-            raise ValueError(f"samples must be (N, H, W, 3) uint8, got shape {samples.shape}")
-        judge = ToyJudge.load_or_train(cache_dir, image_size=samples.shape[1], seed=seed)
-    predicted = judge.classify(samples)
-    correct = predicted == labels
-    per_class = [float(correct[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(NUM_CLASSES)]
-    mu_g, sigma_g = feature_statistics(judge.features(samples))
-    mu_r, sigma_r = feature_statistics(judge.features(real_uint8))
-    return {
-        "class_accuracy": float(correct.mean()),
-        "per_class_accuracy": per_class,
-        "frechet_distance": frechet_distance(mu_g, sigma_g, mu_r, sigma_r),
-        "num_samples": int(len(samples)),
-        "num_real": int(len(real_uint8)),
-    }
+    name = "toy_judge"
+
+    def __init__(self, judge: ToyJudge):
+        self.judge = judge
+        self.identity = f"toy_judge:{judge.settings.cache_name()}"
+
+    def extract(self, images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
+        images = check_images(images)
+        return {"pool": self.judge.features(images), "logits": self.judge.logits(images).numpy()}
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        return self.judge.classify(check_images(images))

@@ -1,50 +1,119 @@
-"""Sampling with classifier-free guidance: DDPM, DDIM and DPM-Solver++, a PNG grid or thousands
-of images to an ADM `.npz`, split across ranks and resumable.
+"""Sampling with classifier-free guidance: `SamplerSettings` (the one description of how to
+sample, used by every consumer), DDPM, DDIM and DPM-Solver++, and per-sample deterministic
+batches of images. Bulk `.npz` files are `dit/bulk.py`.
 
 Determinism is per sample: sample i's initial noise, its per-step noise and its label come from
 generators seeded by (global seed, i) alone, and sample i always shares its network batch with
 the same samples (block i // batch_size, see `sample_blocks`), so a bulk `.npz` is
 byte-identical for any number of ranks and across interruptions.
 
-Guidance (contract 6 in DESIGN.md): the conditional and the unconditional (null class =
-`num_classes`) passes run as one batch through `DiT.forward_with_cfg`; `cfg_scale == 1` skips
-the unconditional pass entirely, and so does any step outside the optional guidance interval.
+Guidance (contract 6 in docs/design.md): the conditional and the unconditional (null class,
+`dit.models.null_class`) passes run as one batch through `DiT.forward_with_cfg`; `cfg_scale == 1`
+skips the unconditional pass entirely, and so does any step outside the optional guidance
+interval.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.checkpoint import write_atomic, write_text_atomic
+from dit.autoencoder import build_autoencoder
+from dit.checkpoint import load_dit_checkpoint
 from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
+from dit.files import to_uint8
+from dit.models import null_class, parse_guided_channels
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 LABEL_MODES = ("uniform", "balanced")
 # Independent random streams per sample: its noise (initial and per step) and its label.
 NOISE_STREAM, LABEL_STREAM = 0, 1
-SHARD_SETTINGS = "settings.json"
 
 
 # --------------------------------------------------------------------------------------
-# Pixels, seeds, labels
+# How to sample
 # --------------------------------------------------------------------------------------
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) images in ~[-1, 1] -> (N, H, W, 3) uint8, as the reference converts samples:
-    clamp(127.5 x + 128, 0, 255), then truncation (contract 3)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected decoded images (N, 3, H, W), got shape {tuple(images.shape)}")
-    x = torch.clamp(127.5 * images.float() + 128.0, 0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+@dataclass
+class SamplerSettings:
+    """Everything that decides how samples are drawn from a model, with the defaults of the
+    paper's FID protocol (DDPM-250, guidance 1.5 on 3 channels). One type for sample.py,
+    eval_fid.py, training grids, the evaluator, output names and the results table: a new
+    sampler knob is a field here and its use in the sampler (and, to set it from the command
+    line, `sampler.<field>` in conf/sampler/; the schema picks it up from this class).
+
+    `guided_channels`: "3" (the paper's evaluation) or "all"; ints are accepted from Python.
+    `guidance_interval`: [lo, hi] original timesteps; guidance only for lo <= t <= hi, the
+    conditional model alone elsewhere (Kynkäänniemi et al. 2024). None: every step.
+    """
+
+    sampler: str = "ddpm"  # ddpm (ancestral), ddim (eta=0: deterministic), dpm++ (DPM-Solver++(2M))
+    num_steps: int = 250
+    cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
+    guided_channels: str = "3"
+    guidance_interval: Optional[list[int]] = None
+    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like
+
+    def check(self) -> "SamplerSettings":
+        """Raise ValueError naming the field whose value cannot work; returns self. (Whether
+        `guided_channels` fits a model's channels is checked against the model when sampling.)"""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {SAMPLERS}")
+        if int(self.num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.sampler in ("ddpm", "ddim") and int(self.num_steps) < 2:
+            # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
+            raise ValueError(f"the {self.sampler} sampler needs num_steps >= 2 (a chain from t=999 to t=0), "
+                             f"got {self.num_steps}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        guided = self.guided
+        if guided != "all" and not (type(guided) is int and guided > 0):
+            raise ValueError(f"guided_channels must be a channel count or 'all' (3 reproduces the paper), "
+                             f"got {self.guided_channels!r}")
+        if self.guidance_interval is not None:
+            interval = list(self.guidance_interval)
+            if len(interval) != 2 or not 0 <= int(interval[0]) <= int(interval[1]):
+                raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, "
+                                 f"got {self.guidance_interval}")
+        return self
+
+    @property
+    def guided(self) -> int | str:
+        """`guided_channels` as settings files record it and the model takes it: 3 or "all"."""
+        g = self.guided_channels
+        return int(g) if isinstance(g, str) and g.isdigit() else g
+
+    def to_dict(self) -> dict:
+        """The settings as recorded next to samples (JSON-ready, plain types)."""
+        interval = self.guidance_interval
+        return {"sampler": self.sampler, "num_steps": int(self.num_steps), "eta": float(self.eta),
+                "cfg_scale": float(self.cfg_scale), "guided_channels": self.guided,
+                "guidance_interval": [int(v) for v in interval] if interval is not None else None}
+
+    def replace(self, **changes) -> "SamplerSettings":
+        """A copy (of the base type) with some fields changed."""
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
+        return SamplerSettings(**{**base, **changes})
+
+
+SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
+
+
+# --------------------------------------------------------------------------------------
+# Seeds, labels
+# --------------------------------------------------------------------------------------
 
 
 def sample_seed(seed: int, index: int, stream: int = NOISE_STREAM) -> int:
@@ -84,53 +153,35 @@ def sample_labels(seed: int, indices: Sequence[int], num_classes: int, mode: str
 # --------------------------------------------------------------------------------------
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP / FSDP wrapper (or the model itself)."""
     return getattr(model, "module", model)  # DDP / FSDP wrappers
-
-
-def _parse_guided_channels(guided_channels) -> int | str:
-    if guided_channels == "all":
-        return "all"
-    if isinstance(guided_channels, str) and guided_channels.isdigit():
-        return int(guided_channels)
-    return guided_channels
 
 
 class GuidedDenoiser:
     """fn(x (B, C, H, W), t (B,) original timesteps) -> the network output (B, C_out, H, W) with
-    classifier-free guidance applied. Counts network passes (`calls`) and rows (`rows`): a
-    guided step is one pass over 2B rows, an unguided one a pass over B rows."""
+    classifier-free guidance applied as `settings` say. Counts network passes (`calls`) and rows
+    (`rows`): a guided step is one pass over 2B rows, an unguided one a pass over B rows."""
 
-    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, cfg_scale: float, guided_channels=3,
-                 guidance_interval: Sequence[int] | None = None):
+    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, settings: SamplerSettings):
+        settings.check()
         self.model = model
         num_classes = model.config.num_classes
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {cfg_scale}")
         if labels.ndim != 1:
             raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
             raise ValueError(f"class label {bad} is out of range: this model has classes 0..{num_classes - 1}")
-        self.guided = float(cfg_scale) != 1.0
+        self.guided = float(settings.cfg_scale) != 1.0
         if self.guided and model.y_embedder.embedding_table.num_embeddings <= num_classes:
             raise ValueError("cfg_scale != 1 needs the null-class embedding, but this model was built with "
                              "class_dropout_prob=0: sample with cfg_scale=1")
-        if guidance_interval is not None:
-            lo, hi = (int(v) for v in guidance_interval)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, got {guidance_interval}")
-            guidance_interval = (lo, hi)
-        guided_channels = _parse_guided_channels(guided_channels)
-        if guided_channels != "all" and not (isinstance(guided_channels, int) and not isinstance(guided_channels, bool)
-                                             and 0 < guided_channels <= model.config.in_channels):
-            raise ValueError(f"guided_channels must be 1..{model.config.in_channels} or 'all' (3 reproduces the paper), "
-                             f"got {guided_channels!r}")
+        interval = settings.guidance_interval
         self.labels = labels
-        self.null = torch.full_like(labels, num_classes)
-        self.cfg_scale = float(cfg_scale)
-        self.guided_channels = guided_channels
-        self.interval = guidance_interval
+        self.null = torch.full_like(labels, null_class(num_classes))
+        self.cfg_scale = float(settings.cfg_scale)
+        self.guided_channels = parse_guided_channels(settings.guided, model.config.in_channels)
+        self.interval = (int(interval[0]), int(interval[1])) if interval is not None else None
         self.calls = self.rows = 0
 
     def guides_at(self, t: int) -> bool:
@@ -209,33 +260,20 @@ def _dpm_solver(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, noise: t
     return x
 
 
-def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, labels, *, cfg_scale: float,
-                   noise: torch.Tensor, sampler: str = "ddpm", num_steps: int = 250, guided_channels=3,
-                   guidance_interval: Sequence[int] | None = None, eta: float = 0.0,
-                   generator: torch.Generator | list[torch.Generator] | None = None,
+def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, labels, settings: SamplerSettings, *,
+                   noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                    progress: bool = False, denoiser_out: list | None = None) -> torch.Tensor:
-    """Draw x_0 (N, C, H, W) from x_T = `noise` for class `labels` (N,).
+    """Draw x_0 (N, C, H, W) from x_T = `noise` for class `labels` (N,), as `settings` say.
 
     Args:
-        diffusion: the full (training) chain, or one already respaced to `num_steps`; None builds
-            the linear-schedule chain matching the model's `learn_sigma`.
-        sampler: "ddpm" (ancestral; DiT's 250 steps), "ddim" (eta=0 deterministic), "dpm++"
-            (DPM-Solver++(2M), for 10-25 steps).
-        guided_channels: 3 (the paper's evaluation) or "all"; see `DiT.forward_with_cfg`.
-        guidance_interval: (lo, hi) original timesteps; guidance only for lo <= t <= hi, the
-            conditional model alone elsewhere (Kynkäänniemi et al. 2024). None: every step.
+        diffusion: the full (training) chain, or one already respaced to `settings.num_steps`;
+            None builds the linear-schedule chain matching the model's `learn_sigma`.
         generator: the per-step noise of ddpm / ddim(eta>0): one generator, or a list with one
             per sample (batch-independent results).
         denoiser_out: if a list is given, the `GuidedDenoiser` is appended (to read its counts).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: use one of {SAMPLERS}")
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if sampler in ("ddpm", "ddim") and int(num_steps) < 2:
-        # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
-        raise ValueError(f"the {sampler} sampler needs num_steps >= 2 (a chain from t=999 to t=0), got {num_steps}")
-    model = _unwrap(model)
+    settings.check()
+    model = unwrap_model(model)
     device = noise.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     cfg = model.config
@@ -245,26 +283,24 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
                          f"got {tuple(noise.shape)}")
     if diffusion is None:
         diffusion = create_diffusion("", learn_sigma=cfg.learn_sigma)
-    denoiser = GuidedDenoiser(model, labels, cfg_scale, guided_channels, guidance_interval)
+    denoiser = GuidedDenoiser(model, labels, settings)
     if denoiser_out is not None:
         denoiser_out.append(denoiser)
+    num_steps = int(settings.num_steps)
     with _eval_mode(model), torch.no_grad():
-        if sampler == "dpm++":
-            return _dpm_solver(denoiser, diffusion, noise, int(num_steps), progress)
-        chain = sampling_chain(diffusion, int(num_steps))
-        if sampler == "ddpm":
+        if settings.sampler == "dpm++":
+            return _dpm_solver(denoiser, diffusion, noise, num_steps, progress)
+        chain = sampling_chain(diffusion, num_steps)
+        if settings.sampler == "ddpm":
             return chain.p_sample_loop(denoiser, noise.shape, noise=noise, progress=progress, generator=generator)
-        return chain.ddim_sample_loop(denoiser, noise.shape, noise=noise, progress=progress, eta=eta, generator=generator)
+        return chain.ddim_sample_loop(denoiser, noise.shape, noise=noise, progress=progress, eta=settings.eta,
+                                      generator=generator)
 
 
-def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, autoencoder, labels, *,
-                  cfg_scale: float, noise: torch.Tensor, sampler: str = "ddpm", num_steps: int = 250,
-                  guided_channels=3, guidance_interval: Sequence[int] | None = None, eta: float = 0.0,
-                  generator=None, progress: bool = False) -> np.ndarray:
+def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, autoencoder, labels,
+                  settings: SamplerSettings, *, noise: torch.Tensor, generator=None, progress: bool = False) -> np.ndarray:
     """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3)."""
-    latents = sample_latents(model, diffusion, labels, cfg_scale=cfg_scale, noise=noise, sampler=sampler,
-                             num_steps=num_steps, guided_channels=guided_channels,
-                             guidance_interval=guidance_interval, eta=eta, generator=generator, progress=progress)
+    latents = sample_latents(model, diffusion, labels, settings, noise=noise, generator=generator, progress=progress)
     with torch.no_grad():
         return to_uint8(autoencoder.decode(latents))
 
@@ -299,10 +335,8 @@ def rank_indices(num_samples: int, batch_size: int, rank: int, world_size: int,
     return np.concatenate([np.arange(b * batch_size, min((b + 1) * batch_size, num_samples)) for b in mine])
 
 
-def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], *, seed: int, label_mode: str = "uniform",
-                     labels: Sequence[int] | None = None, batch_size: int = 32, sampler: str = "ddpm",
-                     num_steps: int = 250, cfg_scale: float = 1.5, guided_channels=3,
-                     guidance_interval: Sequence[int] | None = None, eta: float = 0.0, device=None,
+def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], settings: SamplerSettings, *, seed: int,
+                     batch_size: int, label_mode: str = "uniform", labels: Sequence[int] | None = None, device=None,
                      progress: bool = False, collect: bool = True,
                      on_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None):
     """Samples number `indices` of a run seeded `seed`: (images uint8 (n, H, W, 3), labels int64
@@ -311,7 +345,8 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], *, s
     overrides the label draw (one per index). `on_batch(indices, images, labels)` is called after
     each batch (bulk sampling writes its shards there); `collect=False` keeps nothing in memory
     and returns empty arrays."""
-    model = _unwrap(model)
+    settings.check()
+    model = unwrap_model(model)
     cfg = model.config
     if device is None:
         device = next(model.parameters()).device
@@ -323,14 +358,13 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], *, s
     label_of = dict(zip(indices.tolist(), all_labels.tolist()))
     blocks = sample_blocks(indices, batch_size)
     images, out_labels = {}, {}
-    bar = tqdm(total=len(indices), desc=f"sampling ({sampler}, {num_steps} steps)", disable=not progress, unit="img")
+    bar = tqdm(total=len(indices), desc=f"sampling ({settings.sampler}, {settings.num_steps} steps)",
+               disable=not progress, unit="img")
     for idx in blocks:
         y = torch.tensor([label_of[int(i)] for i in idx], dtype=torch.long)
         gens = sample_generators(seed, idx)
         noise = initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size)).to(device)
-        batch = sample_images(model, diffusion, autoencoder, y.to(device), cfg_scale=cfg_scale, noise=noise,
-                              sampler=sampler, num_steps=num_steps, guided_channels=guided_channels,
-                              guidance_interval=guidance_interval, eta=eta, generator=gens,
+        batch = sample_images(model, diffusion, autoencoder, y.to(device), settings, noise=noise, generator=gens,
                               progress=progress and len(blocks) == 1)  # one batch: show its steps
         if on_batch is not None:
             on_batch(idx, batch, y.numpy())
@@ -346,193 +380,7 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], *, s
 
 
 # --------------------------------------------------------------------------------------
-# Bulk sampling to an ADM .npz: split across ranks, resumable
-# --------------------------------------------------------------------------------------
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _check_same_settings(old: dict, new: dict, where: Path) -> None:
-    if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ValueError(f"{where} holds samples made with different settings ({', '.join(diff)}): "
-                         "delete it to start over, or choose another output path")
-
-
-def _done_blocks(shard_dir: Path, batch_size: int) -> set[int]:
-    """Blocks held by complete shards (temp files of interrupted writes are ignored)."""
-    from dit.metrics import _open_npz
-
-    done = set()
-    for f in sorted(shard_dir.glob("shard-*.npz")):
-        with _open_npz(f) as data:
-            done.add(int(data["idx"][0]) // batch_size)
-    return done
-
-
-def settings_path_for(out_path: str | os.PathLike) -> Path:
-    """Where the sampling settings of an output file live: next to it, `.json`."""
-    return Path(out_path).with_suffix(".json")
-
-
-def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, *, num_samples: int, seed: int = 0,
-                label_mode: str = "uniform", batch_size: int = 32, sampler: str = "ddpm", num_steps: int = 250,
-                cfg_scale: float = 1.5, guided_channels=3, guidance_interval: Sequence[int] | None = None,
-                eta: float = 0.0, rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None,
-                provenance: dict | None = None, keep_shards: bool = False, progress: bool = True,
-                on_shard_written: Callable[[int], None] | None = None) -> Path:
-    """Sample `num_samples` images to an ADM `.npz` at `out_path` (`arr_0` uint8 (N, H, W, 3),
-    `arr_1` labels), with the settings written next to it (`settings_path_for(out_path)`).
-
-    Samples are computed in index blocks of `batch_size` (`sample_blocks`), dealt round-robin
-    to the ranks, each block written as one shard (atomically) to `<out_path>.parts/`. A relaunch
-    with the same settings, on any number of ranks, computes only the missing blocks, so the file
-    is byte-identical to an uninterrupted run's; settings that differ from the shards' (the batch
-    size included) are refused. `barrier` (e.g. `torch.distributed.barrier`) synchronises the
-    ranks; rank 0 assembles the final file. Returns `out_path`.
-
-    `provenance` (checkpoint path, step, ...) is recorded in the settings and must match on resume.
-    """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"unknown label mode {label_mode!r}: use one of {LABEL_MODES}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sync = barrier or (lambda: None)
-    model = _unwrap(model)
-    out_path = Path(out_path)
-    shard_dir = out_path.with_name(out_path.name + ".parts")
-    settings = {
-        "num_samples": int(num_samples), "seed": int(seed), "labels": label_mode, "sampler": sampler,
-        "batch_size": int(batch_size),  # fixes which samples share a network batch (see sample_blocks)
-        "num_steps": int(num_steps), "cfg_scale": float(cfg_scale), "guided_channels": _parse_guided_channels(guided_channels),
-        "guidance_interval": list(guidance_interval) if guidance_interval is not None else None, "eta": float(eta),
-        "model_config": model.config.to_dict(),
-        "autoencoder": autoencoder.to_dict() if hasattr(autoencoder, "to_dict") else str(autoencoder),
-        "image_size": model.config.input_size * autoencoder.downsample_factor,
-        **(provenance or {}),
-    }
-    settings = json.loads(json.dumps(settings, default=str))  # as it reads back from JSON
-
-    final_settings = settings_path_for(out_path)
-    if out_path.is_file() and final_settings.is_file():
-        _check_same_settings(json.loads(final_settings.read_text()), settings, out_path)
-        return out_path  # already complete
-    if rank == 0:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        if not (shard_dir / SHARD_SETTINGS).is_file():
-            _write_json_atomic(shard_dir / SHARD_SETTINGS, settings)
-    sync()
-    # Every rank checks, so that all of them stop (rather than some waiting at a barrier).
-    _check_same_settings(json.loads((shard_dir / SHARD_SETTINGS).read_text()), settings, shard_dir)
-    done = _done_blocks(shard_dir, batch_size)
-    sync()  # every rank has listed the shards before any rank writes a new one
-    mine = rank_indices(num_samples, batch_size, rank, world_size, skip_blocks=done)
-
-    def write_shard(idx: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
-        from dit.metrics import write_npz_atomic
-
-        write_npz_atomic(shard_dir / f"shard-{int(idx[0]) // batch_size:08d}.npz",
-                         {"idx": idx.astype(np.int64), "arr_0": images, "arr_1": labels.astype(np.int64)})
-        if on_shard_written is not None:
-            on_shard_written(len(idx))
-
-    if len(mine):
-        generate_samples(model, diffusion, autoencoder, mine, seed=seed, label_mode=label_mode, batch_size=batch_size,
-                         sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, guided_channels=guided_channels,
-                         guidance_interval=guidance_interval, eta=eta, progress=progress and rank == 0,
-                         collect=False, on_batch=write_shard)
-    sync()
-    if rank == 0:
-        _assemble(shard_dir, out_path, num_samples)
-        _write_json_atomic(settings_path_for(out_path), settings)
-        if not keep_shards:
-            for f in shard_dir.iterdir():
-                f.unlink()
-            shard_dir.rmdir()
-    sync()
-    return out_path
-
-
-def _assemble(shard_dir: Path, out_path: Path, num_samples: int, chunk: int = 1024) -> None:
-    """Write the shards in sample order as the final `.npz`, streaming (memory holds a few shards,
-    never all N images), atomically."""
-    from dit.metrics import StreamedArray, _open_npz, write_npz_atomic
-
-    shards = []  # (first index, last index, path, idx array)
-    seen = np.zeros(num_samples, dtype=bool)
-    image_shape = None
-    for f in sorted(shard_dir.glob("shard-*.npz")):
-        with _open_npz(f) as data:
-            idx = data["idx"]
-            if image_shape is None:
-                image_shape = data["arr_0"].shape[1:]
-        shards.append((int(idx.min()), int(idx.max()), f, idx))
-        seen[idx] = True
-    if image_shape is None or not seen.all():
-        count = num_samples if image_shape is None else int((~seen).sum())
-        raise RuntimeError(f"{count} of {num_samples} samples are missing from {shard_dir}: a rank failed; "
-                           "relaunch the same command to finish them")
-    labels = np.zeros(num_samples, dtype=np.int64)
-
-    def image_chunks():
-        loaded: dict[Path, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # path -> (hi, idx, images, labels)
-        for start in range(0, num_samples, chunk):
-            stop = min(start + chunk, num_samples)
-            out = np.zeros((stop - start, *image_shape), dtype=np.uint8)
-            for lo, hi, f, idx in shards:
-                if hi < start or lo >= stop:
-                    continue
-                if f not in loaded:
-                    with _open_npz(f) as data:
-                        loaded[f] = (hi, data["idx"], data["arr_0"], data["arr_1"])
-                _, s_idx, s_img, s_lab = loaded[f]
-                sel = (s_idx >= start) & (s_idx < stop)
-                out[s_idx[sel] - start] = s_img[sel]
-                labels[s_idx[sel]] = s_lab[sel]
-            for f in [f for f, entry in loaded.items() if entry[0] < stop]:
-                del loaded[f]  # no later chunk needs it
-            yield out
-
-    # arr_0 is streamed first; arr_1 is complete by the time it is written.
-    write_npz_atomic(out_path, {
-        "arr_0": StreamedArray((num_samples, *image_shape), np.dtype(np.uint8), image_chunks()),
-        "arr_1": StreamedArray((num_samples,), np.dtype(np.int64), _deferred(lambda: labels)),
-    })
-
-
-def _deferred(make):
-    yield make()
-
-
-# --------------------------------------------------------------------------------------
-# Grids
-# --------------------------------------------------------------------------------------
-
-
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int = 4, padding: int = 2) -> Path:
-    """uint8 (N, H, W, 3) -> one PNG, `nrow` images per row, written atomically."""
-    from PIL import Image
-
-    from dit.metrics import check_images
-
-    images = check_images(images)
-    n, h, w, _ = images.shape
-    nrow = max(1, min(nrow, n))
-    rows = -(-n // nrow)
-    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, 3), dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, nrow)
-        y, x = padding + r * (h + padding), padding + c * (w + padding)
-        grid[y : y + h, x : x + w] = img
-    return write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-
-
-# --------------------------------------------------------------------------------------
-# Loading for the entry points
+# Loading and naming for the entry points
 # --------------------------------------------------------------------------------------
 
 # The decoder DiT's FID numbers were measured with; used for release files, which record none.
@@ -540,20 +388,19 @@ DEFAULT_RELEASE_VAE = "sd-ema"
 
 
 def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", model_name: str | None = None,
-                      vae: str | None = None, device="cpu"):
+                      vae: str | None = None, vae_scale_factor: float | None = None, device="cpu"):
     """(model, autoencoder, provenance) from a checkpoint: the model configuration as stored
     (or inferred from release-file shapes), the autoencoder recorded in the checkpoint unless
-    `vae` names another, and a provenance dict for the settings file."""
-    from dit.autoencoder import build_autoencoder
-    from dit.checkpoint import load_dit_checkpoint
-
+    `vae` names another (its latent scale: `vae_scale_factor`, else the checkpoint's for its own
+    autoencoder, else the VAE's), and a provenance dict for the settings file."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
     model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device)
     stored = meta.get("autoencoder") or {}
     name = vae or stored.get("name") or DEFAULT_RELEASE_VAE
-    scale = stored.get("scale_factor") if name == stored.get("name") else None
+    scale = vae_scale_factor if vae_scale_factor is not None else (
+        stored.get("scale_factor") if name == stored.get("name") else None)
     autoencoder = build_autoencoder(name, scale_factor=scale, device=device)
     if autoencoder.latent_channels != model.config.in_channels:
         raise ValueError(f"vae={name} has {autoencoder.latent_channels} latent channels but the model takes "
@@ -563,17 +410,22 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     return model, autoencoder, provenance
 
 
-def default_output_name(provenance: dict, *, sampler: str, num_steps: int, cfg_scale: float, guided_channels,
-                        guidance_interval=None, seed: int, num_samples: int | None = None) -> str:
+def settings_path_for(out_path: str | os.PathLike) -> Path:
+    """Where the sampling settings of an output file live: next to it, `.json`."""
+    return Path(out_path).with_suffix(".json")
+
+
+def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: int,
+                        num_samples: int | None = None) -> str:
     """A file stem that states the protocol, e.g. `DiT-XL-2-256x256-ema-ddpm250-cfg1.5-g3-seed0-n50000`."""
     stem = Path(provenance["checkpoint"]).stem
     step = provenance.get("step")
     parts = [stem, provenance.get("which", "ema")]
     if step is not None and str(step) not in stem:
         parts.append(f"step{step}")
-    parts += [f"{sampler}{num_steps}", f"cfg{cfg_scale:g}", f"g{guided_channels}"]
-    if guidance_interval is not None:
-        parts.append(f"gi{guidance_interval[0]}-{guidance_interval[1]}")
+    parts += [f"{settings.sampler}{settings.num_steps}", f"cfg{settings.cfg_scale:g}", f"g{settings.guided}"]
+    if settings.guidance_interval is not None:
+        parts.append(f"gi{settings.guidance_interval[0]}-{settings.guidance_interval[1]}")
     parts.append(f"seed{seed}")
     if num_samples is not None:
         parts.append(f"n{num_samples}")

@@ -1,28 +1,11 @@
-"""The autoencoder interface: KL VAE by local path, the pixel identity, and offline errors."""
+"""The autoencoder interface: KL VAE by local path (the tiny saved VAE of conftest.py), the pixel
+identity, and offline errors."""
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from dit.autoencoder import SD_SCALE_FACTOR, AutoencoderUnavailable, build_autoencoder
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    """A random two-level AutoencoderKL (downsampling 2) written with save_pretrained."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
 
 
 def test_vae_loads_from_local_directory(tiny_vae_dir):

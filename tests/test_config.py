@@ -213,7 +213,7 @@ def test_local_submitit_launcher_config():
 def test_training_rejects_a_bad_config_before_any_work(tmp_path):
     """`run_training` (what train.py calls) checks the config before reading data, building the
     model or writing anything: here a patch size that does not divide the image."""
-    from dit.training import run_training
+    from dit.train import run_training
 
     cfg = train_config(["data=toy", "vae=pixel", "model=DiT-S/8", "data.image_size=36"])
     with pytest.raises(ConfigError, match=r"data.image_size=36.*model.patch_size 8"):

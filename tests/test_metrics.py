@@ -14,9 +14,10 @@ import pytest
 import torch
 from scipy import linalg
 
+from dit import files as F
+from dit import inception as I
 from dit import metrics as M
-
-REPO = Path(__file__).resolve().parents[1]
+from dit.evaluate import build_feature_extractor
 
 
 # ------------------------------------------------------------------------------ Fréchet distance
@@ -84,20 +85,20 @@ def test_samples_npz_is_the_adm_format_and_byte_reproducible(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5])
-    path = M.write_samples_npz(tmp_path / "s.npz", images, labels)
+    path = F.write_samples_npz(tmp_path / "s.npz", images, labels)
     with np.load(path) as data:  # what ADM's evaluator reads
         assert sorted(data.files) == ["arr_0", "arr_1"]
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 6, 7, 3)
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_array_equal(data["arr_1"], labels)
     first = path.read_bytes()
-    M.write_samples_npz(tmp_path / "s.npz", images, torch.tensor(labels))
+    F.write_samples_npz(tmp_path / "s.npz", images, torch.tensor(labels))
     assert path.read_bytes() == first  # no timestamps inside
-    back, back_labels = M.read_samples_npz(path)
+    back, back_labels = F.read_samples_npz(path)
     np.testing.assert_array_equal(back, images)
     np.testing.assert_array_equal(back_labels, labels)
     # Streaming the same array in chunks writes the same bytes.
-    M.write_npz_atomic(tmp_path / "t.npz", {"arr_0": M.StreamedArray(images.shape, np.dtype(np.uint8),
+    F.write_npz_atomic(tmp_path / "t.npz", {"arr_0": F.StreamedArray(images.shape, np.dtype(np.uint8),
                                                                      [images[:2], images[2:]]),
                                             "arr_1": labels.astype(np.int64)})
     assert (tmp_path / "t.npz").read_bytes() == first
@@ -106,17 +107,17 @@ def test_samples_npz_is_the_adm_format_and_byte_reproducible(tmp_path):
 
 def test_bad_sample_files_fail_with_clear_messages(tmp_path):
     with pytest.raises(TypeError, match="uint8"):
-        M.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
+        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="channels last"):
-        M.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 3, 4, 4), np.uint8))
+        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 3, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="one label per image"):
-        M.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.uint8), [1, 2, 3])
+        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.uint8), [1, 2, 3])
     np.savez(tmp_path / "nope.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="arr_0"):
-        M.read_samples_npz(tmp_path / "nope.npz")
+        F.read_samples_npz(tmp_path / "nope.npz")
     (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(ValueError, match="truncated or not an .npz"):
-        M.read_samples_npz(tmp_path / "trunc.npz")
+        F.read_samples_npz(tmp_path / "trunc.npz")
 
 
 def test_pickled_arrays_in_foreign_npz_files_are_never_unpickled(tmp_path):
@@ -128,7 +129,7 @@ def test_pickled_arrays_in_foreign_npz_files_are_never_unpickled(tmp_path):
 
     np.savez(tmp_path / "evil.npz", arr_0=np.array([Evil()], dtype=object))
     with pytest.raises(ValueError, match="without unpickling"):
-        M.read_samples_npz(tmp_path / "evil.npz")
+        F.read_samples_npz(tmp_path / "evil.npz")
     assert not marker.exists()
 
 
@@ -178,13 +179,13 @@ class CountingExtractor:
 
     def extract(self, images, progress=False):
         self.calls += 1
-        x = torch.from_numpy(M.check_images(images)).float().permute(0, 3, 1, 2) / 255.0
+        x = torch.from_numpy(F.check_images(images)).float().permute(0, 3, 1, 2) / 255.0
         return {"pool": torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).double().numpy()}
 
 
 def test_reference_statistics_cache_is_keyed_by_extractor_and_file(tmp_path):
     rng = np.random.default_rng(5)
-    ref = M.write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    ref = F.write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
     cache = tmp_path / "cache"
     ex = CountingExtractor()
     first = M.load_reference(ref, ex, cache_dir=cache)
@@ -195,7 +196,7 @@ def test_reference_statistics_cache_is_keyed_by_extractor_and_file(tmp_path):
     other = CountingExtractor("pixels-v2")  # other weights: never the cached statistics
     M.load_reference(ref, other, cache_dir=cache)
     assert other.calls == 1
-    M.write_samples_npz(ref, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))  # same name, new N
+    F.write_samples_npz(ref, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))  # same name, new N
     assert M.load_reference(ref, ex, cache_dir=cache).num_images == 20 and ex.calls == 2
 
 
@@ -207,7 +208,7 @@ def test_statistics_from_another_extractor_are_not_used(tmp_path):
     with pytest.raises(ValueError, match="no mu/sigma usable with the B extractor"):
         M.load_reference(tmp_path / "a_only.npz", CountingExtractor("B"))
     # With images in the file, B recomputes its own statistics from them.
-    M.write_npz_atomic(tmp_path / "both.npz", {"arr_0": images, "mu": stats.mu, "sigma": stats.sigma,
+    F.write_npz_atomic(tmp_path / "both.npz", {"arr_0": images, "mu": stats.mu, "sigma": stats.sigma,
                                                "meta": np.array(json.dumps({"extractor": "A"}))})
     b = CountingExtractor("B")
     assert M.load_reference(tmp_path / "both.npz", b).extractor == "B" and b.calls == 1
@@ -219,7 +220,7 @@ def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_p
     rng = np.random.default_rng(8)
     images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
     stored_mu, stored_sigma = np.full(12, 0.5), 2.0 * np.eye(12)  # deliberately not the images' statistics
-    M.write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": images, "mu": stored_mu, "sigma": stored_sigma})
+    F.write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": images, "mu": stored_mu, "sigma": stored_sigma})
     inception_like = CountingExtractor()
     inception_like.name = "inception"
     ref = M.load_reference(tmp_path / "VIRTUAL_ref.npz", inception_like)
@@ -228,7 +229,7 @@ def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_p
     assert ref.pool.shape == (10, 12) and ref.num_images == 10 and inception_like.calls == 1
     stats_only = M.load_reference(tmp_path / "VIRTUAL_ref.npz", CountingExtractor(), need_features=False)
     assert not np.array_equal(stats_only.mu, stored_mu)  # another extractor: recomputed from the images
-    M.write_npz_atomic(tmp_path / "stats_only.npz", {"mu": stored_mu, "sigma": stored_sigma})
+    F.write_npz_atomic(tmp_path / "stats_only.npz", {"mu": stored_mu, "sigma": stored_sigma})
     ref = M.load_reference(tmp_path / "stats_only.npz", inception_like)
     with pytest.warns(UserWarning, match="need reference images"):
         out = M.compute_metrics(images, ref, inception_like)
@@ -236,13 +237,6 @@ def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_p
 
 
 # ------------------------------------------------------------------------------ Inception, offline
-
-
-@pytest.fixture(scope="module")
-def random_inception(tmp_path_factory) -> Path:
-    """torch-fidelity's InceptionV3 architecture with random weights, saved to a file: the real
-    code path, no network."""
-    return M.write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
 
 
 def _toy_sets(n=5, size=16, seed=0):
@@ -256,16 +250,16 @@ def _toy_sets(n=5, size=16, seed=0):
 def test_fid_against_adm_statistics_equals_fid_against_the_same_reference_as_images(tmp_path, random_inception):
     from PIL import Image
 
-    extractor = M.InceptionFeatures(random_inception, device="cpu", batch_size=8, allow_download=False)
+    extractor = I.InceptionFeatures(random_inception, device="cpu", batch_size=8, allow_download=False)
     real, fake = _toy_sets()
     feats = M.sample_features(fake, extractor)
     assert feats["pool"].shape == (5, 2048) and feats["logits"].shape == (5, 1008)
     assert feats["spatial"].shape == (5, 17 * 17 * 7)  # ADM's sFID features
     assert np.isfinite(feats["pool"]).all() and feats["pool"].std() > 1e-3
 
-    as_images = M.load_reference(M.write_samples_npz(tmp_path / "ref_images.npz", real), extractor)
+    as_images = M.load_reference(F.write_samples_npz(tmp_path / "ref_images.npz", real), extractor)
     # An ADM reference batch: mu/sigma (float64) and mu_s/sigma_s, no metadata, no images.
-    M.write_npz_atomic(tmp_path / "ref_stats.npz", {"mu": as_images.mu, "sigma": as_images.sigma,
+    F.write_npz_atomic(tmp_path / "ref_stats.npz", {"mu": as_images.mu, "sigma": as_images.sigma,
                                                     "mu_s": as_images.mu_s, "sigma_s": as_images.sigma_s})
     as_stats = M.load_reference(tmp_path / "ref_stats.npz", extractor, need_features=False)
     folder = tmp_path / "ref_folder"
@@ -285,15 +279,15 @@ def test_fid_against_adm_statistics_equals_fid_against_the_same_reference_as_ima
 
 
 def test_missing_inception_weights_offline_name_the_file_to_provide(tmp_path, monkeypatch):
-    with pytest.raises(M.FeatureExtractorUnavailable, match=M.INCEPTION_WEIGHTS_FILE) as err:
-        M.InceptionFeatures(tmp_path / "nowhere.pth")
-    assert "feature_extractor_weights=" in str(err.value) and M.INCEPTION_WEIGHTS_URL in str(err.value)
+    with pytest.raises(I.FeatureExtractorUnavailable, match=I.INCEPTION_WEIGHTS_FILE) as err:
+        I.InceptionFeatures(tmp_path / "nowhere.pth")
+    assert "feature_extractor_weights=" in str(err.value) and I.INCEPTION_WEIGHTS_URL in str(err.value)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # an empty cache
-    with pytest.raises(M.FeatureExtractorUnavailable, match="downloads are off"):
-        M.resolve_inception_weights(None, allow_download=False)
-    monkeypatch.setattr(M, "_reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(M.FeatureExtractorUnavailable, match=f"network is unreachable.*{M.INCEPTION_WEIGHTS_FILE}"):
-        M.resolve_inception_weights(None, allow_download=True)
+    with pytest.raises(I.FeatureExtractorUnavailable, match="downloads are off"):
+        I.resolve_inception_weights(None, allow_download=False)
+    monkeypatch.setattr(I, "_reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(I.FeatureExtractorUnavailable, match=f"network is unreachable.*{I.INCEPTION_WEIGHTS_FILE}"):
+        I.resolve_inception_weights(None, allow_download=True)
 
 
 def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loads_it(tmp_path):
@@ -307,28 +301,26 @@ def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loa
     with open(bad, "wb") as f:
         pickle.dump({"fc.weight": Evil()}, f, protocol=2)
     with pytest.raises(ValueError, match="refusing"):
-        M.InceptionFeatures(bad)
+        I.InceptionFeatures(bad)
     assert not marker.exists()
 
 
 @pytest.mark.slow
-def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_path, random_inception, capsys):
-    from hydra import compose, initialize_config_dir
-
+def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_path, random_inception, capsys,
+                                                                           compose):
+    from dit.evaluate import evaluate_samples as evaluate  # what eval_fid.py runs
     from dit.sampling import settings_path_for
-    from eval_fid import evaluate
 
     real, fake = _toy_sets(n=6, seed=1)
-    ref = M.write_samples_npz(tmp_path / "ref.npz", real)
-    samples = M.write_samples_npz(tmp_path / "samples.npz", fake, labels=np.arange(6) % 3)
+    ref = F.write_samples_npz(tmp_path / "ref.npz", real)
+    samples = F.write_samples_npz(tmp_path / "samples.npz", fake, labels=np.arange(6) % 3)
     settings_path_for(samples).write_text(json.dumps({"checkpoint": "/runs/x/0400000.pt", "step": 400000,
                                                       "sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.5}))
     table = tmp_path / "results.csv"
     overrides = [f"samples={samples}", f"reference={ref}", f"feature_extractor_weights={random_inception}",
                  "allow_download=false", f"cache_dir={tmp_path / 'cache'}", f"results_table={table}", "device=cpu",
                  "metrics=[fid,sfid,isc,prc,kid]", "kid_subset_size=3", "kid_subsets=5"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("eval", overrides=overrides)
+    cfg = compose("eval", overrides=overrides)
     first = evaluate(cfg, cfg.samples)
     second = evaluate(cfg, cfg.samples)  # reference statistics now come from the cache
     assert first["metrics"] == second["metrics"]
@@ -346,11 +338,11 @@ def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_p
 
 
 def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
-    from dit.judge import JudgeNet, JudgeSettings, ToyJudge
+    from dit.judge import JudgeFeatures, JudgeNet, JudgeSettings, ToyJudge
 
     torch.manual_seed(0)
     judge = ToyJudge(JudgeNet(width=4), JudgeSettings(image_size=8, width=4))  # untrained: plumbing only
-    extractor = M.JudgeFeatures(judge)
+    extractor = JudgeFeatures(judge)
     rng = np.random.default_rng(7)
     real = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     fake = rng.integers(0, 128, (12, 8, 8, 3), dtype=np.uint8)
@@ -361,6 +353,6 @@ def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
     wrong = M.compute_metrics(fake, reference, extractor, labels=(predicted + 1) % 10, prc=False)
     assert wrong["class_accuracy"] == 0.0 and wrong["fid"] == out["fid"]
     with pytest.raises(ValueError, match="image size"):
-        M.build_feature_extractor("toy_judge")
+        build_feature_extractor("toy_judge")
     with pytest.raises(ValueError, match="unknown feature_extractor"):
-        M.build_feature_extractor("clip")
+        build_feature_extractor("clip")

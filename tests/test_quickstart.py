@@ -7,7 +7,7 @@ learned the *class-conditional* distribution by margins a broken pipeline cannot
   (or no learning at all) leaves the samples as far from the data as the untrained model's.
 
 It goes through the real code: hydra composes conf/experiment/quickstart.yaml, `run_training`
-trains and checkpoints, `dit.sampling` loads the checkpoint and samples, `dit.judge` scores.
+trains and checkpoints, `dit.sampling` loads the checkpoint and samples, the toy judge (`dit.judge`) scores.
 """
 
 from pathlib import Path
@@ -18,10 +18,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dit.config import register_configs, to_train_config
-from dit.judge import ToyJudge, judge_report
-from dit.sampling import generate_samples, load_for_sampling
+from dit.judge import ToyJudge
+from dit.sampling import SamplerSettings, generate_samples, load_for_sampling
 from dit.toy import NUM_CLASSES, make_toy_arrays
-from dit.training import run_training
+from dit.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,17 +40,17 @@ def quickstart_config(overrides: list[str]):
         return to_train_config(compose("train", overrides=["experiment=quickstart", *overrides]))
 
 
-def score_checkpoint(path: Path, judge: ToyJudge, real: np.ndarray) -> dict:
+def score_checkpoint(path: Path, judge: ToyJudge, real: np.ndarray, judge_report) -> dict:
     """Guided DDIM samples of every class from the checkpoint's EMA weights, judged."""
     model, autoencoder, _ = load_for_sampling(path)
     labels = np.arange(NUM_SAMPLES) % NUM_CLASSES
+    settings = SamplerSettings(sampler="ddim", num_steps=20, cfg_scale=CFG_SCALE, guided_channels="all")
     images, labels = generate_samples(
-        model, None, autoencoder, range(NUM_SAMPLES), seed=0, labels=labels, batch_size=NUM_SAMPLES,
-        sampler="ddim", num_steps=20, cfg_scale=CFG_SCALE, guided_channels="all")
+        model, None, autoencoder, range(NUM_SAMPLES), settings, seed=0, labels=labels, batch_size=NUM_SAMPLES)
     return judge_report(images, labels, real, judge=judge)
 
 
-def run_short_quickstart(tmp_path: Path) -> tuple[dict, dict]:
+def run_short_quickstart(tmp_path: Path, judge_report) -> tuple[dict, dict]:
     """(trained report, untrained report) of the shortened quickstart."""
     trained = run_training(quickstart_config(SHORT), tmp_path / "trained")
     # The untrained baseline: the same run for one step at learning rate 0 (adaLN-Zero: the
@@ -59,13 +59,13 @@ def run_short_quickstart(tmp_path: Path) -> tuple[dict, dict]:
     size = quickstart_config(SHORT).data.image_size
     judge = ToyJudge.load_or_train(tmp_path / "judge", image_size=size, seed=0, progress=False)
     real, _ = make_toy_arrays(NUM_SAMPLES // NUM_CLASSES, size, seed=1)
-    return (score_checkpoint(Path(trained["checkpoint"]), judge, real),
-            score_checkpoint(Path(untrained["checkpoint"]), judge, real))
+    return (score_checkpoint(Path(trained["checkpoint"]), judge, real, judge_report),
+            score_checkpoint(Path(untrained["checkpoint"]), judge, real, judge_report))
 
 
 @pytest.mark.slow
-def test_short_quickstart_learns_the_class_conditional_distribution(tmp_path):
-    trained, untrained = run_short_quickstart(tmp_path)
+def test_short_quickstart_learns_the_class_conditional_distribution(tmp_path, judge_report):
+    trained, untrained = run_short_quickstart(tmp_path, judge_report)
     print(f"trained {trained}\nuntrained {untrained}")
     assert untrained["class_accuracy"] < 0.3  # the baseline really is untrained
     assert trained["class_accuracy"] >= MIN_CLASS_ACCURACY, trained

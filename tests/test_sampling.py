@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dit import sampling as S
+from dit.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 from dit.models import DiT
 
@@ -52,7 +53,7 @@ def latents(model, labels, indices, seed=0, **kw):
     cfg = model.config
     noise = S.initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
     kw.setdefault("cfg_scale", 2.0)
-    return S.sample_latents(model, None, torch.tensor(labels), noise=noise, generator=gens, **kw)
+    return S.sample_latents(model, None, torch.tensor(labels), S.SamplerSettings(**kw), noise=noise, generator=gens)
 
 
 # ------------------------------------------------------------------------------ basics
@@ -121,7 +122,7 @@ def test_cfg_scale_one_is_the_conditional_model_with_no_null_pass():
     y = torch.tensor([1, 3, 4])
     gens = S.sample_generators(0, range(3))
     noise = S.initial_noise(gens, (4, 8, 8))
-    ours = S.sample_latents(model, None, y, cfg_scale=1.0, noise=noise, sampler="ddim", num_steps=6)
+    ours = S.sample_latents(model, None, y, S.SamplerSettings(cfg_scale=1.0, sampler="ddim", num_steps=6), noise=noise)
     hook.remove()
     assert rows == [3] * 6  # one pass of B rows per step: no unconditional half
     # The lead's DDIM loop on the plain conditional network, same chain, same noise.
@@ -131,7 +132,8 @@ def test_cfg_scale_one_is_the_conditional_model_with_no_null_pass():
     assert torch.equal(ours, reference)
     # DDPM (stochastic): one sample, one generator, equals the lead's p_sample_loop.
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    ours = S.sample_latents(model, None, y[:1], cfg_scale=1.0, noise=noise[:1], sampler="ddpm", num_steps=5, generator=g1)
+    ours = S.sample_latents(model, None, y[:1], S.SamplerSettings(cfg_scale=1.0, sampler="ddpm", num_steps=5),
+                            noise=noise[:1], generator=g1)
     with torch.no_grad():
         reference = S.sampling_chain(create_diffusion(""), 5).p_sample_loop(
             model, noise[:1].shape, noise=noise[:1], model_kwargs={"y": y[:1]}, generator=g2)
@@ -144,7 +146,7 @@ def test_guidance_mixes_cond_and_uncond_only_on_the_guided_channels(guided_chann
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
     scale = 3.0
     with torch.no_grad():
-        out = S.GuidedDenoiser(model, y, scale, guided_channels)(x, t)
+        out = S.GuidedDenoiser(model, y, S.SamplerSettings(cfg_scale=scale, guided_channels=guided_channels))(x, t)
         cond = model(x, t, y)
         uncond = model(x, t, torch.full_like(y, model.config.num_classes))
     k = 4 if guided_channels == "all" else 3
@@ -202,37 +204,42 @@ def test_dpm_solver_and_ddim_solve_the_same_ode():
 def test_bad_sampling_inputs_fail_with_a_clear_message():
     model = tiny_dit()
     noise = torch.randn(2, 4, 8, 8)
+    Settings = S.SamplerSettings
     with pytest.raises(ValueError, match="class label 5 is out of range"):
-        S.sample_latents(model, None, torch.tensor([0, 5]), cfg_scale=1.5, noise=noise, num_steps=2)
+        S.sample_latents(model, None, torch.tensor([0, 5]), Settings(cfg_scale=1.5, num_steps=2), noise=noise)
     with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=-1, noise=noise, num_steps=2)
+        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=-1, num_steps=2), noise=noise)
     with pytest.raises(ValueError, match="unknown sampler"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, sampler="euler")
+        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler="euler"), noise=noise)
     for sampler in ("ddpm", "ddim"):  # one step used to crash deep in the chain with an IndexError
         with pytest.raises(ValueError, match=f"the {sampler} sampler needs num_steps >= 2"):
-            S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, sampler=sampler, num_steps=1)
+            S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler=sampler, num_steps=1),
+                             noise=noise)
     with pytest.raises(ValueError, match="noise must be"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise[:, :3], num_steps=2)
+        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=2), noise=noise[:, :3])
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
-        S.sample_latents(tiny_dit(class_dropout_prob=0.0), None, torch.tensor([0, 1]), cfg_scale=1.5, noise=noise)
+        S.sample_latents(tiny_dit(class_dropout_prob=0.0), None, torch.tensor([0, 1]), Settings(cfg_scale=1.5),
+                         noise=noise)
     with pytest.raises(ValueError, match="already respaced"):
-        S.sample_latents(model, create_diffusion("10"), torch.tensor([0, 1]), cfg_scale=1.5, noise=noise, num_steps=5)
+        S.sample_latents(model, create_diffusion("10"), torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=5),
+                         noise=noise)
     with pytest.raises(ValueError, match="guided_channels must be 1..4 or 'all'"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=1.0, noise=noise, guided_channels=5)
+        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.0, guided_channels=5), noise=noise)
     with pytest.raises(ValueError, match="guidance_interval"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=2.0, noise=noise, guidance_interval=[700, 300])
+        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=2.0, guidance_interval=[700, 300]),
+                         noise=noise)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
-        S.bulk_sample(model, None, SquashAE(), "x.npz", num_samples=0)
+        bulk_sample(model, None, SquashAE(), "x.npz", Settings(), num_samples=0, seed=0, batch_size=32)
 
 
 # ------------------------------------------------------------------------------ bulk sampling
 
 
 def _bulk(model, out, **kw):
-    args = dict(num_samples=7, seed=3, sampler="ddpm", num_steps=4, cfg_scale=1.5, progress=False,
-                provenance={"checkpoint": "tiny"})
+    settings = dict(sampler="ddpm", num_steps=4, cfg_scale=kw.pop("cfg_scale", 1.5))
+    args = dict(num_samples=7, seed=3, progress=False, provenance={"checkpoint": "tiny"})
     args.update(kw)
-    return S.bulk_sample(model, None, SquashAE(), out, **args)
+    return bulk_sample(model, None, SquashAE(), out, S.SamplerSettings(**settings), **args)
 
 
 def _threads_as_ranks(world_size, fn):
@@ -301,27 +308,27 @@ def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption
         _bulk(model, tmp_path / "a.npz", batch_size=3, cfg_scale=2.0)
 
 
-def _pixel_checkpoint(tmp_path: Path, num_classes: int = 5) -> Path:
-    """A tiny pixel-space DiT in our checkpoint format (contract 2)."""
+def _pixel_checkpoint(tmp_path: Path, num_classes: int = 5, in_channels: int = 3, name: str = "pix.pt") -> Path:
+    """A tiny DiT in our checkpoint format (contract 2) that records the pixel autoencoder (with
+    in_channels=4 it needs another one: vae=...)."""
     from dit.checkpoint import save_atomic
 
-    model = tiny_dit(in_channels=3, num_classes=num_classes, input_size=8)
-    path = tmp_path / "pix.pt"
+    model = tiny_dit(in_channels=in_channels, num_classes=num_classes, input_size=8)
+    path = tmp_path / name
     save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "step": 11, "model_name": None,
                  "model_config": model.config.to_dict(), "autoencoder": {"name": "pixel", "scale_factor": 1.0},
                  "format_version": 1}, path)
     return path
 
 
-def _compose(config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name, overrides=overrides)
+def _run_cli(script: str, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path):
+def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path, compose):
     """The real thing: `torchrun --nproc_per_node=2 sample.py` (gloo, CPU) against one process.
     (Pixel space and DDIM keep the subprocesses light; the thread test above covers decoded
     pixel values.)"""
@@ -335,9 +342,9 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
 
-    from sample import generate_bulk  # one process, same entry code
+    from dit.generate import generate_bulk  # one process, what sample.py runs
 
-    one = generate_bulk(_compose("sample", [*common, f"bulk.out={tmp_path / 'one.npz'}"]))
+    one = generate_bulk(compose("sample", [*common, f"bulk.out={tmp_path / 'one.npz'}"]))
     two = tmp_path / "two.npz"
     assert one.read_bytes() == two.read_bytes()
     images = np.load(two)["arr_0"]
@@ -347,22 +354,68 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path):
     assert settings["checkpoint"] == str(ckpt.resolve()) and settings["batch_size"] == 2
 
 
-def test_grid_mode_writes_a_png_and_its_settings(tmp_path):
+def test_grid_mode_writes_a_png_and_its_settings(tmp_path, compose):
     from PIL import Image
 
-    from sample import generate_grid
+    from dit.generate import generate_grid
 
     ckpt = _pixel_checkpoint(tmp_path, num_classes=10)
-    out = generate_grid(_compose("sample", [f"checkpoint={ckpt}", "grid.labels=[1,2,3,4,5]", "grid.nrow=3",
+    out = generate_grid(compose("sample", [f"checkpoint={ckpt}", "grid.labels=[1,2,3,4,5]", "grid.nrow=3",
                                             "sampler.num_steps=3", f"grid.out={tmp_path / 'g.png'}", "device=cpu"]))
     with Image.open(out) as im:
         assert im.size == (3 * (8 + 2) + 2, 2 * (8 + 2) + 2) and im.mode == "RGB"
     settings = json.loads(S.settings_path_for(out).read_text())
     assert settings["labels"] == [1, 2, 3, 4, 5] and settings["cfg_scale"] == 4.0 and settings["num_steps"] == 3
     assert settings["vae"] == "pixel" and settings["step"] == 11 and settings["mode"] == "grid"
-    everything = generate_grid(_compose("sample", [f"checkpoint={ckpt}", "grid.labels=all", "sampler.num_steps=2",
+    everything = generate_grid(compose("sample", [f"checkpoint={ckpt}", "grid.labels=all", "sampler.num_steps=2",
                                                    f"grid.out={tmp_path / 'all.png'}", "device=cpu"]))
     assert json.loads(S.settings_path_for(everything).read_text())["labels"] == list(range(10))
+
+
+def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_dir, compose):
+    """`vae=DIR` (what the offline VAE message advises) and `vae=local vae.name=DIR` both load a
+    saved AutoencoderKL and decode with it; the checkpoint's own (pixel) autoencoder is not used."""
+    from PIL import Image
+
+    from dit.generate import generate_grid
+
+    ckpt = _pixel_checkpoint(tmp_path, in_channels=4)  # 4 latent channels: pixel cannot decode it
+    common = [f"checkpoint={ckpt}", "grid.labels=[1,2,3]", "sampler=ddim", "sampler.num_steps=2", "device=cpu"]
+    proc = _run_cli("sample.py", [*common, f"vae={tiny_vae_dir}", f"grid.out={tmp_path / 'dir.png'}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = generate_grid(compose("sample", [*common, "vae=local", f"vae.name={tiny_vae_dir}",
+                                             f"grid.out={tmp_path / 'local.png'}"]))
+    with Image.open(tmp_path / "dir.png") as im:
+        assert im.size == (3 * (16 + 2) + 2, 16 + 2 + 2)  # 8x8 latents, decoded x2 by the tiny VAE
+    assert (tmp_path / "dir.png").read_bytes() == local.read_bytes()
+    for png in (tmp_path / "dir.png", local):
+        settings = json.loads(S.settings_path_for(png).read_text())
+        assert settings["vae"] == str(tiny_vae_dir) and settings["autoencoder"]["downsample_factor"] == 2
+
+
+def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path):
+    """`vae=sd-mse` is a choice of conf/vae/, not a hydra override error: offline and with an empty
+    hub cache, the loader itself reports the hub id it tried."""
+    ckpt = _pixel_checkpoint(tmp_path, in_channels=4)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    sample = _run_cli("sample.py", [f"checkpoint={ckpt}", "vae=sd-mse", "device=cpu"], tmp_path, **offline)
+    evaluate = _run_cli("eval_fid.py", [f"checkpoint={ckpt}", "vae=sd-mse", "reference=nowhere.npz",
+                                        "bulk.num_samples=2", "device=cpu"], tmp_path, **offline)
+    for proc in (sample, evaluate):
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "Could not override" not in out
+        assert "cannot load the autoencoder 'stabilityai/sd-vae-ft-mse'" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("script", ["sample.py", "eval_fid.py"])
+def test_a_wrong_type_fails_at_composition_naming_the_key_before_any_work(tmp_path, script):
+    proc = _run_cli(script, ["checkpoint=does-not-exist.pt", "mode=bulk", "bulk.num_samples=abc", "reference=r.npz"],
+                    tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "bulk.num_samples" in out and "abc" in out, out[-3000:]
+    assert "does not exist" not in out  # the checkpoint was never opened
 
 
 # ------------------------------------------------------------------------------ in-training evaluation
@@ -383,13 +436,14 @@ class PixelStatsExtractor:
 
 
 def test_fid_evaluator_computes_the_reference_once_and_is_deterministic(tmp_path):
-    from dit.metrics import FIDEvaluator, write_samples_npz
+    from dit.evaluate import FIDEvaluator
+    from dit.files import write_samples_npz
 
     rng = np.random.default_rng(0)
     write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     extractor = PixelStatsExtractor()
-    evaluator = FIDEvaluator(tmp_path / "ref.npz", feature_extractor=extractor, num_samples=6, sampler="ddim",
-                             num_steps=3, batch_size=4, metrics=("fid", "prc"))
+    evaluator = FIDEvaluator(tmp_path / "ref.npz", S.SamplerSettings(sampler="ddim", num_steps=3),
+                             feature_extractor=extractor, num_samples=6, batch_size=4, metrics=("fid", "prc"))
     model = tiny_dit()
     first = evaluator.evaluate(model, None, SquashAE())
     second = evaluator.evaluate(model, None, SquashAE())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dit.judge import JudgeSettings, ToyJudge, judge_report
+from dit.judge import JudgeSettings, ToyJudge
 from dit.toy import (CLASS_NAMES, NUM_CLASSES, ToyShapesDataset, class_rng, make_toy_arrays, render,
                      render_batch, to_model_range, write_toy_imagefolder)
 
@@ -107,7 +107,7 @@ def test_judge_cache_reloads_the_same_weights_and_rejects_bad_input(judge, tmp_p
         judge.classify(images)  # a 32-pixel judge given 16-pixel images
 
 
-def test_judge_report_scores_real_high_and_wrong_or_noise_low(judge):
+def test_judge_report_scores_real_high_and_wrong_or_noise_low(judge, judge_report):
     real, _ = make_toy_arrays(60, image_size=32, seed=100)
     other, other_labels = make_toy_arrays(60, image_size=32, seed=200)
     good = judge_report(other, other_labels, real, judge=judge)

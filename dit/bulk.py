@@ -1,0 +1,165 @@
+"""Bulk sampling to an ADM `.npz`: split across ranks, resumable, byte-identical for any number
+of ranks and across interruptions (see `dit.sampling.sample_blocks` for why)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dit.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
+from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, rank_indices, settings_path_for,
+                          unwrap_model)
+
+SHARD_SETTINGS = "settings.json"
+
+
+def _check_same_settings(old: dict, new: dict, where: Path) -> None:
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"{where} holds samples made with different settings ({', '.join(diff)}): "
+                         "delete it to start over, or choose another output path")
+
+
+def _done_blocks(shard_dir: Path, batch_size: int) -> set[int]:
+    """Blocks held by complete shards (temp files of interrupted writes are ignored)."""
+    done = set()
+    for f in sorted(shard_dir.glob("shard-*.npz")):
+        with open_npz(f) as data:
+            done.add(int(data["idx"][0]) // batch_size)
+    return done
+
+
+def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples: int, seed: int, batch_size: int,
+                  label_mode: str, provenance: dict | None = None) -> dict:
+    """Everything that determines the samples of a bulk file, as recorded next to it (and in
+    its shard directory, to refuse resuming with other settings)."""
+    record = {
+        "num_samples": int(num_samples), "seed": int(seed), "labels": label_mode,
+        "batch_size": int(batch_size),  # fixes which samples share a network batch (see sample_blocks)
+        **settings.to_dict(),
+        "model_config": model.config.to_dict(),
+        "autoencoder": autoencoder.to_dict() if hasattr(autoencoder, "to_dict") else str(autoencoder),
+        "image_size": model.config.input_size * autoencoder.downsample_factor,
+        **(provenance or {}),
+    }
+    return json.loads(json.dumps(record, default=str))  # as it reads back from JSON
+
+
+def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, settings: SamplerSettings, *,
+                num_samples: int, seed: int, batch_size: int, label_mode: str = "uniform", rank: int = 0,
+                world_size: int = 1, barrier: Callable[[], None] | None = None, provenance: dict | None = None,
+                keep_shards: bool = False, progress: bool = True,
+                on_shard_written: Callable[[int], None] | None = None) -> Path:
+    """Sample `num_samples` images to an ADM `.npz` at `out_path` (`arr_0` uint8 (N, H, W, 3),
+    `arr_1` labels), with the settings written next to it (`settings_path_for(out_path)`).
+
+    Samples are computed in index blocks of `batch_size` (`sample_blocks`), dealt round-robin
+    to the ranks, each block written as one shard (atomically) to `<out_path>.parts/`. A relaunch
+    with the same settings, on any number of ranks, computes only the missing blocks, so the file
+    is byte-identical to an uninterrupted run's; settings that differ from the shards' (the batch
+    size included) are refused. `barrier` (e.g. `torch.distributed.barrier`) synchronises the
+    ranks; rank 0 assembles the final file. Returns `out_path`.
+
+    `provenance` (checkpoint path, step, ...) is recorded in the settings and must match on resume.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"unknown label mode {label_mode!r}: use one of {LABEL_MODES}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings.check()
+    sync = barrier or (lambda: None)
+    model = unwrap_model(model)
+    out_path = Path(out_path)
+    shard_dir = out_path.with_name(out_path.name + ".parts")
+    record = bulk_settings(model, autoencoder, settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                           label_mode=label_mode, provenance=provenance)
+
+    final_settings = settings_path_for(out_path)
+    if out_path.is_file() and final_settings.is_file():
+        _check_same_settings(json.loads(final_settings.read_text()), record, out_path)
+        return out_path  # already complete
+    if rank == 0:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        if not (shard_dir / SHARD_SETTINGS).is_file():
+            write_json_atomic(shard_dir / SHARD_SETTINGS, record)
+    sync()
+    # Every rank checks, so that all of them stop (rather than some waiting at a barrier).
+    _check_same_settings(json.loads((shard_dir / SHARD_SETTINGS).read_text()), record, shard_dir)
+    done = _done_blocks(shard_dir, batch_size)
+    sync()  # every rank has listed the shards before any rank writes a new one
+    mine = rank_indices(num_samples, batch_size, rank, world_size, skip_blocks=done)
+
+    def write_shard(idx: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        write_npz_atomic(shard_dir / f"shard-{int(idx[0]) // batch_size:08d}.npz",
+                         {"idx": idx.astype(np.int64), "arr_0": images, "arr_1": labels.astype(np.int64)})
+        if on_shard_written is not None:
+            on_shard_written(len(idx))
+
+    if len(mine):
+        generate_samples(model, diffusion, autoencoder, mine, settings, seed=seed, label_mode=label_mode,
+                         batch_size=batch_size, progress=progress and rank == 0, collect=False, on_batch=write_shard)
+    sync()
+    if rank == 0:
+        _assemble(shard_dir, out_path, num_samples)
+        write_json_atomic(settings_path_for(out_path), record)
+        if not keep_shards:
+            for f in shard_dir.iterdir():
+                f.unlink()
+            shard_dir.rmdir()
+    sync()
+    return out_path
+
+
+def _assemble(shard_dir: Path, out_path: Path, num_samples: int, chunk: int = 1024) -> None:
+    """Write the shards in sample order as the final `.npz`, streaming (memory holds a few shards,
+    never all N images), atomically."""
+    shards = []  # (first index, last index, path, idx array)
+    seen = np.zeros(num_samples, dtype=bool)
+    image_shape = None
+    for f in sorted(shard_dir.glob("shard-*.npz")):
+        with open_npz(f) as data:
+            idx = data["idx"]
+            if image_shape is None:
+                image_shape = data["arr_0"].shape[1:]
+        shards.append((int(idx.min()), int(idx.max()), f, idx))
+        seen[idx] = True
+    if image_shape is None or not seen.all():
+        count = num_samples if image_shape is None else int((~seen).sum())
+        raise RuntimeError(f"{count} of {num_samples} samples are missing from {shard_dir}: a rank failed; "
+                           "relaunch the same command to finish them")
+    labels = np.zeros(num_samples, dtype=np.int64)
+
+    def image_chunks():
+        loaded: dict[Path, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}  # path -> (hi, idx, images, labels)
+        for start in range(0, num_samples, chunk):
+            stop = min(start + chunk, num_samples)
+            out = np.zeros((stop - start, *image_shape), dtype=np.uint8)
+            for lo, hi, f, idx in shards:
+                if hi < start or lo >= stop:
+                    continue
+                if f not in loaded:
+                    with open_npz(f) as data:
+                        loaded[f] = (hi, data["idx"], data["arr_0"], data["arr_1"])
+                _, s_idx, s_img, s_lab = loaded[f]
+                sel = (s_idx >= start) & (s_idx < stop)
+                out[s_idx[sel] - start] = s_img[sel]
+                labels[s_idx[sel]] = s_lab[sel]
+            for f in [f for f, entry in loaded.items() if entry[0] < stop]:
+                del loaded[f]  # no later chunk needs it
+            yield out
+
+    # arr_0 is streamed first; arr_1 is complete by the time it is written.
+    write_npz_atomic(out_path, {
+        "arr_0": StreamedArray((num_samples, *image_shape), np.dtype(np.uint8), image_chunks()),
+        "arr_1": StreamedArray((num_samples,), np.dtype(np.int64), _deferred(lambda: labels)),
+    })
+
+
+def _deferred(make):
+    yield make()

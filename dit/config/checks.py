@@ -1,0 +1,177 @@
+"""Checks of a training config that run before any work: missing values, the architecture,
+resolutions, and what may change on resume. They raise ConfigError naming the key."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from dit.autoencoder import KNOWN_VAES
+from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
+from dit.models import canonical_model_name, model_arch
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """A composed DictConfig -> `TrainConfig` (nested dataclasses), after checking that no
+    mandatory value is missing. Raises ConfigError naming the missing keys."""
+    if not OmegaConf.is_config(cfg):
+        cfg = OmegaConf.structured(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hints = {
+            "data.root": "the ImageFolder directory (data=imagefolder) or latents cache (data=latents)",
+            "vae.name": "a local AutoencoderKL directory (vae=local)",
+            "name": "a run name",
+        }
+        lines = [f"{k}=...  ({hints[k]})" if k in hints else f"{k}=..." for k in missing]
+        raise ConfigError("missing mandatory config value(s); set them on the command line:\n  " + "\n  ".join(lines))
+    return OmegaConf.to_object(cfg)
+
+
+def resolve_architecture(model: ModelConfig) -> dict:
+    """The four architecture numbers of `model`: the official table for `model.name`, with any
+    field set in the config taking precedence. Raises ConfigError for an unknown name or an
+    incomplete custom architecture."""
+    fields = ("depth", "hidden_size", "num_heads", "patch_size")
+    if model.name is not None:
+        try:
+            arch = model_arch(canonical_model_name(model.name))
+        except ValueError as err:
+            raise ConfigError(f"model.name: {err}") from None
+    else:
+        arch = {}
+    for key in fields:
+        value = getattr(model, key)
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"model.{key} must be positive, got {value}")
+            arch[key] = value
+    unset = [f"model.{k}" for k in fields if k not in arch]
+    if unset:
+        raise ConfigError(f"model.name is null, so {', '.join(unset)} must be set (or pick an official model)")
+    if arch["hidden_size"] % arch["num_heads"]:
+        raise ConfigError(
+            f"model.hidden_size={arch['hidden_size']} is not divisible by model.num_heads={arch['num_heads']}"
+        )
+    return arch
+
+
+def known_downsample_factor(vae_name: str) -> Optional[int]:
+    """The autoencoder's spatial downsampling, when it is known without loading weights: 1 for
+    `pixel`, 8 for the SD VAEs, and from `config.json` for a local diffusers directory."""
+    if vae_name == "pixel":
+        return 1
+    if vae_name in KNOWN_VAES or vae_name in KNOWN_VAES.values():
+        return 8
+    config_file = Path(vae_name).expanduser() / "config.json"
+    if config_file.is_file():
+        blocks = json.loads(config_file.read_text()).get("block_out_channels")
+        if blocks:
+            return 2 ** (len(blocks) - 1)
+    return None
+
+
+def check_resolution(image_size: int, downsample_factor: int, patch_size: int, where: str = "data.image_size") -> int:
+    """The latent side for `image_size`, or ConfigError if the image is not a multiple of
+    downsample factor x patch size."""
+    unit = downsample_factor * patch_size
+    if image_size <= 0 or image_size % unit:
+        hint = max(unit, round(image_size / unit) * unit)
+        raise ConfigError(
+            f"{where}={image_size} is not divisible by the autoencoder's downsampling factor "
+            f"{downsample_factor} x model.patch_size {patch_size} = {unit}: the latent grid must split "
+            f"into whole patches. Use a multiple of {unit} (e.g. {hint}) or a smaller patch size."
+        )
+    return image_size // downsample_factor
+
+
+def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Everything that can be checked from the config alone (no data read, no weights loaded).
+    Raises ConfigError naming the key."""
+    arch = resolve_architecture(cfg.model)
+    if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
+        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
+    if cfg.global_batch_size <= 0 or cfg.global_batch_size % world_size:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} must be a positive multiple of the number of "
+            f"ranks ({world_size}): each rank trains on global_batch_size / ranks samples"
+        )
+    if cfg.max_steps <= 0:
+        raise ConfigError(f"max_steps must be positive, got {cfg.max_steps}")
+    for key, value in (("ckpt.every", cfg.ckpt.every), ("log.every", cfg.log.every)):
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.ckpt.every_minutes is not None and cfg.ckpt.every_minutes <= 0:
+        raise ConfigError(f"ckpt.every_minutes must be positive or null (off), got {cfg.ckpt.every_minutes}")
+    if cfg.ckpt.keep_last is not None and cfg.ckpt.keep_last < 1:
+        raise ConfigError(f"ckpt.keep_last must be >= 1 or null (keep all), got {cfg.ckpt.keep_last}")
+    if not 0.0 <= cfg.ema.decay <= 1.0:
+        raise ConfigError(f"ema.decay must be in [0, 1], got {cfg.ema.decay}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    f = cfg.fault
+    if f.max_nonfinite_steps is not None and f.max_nonfinite_steps < 1:
+        raise ConfigError(f"fault.max_nonfinite_steps must be >= 1 or null (no check), got {f.max_nonfinite_steps}")
+    unknown = [name for name in f.preempt_signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
+    if unknown:
+        raise ConfigError(f"fault.preempt_signals: unknown signal(s) {unknown}; use names such as SIGTERM, SIGUSR1")
+    if not 1 <= f.preempt_exit_code <= 255:
+        raise ConfigError(f"fault.preempt_exit_code must be in 1..255 (0 would read as success), got {f.preempt_exit_code}")
+    if f.dist_timeout_minutes <= 0:
+        raise ConfigError(f"fault.dist_timeout_minutes must be positive, got {f.dist_timeout_minutes}")
+    s = cfg.log.samples
+    if s.every < 0 or (s.every and s.num_images <= 0):
+        raise ConfigError("log.samples.every must be >= 0 and log.samples.num_images positive")
+    try:
+        s.check()
+    except ValueError as err:
+        raise ConfigError(f"log.samples: {err}") from None
+
+    data = cfg.data
+    if data.kind in ("imagefolder", "latents"):
+        root = Path(data.root).expanduser()
+        if not root.is_dir():
+            what = "ImageFolder directory" if data.kind == "imagefolder" else "latents cache directory"
+            raise ConfigError(f"data.root={data.root} does not exist or is not a directory: set it to the {what}")
+    if data.kind == "latents":
+        if not (root / "meta.json").is_file():
+            raise ConfigError(
+                f"data.root={data.root} is not a complete latents cache (no meta.json): build it with "
+                "`python -m dit.cache_latents ...`, or rerun that command to finish an interrupted build"
+            )
+    elif data.kind in ("imagefolder", "toy"):
+        factor = known_downsample_factor(cfg.vae.name)
+        if factor is not None:
+            check_resolution(data.image_size, factor, arch["patch_size"])
+    else:
+        raise ConfigError(f"data.kind={data.kind!r} is not one of imagefolder, latents, toy")
+
+
+def config_mismatches(saved: dict, current: dict, allowed=RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts, except `allowed` keys
+    and their children. Used to refuse resuming a run directory with a different recipe."""
+
+    def flatten(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flatten(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a, b = flatten(saved), flatten(current)
+
+    def is_allowed(key):
+        return any(key == p or key.startswith(p + ".") for p in allowed)
+
+    return sorted(
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in set(a) | set(b)
+        if not is_allowed(k) and a.get(k, "<absent>") != b.get(k, "<absent>")
+    )

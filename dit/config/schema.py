@@ -1,0 +1,253 @@
+"""The training schema: every knob of `train.py` and its default, in one place (the YAML files
+under conf/ only select and override these dataclasses)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from dit.sampling import SamplerSettings
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+class Precision(enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # torch.autocast(bfloat16) around the forward pass and the loss
+
+
+class Parallel(enum.Enum):
+    ddp = "ddp"  # DistributedDataParallel: full replica per rank (the reference's choice)
+    fsdp = "fsdp"  # FSDP2 `fully_shard`: parameters, gradients and optimizer state sharded
+
+
+class WandbMode(enum.Enum):
+    online = "online"
+    offline = "offline"  # written under <run dir>/wandb; `wandb sync` uploads it later
+    disabled = "disabled"
+
+
+# --------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """A DiT. `name` is an official name (`DiT-XL/2`); the four architecture fields default to
+    that model's values (the table in `dit/models.py`) and can be set one by one
+    (`model.depth=6`) for small experiments. With `name: null` all four must be set."""
+
+    name: Optional[str] = "DiT-XL/2"
+    depth: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (the paper's 0.1)
+    learn_sigma: bool = True  # predict the variance too (DiT's hybrid loss)
+
+
+@dataclass
+class DataConfig:
+    """Fields shared by every data source; `kind` selects the subclass."""
+
+    kind: str = MISSING
+    num_workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    """Images in `root/<class>/<image>` (labels = sorted folder names), ADM center crop to
+    `image_size`, random horizontal flip; encoded by the autoencoder on the fly."""
+
+    kind: str = "imagefolder"
+    root: str = MISSING
+    image_size: int = 256
+    hflip: bool = True
+    skip_bad: bool = False  # skip unreadable images with a warning instead of failing
+
+
+@dataclass
+class LatentsDataConfig(DataConfig):
+    """A latents cache written by `python -m dit.cache_latents` (posterior moments of each image
+    and its mirror); the image size, latent shape and autoencoder come from the cache."""
+
+    kind: str = "latents"
+    root: str = MISSING
+    image_size: Optional[int] = None  # None: the cache's; set: must equal the cache's (a check)
+    hflip: bool = True  # pick the stored mirror at random (needs a cache built with flips)
+
+
+@dataclass
+class ToyDataConfig(DataConfig):
+    """The built-in toy set (`dit/toy.py`): ten classes of coloured shapes drawn from `seed`."""
+
+    kind: str = "toy"
+    num_per_class: int = 100
+    image_size: int = 32
+    seed: int = 0  # which images; the training seed (`seed`) fixes the order and the flips
+    hflip: bool = True
+    num_workers: int = 0  # the images are in memory already
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder: `pixel` (identity), `sd-ema`, `sd-mse`, a hub id or a local directory
+    written by `AutoencoderKL.save_pretrained`. Chosen with `vae=...` (default `sd-ema`, the
+    paper's, in conf/train.yaml); `vae=local vae.name=DIR` for a directory."""
+
+    name: str = MISSING
+    scale_factor: Optional[float] = None  # None: the VAE's own (0.18215 for the SD VAEs)
+    sample_posterior: bool = True  # train on posterior samples (the reference) or on the mean
+
+
+@dataclass
+class DiffusionConfig:
+    noise_schedule: str = "linear"  # betas 1e-4 ... 0.02
+    diffusion_steps: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, constant learning rate (the paper: lr 1e-4, no weight decay, no warmup)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: Optional[float] = None  # max global grad norm; None: no clipping (the paper)
+    fused: Optional[bool] = None  # fused AdamW kernel; None: on (CPU and CUDA) except under FSDP
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999  # the paper's EMA of the weights, updated after every step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50_000  # steps between checkpoints (one is also written at the end)
+    # Also save when this many minutes have passed since the last save (checked every log.every
+    # steps), so a preempted or crashed job loses at most about this much work. None: off.
+    every_minutes: Optional[float] = 60.0
+    keep_last: Optional[int] = 3  # delete older checkpoints beyond the newest N; None keeps all
+    keep_every: Optional[int] = None  # also keep every checkpoint whose step is a multiple of this
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "dit"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleGridConfig(SamplerSettings):
+    """Sample grids from the EMA model (fixed noise and classes) every `every` steps, written as
+    PNG under `<run dir>/samples/` and logged to wandb. 0 turns them off. The sampler keys are
+    `SamplerSettings`' (log.samples.cfg_scale, .sampler, .num_steps, .guided_channels, ...), with
+    grid defaults: guidance 4.0 (the reference demo), 100 DDPM steps."""
+
+    cfg_scale: float = 4.0
+    num_steps: int = 100
+    every: int = 10_000
+    num_images: int = 16
+
+
+@dataclass
+class LogConfig:
+    every: int = 100  # steps between metric lines (loss averaged over ranks and steps)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    samples: SampleGridConfig = field(default_factory=SampleGridConfig)
+
+
+@dataclass
+class FaultConfig:
+    """What a run does when something goes wrong (docs/reliability.md)."""
+
+    # A step whose loss or gradient is NaN/inf is skipped (no optimizer or EMA update) and
+    # counted; after this many consecutive such steps the run stops with an error, leaving the
+    # newest checkpoint as it was. null: no per-step check (saves one host sync per step); a
+    # non-finite mean loss then stops the run at the next log step.
+    max_nonfinite_steps: Optional[int] = 10
+    # On these signals (what SLURM and torchrun send before stopping a job) the run writes a
+    # checkpoint at the next step boundary and exits with `preempt_exit_code`. A handler that
+    # was installed before (submitit's requeue on SIGUSR2) is called after the checkpoint.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    preempt_exit_code: int = 75  # EX_TEMPFAIL (sysexits.h): "temporary failure, run me again"
+    # Collectives (and so every rank, when one rank dies or hangs) fail after this long. It must
+    # exceed the longest wait of one rank for another: a checkpoint write or a sample grid on rank 0.
+    dist_timeout_minutes: float = 30.0
+
+
+class KillWhen(enum.Enum):
+    after_step = "after_step"  # right after the step (and its checkpoint, if one is due)
+    mid_step = "mid_step"  # after the backward pass, before the optimizer update
+    checkpoint_write = "checkpoint_write"  # halfway through writing a checkpoint at that step (rank 0)
+
+
+class KillHow(enum.Enum):
+    sigkill = "sigkill"  # kill -9: no cleanup, no final checkpoint
+    hang = "hang"  # stop responding forever (a stuck rank; for collective-timeout tests)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests of crash recovery; never set in real runs."""
+
+    kill_at_step: Optional[int] = None  # kill this process at that step (1-based, as logged) ...
+    kill_when: KillWhen = KillWhen.after_step  # ... at this point of the step ...
+    kill_how: KillHow = KillHow.sigkill  # ... in this way ...
+    kill_rank: Optional[int] = None  # ... on this rank only (None: every rank)
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps' losses become NaN
+    nan_grad_at_steps: list[int] = field(default_factory=list)  # one gradient entry becomes inf
+
+
+# --------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = MISSING  # one of the DataConfig subclasses, chosen with `data=...`
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    name: str = MISSING  # run name: the run directory is outputs/<name>, and the wandb run name
+    seed: int = 0  # fixes init, data order, flips, diffusion noise and timesteps
+    global_batch_size: int = 256  # summed over ranks; each rank gets global_batch_size / world
+    max_steps: int = 400_000  # optimizer steps (the paper's model comparisons use 400K)
+    precision: Precision = Precision.fp32
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (as the reference training script)
+    compile: bool = False  # torch.compile the model
+    grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    parallel: Parallel = Parallel.ddp
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    # Checkpoint file or run directory to start from when the run directory has no checkpoint
+    # yet (a checkpoint in the run directory always wins: it is this run's own progress).
+    resume: Optional[str] = None
+
+
+# Keys that may change when a run is resumed: how long it runs, how it reports, how fast it is.
+# Everything else defines the run; a mismatch in the run directory is refused (see
+# `config_mismatches`).
+RESUMABLE_CHANGES = (
+    "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "compile",
+    "grad_checkpointing", "device", "name",
+)

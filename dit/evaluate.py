@@ -1,0 +1,239 @@
+"""Evaluation above sampling and metrics: feature extractors by name (Inception or the toy
+judge), generate-then-score for eval_fid.py, the in-training evaluator, and the results table.
+
+    record = evaluate_samples(cfg, "samples/run.npz")        # eval_fid.py samples=...
+    evaluator = FIDEvaluator(reference, SamplerSettings(), num_samples=5000, cache_dir=...)
+    metrics = evaluator.evaluate(ema, diffusion, autoencoder)   # {"fid": ..., ...} on rank 0
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from dit.config import EvalConfig, WandbMode, to_eval_config
+from dit.distributed import env_rank
+from dit.files import read_images, write_text_atomic
+from dit.generate import generate_bulk
+from dit.inception import InceptionFeatures
+from dit.judge import JudgeFeatures, ToyJudge
+from dit.metrics import FeatureExtractor, FeatureStats, compute_metrics, load_reference, metrics_from_features, sample_features
+from dit.sampling import SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for, unwrap_model
+
+KNOWN_METRICS = ("fid", "sfid", "isc", "prc", "kid")
+
+
+def build_feature_extractor(name: str = "inception", *, weights: str | None = None, device: str | None = "auto",
+                            batch_size: int = 64, allow_download: bool = True, image_size: int | None = None,
+                            judge_cache_dir: str | None = None, judge_seed: int = 0) -> FeatureExtractor:
+    """`"inception"` (FID protocol) or `"toy_judge"` (quickstart; needs `image_size`, trained once and
+    cached in `judge_cache_dir`)."""
+    if name == "inception":
+        return InceptionFeatures(weights, device=device, batch_size=batch_size, allow_download=allow_download)
+    if name == "toy_judge":
+        if image_size is None:
+            raise ValueError("feature_extractor=toy_judge needs the image size of the samples")
+        return JudgeFeatures(ToyJudge.load_or_train(judge_cache_dir, image_size=image_size, seed=judge_seed))
+    raise ValueError(f"unknown feature_extractor {name!r}: use 'inception' or 'toy_judge'")
+
+
+# --------------------------------------------------------------------------------------
+# Results table
+# --------------------------------------------------------------------------------------
+
+RESULTS_COLUMNS = (
+    "time", "checkpoint", "step", *SETTINGS_FIELDS, "vae", "num_samples", "seed", "labels", "feature_extractor",
+    "reference", "fid", "sfid", "inception_score", "precision", "recall", "kid", "class_accuracy", "samples",
+)
+
+
+def append_results_row(path: str | os.PathLike, row: dict) -> Path:
+    """Append one evaluation to a CSV table (header written once; columns `RESULTS_COLUMNS`, so
+    `sort -t, -k16 -g` (FID) or pandas can rank runs). Unknown keys are ignored, missing ones
+    left empty."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is not None and tuple(header) != RESULTS_COLUMNS:
+            raise ValueError(f"results table {path} has columns {header}, not {list(RESULTS_COLUMNS)}: "
+                             "move it aside or pass another results_table path")
+        write_header = False
+    else:
+        write_header = True
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULTS_COLUMNS, extrasaction="ignore")
+    if write_header:
+        writer.writeheader()
+    writer.writerow({k: _cell(row.get(k)) for k in RESULTS_COLUMNS})
+    with open(path, "a", newline="") as f:  # one write: concurrent appends do not interleave lines
+        f.write(buf.getvalue())
+    return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# eval_fid.py: score a sample file (generating it first if needed)
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
+    """Score `samples` against `cfg.reference`; print, write JSON, append to the results table and
+    log to wandb when enabled. Returns the record written."""
+    cfg = to_eval_config(cfg)
+    wanted = set(cfg.metrics)
+    if wanted - set(KNOWN_METRICS):
+        raise ValueError(f"unknown metrics {sorted(wanted - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
+    samples = Path(samples).expanduser()
+    images, labels = read_images(samples)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+    extractor = build_feature_extractor(
+        cfg.feature_extractor, weights=cfg.feature_extractor_weights, device=cfg.device,
+        batch_size=cfg.feature_batch_size, allow_download=cfg.allow_download, image_size=images.shape[1],
+        judge_cache_dir=str(cache_dir) if cache_dir else None, judge_seed=cfg.judge_seed)
+    reference = load_reference(cfg.reference, extractor, cache_dir=cache_dir / "ref_stats" if cache_dir else None,
+                               need_features=bool(wanted & {"prc", "kid"}), progress=True)
+    metrics = compute_metrics(
+        images, reference, extractor, labels=labels, progress=True, fid="fid" in wanted, sfid="sfid" in wanted,
+        isc="isc" in wanted, prc="prc" in wanted, kid="kid" in wanted, prc_k=cfg.prc_k,
+        isc_split_size=cfg.isc_split_size, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
+
+    sidecar = settings_path_for(samples) if samples.is_file() else None
+    settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "samples": str(samples),
+        "reference": str(cfg.reference),
+        "feature_extractor": extractor.identity,
+        "metrics": metrics,
+        "sampling": settings,  # what sample.py recorded next to the samples (empty for other sources)
+    }
+    for key, value in metrics.items():
+        print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+    out_json = Path(cfg.results_json) if cfg.results_json else samples.with_name(
+        f"{samples.stem if samples.is_file() else samples.name}.{cfg.feature_extractor}.metrics.json")
+    write_text_atomic(out_json, json.dumps(record, indent=2, default=str) + "\n")
+    row = {**{k: settings.get(k) for k in ("checkpoint", "step", *SETTINGS_FIELDS, "vae", "seed", "labels")},
+           **metrics, "time": record["time"], "samples": str(samples), "reference": str(cfg.reference),
+           "feature_extractor": extractor.identity}
+    if cfg.results_table:
+        append_results_row(cfg.results_table, row)
+    print(f"wrote {out_json}" + (f"; appended a row to {cfg.results_table}" if cfg.results_table else ""))
+
+    if cfg.wandb.mode is not WandbMode.disabled:
+        import wandb
+
+        run = wandb.init(mode=cfg.wandb.mode.value, project=cfg.wandb.project, entity=cfg.wandb.entity,
+                         job_type="eval", config={"sampling": settings, "reference": str(cfg.reference),
+                                                  "feature_extractor": extractor.identity, "samples": str(samples)})
+        run.log({f"eval/{k}": v for k, v in metrics.items()})
+        run.finish()
+    return record
+
+
+def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
+    """eval_fid.py: score `cfg.samples`, or first generate them from `cfg.checkpoint` with the
+    sampling keys (every rank samples, rank 0 scores and returns the record; others None)."""
+    cfg = to_eval_config(cfg)
+    samples = cfg.samples
+    if samples is None:
+        if cfg.checkpoint is None:
+            raise ValueError("give samples=PATH (an ADM .npz or a folder of images), or checkpoint=PATH to generate "
+                             "them first with the sampling settings of conf/sample.yaml")
+        samples = generate_bulk(cfg)  # the same code path as `python sample.py mode=bulk`
+        if env_rank() != 0:
+            return None
+    return evaluate_samples(cfg, samples)
+
+
+# --------------------------------------------------------------------------------------
+# In-training evaluation
+# --------------------------------------------------------------------------------------
+
+
+class FIDEvaluator:
+    """Periodic evaluation during training: sample `num_samples` images with the (EMA) model as
+    `settings` say and score them against a reference whose statistics are computed once (on
+    the first call, and cached on disk in `cache_dir`). Sample i depends only on (seed, i), so
+    the same step gives the same numbers whatever the number of ranks.
+
+    Under torch.distributed every rank must call `evaluate` (each samples its share); the result
+    is returned on rank 0 and None elsewhere.
+    """
+
+    def __init__(self, reference: str | os.PathLike, settings: SamplerSettings, *,
+                 feature_extractor: str | FeatureExtractor = "inception", feature_extractor_weights: str | None = None,
+                 allow_download: bool = True, num_samples: int = 5000, label_mode: str = "uniform", seed: int = 0,
+                 batch_size: int = 32, cache_dir: str | os.PathLike | None = None, judge_cache_dir: str | None = None,
+                 metrics: Iterable[str] = ("fid", "isc", "prc"), device: str | None = "auto"):
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be at least 2 for a covariance, got {num_samples}")
+        self.reference_source = reference
+        self.settings = settings.check()
+        self.feature_extractor = feature_extractor
+        self.feature_extractor_weights = feature_extractor_weights
+        self.allow_download = allow_download
+        self.num_samples = int(num_samples)
+        self.label_mode, self.seed, self.batch_size = label_mode, int(seed), int(batch_size)
+        self.cache_dir, self.judge_cache_dir = cache_dir, judge_cache_dir
+        self.metrics = set(metrics)
+        self.device = device
+        self._extractor: FeatureExtractor | None = None
+        self._reference: FeatureStats | None = None
+
+    def _prepare(self, image_size: int) -> None:
+        if self._extractor is None:
+            if isinstance(self.feature_extractor, str):
+                self._extractor = build_feature_extractor(
+                    self.feature_extractor, weights=self.feature_extractor_weights, device=self.device,
+                    allow_download=self.allow_download, image_size=image_size, judge_cache_dir=self.judge_cache_dir)
+            else:
+                self._extractor = self.feature_extractor
+        if self._reference is None:
+            self._reference = load_reference(self.reference_source, self._extractor, cache_dir=self.cache_dir,
+                                             need_features="prc" in self.metrics or "kid" in self.metrics)
+
+    @torch.no_grad()
+    def evaluate(self, model, diffusion, autoencoder, *, rank: int = 0, world_size: int = 1,
+                 progress: bool = False) -> dict[str, float] | None:
+        model = unwrap_model(model)
+        image_size = model.config.input_size * autoencoder.downsample_factor
+        self._prepare(image_size)
+        indices = rank_indices(self.num_samples, self.batch_size, rank, world_size)
+        images, labels = generate_samples(model, diffusion, autoencoder, indices, self.settings, seed=self.seed,
+                                          label_mode=self.label_mode, batch_size=self.batch_size, progress=progress)
+        feats = sample_features(images, self._extractor, labels)
+        if world_size > 1:
+            # Gather per-image features (not images) and put them back in sample order.
+            import torch.distributed as dist
+
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, (indices, feats))
+            if rank != 0:
+                return None
+            order = np.argsort(np.concatenate([g[0] for g in gathered]), kind="stable")
+            feats = {k: np.concatenate([g[1][k] for g in gathered])[order] for k in feats}
+        return metrics_from_features(
+            feats, self._reference, self._extractor.identity, fid="fid" in self.metrics,
+            sfid="sfid" in self.metrics, isc="isc" in self.metrics, prc="prc" in self.metrics,
+            kid="kid" in self.metrics)

@@ -1,0 +1,75 @@
+"""What `sample.py` runs, from its config: a PNG grid of chosen classes, or N samples to an ADM
+`.npz` split across the ranks (the FID protocol). `eval_fid.py` generates through the same
+`generate_bulk` before scoring."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from dit.bulk import bulk_sample
+from dit.config import SampleConfig, SampleMode, to_sample_config
+from dit.distributed import DistEnv, barrier, cleanup, init_distributed
+from dit.files import save_grid, write_json_atomic
+from dit.sampling import default_output_name, generate_samples, load_for_sampling, settings_path_for
+
+
+def _load(cfg: SampleConfig, env: DistEnv):
+    vae = cfg.vae
+    return load_for_sampling(cfg.checkpoint, which=cfg.which, model_name=cfg.model_name,
+                             vae=vae.name if vae is not None else None,
+                             vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
+
+
+def generate_grid(cfg: SampleConfig | Any) -> Path:
+    """mode=grid: one image per entry of `grid.labels`, written as a PNG with its settings JSON
+    next to it (rank 0 draws; other ranks, if any, wait). Returns the PNG path."""
+    cfg = to_sample_config(cfg)
+    env = init_distributed(cfg.device)
+    try:
+        model, autoencoder, provenance = _load(cfg, env)
+        labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
+        settings = cfg.sampler_settings(cfg.grid.cfg_scale)
+        out = Path(cfg.grid.out or Path("samples") / (default_output_name(provenance, settings, seed=cfg.seed) + ".png"))
+        if env.is_main:
+            images, _ = generate_samples(model, None, autoencoder, range(len(labels)), settings, seed=cfg.seed,
+                                         labels=labels, batch_size=len(labels), progress=True)
+            save_grid(images, out, nrow=cfg.grid.nrow)
+            write_json_atomic(settings_path_for(out), {
+                "mode": "grid", "labels": labels, "seed": cfg.seed, **settings.to_dict(), **provenance,
+                "model_config": model.config.to_dict(), "autoencoder": autoencoder.to_dict()})
+            print(f"wrote {out}; settings: {settings_path_for(out)}")
+        barrier(env)
+        return out
+    finally:
+        cleanup(env)
+
+
+def generate_bulk(cfg: SampleConfig | Any) -> Path:
+    """mode=bulk: `bulk.num_samples` images to an ADM `.npz` (every rank samples its share, rank 0
+    assembles). Returns the output path."""
+    cfg = to_sample_config(cfg)
+    env = init_distributed(cfg.device)
+    try:
+        model, autoencoder, provenance = _load(cfg, env)
+        settings = cfg.sampler_settings(cfg.bulk.cfg_scale)
+        out = Path(cfg.bulk.out or Path("samples") / (default_output_name(
+            provenance, settings, seed=cfg.seed, num_samples=cfg.bulk.num_samples) + ".npz"))
+        start = time.perf_counter()
+        bulk_sample(model, None, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
+                    label_mode=cfg.bulk.labels, batch_size=cfg.bulk.batch_size, rank=env.rank,
+                    world_size=env.world_size, barrier=lambda: barrier(env), provenance=provenance,
+                    keep_shards=cfg.bulk.keep_shards, progress=env.is_main)
+        if env.is_main:
+            print(f"wrote {out} ({cfg.bulk.num_samples} samples, {time.perf_counter() - start:.1f} s on "
+                  f"{env.world_size} rank(s)); settings: {settings_path_for(out)}")
+        return out
+    finally:
+        cleanup(env)
+
+
+def generate(cfg: SampleConfig | Any) -> Path:
+    """sample.py: the grid or the bulk file, as `mode` says."""
+    cfg = to_sample_config(cfg)
+    return generate_grid(cfg) if cfg.mode is SampleMode.grid else generate_bulk(cfg)
