@@ -17,8 +17,8 @@ label i mod 10, in network batches of `--batch-size`, at the quickstart evaluati
 `dit.sampling.sample_latents`, whose `denoiser_out` hook gives the exact number of network
 passes (NFE, per sample: a guided pass over the cond + null rows counts once) and of rows the
 network processed (2 per guided pass, 1 per unguided one). They are scored as
-`eval_fid.py feature_extractor=toy_judge` scores them (`dit.metrics.compute_metrics` with the toy
-judge against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
+`eval_fid.py feature_extractor=toy_judge` scores them (`dit.metrics` with the toy judge of
+`dit.evaluate.build_feature_extractor` against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
 
 Configurations (`--configs`, default below) are written SAMPLER-STEPS[@LO-HI][/oORDER]:
 `ddpm-250`, `ddim-20`, `dpm++-10`, `dpm++-10@0-700` (guidance only at timesteps 0..700, the
@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dit import metrics as M  # noqa: E402
 from dit import sampling as S  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
+from dit.evaluate import build_feature_extractor  # noqa: E402
 
 DEFAULT_CONFIGS = [
     "ddpm-250",
@@ -109,15 +110,14 @@ def generate(model, autoencoder, diffusion, config: dict, args, seed: int):
         gens = S.sample_generators(seed, idx)  # fresh per config: same x_T and per-step noise for all
         noise = S.initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
         counter: list = []
+        settings = S.SamplerSettings(sampler=config["sampler"], num_steps=config["num_steps"],
+                                     cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
+                                     guidance_interval=config["guidance_interval"])
         if config["order"] in (None, 2) or config["sampler"] != "dpm++":
-            latents = S.sample_latents(model, diffusion, y, cfg_scale=args.cfg_scale, noise=noise,
-                                       sampler=config["sampler"], num_steps=config["num_steps"],
-                                       guided_channels=args.guided_channels,
-                                       guidance_interval=config["guidance_interval"], generator=gens,
-                                       denoiser_out=counter)
+            latents = S.sample_latents(model, diffusion, y, settings, noise=noise, generator=gens, denoiser_out=counter)
             den = counter[0]
         else:
-            den = S.GuidedDenoiser(model, y, args.cfg_scale, args.guided_channels, config["guidance_interval"])
+            den = S.GuidedDenoiser(model, y, settings)
             model.eval()
             with torch.no_grad():
                 latents = dpm_solver_order(den, diffusion, noise, config["num_steps"], config["order"])
@@ -195,7 +195,7 @@ def main() -> None:
     diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
     cache = Path(args.judge_cache).expanduser() if args.judge_cache else None
     image_size = model.config.input_size * autoencoder.downsample_factor
-    extractor = M.build_feature_extractor("toy_judge", image_size=image_size,
+    extractor = build_feature_extractor("toy_judge", image_size=image_size,
                                           judge_cache_dir=str(cache) if cache else None, judge_seed=args.judge_seed)
     reference = M.load_reference(args.reference, extractor, cache_dir=cache / "ref_stats" if cache else None,
                                  need_features=False)

@@ -1,7 +1,7 @@
 """Sampling and evaluation throughput: images/s of each sampler (network passes counted) and of
 Inception feature extraction, for a small model, measured in the same run.
 
-    python benchmarks/bench_sampling_eval.py --threads 1             # CPU: ~2 min on 2 shared cores
+    python benchmarks/bench_sampling_eval.py --threads 1             # CPU
     python benchmarks/bench_sampling_eval.py --device cuda --model DiT-XL/2 --input-size 32 --batch-size 64
 
 Sampling: a DiT of the given architecture with random (perturbed) weights, `--batch-size`
@@ -12,8 +12,9 @@ it). Latents only (the VAE decode is the same for every sampler). NFE = network 
 sample; "rows" counts the batch rows the network processed per sample (2 per guided pass).
 The samplers alternate repetition by repetition, so all see the same load on a shared machine.
 
-Features: torch-fidelity's InceptionV3 (random weights written to a temp file: the cost does
-not depend on the weights) on `--feature-images` uint8 images, the resize to 299 included.
+Features: torch-fidelity's InceptionV3 (random weights written to a temp file by the tests'
+helper: the cost does not depend on the weights) on `--feature-images` uint8 images, the resize
+to 299 included.
 
 Prints a table (median images/s over `--repeats`, min-max) and the speedup of each sampler
 over DDPM-250 last.
@@ -36,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit import metrics as M  # noqa: E402
 from dit import sampling as S  # noqa: E402
+from dit.inception import InceptionFeatures  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
 
@@ -84,9 +85,10 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        S.sample_latents(model, diffusion, labels, cfg_scale=args.cfg_scale, noise=noise, sampler=sampler,
-                         num_steps=steps, guidance_interval=interval, generator=S.sample_generators(0, range(len(labels))),
-                         denoiser_out=counter)
+        settings = S.SamplerSettings(sampler=sampler, num_steps=steps, cfg_scale=args.cfg_scale,
+                                     guidance_interval=interval)
+        S.sample_latents(model, diffusion, labels, settings, noise=noise,
+                         generator=S.sample_generators(0, range(len(labels))), denoiser_out=counter)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, counter[0]
@@ -103,8 +105,11 @@ def main() -> None:
             nfe[label] = (den.calls, den.rows / args.batch_size)
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = M.write_random_inception_weights(Path(tmp) / "random-inception.pth")
-        extractor = M.InceptionFeatures(weights, device=device, batch_size=args.feature_batch_size,
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from conftest import write_random_inception_weights  # the tests' offline weights: same cost as real ones
+
+        weights = write_random_inception_weights(Path(tmp) / "random-inception.pth")
+        extractor = InceptionFeatures(weights, device=device, batch_size=args.feature_batch_size,
                                         allow_download=False)
         side = args.input_size * 8
         images = np.random.default_rng(0).integers(0, 256, (args.feature_images, side, side, 3), dtype=np.uint8)

@@ -3,7 +3,7 @@
 Two file formats hold DiT weights:
 
 * the official release (`DiT-XL-2-256x256.pt`, ...): a plain EMA state dict in the official
-  layout, nothing else; the configuration has to be inferred from the tensor shapes;
+  layout, nothing else; the configuration is inferred from the tensor shapes (dit/release.py);
 * ours (contract 2 in docs/design.md): a dict with `model`, `ema` (both official layout), `opt`,
   `step`, `model_name`, `model_config`, `autoencoder`, `config`, ... written by `save_atomic`.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -28,8 +27,10 @@ from typing import Any
 
 import torch
 
-from dit.files import write_atomic
-from dit.models import DIT_SIZES, DiT, DiTConfig, arch_name, canonical_model_name, model_arch
+from dit.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, UnsafeCheckpointError,
+                       write_atomic)
+from dit.models import DiT, DiTConfig, arch_name, canonical_model_name, model_arch
+from dit.release import describe_state_dict, infer_dit_config, strip_wrapper_prefixes
 
 __all__ = [
     "CheckpointError",
@@ -40,35 +41,10 @@ __all__ = [
     "save_weights_safetensors",
     "load_state",
     "read_safetensors_metadata",
-    "strip_wrapper_prefixes",
-    "infer_dit_config",
     "load_dit_checkpoint",
 ]
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DiTConfig))
-# The paper's label-dropout rate, assumed for state dicts that carry no config of their own.
-RELEASE_CLASS_DROPOUT = 0.1
-
-
-class CheckpointError(RuntimeError):
-    """A file that is not a usable checkpoint (corrupt, wrong kind, missing pieces)."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The file holds pickled Python objects beyond tensors and containers; it is not loaded."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The weights in the file do not fit the requested model (keys or shapes differ)."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A file could not be written (disk full, quota, permissions, I/O error). Nothing was
-    written under its name: a file already there is unchanged. `errno` is the OS error number."""
-
-    def __init__(self, message: str, errno: int | None = None):
-        super().__init__(message)
-        self.errno = errno
 
 
 # --------------------------------------------------------------------------------------
@@ -212,135 +188,6 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict:
     return out
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo the key prefixes added by wrappers: DDP's leading `module.` and `torch.compile`'s
-    `_orig_mod.` (at the top or on compiled sub-modules)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        parts = [p for p in key.split(".") if p != "_orig_mod"]
-        while len(parts) > 1 and parts[0] == "module":
-            parts = parts[1:]
-        new = ".".join(parts)
-        if new in out:
-            raise CheckpointError(f"keys {new!r} appear twice once wrapper prefixes are removed (e.g. {key!r})")
-        out[new] = value
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# Configuration from shapes
-# --------------------------------------------------------------------------------------
-
-_INFER_KEYS = (
-    "x_embedder.proj.weight",
-    "pos_embed",
-    "y_embedder.embedding_table.weight",
-    "blocks.0.mlp.fc1.weight",
-    "final_layer.linear.weight",
-)
-
-
-def infer_dit_config(
-    state_dict: Mapping[str, torch.Tensor],
-    num_heads: int | None = None,
-    *,
-    num_classes: int | None = None,
-    class_dropout_prob: float | None = None,
-) -> dict:
-    """The `DiT` constructor arguments that produce `state_dict`'s keys and shapes.
-
-    Read from the shapes: patch size, input channels and width (patch projection), input size
-    (position table length x patch), depth (block count), mlp_ratio (fc1 width / width),
-    learned sigma (output channels = 2 x input channels).
-
-    Not in the shapes, so decided by rule:
-    * `num_heads`: the official table when (depth, width) is one of S/B/L/XL, otherwise it must
-      be passed (it changes the numerics, not the shapes).
-    * label table with R rows: either R classes without a null row (no label dropout) or R - 1
-      classes plus the null row. Without hints we assume the release convention, a null row
-      and dropout 0.1 (1001 rows -> 1000 classes). Pass `num_classes` (R or R - 1 decides) or
-      `class_dropout_prob` (0 means no null row) to say otherwise. Files that store a
-      `model_config` (ours) never need this: `load_dit_checkpoint` trusts the stored config.
-    """
-    sd = strip_wrapper_prefixes(state_dict)
-    missing = [k for k in _INFER_KEYS if k not in sd]
-    if missing:
-        sample = ", ".join(list(sd)[:6])
-        raise CheckpointError(
-            f"cannot infer a DiT configuration: the state dict has no {', '.join(missing)} "
-            f"(its keys begin: {sample or 'none'}). Is it a DiT state dict in the official layout?"
-        )
-
-    hidden, in_channels, patch, patch_w = sd["x_embedder.proj.weight"].shape
-    if patch != patch_w:
-        raise CheckpointError(f"x_embedder.proj.weight has non-square patches {patch}x{patch_w}")
-    num_tokens = sd["pos_embed"].shape[1]
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
-        raise CheckpointError(f"pos_embed has {num_tokens} tokens, not a square grid")
-
-    block_ids = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
-    depth = len(block_ids)
-    if block_ids != set(range(depth)):
-        raise CheckpointError(f"block indices are not 0..{depth - 1}: {sorted(block_ids)}")
-
-    mlp_hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
-    mlp_ratio = mlp_hidden / hidden
-    if int(hidden * mlp_ratio) != mlp_hidden:
-        raise CheckpointError(f"MLP width {mlp_hidden} is not int(hidden_size * r) for r = {mlp_hidden}/{hidden}")
-
-    out_channels, rem = divmod(sd["final_layer.linear.weight"].shape[0], patch * patch)
-    if rem or out_channels not in (in_channels, 2 * in_channels):
-        raise CheckpointError(
-            f"final_layer.linear.weight has {sd['final_layer.linear.weight'].shape[0]} outputs; expected "
-            f"patch_size^2 x (1 or 2) x in_channels = {patch * patch} x (1 or 2) x {in_channels}"
-        )
-    learn_sigma = out_channels == 2 * in_channels
-
-    rows = sd["y_embedder.embedding_table.weight"].shape[0]
-    if num_classes is not None:
-        if rows not in (num_classes, num_classes + 1):
-            raise CheckpointError(
-                f"label table has {rows} rows, which fits neither {num_classes} classes nor {num_classes} + null"
-            )
-        has_null = rows == num_classes + 1
-        dropout = class_dropout_prob if class_dropout_prob is not None else (RELEASE_CLASS_DROPOUT if has_null else 0.0)
-        if has_null != (dropout > 0):
-            raise CheckpointError(
-                f"label table has {rows} rows for {num_classes} classes, which contradicts "
-                f"class_dropout_prob={dropout} "
-                "(a null row exists exactly when class_dropout_prob > 0)"
-            )
-    elif class_dropout_prob is not None:
-        dropout = class_dropout_prob
-        num_classes = rows - 1 if dropout > 0 else rows
-    else:
-        num_classes, dropout = rows - 1, RELEASE_CLASS_DROPOUT
-
-    if num_heads is None:
-        num_heads = next((h for d, w, h in DIT_SIZES.values() if (d, w) == (depth, hidden)), None)
-        if num_heads is None:
-            raise CheckpointError(
-                f"cannot infer num_heads: depth={depth}, hidden_size={hidden} is not an official DiT size "
-                "and attention heads leave no trace in the shapes. Pass num_heads=... (a divisor of hidden_size)."
-            )
-    if hidden % num_heads:
-        raise CheckpointError(f"num_heads={num_heads} does not divide hidden_size={hidden}")
-
-    return {
-        "input_size": grid * patch,
-        "patch_size": patch,
-        "in_channels": in_channels,
-        "hidden_size": hidden,
-        "depth": depth,
-        "num_heads": num_heads,
-        "mlp_ratio": float(mlp_ratio),
-        "class_dropout_prob": float(dropout),
-        "num_classes": num_classes,
-        "learn_sigma": learn_sigma,
-    }
-
-
 # --------------------------------------------------------------------------------------
 # Loading a DiT
 # --------------------------------------------------------------------------------------
@@ -370,20 +217,6 @@ def _describe(shapes: dict[str, tuple], keys: list[str], limit: int = 12) -> str
     return "; ".join(items)
 
 
-def _describe_file(sd: Mapping[str, torch.Tensor]) -> str:
-    """What the shapes say about the file's architecture, for error messages."""
-    try:
-        guess = infer_dit_config(sd)
-    except CheckpointError:
-        try:
-            guess = infer_dit_config(sd, num_heads=1)  # custom width: heads are not in the shapes
-            guess.pop("num_heads")
-        except CheckpointError as e:
-            return f"no DiT this loader knows ({e})"
-    name = arch_name(guess["depth"], guess["hidden_size"], guess.get("num_heads", 0), guess["patch_size"])
-    return f"{name or 'a custom DiT'}: {guess}"
-
-
 def _mismatch_report(model: DiT, sd: Mapping[str, torch.Tensor], label: str, path: Path) -> str | None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in sd.items()}
@@ -402,7 +235,7 @@ def _mismatch_report(model: DiT, sd: Mapping[str, torch.Tensor], label: str, pat
         if len(mismatched) > 12:
             pairs.append(f"... and {len(mismatched) - 12} more")
         lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(pairs))
-    lines.append(f"  the file looks like {_describe_file(sd)}")
+    lines.append(f"  the file looks like {describe_state_dict(sd)}")
     lines.append("Fix: pass the model_name / overrides the file was trained with, or leave them out to infer them.")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """File formats below sampling and metrics: atomic writes, ADM `.npz` sample files (written
-streaming, read without unpickling), folders of images, PNG grids, and the pixel conversion.
+streaming, read without unpickling), folders of images, PNG grids, the pixel conversion, and
+the errors of checkpoint files that cannot be read or written (raised by dit.checkpoint).
 
 Images everywhere are uint8 (N, H, W, 3) numpy arrays (contract 3 in docs/design.md).
 
@@ -22,6 +23,27 @@ import torch
 from tqdm.auto import tqdm
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable checkpoint (corrupt, wrong kind, missing pieces)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file holds pickled Python objects beyond tensors and containers; it is not loaded."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The weights in the file do not fit the requested model (keys or shapes differ)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A file could not be written (disk full, quota, permissions, I/O error). Nothing was
+    written under its name: a file already there is unchanged. `errno` is the OS error number."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 # --------------------------------------------------------------------------------------

@@ -11,15 +11,14 @@ from dit.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     UnsafeCheckpointError,
-    infer_dit_config,
     load_dit_checkpoint,
     load_state,
     read_safetensors_metadata,
     save_atomic,
     save_weights_safetensors,
-    strip_wrapper_prefixes,
 )
 from dit.models import DiT
+from dit.release import infer_dit_config, strip_wrapper_prefixes
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
             mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)

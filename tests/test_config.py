@@ -219,3 +219,61 @@ def test_training_rejects_a_bad_config_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"data.image_size=36.*model.patch_size 8"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_vae_takes_an_option_a_directory_or_a_hub_id_in_every_cli(image_root, tmp_path, compose):
+    vae_dir = tmp_path / "my-vae"
+    vae_dir.mkdir()
+    root = f"data.root={image_root}"
+    assert train_config(["vae=sd-mse", root]).vae.name == "sd-mse"
+    assert train_config([f"vae={vae_dir}", root]).vae.name == str(vae_dir)  # -> vae=local vae.name=DIR
+    assert train_config(["vae=stabilityai/sd-vae-ft-mse", root]).vae.name == "stabilityai/sd-vae-ft-mse"
+    for name in ("sample", "eval"):
+        args = ["checkpoint=x.pt", "reference=r.npz"] if name == "eval" else ["checkpoint=x.pt"]
+        assert compose(name, args).vae is None  # none chosen: the checkpoint's autoencoder
+        assert compose(name, [*args, "vae=sd-mse"]).vae.name == "sd-mse"
+        assert compose(name, [*args, f"vae={vae_dir}"]).vae.name == str(vae_dir)
+        assert compose(name, [*args, "vae=local", f"vae.name={vae_dir}"]).vae.name == str(vae_dir)
+        assert compose(name, [*args, "vae=null"]).vae is None
+    assert flatten_model_overrides(["vae=sd-ema,sd-mse", "vae.name=/x", "vae=pixel", "vae=null", "vae=/d"]) == [
+        "vae=sd-ema,sd-mse", "vae.name=/x", "vae=pixel", "~vae", "vae=local", "vae.name=/d"]
+
+
+def test_sample_and_eval_overrides_map_to_one_sampler_settings(compose):
+    from dit.config import SampleMode, to_eval_config, to_sample_config
+    from dit.sampling import SamplerSettings
+
+    overrides = ["checkpoint=c.pt", "sampler=ddim", "sampler.num_steps=20", "sampler.eta=0.5", "guided_channels=all",
+                 "guidance_interval=[100,700]", "grid.cfg_scale=3.0", "bulk.cfg_scale=2.0", "bulk.num_samples=10",
+                 "bulk.batch_size=5", "bulk.labels=balanced", "mode=bulk", "which=model", "model_name=DiT-S/2",
+                 "device=cpu", "seed=4"]
+    for cfg in (to_sample_config(compose("sample", overrides)),
+                to_eval_config(compose("eval", [*overrides, "reference=r.npz", "metrics=[fid,kid]"]))):
+        assert cfg.sampler_settings(cfg.bulk.cfg_scale) == SamplerSettings(
+            sampler="ddim", num_steps=20, eta=0.5, cfg_scale=2.0, guided_channels="all", guidance_interval=[100, 700])
+        assert cfg.sampler_settings(cfg.grid.cfg_scale).cfg_scale == 3.0
+        assert (cfg.mode, cfg.which, cfg.model_name, cfg.device, cfg.seed) == (SampleMode.bulk, "model", "DiT-S/2", "cpu", 4)
+        assert (cfg.bulk.num_samples, cfg.bulk.batch_size, cfg.bulk.labels) == (10, 5, "balanced")
+    defaults = to_sample_config(compose("sample", ["checkpoint=c.pt"]))
+    assert defaults.sampler_settings(defaults.bulk.cfg_scale) == SamplerSettings()  # the paper's protocol
+    assert defaults.sampler_settings(defaults.grid.cfg_scale).cfg_scale == 4.0 and defaults.mode is SampleMode.grid
+    assert to_eval_config(compose("eval", ["reference=r.npz"])).mode is SampleMode.bulk
+    with pytest.raises(ConfigError, match="sampler settings.*unknown sampler"):
+        to_sample_config(compose("sample", ["checkpoint=c.pt", "sampler.name=euler"]))
+    with pytest.raises(ConfigError, match=r"checkpoint=\.\.\."):
+        to_sample_config(compose("sample", []))
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as err:
+        compose("eval", ["reference=r.npz", "prc_k=three"])
+    assert "prc_k" in str(err.value) + str(err.value.__cause__)
+
+
+def test_log_samples_are_sampler_settings_with_grid_defaults(image_root):
+    from dit.sampling import SamplerSettings
+
+    cfg = train_config([f"data.root={image_root}", "log.samples.sampler=ddim", "log.samples.eta=0.3"])
+    assert isinstance(cfg.log.samples, SamplerSettings)
+    assert (cfg.log.samples.cfg_scale, cfg.log.samples.num_steps, cfg.log.samples.guided_channels) == (4.0, 100, "3")
+    assert (cfg.log.samples.sampler, cfg.log.samples.eta) == ("ddim", 0.3)
+    bad = train_config([f"data.root={image_root}", "log.samples.guided_channels=some"])
+    with pytest.raises(ConfigError, match="log.samples: guided_channels"):
+        check_static(bad)
