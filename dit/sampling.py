@@ -96,16 +96,14 @@ class SamplerSettings:
         return int(g) if isinstance(g, str) and g.isdigit() else g
 
     def to_dict(self) -> dict:
-        """The settings as recorded next to samples (JSON-ready, plain types)."""
+        """Every field, as recorded next to samples (plain JSON types; a subclass's extra fields,
+        such as a training grid's `every`, are not sampler settings and are left out)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
         interval = self.guidance_interval
-        return {"sampler": self.sampler, "num_steps": int(self.num_steps), "eta": float(self.eta),
-                "cfg_scale": float(self.cfg_scale), "guided_channels": self.guided,
-                "guidance_interval": [int(v) for v in interval] if interval is not None else None}
-
-    def replace(self, **changes) -> "SamplerSettings":
-        """A copy (of the base type) with some fields changed."""
-        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
-        return SamplerSettings(**{**base, **changes})
+        out.update(num_steps=int(self.num_steps), cfg_scale=float(self.cfg_scale), eta=float(self.eta),
+                   guided_channels=self.guided,
+                   guidance_interval=[int(v) for v in interval] if interval is not None else None)
+        return out
 
 
 SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))

@@ -24,7 +24,7 @@ def to_train_config(cfg: Any) -> TrainConfig:
     if missing:
         hints = {
             "data.root": "the ImageFolder directory (data=imagefolder) or latents cache (data=latents)",
-            "vae.name": "a local AutoencoderKL directory (vae=local)",
+            "vae.name": "a local AutoencoderKL directory (vae=DIR, or vae=local vae.name=DIR)",
             "name": "a run name",
         }
         lines = [f"{k}=...  ({hints[k]})" if k in hints else f"{k}=..." for k in missing]
