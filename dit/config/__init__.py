@@ -37,6 +37,7 @@ from dit.config.sample import (
 )
 from dit.config.schema import (
     RESUMABLE_CHANGES,
+    AutoencoderConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
@@ -78,7 +79,7 @@ def register_configs() -> None:
 
 
 __all__ = [
-    "BulkConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "DiffusionConfig", "EMAConfig",
+    "AutoencoderConfig", "BulkConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "DiffusionConfig", "EMAConfig",
     "EvalConfig", "FaultConfig", "GridConfig", "ImageFolderDataConfig", "KillHow", "KillWhen", "LatentsDataConfig",
     "LogConfig", "ModelConfig", "OptimConfig", "Parallel", "Precision", "RESUMABLE_CHANGES", "SampleConfig",
     "SampleGridConfig", "SampleMode", "SamplerConfig", "ToyDataConfig", "TrainConfig", "VAEConfig", "WandbConfig",

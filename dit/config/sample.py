@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from dit.config.schema import ConfigError, VAEConfig, WandbConfig
+from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
 from dit.sampling import LABEL_MODES, SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
@@ -70,7 +70,7 @@ class SampleConfig:
     which: str = "ema"  # ema | model: which weights of our checkpoints (release files are EMA)
     model_name: Optional[str] = None  # e.g. DiT-XL/2: fixes the architecture when the shapes cannot tell
     # vae=pixel|sd-ema|sd-mse|DIR|hub id (conf/vae/); none chosen: the checkpoint's, else sd-ema
-    vae: Optional[VAEConfig] = None
+    vae: Optional[AutoencoderConfig] = None
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     seed: int = 0  # sample i uses noise and label seeded by (seed, i)
     mode: SampleMode = SampleMode.grid

@@ -97,13 +97,20 @@ class ToyDataConfig(DataConfig):
 
 
 @dataclass
-class VAEConfig:
+class AutoencoderConfig:
     """The autoencoder: `pixel` (identity), `sd-ema`, `sd-mse`, a hub id or a local directory
-    written by `AutoencoderKL.save_pretrained`. Chosen with `vae=...` (default `sd-ema`, the
-    paper's, in conf/train.yaml); `vae=local vae.name=DIR` for a directory."""
+    written by `AutoencoderKL.save_pretrained`. Chosen with `vae=...` (conf/vae/; in training
+    the default is `sd-ema`, the paper's, in conf/train.yaml); `vae=DIR` (or `vae=local
+    vae.name=DIR`) for a directory."""
 
     name: str = MISSING
     scale_factor: Optional[float] = None  # None: the VAE's own (0.18215 for the SD VAEs)
+
+
+@dataclass
+class VAEConfig(AutoencoderConfig):
+    """The training autoencoder: which one (`AutoencoderConfig`) and how images are encoded."""
+
     sample_posterior: bool = True  # train on posterior samples (the reference) or on the mean
 
 
