@@ -26,8 +26,10 @@ from dit.files import read_images, write_text_atomic
 from dit.generate import generate_bulk
 from dit.inception import InceptionFeatures
 from dit.judge import JudgeFeatures, ToyJudge
-from dit.metrics import FeatureExtractor, FeatureStats, compute_metrics, load_reference, metrics_from_features, sample_features
-from dit.sampling import SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for, unwrap_model
+from dit.metrics import (FeatureExtractor, FeatureStats, compute_metrics, load_reference, metrics_from_features,
+                         sample_features)
+from dit.sampling import (SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for,
+                          unwrap_model)
 
 KNOWN_METRICS = ("fid", "sfid", "isc", "prc", "kid")
 

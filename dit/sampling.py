@@ -78,7 +78,7 @@ class SamplerSettings:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        guided = self.guided
+        guided = self.guided_channels_value
         if guided != "all" and not (type(guided) is int and guided > 0):
             raise ValueError(f"guided_channels must be a channel count or 'all' (3 reproduces the paper), "
                              f"got {self.guided_channels!r}")
@@ -90,7 +90,7 @@ class SamplerSettings:
         return self
 
     @property
-    def guided(self) -> int | str:
+    def guided_channels_value(self) -> int | str:
         """`guided_channels` as settings files record it and the model takes it: 3 or "all"."""
         g = self.guided_channels
         return int(g) if isinstance(g, str) and g.isdigit() else g
@@ -101,7 +101,7 @@ class SamplerSettings:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
         interval = self.guidance_interval
         out.update(num_steps=int(self.num_steps), cfg_scale=float(self.cfg_scale), eta=float(self.eta),
-                   guided_channels=self.guided,
+                   guided_channels=self.guided_channels_value,
                    guidance_interval=[int(v) for v in interval] if interval is not None else None)
         return out
 
@@ -178,7 +178,7 @@ class GuidedDenoiser:
         self.labels = labels
         self.null = torch.full_like(labels, null_class(num_classes))
         self.cfg_scale = float(settings.cfg_scale)
-        self.guided_channels = parse_guided_channels(settings.guided, model.config.in_channels)
+        self.guided_channels = parse_guided_channels(settings.guided_channels_value, model.config.in_channels)
         self.interval = (int(interval[0]), int(interval[1])) if interval is not None else None
         self.calls = self.rows = 0
 
@@ -421,7 +421,8 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
     parts = [stem, provenance.get("which", "ema")]
     if step is not None and str(step) not in stem:
         parts.append(f"step{step}")
-    parts += [f"{settings.sampler}{settings.num_steps}", f"cfg{settings.cfg_scale:g}", f"g{settings.guided}"]
+    parts += [f"{settings.sampler}{settings.num_steps}", f"cfg{settings.cfg_scale:g}",
+              f"g{settings.guided_channels_value}"]
     if settings.guidance_interval is not None:
         parts.append(f"gi{settings.guidance_interval[0]}-{settings.guidance_interval[1]}")
     parts.append(f"seed{seed}")

@@ -79,11 +79,11 @@ def register_configs() -> None:
 
 
 __all__ = [
-    "AutoencoderConfig", "BulkConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig", "DiffusionConfig", "EMAConfig",
-    "EvalConfig", "FaultConfig", "GridConfig", "ImageFolderDataConfig", "KillHow", "KillWhen", "LatentsDataConfig",
-    "LogConfig", "ModelConfig", "OptimConfig", "Parallel", "Precision", "RESUMABLE_CHANGES", "SampleConfig",
-    "SampleGridConfig", "SampleMode", "SamplerConfig", "ToyDataConfig", "TrainConfig", "VAEConfig", "WandbConfig",
-    "WandbMode", "check_resolution", "check_static", "config_mismatches", "flatten_model_overrides",
-    "known_downsample_factor", "register_configs", "resolve_architecture", "to_eval_config", "to_sample_config",
-    "to_train_config", "vae_overrides",
+    "AutoencoderConfig", "BulkConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DebugConfig",
+    "DiffusionConfig", "EMAConfig", "EvalConfig", "FaultConfig", "GridConfig", "ImageFolderDataConfig",
+    "KillHow", "KillWhen", "LatentsDataConfig", "LogConfig", "ModelConfig", "OptimConfig", "Parallel",
+    "Precision", "RESUMABLE_CHANGES", "SampleConfig", "SampleGridConfig", "SampleMode", "SamplerConfig",
+    "ToyDataConfig", "TrainConfig", "VAEConfig", "WandbConfig", "WandbMode", "check_resolution", "check_static",
+    "config_mismatches", "flatten_model_overrides", "known_downsample_factor", "register_configs",
+    "resolve_architecture", "to_eval_config", "to_sample_config", "to_train_config", "vae_overrides",
 ]
