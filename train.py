@@ -5,7 +5,7 @@
     python train.py -m hydra/launcher=slurm hydra.launcher.nodes=4 experiment=DiT-XL-2-256 ...
 
 Relaunching a command continues its run from the newest checkpoint in its run directory
-(outputs/<name>). The options, their defaults and the recipes: docs/training.md, dit/config.py
+(outputs/<name>). The options, their defaults and the recipes: docs/training.md, dit/config/schema.py
 and conf/.
 """
 
