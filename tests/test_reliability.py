@@ -216,13 +216,14 @@ def _tiny_pixel_checkpoint(path: Path) -> Path:
 
 
 def sample_config(*overrides):
+    register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         return compose("sample", overrides=list(overrides))
 
 
 @pytest.mark.slow
 def test_bulk_sampling_killed_at_random_points_resumes_to_the_same_npz(tmp_path):
-    from sample import generate_bulk  # what `python sample.py mode=bulk` runs
+    from dit.generate import generate_bulk  # what `python sample.py mode=bulk` runs
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
     common = [f"checkpoint={ckpt}", "mode=bulk", "bulk.num_samples=40", "bulk.batch_size=2", "sampler=ddim",
@@ -489,35 +490,40 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
     import dit.metrics as M
     import dit.sampling as S
     from dit.autoencoder import build_autoencoder
+    from dit.bulk import bulk_sample
+    from dit.files import write_samples_npz
+    from dit.sampling import SamplerSettings
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
     model, _ = load_dit_checkpoint(ckpt)
     pixel = build_autoencoder("pixel")
     noise = torch.randn(2, 3, 8, 8)
-    samples = M.write_samples_npz(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
-    out = S.bulk_sample(model, None, pixel, tmp_path / "bulk.npz", num_samples=2, batch_size=2, num_steps=2,
-                        sampler="ddim", progress=False)
+    samples = write_samples_npz(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
+    ddim2 = SamplerSettings(sampler="ddim", num_steps=2)
+    out = bulk_sample(model, None, pixel, tmp_path / "bulk.npz", ddim2, num_samples=2, seed=0, batch_size=2,
+                      progress=False)
     written = {p: p.read_bytes() for p in (samples, out, ckpt)}
     np.savez(tmp_path / "ref.npz", features=np.zeros((4, 3)))
 
     cases = {  # what: (call, error type, pattern naming the problem ... and the fix)
         "unknown model name": (lambda: load_dit_checkpoint(ckpt, model_name="DiT-Q/3"), ValueError,
                                r"unknown model 'DiT-Q/3': choose one of DiT-S/2"),
-        "class label out of range": (lambda: S.sample_latents(model, None, torch.tensor([0, 5]), cfg_scale=1.5,
-                                                              noise=noise, num_steps=2),
+        "class label out of range": (lambda: S.sample_latents(model, None, torch.tensor([0, 5]),
+                                                              SamplerSettings(cfg_scale=1.5, num_steps=2), noise=noise),
                                      ValueError, r"class label 5 is out of range: this model has classes 0\.\.4"),
-        "cfg scale < 0": (lambda: S.sample_latents(model, None, torch.tensor([0, 1]), cfg_scale=-0.5, noise=noise,
-                                                   num_steps=2), ValueError, r"cfg_scale must be >= 0 \(1 = no guidance\)"),
-        "sample count <= 0": (lambda: S.bulk_sample(model, None, pixel, out, num_samples=0), ValueError,
+        "cfg scale < 0": (lambda: S.sample_latents(model, None, torch.tensor([0, 1]),
+                                                   SamplerSettings(cfg_scale=-0.5, num_steps=2), noise=noise), ValueError, r"cfg_scale must be >= 0 \(1 = no guidance\)"),
+        "sample count <= 0": (lambda: bulk_sample(model, None, pixel, out, SamplerSettings(), num_samples=0, seed=0,
+                                                  batch_size=32), ValueError,
                               r"num_samples must be >= 1, got 0"),
         "ref .npz without mu/sigma or images": (
             lambda: M.load_reference(tmp_path / "ref.npz", _NoFeatures()), ValueError,
             r"has no images \(arr_0\) and no mu/sigma .*give a reference made with this extractor, or images"),
-        "samples not uint8": (lambda: M.write_samples_npz(samples, np.zeros((2, 8, 8, 3), np.float32)), TypeError,
+        "samples not uint8": (lambda: write_samples_npz(samples, np.zeros((2, 8, 8, 3), np.float32)), TypeError,
                               r"samples must be uint8 .*convert samples in \[-1, 1\] with dit.sampling.to_uint8"),
         "other settings into an existing .npz": (
-            lambda: S.bulk_sample(model, None, pixel, out, num_samples=2, batch_size=2, num_steps=2, sampler="ddim",
-                                  cfg_scale=3.0, progress=False),
+            lambda: bulk_sample(model, None, pixel, out, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=3.0),
+                                num_samples=2, seed=0, batch_size=2, progress=False),
             ValueError, r"different settings \(cfg_scale\): delete it to start over, or choose another output path"),
     }
     for what, (call, kind, pattern) in cases.items():
@@ -557,6 +563,7 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     import dit.metrics as M
     import dit.sampling as S
     from dit.autoencoder import build_autoencoder
+    from dit.bulk import bulk_sample
 
     marker = tmp_path / "pwned"
     payload = _RunsCodeOnLoad(marker)
@@ -593,8 +600,8 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     parts.mkdir()
     np.savez(parts / "shard-00000000.npz", idx=np.array([payload], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle=False"):
-        S.bulk_sample(model, None, build_autoencoder("pixel"), tmp_path / "out.npz", num_samples=2, batch_size=2,
-                      num_steps=2, sampler="ddim", progress=False)
+        bulk_sample(model, None, build_autoencoder("pixel"), tmp_path / "out.npz",
+                    S.SamplerSettings(sampler="ddim", num_steps=2), num_samples=2, seed=0, batch_size=2, progress=False)
 
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: an unsafe load runs it
