@@ -60,19 +60,24 @@ RESULTS_COLUMNS = (
 
 def append_results_row(path: str | os.PathLike, row: dict) -> Path:
     """Append one evaluation to a CSV table (header written once; columns `RESULTS_COLUMNS`, so
-    `sort -t, -k16 -g` (FID) or pandas can rank runs). Unknown keys are ignored, missing ones
-    left empty."""
+    pandas, or `sort -t, -k16 -g` on the FID column, can rank runs). Unknown keys are ignored,
+    missing ones left empty. A table written before a column was added (a new sampler setting,
+    say) is first rewritten, atomically, with the new header and its rows' new cells empty; a
+    table with columns this code does not know is refused."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_header = True
     if path.is_file() and path.stat().st_size > 0:
         with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
+            rows = list(csv.reader(f))
+        header = rows[0] if rows else None
         if header is not None and tuple(header) != RESULTS_COLUMNS:
-            raise ValueError(f"results table {path} has columns {header}, not {list(RESULTS_COLUMNS)}: "
-                             "move it aside or pass another results_table path")
-        write_header = False
-    else:
-        write_header = True
+            unknown = [c for c in header if c not in RESULTS_COLUMNS]
+            if unknown:
+                raise ValueError(f"results table {path} has columns {unknown} that this code does not write: "
+                                 "move it aside or pass another results_table path")
+            _rewrite_table(path, [dict(zip(header, r)) for r in rows[1:]])
+        write_header = header is None
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULTS_COLUMNS, extrasaction="ignore")
     if write_header:
@@ -81,6 +86,14 @@ def append_results_row(path: str | os.PathLike, row: dict) -> Path:
     with open(path, "a", newline="") as f:  # one write: concurrent appends do not interleave lines
         f.write(buf.getvalue())
     return path
+
+
+def _rewrite_table(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULTS_COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def _cell(value) -> str:

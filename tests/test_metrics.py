@@ -356,3 +356,28 @@ def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
         build_feature_extractor("toy_judge")
     with pytest.raises(ValueError, match="unknown feature_extractor"):
         build_feature_extractor("clip")
+
+
+def test_a_results_table_from_before_a_new_column_is_migrated_not_refused(tmp_path):
+    import csv
+
+    from dit.evaluate import RESULTS_COLUMNS, append_results_row
+
+    old_columns = [c for c in RESULTS_COLUMNS if c != "eta"]  # the table as written before `eta` was a column
+    table = tmp_path / "results.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(old_columns)
+        w.writerow(["2026-01-01T00:00:00" if c == "time" else "12.5" if c == "fid" else "" for c in old_columns])
+    append_results_row(table, {"fid": 3.25, "eta": 0.5, "sampler": "ddim"})
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(RESULTS_COLUMNS)
+    assert [r["fid"] for r in rows] == ["12.5", "3.25"] and [r["eta"] for r in rows] == ["", "0.5"]
+    assert rows[0]["time"] == "2026-01-01T00:00:00" and rows[1]["sampler"] == "ddim"
+
+    alien = tmp_path / "alien.csv"
+    alien.write_text("name,score\nx,1\n")
+    with pytest.raises(ValueError, match=r"columns \['name', 'score'\] that this code does not write"):
+        append_results_row(alien, {"fid": 1.0})
+    assert alien.read_text() == "name,score\nx,1\n"
