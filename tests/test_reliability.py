@@ -442,6 +442,26 @@ def test_unreadable_images_stop_training_naming_the_file_or_are_skipped_and_coun
     assert skipped == {str(truncated), str(not_an_image)}  # each named (and counted once)
 
 
+def test_a_start_up_scan_finds_bad_images_before_the_first_step(tmp_path):
+    from dit.data import BadImageError
+
+    root = _image_folder(tmp_path / "images")
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "empty.png").write_bytes(b"")  # a zero-byte file: fails whenever it is drawn
+    common = ["data=imagefolder", f"data.root={root}", "global_batch_size=5", "max_steps=2", "ckpt.every=1000",
+              "data.scan=true"]
+
+    with pytest.raises(BadImageError, match=r"cannot read image .*empty\.png"):
+        run_training(config(*common), tmp_path / "strict")
+    assert not (tmp_path / "strict" / "metrics.jsonl").exists()  # stopped before the first step
+
+    with pytest.warns(UserWarning, match="skipping unreadable image .*empty.png"):
+        result = run_training(config(*common, "data.skip_bad=true"), tmp_path / "lenient")
+    assert result["step"] == 2
+    saved = torch.load(result["checkpoint"], weights_only=True)
+    assert saved["data_state"]["dataset_size"] == 10  # the bad file left the index at start-up
+
+
 def test_bad_datasets_fail_before_training_starts(tmp_path):
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache

@@ -71,6 +71,9 @@ class ImageFolderDataConfig(DataConfig):
     image_size: int = 256
     hflip: bool = True
     skip_bad: bool = False  # skip unreadable images with a warning instead of failing
+    # Decode every image once before training, so a bad file stops the run (or, with skip_bad,
+    # is dropped and counted) at start-up rather than at the step that first draws it.
+    scan: bool = False
 
 
 @dataclass
@@ -255,6 +258,6 @@ class TrainConfig:
 # Everything else defines the run; a mismatch in the run directory is refused (see
 # `config_mismatches`).
 RESUMABLE_CHANGES = (
-    "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "compile",
-    "grad_checkpointing", "device", "name",
+    "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
+    "compile", "grad_checkpointing", "device", "name",
 )

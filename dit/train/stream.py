@@ -4,6 +4,7 @@ batches from any step on (the data stream), and the latent space the model works
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,6 +20,8 @@ from dit.toy import NUM_CLASSES as TOY_CLASSES
 from dit.toy import ToyShapesDataset
 from dit.train.faults import ignore_signals
 from dit.train.randomness import LOADER_STREAM, StepRandomness
+
+log = logging.getLogger(__name__)
 
 
 class ItemSeeded(Dataset):
@@ -59,6 +62,9 @@ def build_data(cfg: TrainConfig) -> TrainData:
         return TrainData(ItemSeeded(ds, cfg.seed), TOY_CLASSES, False, d.image_size)
     if d.kind == "imagefolder":
         ds = ImageFolderDataset(d.root, d.image_size, hflip=d.hflip, skip_bad=d.skip_bad, seed=cfg.seed)
+        if d.scan:
+            skipped = ds.scan()
+            log.info("data.scan: %d images readable%s", len(ds), f", {skipped} skipped" if skipped else "")
         return TrainData(ds, ds.num_classes, False, d.image_size)
     if d.kind == "latents":
         ds = LatentCacheDataset(d.root, hflip=d.hflip, sample_posterior=cfg.vae.sample_posterior, seed=cfg.seed)
