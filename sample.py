@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from dit.config import flatten_model_overrides, register_configs
-from dit.generate import generate, generate_bulk, generate_grid  # noqa: F401 (`from sample import generate_bulk`)
+from dit.generate import generate
 from dit.runtime import tune_host_allocator
 
 register_configs()  # before hydra composes conf/sample.yaml, also when this file is imported

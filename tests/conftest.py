@@ -1,12 +1,16 @@
-"""Shared pytest setup: the `slow` marker, a fixed seed per test, and fixtures that several test
-files need (a hydra composer, a tiny saved VAE, random Inception weights, the toy judge's report).
+"""Shared pytest setup: the `slow` marker, a fixed seed per test, and what several test files
+need: one tiny DiT, one tiny saved VAE, one hydra composer (and the training config it gives),
+one single-thread switch, random Inception weights, the toy judge's report.
 
-Keep this file small; fixtures that several test files need may be appended below.
+Plain functions (`tiny_dit`, `train_config`, `compose_config`, `single_thread`, ...) serve
+module-scoped fixtures and helpers (`from conftest import ...`); the fixtures of the same names
+serve tests.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +34,77 @@ def _seed_torch():
 # ------------------------------------------------------------------------------ configs
 
 
-@pytest.fixture
-def compose():
-    """compose(config_name, overrides) -> the DictConfig hydra composes from conf/, with the
-    schemas registered and the command-line rewrites applied, as the entry points see it."""
+def compose_config(config_name: str, overrides=(), return_hydra_config: bool = False):
+    """The DictConfig hydra composes from conf/ for `config_name` ("train", "sample", "eval"),
+    with the schemas registered and the command-line rewrites applied, as the entry points see it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from dit.config import flatten_model_overrides, register_configs
 
-    def run(config_name: str, overrides: list[str] = ()):
-        register_configs()
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            return hydra_compose(config_name, overrides=flatten_model_overrides(list(overrides)))
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name, overrides=flatten_model_overrides(list(overrides)),
+                             return_hydra_config=return_hydra_config)
 
-    return run
+
+def train_config(overrides=()):
+    """The `TrainConfig` that `python train.py <overrides>` would run with."""
+    from dit.config import to_train_config
+
+    return to_train_config(compose_config("train", overrides))
+
+
+@pytest.fixture
+def compose():
+    """compose(config_name, overrides) -> the composed DictConfig (see `compose_config`)."""
+    return compose_config
+
+
+# ------------------------------------------------------------------------------ threads
+
+
+@contextmanager
+def single_thread():
+    """One intra-op thread inside the block: bitwise comparisons with runs in subprocesses
+    (OMP_NUM_THREADS=1) need the same thread count, and tiny models run faster without threads
+    competing for shared cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs with one intra-op thread (`single_thread`)."""
+    with single_thread():
+        yield
+
+
+# ------------------------------------------------------------------------------ models
+
+# The tiny DiT of the tests: a 4x4 token grid, two blocks of width 32, five classes.
+TINY_DIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+def tiny_dit(seed: int | None = 0, noise: float = 0.05, **config):
+    """A tiny `DiT` (TINY_DIT with `config`'s fields changed), in eval mode, with noise of std
+    `noise` added to every trained weight: adaLN-Zero starts the modulation and output layers at
+    zero, which would make the output independent of labels, timesteps and most weights.
+    `seed` fixes the weights; None draws them from the current global RNG."""
+    from dit.models import DiT
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = DiT(**(TINY_DIT | config))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(noise * torch.randn_like(p))
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------ files

@@ -20,18 +20,15 @@ from dit.checkpoint import (
 from dit.models import DiT
 from dit.release import infer_dit_config, strip_wrapper_prefixes
 
+from conftest import tiny_dit
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
             mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, learn_sigma=True)
 
 
 def tiny_model(**kw) -> DiT:
     """A tiny DiT with every weight random (adaLN and output layers too), so loads are visible."""
-    model = DiT(**(TINY | kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return tiny_dit(seed=None, noise=0.1, **(TINY | kw))
 
 
 def inputs(model: DiT, n: int = 2):

@@ -4,7 +4,6 @@ the experiment recipe and the SLURM launcher."""
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -18,20 +17,19 @@ from dit.config import (
     check_static,
     config_mismatches,
     flatten_model_overrides,
-    register_configs,
     resolve_architecture,
     to_train_config,
 )
 from dit.models import DiT_models, model_arch
+
+from conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 
 def compose_train(overrides, return_hydra_config=False):
-    register_configs()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=flatten_model_overrides(overrides), return_hydra_config=return_hydra_config)
+    return compose_config("train", overrides, return_hydra_config=return_hydra_config)
 
 
 def train_config(overrides, name="test"):

@@ -43,22 +43,6 @@ def image_folder(tmp_path):
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    """A random KL autoencoder (downsampling 2) saved like a real one."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
-
-
 # ---------------------------------------------------------------------------- center crop
 
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import RankZeroFilter, env_rank
 from dit.train import run_training
+
+from conftest import single_thread, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a 2-block DiT, global batch 8 (4 per rank), on the toy set in pixel space.
@@ -35,15 +34,8 @@ def torchrun(args, cwd):
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
     """The reference: one process, the whole global batch."""
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = to_train_config(compose("train", overrides=flatten_model_overrides(ARGS)))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = run_training(cfg, tmp_path_factory.mktemp("single"))
-    finally:
-        torch.set_num_threads(threads)
+    with single_thread():
+        result = run_training(train_config(ARGS), tmp_path_factory.mktemp("single"))
     return torch.load(result["checkpoint"], weights_only=True)
 
 

@@ -14,18 +14,15 @@ import torch
 
 from dit.config import OptimConfig
 from dit.models import DiT, DiT_models
+
+from conftest import tiny_dit
 from dit.train import EMA, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_dit(seed: int = 0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
-    with torch.no_grad():  # off the adaLN-Zero init, so every weight gets a gradient
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_dit(seed=seed, num_classes=10).train()  # off the adaLN-Zero init: every weight gets a gradient
 
 
 def _train(model: DiT, opt: torch.optim.Optimizer, steps: int, seed: int = 1) -> None:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
 
-from dit.config import register_configs, to_train_config
 from dit.judge import ToyJudge
 from dit.sampling import SamplerSettings, generate_samples, load_for_sampling
 from dit.toy import NUM_CLASSES, make_toy_arrays
 from dit.train import run_training
+
+from conftest import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,9 +34,7 @@ MIN_FRECHET_RATIO = 5.0
 
 
 def quickstart_config(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return to_train_config(compose("train", overrides=["experiment=quickstart", *overrides]))
+    return train_config(["experiment=quickstart", *overrides])
 
 
 def score_checkpoint(path: Path, judge: ToyJudge, real: np.ndarray, judge_report) -> dict:

@@ -13,7 +13,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import random
 import re
 import signal
@@ -26,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_dit_checkpoint
-from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
+from dit.config import ConfigError
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import checkpoint_path, list_checkpoints
+
+from conftest import compose_config, single_thread, tiny_dit, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # ~1 s of training: long enough for a signal to land mid-run
@@ -47,30 +46,19 @@ FORK = multiprocessing.get_context("fork")
 def config(*overrides):
     """The tiny run of BASE with `overrides` (on the toy set unless they choose `data=`)."""
     base = BASE if not any(o.startswith("data=") for o in overrides) else [o for o in BASE if o not in TOY]
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return to_train_config(compose("train", overrides=flatten_model_overrides([*base, *overrides])))
+    return train_config([*base, *overrides])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread here and in the forked children: bitwise comparisons need the same
-    thread count everywhere, and tiny models are faster without threads competing for cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One intra-op thread here and in the forked children: bitwise comparisons need the same thread
+# count everywhere.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run of STEPS steps: what every interrupted run must end as, bit for bit."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         result = run_training(config(f"max_steps={STEPS}", "ckpt.every=1000"), tmp_path_factory.mktemp("reference"))
-    finally:
-        torch.set_num_threads(old)
     return torch.load(result["checkpoint"], weights_only=True)
 
 
@@ -201,14 +189,8 @@ def test_kill9_at_random_points_then_relaunch_ends_bitwise_equal(tmp_path, refer
 
 def _tiny_pixel_checkpoint(path: Path) -> Path:
     from dit.checkpoint import save_atomic
-    from dit.models import DiT
 
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
-    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so that the samples depend on the weights
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    model = tiny_dit(in_channels=3)  # pixels; weights off the adaLN-Zero init, so samples depend on them
     save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "model_name": None,
                  "model_config": model.config.to_dict(), "autoencoder": {"name": "pixel", "scale_factor": 1.0},
                  "format_version": 1}, path)
@@ -216,9 +198,7 @@ def _tiny_pixel_checkpoint(path: Path) -> Path:
 
 
 def sample_config(*overrides):
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        return compose("sample", overrides=list(overrides))
+    return compose_config("sample", overrides)
 
 
 @pytest.mark.slow

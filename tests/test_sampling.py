@@ -19,20 +19,10 @@ import torch
 from dit import sampling as S
 from dit.bulk import bulk_sample
 from dit.diffusion import create_diffusion
-from dit.models import DiT
+
+from conftest import tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_dit(in_channels=4, learn_sigma=True, num_classes=5, class_dropout_prob=0.1, input_size=8, seed=0) -> DiT:
-    torch.manual_seed(seed)
-    model = DiT(input_size=input_size, patch_size=2, in_channels=in_channels, hidden_size=32, depth=2, num_heads=2,
-                num_classes=num_classes, class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
-    with torch.no_grad():  # adaLN-Zero starts at zero: perturb so labels and every channel matter
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 class SquashAE(torch.nn.Module):

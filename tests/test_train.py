@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
+from dit.config import ConfigError
 from dit.train import EMA, run_training
 from dit.train.randomness import step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
 from dit.train.stream import ItemSeeded
+
+from conftest import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 # A 2-block DiT on 16x16 pixels (patch 4: 16 tokens); runs a step in milliseconds.
@@ -27,10 +27,7 @@ TINY = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_hea
 TOY = ["data=toy", "data.num_per_class=4"]  # 40 images
 
 
-def make_config(overrides):
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return to_train_config(compose("train", overrides=flatten_model_overrides(overrides)))
+make_config = train_config
 
 
 def run_train_py(args, cwd, check=True):
@@ -46,14 +43,8 @@ def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): bitwise comparisons need the
-    same here, and tiny models run faster without threads competing for 2 shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): bitwise comparisons need the same.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------
@@ -200,18 +191,6 @@ def test_loss_falls_in_pixel_space_on_an_imagefolder(tmp_path):
     assert len(losses) == 4 and _falls(losses), losses
 
 
-def _tiny_vae(path):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    ).save_pretrained(path)
-    return path
-
-
 def wandb_history(run_dir):
     """History rows of an offline wandb run, read from its `.wandb` file (a LevelDB-style log of
     protobuf `Record`s in 32 KiB blocks, after a 7-byte header)."""
@@ -252,12 +231,12 @@ def wandb_history(run_dir):
 
 
 @pytest.mark.slow
-def test_loss_falls_on_cached_latents_and_wandb_offline_records_loss_and_grids(tmp_path):
+def test_loss_falls_on_cached_latents_and_wandb_offline_records_loss_and_grids(tmp_path, tiny_vae_dir):
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache
     from dit.toy import write_toy_imagefolder
 
-    vae = _tiny_vae(tmp_path / "vae")
+    vae = tiny_vae_dir
     images = write_toy_imagefolder(tmp_path / "images", num_per_class=8, image_size=16, seed=0)
     cache = build_latent_cache(images, build_autoencoder(str(vae)), tmp_path / "cache", 16, batch_size=40,
                                num_workers=0, progress=False, dtype="float32")
