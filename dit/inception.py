@@ -1,7 +1,8 @@
 """torch-fidelity's TF-compatible InceptionV3 as a feature extractor: the 2015 graph the FID
 literature uses, with TF1's bilinear resize; pool_3 features, the unbiased logits and ADM's
 spatial features for sFID. Its weights file is found on disk, in torch hub's cache, or
-downloaded, and refused if it would unpickle code.
+downloaded; it is read once, with a weights-only load, and torch-fidelity gets the tensors, never
+the path (which it would reopen and unpickle fully).
 
 We use torch-fidelity's network and metric kernels but not its top-level API, for reasons
 documented in its source (the statistics are ours, in `dit.metrics`):
@@ -16,6 +17,7 @@ documented in its source (the statistics are ours, in `dit.metrics`):
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import socket
 from pathlib import Path
@@ -40,14 +42,6 @@ SPATIAL_CHANNELS = 7
 
 class FeatureExtractorUnavailable(RuntimeError):
     """The feature extractor's weights are neither on disk nor downloadable."""
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -99,16 +93,32 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, allow_downl
     return cached
 
 
-def _check_plain_state_dict(path: Path) -> None:
-    """torch-fidelity loads the weights with `weights_only=False` (full unpickling). A file that
-    loads under `weights_only=True` contains only tensors and containers, so unpickling it fully
-    cannot run code; anything else is refused here, before torch-fidelity sees it."""
+def load_plain_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights file read once: its bytes are hashed (the extractor's identity) and loaded with
+    `weights_only=True` from memory, so what is checked, hashed and used is the same content even
+    if the file is swapped meanwhile. A file with anything but tensors and containers is refused
+    without running it. Returns (state dict, sha256 of the bytes)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as err:
+        raise FeatureExtractorUnavailable(_missing_weights_message(f"cannot read {path} ({err})")) from err
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"refusing {path}: not a plain tensor state dict ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not an InceptionV3 state dict (expected a dict of tensors)")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def _in_memory_file(state: dict[str, torch.Tensor]) -> io.BytesIO:
+    """torch-fidelity loads its weights with `torch.load(..., weights_only=False)` from what it is
+    given: a buffer that we serialized ourselves from tensors already loaded safely, never the
+    path, which it would reopen (and whose content an attacker could have swapped after our check)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -136,14 +146,15 @@ class InceptionFeatures:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = resolve_inception_weights(weights, allow_download)
-        _check_plain_state_dict(path)
+        state, digest = load_plain_state_dict(path)
         self.weights_path = path
-        self.identity = f"inception-v3-compat:{_file_sha256(path)[:16]}"
+        self.identity = f"inception-v3-compat:{digest[:16]}"
         self.device = _resolve_device(device)
         self.batch_size = int(batch_size)
         self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=_in_memory_file(state)
         ).to(self.device)
+        del state
         self._spatial: list[torch.Tensor] = []
         self.net.get_submodule(SPATIAL_LAYER).register_forward_hook(self._keep_spatial)
 
