@@ -84,6 +84,7 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
     if out_path.is_file() and final_settings.is_file():
         _check_same_settings(json.loads(final_settings.read_text()), record, out_path)
         return out_path  # already complete
+    created = rank == 0 and not shard_dir.exists()
     if rank == 0:
         shard_dir.mkdir(parents=True, exist_ok=True)
         if not (shard_dir / SHARD_SETTINGS).is_file():
@@ -101,19 +102,29 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
         if on_shard_written is not None:
             on_shard_written(len(idx))
 
-    if len(mine):
-        generate_samples(model, diffusion, autoencoder, mine, settings, seed=seed, label_mode=label_mode,
-                         batch_size=batch_size, progress=progress and rank == 0, collect=False, on_batch=write_shard)
+    try:
+        if len(mine):
+            generate_samples(model, diffusion, autoencoder, mine, settings, seed=seed, label_mode=label_mode,
+                             batch_size=batch_size, progress=progress and rank == 0, collect=False,
+                             on_batch=write_shard)
+    except BaseException:
+        if created and world_size == 1 and not any(shard_dir.glob("shard-*.npz")):
+            _remove_shard_dir(shard_dir)  # nothing sampled: leave no folder behind (e.g. NaN samples)
+        raise
     sync()
     if rank == 0:
         _assemble(shard_dir, out_path, num_samples)
         write_json_atomic(settings_path_for(out_path), record)
         if not keep_shards:
-            for f in shard_dir.iterdir():
-                f.unlink()
-            shard_dir.rmdir()
+            _remove_shard_dir(shard_dir)
     sync()
     return out_path
+
+
+def _remove_shard_dir(shard_dir: Path) -> None:
+    for f in shard_dir.iterdir():
+        f.unlink()
+    shard_dir.rmdir()
 
 
 def _assemble(shard_dir: Path, out_path: Path, num_samples: int, chunk: int = 1024) -> None:

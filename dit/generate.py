@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from dit.bulk import bulk_sample
 from dit.config import SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.files import save_grid, write_json_atomic
-from dit.sampling import default_output_name, generate_samples, load_for_sampling, settings_path_for
+from dit.sampling import (NonFiniteSamplesError, default_output_name, generate_samples, load_for_sampling,
+                          settings_path_for)
 
 
 def _load(cfg: SampleConfig, env: DistEnv):
@@ -20,6 +22,17 @@ def _load(cfg: SampleConfig, env: DistEnv):
     return load_for_sampling(cfg.checkpoint, which=cfg.which, model_name=cfg.model_name,
                              vae=vae.name if vae is not None else None,
                              vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
+
+
+@contextlib.contextmanager
+def _naming_the_checkpoint(cfg: SampleConfig):
+    """A NaN/inf sample batch: say which checkpoint (and which weights) produced it."""
+    try:
+        yield
+    except NonFiniteSamplesError as err:
+        if str(cfg.checkpoint) in str(err):
+            raise
+        raise NonFiniteSamplesError(f"checkpoint {cfg.checkpoint} ({cfg.which} weights): {err}") from err
 
 
 def generate_grid(cfg: SampleConfig | Any) -> Path:
@@ -33,8 +46,9 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
         settings = cfg.sampler_settings(cfg.grid.cfg_scale)
         out = Path(cfg.grid.out or Path("samples") / (default_output_name(provenance, settings, seed=cfg.seed) + ".png"))
         if env.is_main:
-            images, _ = generate_samples(model, None, autoencoder, range(len(labels)), settings, seed=cfg.seed,
-                                         labels=labels, batch_size=len(labels), progress=True)
+            with _naming_the_checkpoint(cfg):
+                images, _ = generate_samples(model, None, autoencoder, range(len(labels)), settings, seed=cfg.seed,
+                                             labels=labels, batch_size=len(labels), progress=True)
             save_grid(images, out, nrow=cfg.grid.nrow)
             write_json_atomic(settings_path_for(out), {
                 "mode": "grid", "labels": labels, "seed": cfg.seed, **settings.to_dict(), **provenance,
@@ -57,10 +71,11 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
         out = Path(cfg.bulk.out or Path("samples") / (default_output_name(
             provenance, settings, seed=cfg.seed, num_samples=cfg.bulk.num_samples) + ".npz"))
         start = time.perf_counter()
-        bulk_sample(model, None, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
-                    label_mode=cfg.bulk.labels, batch_size=cfg.bulk.batch_size, rank=env.rank,
-                    world_size=env.world_size, barrier=lambda: barrier(env), provenance=provenance,
-                    keep_shards=cfg.bulk.keep_shards, progress=env.is_main)
+        with _naming_the_checkpoint(cfg):
+            bulk_sample(model, None, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
+                        label_mode=cfg.bulk.labels, batch_size=cfg.bulk.batch_size, rank=env.rank,
+                        world_size=env.world_size, barrier=lambda: barrier(env), provenance=provenance,
+                        keep_shards=cfg.bulk.keep_shards, progress=env.is_main)
         if env.is_main:
             print(f"wrote {out} ({cfg.bulk.num_samples} samples, {time.perf_counter() - start:.1f} s on "
                   f"{env.world_size} rank(s)); settings: {settings_path_for(out)}")

@@ -1,6 +1,7 @@
 """Sampling with classifier-free guidance: `SamplerSettings` (the one description of how to
 sample, used by every consumer), DDPM, DDIM and DPM-Solver++, and per-sample deterministic
-batches of images. Bulk `.npz` files are `dit/bulk.py`.
+batches of images. Bulk `.npz` files are `dit/bulk.py`; per-sample seeds, labels
+and network batches are `dit/sample_order.py` (re-exported here).
 
 Determinism is per sample: sample i's initial noise, its per-step noise and its label come from
 generators seeded by (global seed, i) alone, and sample i always shares its network batch with
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,18 @@ from dit.checkpoint import load_dit_checkpoint
 from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
 from dit.files import to_uint8
 from dit.models import null_class, parse_guided_channels
+from dit.sample_order import (LABEL_MODES, LABEL_STREAM, NOISE_STREAM, initial_noise, rank_indices, sample_blocks,
+                              sample_generators, sample_labels, sample_seed)
+
+__all__ = [  # what dit.sample_order defines is re-exported: per-sample randomness belongs to sampling
+    "LABEL_MODES", "LABEL_STREAM", "NOISE_STREAM", "initial_noise", "rank_indices", "sample_blocks",
+    "sample_generators", "sample_labels", "sample_seed",
+    "SAMPLERS", "SamplerSettings", "SETTINGS_FIELDS", "NonFiniteSamplesError", "check_finite_samples",
+    "unwrap_model", "GuidedDenoiser", "sampling_chain", "sample_latents", "sample_images", "generate_samples",
+    "DEFAULT_RELEASE_VAE", "load_for_sampling", "settings_path_for", "default_output_name",
+]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-LABEL_MODES = ("uniform", "balanced")
-# Independent random streams per sample: its noise (initial and per step) and its label.
-NOISE_STREAM, LABEL_STREAM = 0, 1
 
 
 # --------------------------------------------------------------------------------------
@@ -61,7 +70,7 @@ class SamplerSettings:
     cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
     guided_channels: str = "3"
     guidance_interval: Optional[list[int]] = None
-    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like
+    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
 
     def check(self) -> "SamplerSettings":
         """Raise ValueError naming the field whose value cannot work; returns self. (Whether
@@ -74,8 +83,12 @@ class SamplerSettings:
             # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
             raise ValueError(f"the {self.sampler} sampler needs num_steps >= 2 (a chain from t=999 to t=0), "
                              f"got {self.num_steps}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        # eta > 1 asks for more noise than the step's variance holds: DDIM's sqrt(1 - a - sigma^2)
+        # becomes NaN. Non-finite values would turn every sample into NaN, then into black images.
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         guided = self.guided_channels_value
@@ -109,41 +122,26 @@ class SamplerSettings:
 SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
 
 
-# --------------------------------------------------------------------------------------
-# Seeds, labels
-# --------------------------------------------------------------------------------------
+class NonFiniteSamplesError(RuntimeError):
+    """Sampling produced NaN or inf (latents or decoded images): nothing is written from such a
+    batch. Callers that know the checkpoint prefix its path to the message."""
 
 
-def sample_seed(seed: int, index: int, stream: int = NOISE_STREAM) -> int:
-    """A 63-bit seed for sample `index` of a run seeded `seed` (numpy's SeedSequence mixing, so
-    neighbouring indices get unrelated streams)."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and sample index must be non-negative, got seed={seed}, index={index}")
-    state = np.random.SeedSequence([int(seed), int(stream), int(index)]).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
+def _describe(settings: SamplerSettings) -> str:
+    d = settings.to_dict()
+    return ", ".join(f"{k}={d[k]}" for k in ("sampler", "num_steps", "cfg_scale", "eta", "guided_channels"))
 
 
-def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample (CPU, so its noise is the same whatever device samples it)."""
-    return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
-
-
-def initial_noise(generators: list[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
-    """x_T: (N, *shape), row i drawn from generators[i]."""
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
-
-
-def sample_labels(seed: int, indices: Sequence[int], num_classes: int, mode: str = "uniform") -> torch.Tensor:
-    """Class labels for samples `indices`: "uniform" draws each independently (the reference
-    protocol for FID-50K), "balanced" cycles through the classes (index mod num_classes)."""
-    idx = [int(i) for i in indices]
-    if mode == "balanced":
-        return torch.tensor([i % num_classes for i in idx], dtype=torch.long)
-    if mode == "uniform":
-        return torch.tensor(
-            [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(sample_seed(seed, i, LABEL_STREAM))))
-             for i in idx], dtype=torch.long)
-    raise ValueError(f"unknown label mode {mode!r}: use one of {LABEL_MODES}")
+def check_finite_samples(x: torch.Tensor, settings: SamplerSettings, what: str = "latents") -> torch.Tensor:
+    """`x` (N, ...) if every value is finite, else NonFiniteSamplesError naming the settings and
+    the fix. One reduction per batch (not per step)."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if bool(bad.any()):
+        raise NonFiniteSamplesError(
+            f"sampling produced non-finite {what} (NaN/inf) in {int(bad.sum())} of {len(x)} samples with "
+            f"{_describe(settings)}: lower cfg_scale/eta, or check the weights (a diverged checkpoint holds NaN); "
+            "nothing was written from this batch")
+    return x
 
 
 # --------------------------------------------------------------------------------------
@@ -262,6 +260,7 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
                    noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                    progress: bool = False, denoiser_out: list | None = None) -> torch.Tensor:
     """Draw x_0 (N, C, H, W) from x_T = `noise` for class `labels` (N,), as `settings` say.
+    Non-finite results raise `NonFiniteSamplesError` (checked once, at the end).
 
     Args:
         diffusion: the full (training) chain, or one already respaced to `settings.num_steps`;
@@ -287,50 +286,24 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
     num_steps = int(settings.num_steps)
     with _eval_mode(model), torch.no_grad():
         if settings.sampler == "dpm++":
-            return _dpm_solver(denoiser, diffusion, noise, num_steps, progress)
-        chain = sampling_chain(diffusion, num_steps)
-        if settings.sampler == "ddpm":
-            return chain.p_sample_loop(denoiser, noise.shape, noise=noise, progress=progress, generator=generator)
-        return chain.ddim_sample_loop(denoiser, noise.shape, noise=noise, progress=progress, eta=settings.eta,
-                                      generator=generator)
+            x = _dpm_solver(denoiser, diffusion, noise, num_steps, progress)
+        elif settings.sampler == "ddpm":
+            x = sampling_chain(diffusion, num_steps).p_sample_loop(denoiser, noise.shape, noise=noise,
+                                                                   progress=progress, generator=generator)
+        else:
+            x = sampling_chain(diffusion, num_steps).ddim_sample_loop(denoiser, noise.shape, noise=noise,
+                                                                      progress=progress, eta=settings.eta,
+                                                                      generator=generator)
+    return check_finite_samples(x, settings)  # once per batch, not per step
 
 
 def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, autoencoder, labels,
                   settings: SamplerSettings, *, noise: torch.Tensor, generator=None, progress: bool = False) -> np.ndarray:
-    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3)."""
+    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3). Non-finite latents or
+    decoded images raise `NonFiniteSamplesError` (they would become black images)."""
     latents = sample_latents(model, diffusion, labels, settings, noise=noise, generator=generator, progress=progress)
     with torch.no_grad():
-        return to_uint8(autoencoder.decode(latents))
-
-
-def sample_blocks(indices: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Group sample indices into the network batches they are computed in: index i belongs to
-    block i // batch_size, whoever computes it.
-
-    Why blocks: floating-point kernels (CPU and GPU GEMMs) round differently for different batch
-    shapes, so a sample's last bits depend on which samples share its forward passes. With the
-    batch fixed by the index, a sample is computed identically on any rank, in any order, before
-    or after a resume, so the bulk file is byte-identical for any number of ranks. (A different
-    batch size regroups the samples and may change low bits; see docs/sampling.md.)"""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if len(indices) == 0:
-        return []
-    keys = indices // batch_size
-    cuts = np.flatnonzero(np.diff(keys)) + 1
-    return [block for block in np.split(indices, cuts)]
-
-
-def rank_indices(num_samples: int, batch_size: int, rank: int, world_size: int,
-                 skip_blocks: set[int] | frozenset = frozenset()) -> np.ndarray:
-    """The sample indices rank `rank` computes: whole blocks (`sample_blocks`), dealt round-robin
-    over the blocks still to do (those not in `skip_blocks`)."""
-    todo = [b for b in range(-(-num_samples // batch_size)) if b not in skip_blocks]
-    mine = todo[rank::world_size]
-    if not mine:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(b * batch_size, min((b + 1) * batch_size, num_samples)) for b in mine])
+        return to_uint8(check_finite_samples(autoencoder.decode(latents), settings, "decoded images"))
 
 
 def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], settings: SamplerSettings, *, seed: int,
@@ -385,6 +358,17 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], sett
 DEFAULT_RELEASE_VAE = "sd-ema"
 
 
+def _check_finite_weights(model: torch.nn.Module, path: Path, which: str) -> None:
+    """A checkpoint of a diverged run holds NaN/inf weights, which would sample black images."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteSamplesError(
+                f"checkpoint {path}: its {which} weights hold {count} non-finite value(s) (NaN/inf) in {name}: "
+                "it comes from a diverged run; sample from an earlier checkpoint (or which=model if only the EMA "
+                "is affected)")
+
+
 def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", model_name: str | None = None,
                       vae: str | None = None, vae_scale_factor: float | None = None, device="cpu"):
     """(model, autoencoder, provenance) from a checkpoint: the model configuration as stored
@@ -395,6 +379,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
     model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device)
+    _check_finite_weights(model, path, which)
     stored = meta.get("autoencoder") or {}
     name = vae or stored.get("name") or DEFAULT_RELEASE_VAE
     scale = vae_scale_factor if vae_scale_factor is not None else (

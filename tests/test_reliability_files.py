@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_random_inception_weights
+from conftest import compose_config, tiny_dit, write_random_inception_weights
 
 
 class _RunsShellOnLoad:
@@ -79,3 +79,71 @@ def test_inception_weights_swapped_after_the_safe_check_never_run_code(tmp_path,
     # The payload is live: a full unpickle of what is now at the path runs it.
     torch.load(path, weights_only=False)
     assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Case 7: NaN/inf in sampling (settings, weights) becomes an error, never black images
+# --------------------------------------------------------------------------------------
+
+
+def _pixel_checkpoint(path: Path, nan_in_ema: bool = False) -> Path:
+    """A tiny DiT on 8x8 pixels in our checkpoint format, recording the pixel autoencoder."""
+    from dit.checkpoint import save_atomic
+
+    model = tiny_dit(in_channels=3)
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    if nan_in_ema:
+        ema["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")  # a diverged run's EMA
+    save_atomic({"model": model.state_dict(), "ema": ema, "step": 1, "model_name": None,
+                 "model_config": model.config.to_dict(), "autoencoder": {"name": "pixel", "scale_factor": 1.0},
+                 "format_version": 1}, path)
+    return path
+
+
+def _sample(*overrides):
+    return compose_config("sample", ["device=cpu", "sampler.num_steps=3", "bulk.num_samples=4", "bulk.batch_size=2", "grid.labels=[0,1]",
+                                     *overrides])
+
+
+def test_nonfinite_sampling_fails_naming_the_checkpoint_and_settings_and_writes_nothing(tmp_path):
+    from dit.config import ConfigError
+    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling import NonFiniteSamplesError, SamplerSettings, sample_images
+
+    ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
+    out = tmp_path / "out" / "s.npz"
+    # Settings that cannot give finite samples are refused before any work.
+    for bad in (["bulk.cfg_scale=nan"], ["bulk.cfg_scale=inf"], ["sampler=ddim", "sampler.eta=nan"],
+                ["sampler=ddim", "sampler.eta=100"]):
+        with pytest.raises(ConfigError, match=r"(cfg_scale must be a finite number|eta must be in \[0, 1\])"):
+            generate_bulk(_sample(f"checkpoint={ckpt}", "mode=bulk", f"bulk.out={out}", *bad))
+        assert not out.parent.exists(), bad
+    for field, value in (("cfg_scale", float("nan")), ("cfg_scale", float("inf")), ("eta", float("nan")),
+                         ("eta", 1.5), ("eta", -0.1)):
+        with pytest.raises(ValueError, match=field):
+            SamplerSettings(sampler="ddim", **{field: value}).check()
+    SamplerSettings(sampler="ddim", eta=1.0).check()  # DDPM-like noise is the upper end
+
+    # Finite but absurd guidance overflows: an error naming the checkpoint and the settings.
+    with pytest.raises(NonFiniteSamplesError, match=rf"checkpoint {ckpt} .*non-finite latents .*cfg_scale=1e\+30"):
+        generate_bulk(_sample(f"checkpoint={ckpt}", "mode=bulk", f"bulk.out={out}", "bulk.cfg_scale=1e30"))
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # no .npz, no .json, no .parts folder
+
+    # NaN in the EMA weights (a diverged run's checkpoint): refused at load, for grids and bulk files.
+    diverged = _pixel_checkpoint(tmp_path / "diverged.pt", nan_in_ema=True)
+    for mode, run in (("bulk", generate_bulk), ("grid", generate_grid)):
+        with pytest.raises(NonFiniteSamplesError, match=rf"checkpoint {diverged}: its ema weights hold 1 non-finite"):
+            run(_sample(f"checkpoint={diverged}", f"mode={mode}", f"bulk.out={out}",
+                        f"grid.out={tmp_path / 'out' / 'g.png'}"))
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    generate_grid(_sample(f"checkpoint={diverged}", "mode=grid", "which=model", f"grid.out={tmp_path / 'g.png'}"))
+
+    # A model in memory with NaN weights (no checkpoint): the batch's end check catches it.
+    model = tiny_dit(in_channels=3)
+    with torch.no_grad():
+        model.final_layer.linear.weight[0, 0] = float("nan")
+    from dit.autoencoder import build_autoencoder
+
+    with pytest.raises(NonFiniteSamplesError, match=r"non-finite latents \(NaN/inf\) in 2 of 2 samples"):
+        sample_images(model, None, build_autoencoder("pixel"), torch.tensor([0, 1]),
+                      SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=1.0), noise=torch.randn(2, 3, 8, 8))
