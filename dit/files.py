@@ -107,6 +107,29 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
+# PIL modes of 16-bit (and 32-bit integer) single-channel images, e.g. a 16-bit greyscale PNG.
+# PIL's own convert("RGB") clips them at 255, so almost every pixel becomes white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def image_to_rgb(image, name: str | os.PathLike = "image"):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as 16-bit PNGs decode) is
+    scaled to 8 bits (v * 255 / 65535, rounded: exact for 8-bit values stored as v * 257) rather
+    than clipped; values outside 0..65535 or float images are refused, naming the file."""
+    from PIL import Image
+
+    if image.mode in WIDE_GREY_MODES:
+        wide = np.asarray(image).astype(np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):
+            raise ValueError(f"{name}: {image.mode} image with values {wide.min()}..{wide.max()}, outside the 16-bit "
+                             "range 0..65535: convert it to an 8-bit RGB PNG or JPEG first")
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError(f"{name}: floating-point image (mode F) has no defined 0..255 range: convert it to "
+                         "an 8-bit RGB PNG or JPEG first")
+    return image.convert("RGB")
+
+
 def check_images(images: Any, what: str = "images") -> np.ndarray:
     """Validate uint8 (N, H, W, 3) images (numpy or torch); return them as a numpy array."""
     arr = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -245,8 +268,8 @@ def read_image_folder(folder: str | os.PathLike) -> np.ndarray:
     for f in tqdm(files, desc=f"reading {folder.name}", leave=False, disable=len(files) < 1000):
         try:
             with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except OSError as err:
+                images.append(np.asarray(image_to_rgb(im, f)))
+        except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {f}: {err}") from err
         if images[-1].shape != images[0].shape:
             raise ValueError(f"{f} is {images[-1].shape[:2]} but {files[0]} is {images[0].shape[:2]}: "

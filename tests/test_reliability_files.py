@@ -147,3 +147,38 @@ def test_nonfinite_sampling_fails_naming_the_checkpoint_and_settings_and_writes_
     with pytest.raises(NonFiniteSamplesError, match=r"non-finite latents \(NaN/inf\) in 2 of 2 samples"):
         sample_images(model, None, build_autoencoder("pixel"), torch.tensor([0, 1]),
                       SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=1.0), noise=torch.randn(2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------------------
+# Case 9: 16-bit greyscale images are scaled to 8 bits, not clipped to white
+# --------------------------------------------------------------------------------------
+
+
+def test_a_16_bit_greyscale_png_reads_as_its_8_bit_values_in_training_data_and_fid_folders(tmp_path):
+    from PIL import Image
+
+    from dit.data.images import ImageFolderDataset, load_rgb
+    from dit.files import read_image_folder
+
+    grey8 = (np.arange(256).reshape(16, 16)).astype(np.uint8)  # every 8-bit level
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(root / "a" / "wide.png")  # 16-bit PNG, v * 257
+    Image.fromarray(grey8, mode="L").convert("RGB").save(root / "b" / "narrow.png")
+    assert Image.open(root / "a" / "wide.png").mode.startswith("I")  # really 16 bits on disk
+
+    rgb = np.asarray(load_rgb(root / "a" / "wide.png"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (16, 16, 3)
+    assert np.array_equal(rgb, np.repeat(grey8[..., None], 3, axis=-1))  # not 255 everywhere
+
+    ds = ImageFolderDataset(root, image_size=16, hflip=False)
+    (x_wide, _), (x_narrow, _) = ds[0], ds[1]
+    assert torch.equal(x_wide, x_narrow)  # the same picture in 16 and 8 bits trains the same
+
+    images = read_image_folder(root)  # what eval_fid.py reads from a folder of images
+    assert np.array_equal(images[0], images[1])
+
+    # 16-bit values are scaled with rounding (65535 -> 255, 128 -> 0, 129 -> 1).
+    Image.fromarray(np.array([[0, 128, 129, 65535]], np.uint16)).save(tmp_path / "edge.png")
+    assert np.asarray(load_rgb(tmp_path / "edge.png"))[0, :, 0].tolist() == [0, 0, 1, 255]

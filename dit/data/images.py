@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dit.data.seeds import draw_flip, item_generator
+from dit.files import image_to_rgb
 
 
 class BadImageError(OSError):
@@ -53,12 +54,13 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; any failure becomes a BadImageError naming the file.
+    """Open and fully decode an image as 8-bit RGB (`dit.files.image_to_rgb`: 16-bit greyscale is
+    scaled, not clipped); any failure becomes a BadImageError naming the file.
     (PIL decodes lazily, so `convert` is what surfaces a truncated file.)"""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
-            return image.convert("RGB")
+            return image_to_rgb(image, path)  # 16-bit greyscale scaled to 8 bits, not clipped to white
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise BadImageError(
             f"cannot read image {path}: {type(err).__name__}: {err}. Replace or delete the file, "
