@@ -182,3 +182,59 @@ def test_a_16_bit_greyscale_png_reads_as_its_8_bit_values_in_training_data_and_f
     # 16-bit values are scaled with rounding (65535 -> 255, 128 -> 0, 129 -> 1).
     Image.fromarray(np.array([[0, 128, 129, 65535]], np.uint16)).save(tmp_path / "edge.png")
     assert np.asarray(load_rgb(tmp_path / "edge.png"))[0, :, 0].tolist() == [0, 0, 1, 255]
+
+
+# --------------------------------------------------------------------------------------
+# Case 5: symlink loops and cross-links in an ImageFolder
+# --------------------------------------------------------------------------------------
+
+
+def _toy_folder(root: Path, classes=("a", "b", "c"), per_class: int = 2) -> dict[str, int]:
+    """root/<class>/<i>.png, each image a distinct solid colour; returns {real path: label}."""
+    from PIL import Image
+
+    labels = {}
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            path = root / name / f"{i}.png"
+            Image.new("RGB", (8, 8), (40 * label, 10 * i, 0)).save(path)
+            labels[os.path.realpath(path)] = label
+    return labels
+
+
+def test_a_symlink_loop_in_an_image_folder_neither_multiplies_images_nor_mislabels_them(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from dit.data.images import ImageFolderDataset, index_image_folder
+
+    plain = tmp_path / "plain"
+    _toy_folder(plain)
+    (plain / "b" / "nested" / "deeper").mkdir(parents=True)
+    (plain / "b" / "nested" / "deeper" / "x.png").write_bytes((plain / "b" / "0.png").read_bytes())
+    reference = ImageFolder(str(plain), allow_empty=True)  # without links: exactly torchvision's index
+    assert index_image_folder(plain) == (reference.classes, reference.samples)
+
+    root = tmp_path / "data"
+    truth = _toy_folder(root)
+    os.symlink("..", root / "a" / "loop")  # a/loop -> the root: torchvision walks it ~40 times deep
+    os.symlink(".", root / "c" / "self")  # c/self -> c
+    os.symlink("../b", root / "a" / "tob")  # into another class
+    os.symlink("0.png", root / "c" / "again.png")  # the same image twice
+    with pytest.warns(UserWarning) as caught:
+        ds = ImageFolderDataset(root, image_size=8, hflip=False)
+    messages = " | ".join(str(w.message) for w in caught)
+    for link in ("a/loop", "c/self", "a/tob", "c/again.png"):
+        assert str(root / link) in messages, (link, messages)
+    assert len(ds) == len(truth) == 6  # each image once
+    assert sorted(os.path.realpath(p) for p, _ in ds.samples) == sorted(truth)
+    assert all(truth[os.path.realpath(p)] == y for p, y in ds.samples)  # every image keeps its own class
+
+    # A link to images outside the data set (data on another disk) is still followed.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "z.png").write_bytes((root / "a" / "0.png").read_bytes())
+    os.symlink(outside, root / "b" / "more")
+    with pytest.warns(UserWarning, match="not indexing"):  # the links above, again
+        ds = ImageFolderDataset(root, image_size=8, hflip=False)
+    assert (str(root / "b" / "more" / "z.png"), 1) in ds.samples and len(ds) == 7

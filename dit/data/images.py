@@ -9,6 +9,7 @@ so it does not depend on the DataLoader worker that loads the item.
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dit.data.seeds import draw_flip, item_generator
@@ -77,6 +77,95 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(real: str, own: str, root_real: str, class_real: dict[str, str]) -> str | None:
+    """Why a symlink (to `real`, found in class folder `own`) must not be followed, or None."""
+    if _inside(root_real, real):
+        return "it leads back to the data set's root (a loop)"
+    for name, folder in class_real.items():
+        if folder != own and (_inside(real, folder) or _inside(folder, real)):
+            return f"it leads into class folder {name!r}, whose images would get this class's label"
+    return None
+
+
+def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) of an ImageFolder: torchvision's layout, labels and order (class
+    folders sorted by name, then the directories of each, recursively, sorted by path, then file
+    names sorted), following symlinks as torchvision does, but never into a loop nor twice to the
+    same images: a directory link that leads to a folder already indexed, to the root or into
+    another class's folder, and a file link to an image indexed under another path or in another
+    class, are skipped with a warning naming the link."""
+    root = str(Path(root).expanduser())
+    classes = _class_folders(Path(root))
+    root_real = os.path.realpath(root)
+    class_real = {name: os.path.realpath(os.path.join(root, name)) for name in classes}
+    visited: set[str] = set()  # real paths of the directories indexed
+    listing: list[tuple[str, int, list[str]]] = []  # (directory as shown, label, image file names)
+    names_by_real: dict[str, list[str]] = {}  # real directory -> its image files that are not links, sorted
+    linked: list[tuple[int, str, str, str]] = []  # (label, directory as shown, file name, real target) of file links
+
+    def skip(link: str, real: str, why: str) -> None:
+        warnings.warn(f"image folder {root}: not indexing {link} -> {real}: {why}", stacklevel=3)
+
+    for label, name in enumerate(classes):
+        own = class_real[name]
+        if own in visited:
+            skip(os.path.join(root, name), own, "the same folder as another class")
+            continue
+        visited.add(own)
+        stack = [(os.path.join(root, name), own)]
+        while stack:
+            shown, real = stack.pop()
+            try:
+                entries = sorted(os.scandir(shown), key=lambda e: e.name)
+            except OSError:  # unreadable directory: skipped, as torchvision's os.walk does
+                continue
+            files, direct = [], []  # image files; those that are not links
+            for entry in entries:
+                is_link = entry.is_symlink()
+                if entry.is_dir():
+                    target = os.path.realpath(entry.path) if is_link else os.path.join(real, entry.name)
+                    why = ("it leads to a folder already indexed (a loop, or a second path to the same images)"
+                           if target in visited else _link_problem(target, own, root_real, class_real) if is_link
+                           else None)
+                    if why:
+                        skip(entry.path, target, why)
+                        continue
+                    visited.add(target)
+                    stack.append((entry.path, target))
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    if not is_link:
+                        files.append(entry.name)
+                        direct.append(entry.name)
+                        continue
+                    target = os.path.realpath(entry.path)
+                    why = _link_problem(target, own, root_real, class_real)
+                    if why:
+                        skip(entry.path, target, why)
+                    else:
+                        linked.append((label, shown, entry.name, target))
+                        files.append(entry.name)
+            listing.append((shown, label, files))
+            names_by_real[real] = direct
+
+    # File links to an image that is also indexed directly, or through an earlier link: once only.
+    drop, targets = set(), set()
+    for _, shown, name, target in sorted(linked):
+        folder, base = os.path.split(target)
+        direct = names_by_real.get(folder, [])
+        k = bisect.bisect_left(direct, base)
+        if (k < len(direct) and direct[k] == base) or target in targets:
+            skip(os.path.join(shown, name), target, "the same image is already indexed")
+            drop.add(os.path.join(shown, name))
+        targets.add(target)
+    samples = [(os.path.join(shown, f), label) for shown, label, files in sorted(listing, key=lambda e: (e[1], e[0]))
+               for f in files if os.path.join(shown, f) not in drop]
+    return classes, samples
+
+
 def check_image_root(root: str | os.PathLike) -> None:
     """Clear errors for the layouts torchvision would reject with a terse message (a missing
     folder, a file, no class subfolders). Cheap: entry points call it before slow set-up."""
@@ -116,21 +205,21 @@ class ImageFolderDataset(Dataset):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.root = root
-        self.folder = ImageFolder(str(root), loader=load_rgb, allow_empty=True)
-        counts = np.bincount(np.asarray(self.folder.targets, dtype=np.int64), minlength=len(self.folder.classes))
+        self._classes, samples = index_image_folder(root)
+        counts = np.bincount(np.asarray([y for _, y in samples], dtype=np.int64), minlength=len(self._classes))
         if counts.sum() == 0:
             raise ValueError(
                 f"empty dataset: no image files under {root} (extensions {', '.join(IMG_EXTENSIONS)}); "
                 "add images to its class subfolders"
             )
-        empty = [name for name, n in zip(self.folder.classes, counts) if n == 0]
+        empty = [name for name, n in zip(self._classes, counts) if n == 0]
         if empty:
             listed = ", ".join(str(root / name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
             raise ValueError(
                 f"{len(empty)} empty class folder(s) without image files: {listed}; "
                 "add images or remove the folder(s) so labels stay contiguous"
             )
-        self.samples: list[tuple[str, int]] = list(self.folder.samples)
+        self.samples: list[tuple[str, int]] = samples
         self.image_size = int(image_size)
         self.hflip = hflip
         self.skip_bad = skip_bad
@@ -140,11 +229,11 @@ class ImageFolderDataset(Dataset):
 
     @property
     def classes(self) -> list[str]:
-        return self.folder.classes
+        return self._classes
 
     @property
     def num_classes(self) -> int:
-        return len(self.folder.classes)
+        return len(self._classes)
 
     @property
     def num_skipped(self) -> int:
