@@ -26,8 +26,8 @@ from dit.files import read_images, write_text_atomic
 from dit.generate import generate_bulk
 from dit.inception import InceptionFeatures
 from dit.judge import JudgeFeatures, ToyJudge
-from dit.metrics import (FeatureExtractor, FeatureStats, compute_metrics, load_reference, metrics_from_features,
-                         sample_features)
+from dit.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
+                         metrics_from_features, sample_features)
 from dit.sampling import (SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for,
                           unwrap_model)
 
@@ -227,6 +227,7 @@ class FIDEvaluator:
         if self._reference is None:
             self._reference = load_reference(self.reference_source, self._extractor, cache_dir=self.cache_dir,
                                              need_features="prc" in self.metrics or "kid" in self.metrics)
+        check_reference(self._reference, (image_size, image_size))  # before sampling
 
     @torch.no_grad()
     def evaluate(self, model, diffusion, autoencoder, *, rank: int = 0, world_size: int = 1,
@@ -251,4 +252,4 @@ class FIDEvaluator:
         return metrics_from_features(
             feats, self._reference, self._extractor.identity, fid="fid" in self.metrics,
             sfid="sfid" in self.metrics, isc="isc" in self.metrics, prc="prc" in self.metrics,
-            kid="kid" in self.metrics)
+            kid="kid" in self.metrics, image_size=(image_size, image_size))

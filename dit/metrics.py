@@ -28,6 +28,9 @@ from dit.files import (check_images, image_files, npz_array_shape, open_npz, rea
                        read_samples_npz, write_npz_atomic)
 
 STATS_FORMAT_VERSION = 1
+# A covariance must be symmetric and positive semi-definite; these tolerances (relative to its
+# largest entry / variance) pass float64 and float32 rounding, and nothing else.
+SYMMETRY_TOLERANCE, PSD_TOLERANCE = 1e-6, 1e-4
 
 
 class FeatureExtractor(Protocol):
@@ -65,13 +68,20 @@ def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{which}: mu/sigma contain NaN or inf (were the images or features broken?)")
     if (np.diag(sigma) < 0).any():
         raise ValueError(f"{which}: sigma has negative variances on its diagonal: not a covariance matrix")
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asymmetry = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asymmetry > SYMMETRY_TOLERANCE * scale:
+        raise ValueError(f"{which}: sigma is not symmetric (max |sigma - sigma^T| = {asymmetry:.3g}, "
+                         f"{asymmetry / scale:.2g} of its largest entry): not a covariance matrix")
     return mu, (sigma + sigma.T) / 2  # symmetric by definition; np.cov rounding may break that
 
 
-def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+def _psd_factor(sigma: np.ndarray, which: str = "sigma") -> np.ndarray:
     """A (D, r) with A A^T = sigma, r its numerical rank: LAPACK's pivoted Cholesky (pstrf), which
     stops where the remaining diagonal falls to rounding level. For the singular covariances of
-    small sets (N images < D dimensions) r <= N - 1, which makes the rest cheap."""
+    small sets (N images < D dimensions) r <= N - 1, which makes the rest cheap. A sigma that is
+    not positive semi-definite (within PSD_TOLERANCE of its largest variance: float32 rounding
+    passes) leaves a remainder the factor does not reproduce, and is refused."""
     from scipy.linalg.lapack import dpstrf
 
     c, piv, rank, info = dpstrf(sigma, tol=-1.0, lower=1)  # tol < 0: LAPACK's D * eps * max(diag)
@@ -79,6 +89,11 @@ def _psd_factor(sigma: np.ndarray) -> np.ndarray:
         raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
     factor = np.zeros((sigma.shape[0], rank))
     factor[piv - 1] = np.tril(c)[:, :rank]  # undo the pivoting: sigma = factor @ factor.T
+    scale = float(np.diag(sigma).max()) if sigma.size else 0.0
+    if sigma.size and float(np.abs(sigma - factor @ factor.T).max()) > PSD_TOLERANCE * scale:
+        smallest = float(np.linalg.eigvalsh(sigma)[0])
+        raise ValueError(f"{which}: sigma is not positive semi-definite (smallest eigenvalue {smallest:.4g}, largest "
+                         f"variance {scale:.4g}): not a covariance matrix")
     return factor
 
 
@@ -98,7 +113,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu2, sigma2 = _as_stats(mu2, sigma2, "second set")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]} (different extractors?)")
-    factor1, factor2 = _psd_factor(sigma1), _psd_factor(sigma2)
+    factor1, factor2 = _psd_factor(sigma1, "first set"), _psd_factor(sigma2, "second set")
     # tr((S1 S2)^(1/2)) is symmetric in the two sets: project with the lower-rank factor.
     middle = factor1.T @ sigma2 @ factor1 if factor1.shape[1] <= factor2.shape[1] else factor2.T @ sigma1 @ factor2
     eig = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -134,6 +149,7 @@ class FeatureStats:
     pool: np.ndarray | None = None
     logits: np.ndarray | None = None
     source: str | None = None
+    image_size: tuple[int, int] | None = None  # (H, W) of the images, where known
     extra: dict = field(default_factory=dict)
 
 
@@ -148,7 +164,10 @@ def stats_from_features(feats: dict[str, np.ndarray], extractor_identity: str | 
 
 
 def compute_stats(images: np.ndarray, extractor: FeatureExtractor, progress: bool = False) -> FeatureStats:
-    return stats_from_features(extractor.extract(check_images(images), progress=progress), extractor.identity)
+    images = check_images(images)
+    stats = stats_from_features(extractor.extract(images, progress=progress), extractor.identity)
+    stats.image_size = (int(images.shape[1]), int(images.shape[2]))
+    return stats
 
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, include_features: bool = True) -> Path:
@@ -161,6 +180,8 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, include_features: b
         arrays["pool"] = stats.pool.astype(np.float32)
     meta = {"format_version": STATS_FORMAT_VERSION, "extractor": stats.extractor, "num_images": stats.num_images,
             "source": stats.source}
+    if stats.image_size is not None:
+        meta["image_size"] = [int(v) for v in stats.image_size]
     arrays["meta"] = np.array(json.dumps(meta))  # a unicode scalar: readable without pickle
     return write_npz_atomic(path, arrays)
 
@@ -193,9 +214,11 @@ def _read_stats_npz(path: Path, extractor: FeatureExtractor) -> tuple[FeatureSta
                     num_images = meta.get("num_images")
                 else:
                     num_images = npz_array_shape(path, "arr_0")[0] if has_images else None
+                size = (meta or {}).get("image_size") or (npz_array_shape(path, "arr_0")[1:3] if has_images else None)
                 stats = FeatureStats(np.asarray(read_npz_array(data, "mu", path), np.float64),
                                      np.asarray(read_npz_array(data, "sigma", path), np.float64),
-                                     num_images=num_images, extractor=made_by, source=str(path))
+                                     num_images=num_images, extractor=made_by, source=str(path),
+                                     image_size=tuple(int(v) for v in size) if size else None)
                 if {"mu_s", "sigma_s"} <= keys:
                     stats.mu_s = np.asarray(read_npz_array(data, "mu_s", path), np.float64)
                     stats.sigma_s = np.asarray(read_npz_array(data, "sigma_s", path), np.float64)
@@ -230,6 +253,7 @@ def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, ca
         if cache_path.is_file():
             cached, _ = _read_stats_npz(cache_path, extractor)
             if cached is not None and cached.pool is not None:
+                cached.source = str(source)  # what the user named, not our cache file
                 return _prefer_stored(stored, cached)
 
     images = read_image_folder(source) if source.is_dir() else read_samples_npz(source)[0]
@@ -247,6 +271,7 @@ def _prefer_stored(stored: FeatureStats | None, computed: FeatureStats) -> Featu
         return computed
     stored.pool = computed.pool
     stored.logits = computed.logits
+    stored.image_size = stored.image_size or computed.image_size
     if stored.mu_s is None:
         stored.mu_s, stored.sigma_s = computed.mu_s, computed.sigma_s
     return stored
@@ -255,6 +280,30 @@ def _prefer_stored(stored: FeatureStats | None, computed: FeatureStats) -> Featu
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
+
+
+def check_reference(reference: FeatureStats, image_size: tuple[int, int] | None = None) -> None:
+    """ValueError naming the reference if the samples' (H, W) differ from its images' (where both
+    are known: FID between resolutions measures the resize, not the model) or if its statistics
+    are not a mean and a symmetric positive semi-definite covariance."""
+    where = reference.source or "the reference"
+    if image_size is not None and reference.image_size is not None and tuple(image_size) != tuple(reference.image_size):
+        (h, w), (rh, rw) = image_size, reference.image_size
+        raise ValueError(f"samples are {h}x{w} but the images of reference {where} are {rh}x{rw}: FID compares "
+                         "sets at one resolution; sample at the reference's resolution, or use a reference made "
+                         "at the samples' resolution")
+    if reference.extra.get("covariances_checked"):
+        return
+    for mu, sigma, what in ((reference.mu, reference.sigma, ""), (reference.mu_s, reference.sigma_s, " (spatial)")):
+        if mu is None or sigma is None:
+            continue
+        which = f"reference {where}{what}"
+        try:
+            _psd_factor(_as_stats(mu, sigma, which)[1], which)
+        except ValueError as err:
+            raise ValueError(f"{err}; recompute its statistics from its images, or use an intact copy of the "
+                             "reference file") from None
+    reference.extra["covariances_checked"] = True  # once per loaded reference (the in-training evaluator reuses it)
 
 
 def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, float]:
@@ -313,14 +362,16 @@ def sample_features(images: np.ndarray, extractor: FeatureExtractor, labels: np.
 def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats, extractor_identity: str | None, *,
                           fid: bool = True, sfid: bool = True, isc: bool = True, prc: bool = True, kid: bool = False,
                           prc_k: int = 3, isc_split_size: int = 5000, kid_subsets: int = 100,
-                          kid_subset_size: int = 1000) -> dict[str, float]:
+                          kid_subset_size: int = 1000, image_size: tuple[int, int] | None = None) -> dict[str, float]:
     """Metrics of generated images (given by `sample_features`) against reference statistics.
     Metrics that the reference or the extractor cannot support (sFID without spatial statistics,
     precision/recall without reference features, class accuracy without labels or a classifier)
-    are left out, not faked."""
+    are left out, not faked. `image_size` (H, W) of the samples is checked against the
+    reference's, where known; a reference whose covariances are not symmetric PSD is refused."""
     if reference.extractor is not None and extractor_identity is not None and reference.extractor != extractor_identity:
         raise ValueError(f"reference statistics were made by {reference.extractor}, the samples are scored by "
                          f"{extractor_identity}: recompute the reference with the same extractor")
+    check_reference(reference, image_size)
     sample = stats_from_features(feats, extractor_identity)
     out: dict[str, float] = {"num_samples": int(sample.num_images)}
     if reference.num_images is not None:
@@ -346,5 +397,8 @@ def compute_metrics(images: np.ndarray, reference: FeatureStats, extractor: Feat
                     labels: np.ndarray | None = None, progress: bool = False, **options) -> dict[str, float]:
     """Score generated uint8 images against reference statistics; `options` as in
     `metrics_from_features` (fid, sfid, isc, prc, kid, prc_k, ...)."""
+    images = check_images(images, "samples")
+    size = (int(images.shape[1]), int(images.shape[2]))
+    check_reference(reference, size)  # before the (slow) feature extraction
     feats = sample_features(images, extractor, labels, progress=progress)
-    return metrics_from_features(feats, reference, extractor.identity, **options)
+    return metrics_from_features(feats, reference, extractor.identity, image_size=size, **options)

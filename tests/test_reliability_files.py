@@ -238,3 +238,73 @@ def test_a_symlink_loop_in_an_image_folder_neither_multiplies_images_nor_mislabe
     with pytest.warns(UserWarning, match="not indexing"):  # the links above, again
         ds = ImageFolderDataset(root, image_size=8, hflip=False)
     assert (str(root / "b" / "more" / "z.png"), 1) in ds.samples and len(ds) == 7
+
+
+# --------------------------------------------------------------------------------------
+# Case 12: FID against a reference that does not fit (resolution, a broken covariance)
+# --------------------------------------------------------------------------------------
+
+
+class _PoolingFeatures:
+    """Cheap features that exist at any resolution (2x2 average pooling): a size mismatch is not
+    caught by the network, only by our check."""
+
+    name = identity = "pooling-2x2"
+
+    def extract(self, images, progress=False):
+        x = torch.from_numpy(np.asarray(images)).float().permute(0, 3, 1, 2) / 255.0
+        return {"pool": torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).double().numpy()}
+
+
+def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that_is_not_psd(tmp_path,
+                                                                                         inception_weights):
+    import dit.metrics as M
+    from dit.evaluate import evaluate_samples
+    from dit.files import write_npz_atomic, write_samples_npz
+
+    rng = np.random.default_rng(0)
+    samples16 = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    ref32 = write_samples_npz(tmp_path / "ref32.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    ex = _PoolingFeatures()
+    mismatch = r"samples are 16x16 but the images of reference .*ref32.npz are 32x32: .*sample at the reference's"
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # computed, then cached statistics (meta)
+        reference = M.load_reference(ref32, ex, cache_dir=cache)
+        with pytest.raises(ValueError, match=mismatch):
+            M.compute_metrics(samples16, reference, ex, isc=False, prc=False)
+    # An ADM-style batch (mu/sigma plus images) knows its resolution from its images.
+    stats = M.compute_stats(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), ex)
+    write_npz_atomic(tmp_path / "adm32.npz", {"arr_0": np.zeros((3, 32, 32, 3), np.uint8), "mu": stats.mu,
+                                              "sigma": stats.sigma})
+    inception_like = _PoolingFeatures()
+    inception_like.name = "inception"
+    with pytest.raises(ValueError, match="samples are 16x16 but the images of reference .*adm32.npz are 32x32"):
+        M.compute_metrics(samples16, M.load_reference(tmp_path / "adm32.npz", inception_like, need_features=False),
+                          inception_like, isc=False, prc=False)
+    same = M.compute_metrics(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), M.load_reference(ref32, ex), ex,
+                             isc=False, prc=False)
+    assert same["fid"] > 0  # the same resolution is scored
+
+    # Through eval_fid.py, with the real Inception network (which would resize anything to 299).
+    samples_file = write_samples_npz(tmp_path / "s16.npz", samples16)
+    cfg = compose_config("eval", [f"samples={samples_file}", f"reference={ref32}", "device=cpu",
+                                  f"feature_extractor_weights={inception_weights}", "allow_download=false",
+                                  "cache_dir=null", "results_table=null", "metrics=[fid]"])
+    with pytest.raises(ValueError, match=mismatch):
+        evaluate_samples(cfg, cfg.samples)
+    assert not (tmp_path / "s16.inception.metrics.json").exists()
+
+    # A covariance that is not PSD (smallest eigenvalue -2) or not symmetric is refused, naming the file.
+    q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    broken = (q * np.linspace(-2.0, 10.0, 12)) @ q.T
+    write_npz_atomic(tmp_path / "not_psd.npz", {"mu": np.zeros(12), "sigma": broken})
+    with pytest.raises(ValueError, match=r"reference .*not_psd.npz: sigma is not positive semi-definite "
+                                         r"\(smallest eigenvalue -2.*recompute its statistics"):
+        M.compute_metrics(samples16, M.load_reference(tmp_path / "not_psd.npz", inception_like), inception_like,
+                          isc=False, prc=False)
+    skew = stats.sigma + np.triu(np.full((12, 12), 1e-2 * np.abs(stats.sigma).max()), 1)
+    write_npz_atomic(tmp_path / "skew.npz", {"mu": stats.mu, "sigma": skew})
+    with pytest.raises(ValueError, match=r"reference .*skew.npz: sigma is not symmetric"):
+        M.compute_metrics(samples16, M.load_reference(tmp_path / "skew.npz", inception_like), inception_like,
+                          isc=False, prc=False)
+    with pytest.raises(ValueError, match="second set: sigma is not positive semi-definite"):
+        M.frechet_distance(np.zeros(12), np.eye(12), np.zeros(12), broken)
