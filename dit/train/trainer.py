@@ -27,7 +27,7 @@ from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
 from dit.train.resume import (
     CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, latest_checkpoint, load_start_state, plain_config,
-    save_checkpoint,
+    run_directory_lock, save_checkpoint,
 )
 from dit.train.step import take_over_label_dropout, train_step
 from dit.train.stream import DataStream, build_data, build_latent_space
@@ -64,10 +64,12 @@ def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
     Faults (docs/reliability.md): raises TrainingPreempted (a SystemExit with status
     fault.preempt_exit_code) after the checkpoint a preemption signal asked for,
     NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
-    CheckpointWriteError when a checkpoint cannot be written (the previous one is kept)."""
+    CheckpointWriteError when a checkpoint cannot be written (the previous one is kept), and
+    RunDirectoryBusy when another run holds the run directory (nothing there is touched)."""
     env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
     try:
-        return Trainer(cfg, Path(out_dir), env).run()
+        with run_directory_lock(Path(out_dir), env):  # before anything in the run directory is read or changed
+            return Trainer(cfg, Path(out_dir), env).run()
     finally:
         cleanup(env)
 
