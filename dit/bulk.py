@@ -3,8 +3,11 @@ of ranks and across interruptions (see `dit.sampling.sample_blocks` for why)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +18,36 @@ from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, rank_i
                           unwrap_model)
 
 SHARD_SETTINGS = "settings.json"
+LOCK_FILE = ".lock"  # in the shard directory: held (flock) by the sampler writing this output
+
+
+class BulkOutputBusyError(RuntimeError):
+    """Another bulk sampler is writing the same output (it holds `<out>.parts/.lock`)."""
+
+
+class _OutputLock:
+    """An exclusive flock on `<out>.parts/.lock`, recording who holds it (pid, host, start time);
+    the kernel releases it when the holder exits, also on kill -9."""
+
+    def __init__(self, shard_dir: Path, out_path: Path):
+        self.path = shard_dir / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise BulkOutputBusyError(
+                f"another bulk sampler is writing {out_path} (it holds {self.path}: {holder}): wait for it to "
+                "finish (a relaunch then finds the file complete), or choose another output path") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                 .encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
 
 
 def _check_same_settings(old: dict, new: dict, where: Path) -> None:
@@ -31,6 +64,15 @@ def _done_blocks(shard_dir: Path, batch_size: int) -> set[int]:
         with open_npz(f) as data:
             done.add(int(data["idx"][0]) // batch_size)
     return done
+
+
+def check_bulk_output(out_path: Path) -> None:
+    """A bulk file is an ADM `.npz`; its settings go beside it (`settings_path_for`): any other
+    name could make the two one file (bulk.out=X.json would be overwritten by its settings)."""
+    if out_path.suffix != ".npz":
+        raise ValueError(f"bulk output {out_path} must end in .npz (the ADM sample format; its settings are "
+                         f"written to {settings_path_for(out_path.with_suffix('.npz')).name} beside it): "
+                         f"use {out_path.with_suffix('.npz')}")
 
 
 def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples: int, seed: int, batch_size: int,
@@ -76,6 +118,7 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
     sync = barrier or (lambda: None)
     model = unwrap_model(model)
     out_path = Path(out_path)
+    check_bulk_output(out_path)
     shard_dir = out_path.with_name(out_path.name + ".parts")
     record = bulk_settings(model, autoencoder, settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
                            label_mode=label_mode, provenance=provenance)
@@ -85,11 +128,38 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
         _check_same_settings(json.loads(final_settings.read_text()), record, out_path)
         return out_path  # already complete
     created = rank == 0 and not shard_dir.exists()
-    if rank == 0:
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        if not (shard_dir / SHARD_SETTINGS).is_file():
-            write_json_atomic(shard_dir / SHARD_SETTINGS, record)
+    lock = None
+    try:
+        if rank == 0:
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            lock = _OutputLock(shard_dir, out_path)  # a second sampler on this output stops here
+            if world_size == 1 and out_path.is_file() and final_settings.is_file():  # another sampler just finished
+                _check_same_settings(json.loads(final_settings.read_text()), record, out_path)
+                if created:
+                    _remove_shard_dir(shard_dir)
+                return out_path
+            if not (shard_dir / SHARD_SETTINGS).is_file():
+                write_json_atomic(shard_dir / SHARD_SETTINGS, record)
+        sync()
+        _sample_shards(model, diffusion, autoencoder, shard_dir, settings, record, num_samples=num_samples,
+                       seed=seed, batch_size=batch_size, label_mode=label_mode, rank=rank, world_size=world_size,
+                       sync=sync, progress=progress, on_shard_written=on_shard_written, created=created)
+        if rank == 0:
+            _assemble(shard_dir, out_path, num_samples)
+            write_json_atomic(settings_path_for(out_path), record)
+            if not keep_shards:
+                _remove_shard_dir(shard_dir)
+    finally:
+        if lock is not None:
+            lock.release()
     sync()
+    return out_path
+
+
+def _sample_shards(model, diffusion, autoencoder, shard_dir: Path, settings: SamplerSettings, record: dict, *,
+                   num_samples: int, seed: int, batch_size: int, label_mode: str, rank: int, world_size: int,
+                   sync: Callable[[], None], progress: bool, on_shard_written, created: bool) -> None:
+    """This rank's missing blocks, each written as one shard; returns when every rank is done."""
     # Every rank checks, so that all of them stop (rather than some waiting at a barrier).
     _check_same_settings(json.loads((shard_dir / SHARD_SETTINGS).read_text()), record, shard_dir)
     done = _done_blocks(shard_dir, batch_size)
@@ -112,13 +182,6 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
             _remove_shard_dir(shard_dir)  # nothing sampled: leave no folder behind (e.g. NaN samples)
         raise
     sync()
-    if rank == 0:
-        _assemble(shard_dir, out_path, num_samples)
-        write_json_atomic(settings_path_for(out_path), record)
-        if not keep_shards:
-            _remove_shard_dir(shard_dir)
-    sync()
-    return out_path
 
 
 def _remove_shard_dir(shard_dir: Path) -> None:

@@ -134,6 +134,8 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
 
     sidecar = settings_path_for(samples) if samples.is_file() else None
     settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
+    if settings.get("mode") == "grid":  # a grid's settings from before grids had their own file (X.png.json)
+        settings = {}
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "samples": str(samples),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dit.bulk import bulk_sample
-from dit.config import SampleConfig, SampleMode, to_sample_config
+from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.files import save_grid, write_json_atomic
 from dit.sampling import (NonFiniteSamplesError, default_output_name, generate_samples, load_for_sampling,
@@ -35,16 +35,28 @@ def _naming_the_checkpoint(cfg: SampleConfig):
         raise NonFiniteSamplesError(f"checkpoint {cfg.checkpoint} ({cfg.which} weights): {err}") from err
 
 
+def _output(given: str | None, default_stem, suffix: str, key: str) -> Path:
+    """The output path (`given`, else samples/<default name><suffix>); another suffix is refused,
+    before any work: the settings file beside it must not be the output itself."""
+    out = Path(given) if given else Path("samples") / (default_stem() + suffix)
+    if out.suffix != suffix:
+        raise ConfigError(f"{key}={given} must end in {suffix} (its settings are written beside it, to "
+                          f"{settings_path_for(out.with_suffix(suffix)).name}): use {key}={out.with_suffix(suffix)}")
+    return out
+
+
 def generate_grid(cfg: SampleConfig | Any) -> Path:
     """mode=grid: one image per entry of `grid.labels`, written as a PNG with its settings JSON
     next to it (rank 0 draws; other ranks, if any, wait). Returns the PNG path."""
     cfg = to_sample_config(cfg)
+    if cfg.grid.out:
+        _output(cfg.grid.out, None, ".png", "grid.out")
     env = init_distributed(cfg.device)
     try:
         model, autoencoder, provenance = _load(cfg, env)
         labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
         settings = cfg.sampler_settings(cfg.grid.cfg_scale)
-        out = Path(cfg.grid.out or Path("samples") / (default_output_name(provenance, settings, seed=cfg.seed) + ".png"))
+        out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
         if env.is_main:
             with _naming_the_checkpoint(cfg):
                 images, _ = generate_samples(model, None, autoencoder, range(len(labels)), settings, seed=cfg.seed,
@@ -64,12 +76,14 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
     """mode=bulk: `bulk.num_samples` images to an ADM `.npz` (every rank samples its share, rank 0
     assembles). Returns the output path."""
     cfg = to_sample_config(cfg)
+    if cfg.bulk.out:
+        _output(cfg.bulk.out, None, ".npz", "bulk.out")
     env = init_distributed(cfg.device)
     try:
         model, autoencoder, provenance = _load(cfg, env)
         settings = cfg.sampler_settings(cfg.bulk.cfg_scale)
-        out = Path(cfg.bulk.out or Path("samples") / (default_output_name(
-            provenance, settings, seed=cfg.seed, num_samples=cfg.bulk.num_samples) + ".npz"))
+        out = _output(cfg.bulk.out, lambda: default_output_name(provenance, settings, seed=cfg.seed,
+                                                                num_samples=cfg.bulk.num_samples), ".npz", "bulk.out")
         start = time.perf_counter()
         with _naming_the_checkpoint(cfg):
             bulk_sample(model, None, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,

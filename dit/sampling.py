@@ -394,8 +394,11 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
 
 
 def settings_path_for(out_path: str | os.PathLike) -> Path:
-    """Where the sampling settings of an output file live: next to it, `.json`."""
-    return Path(out_path).with_suffix(".json")
+    """Where the sampling settings of an output file live, next to it: `X.json` for a bulk
+    `X.npz` (what eval_fid.py reads), `X.png.json` for a grid `X.png` (any other file: its full
+    name + `.json`), so a grid and a bulk file of one stem never share a settings file."""
+    out_path = Path(out_path)
+    return out_path.with_suffix(".json") if out_path.suffix == ".npz" else out_path.with_name(out_path.name + ".json")
 
 
 def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: int,

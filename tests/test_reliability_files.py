@@ -8,6 +8,7 @@ What each case guarantees: docs/reliability.md.
 from __future__ import annotations
 
 import errno
+import json
 import hashlib
 import os
 import pickle
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, tiny_dit, write_random_inception_weights
+from conftest import compose_config, single_thread, tiny_dit, write_random_inception_weights
 
 
 class _RunsShellOnLoad:
@@ -308,3 +309,86 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
                           isc=False, prc=False)
     with pytest.raises(ValueError, match="second set: sigma is not positive semi-definite"):
         M.frechet_distance(np.zeros(12), np.eye(12), np.zeros(12), broken)
+
+
+# --------------------------------------------------------------------------------------
+# Cases 10 and 11: output paths that collide; two bulk samplers on one output
+# --------------------------------------------------------------------------------------
+
+
+def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk_files_keep_their_own(tmp_path):
+    from dit.autoencoder import build_autoencoder
+    from dit.bulk import bulk_sample
+    from dit.checkpoint import load_dit_checkpoint
+    from dit.config import ConfigError
+    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling import SamplerSettings, settings_path_for
+
+    ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
+    out = tmp_path / "out"
+    for mode, key, bad, fix in (("bulk", "bulk.out", "X.json", "X.npz"), ("grid", "grid.out", "X.json", "X.png"),
+                                ("grid", "grid.out", "X.npz", "X.png")):
+        with pytest.raises(ConfigError, match=rf"{key}=.*{bad} must end in \.{fix[-3:]} .*use {key}=.*{fix}"):
+            (generate_bulk if mode == "bulk" else generate_grid)(
+                _sample(f"checkpoint={ckpt}", f"mode={mode}", f"{key}={out / bad}"))
+        assert not out.exists()
+    model, _ = load_dit_checkpoint(ckpt)
+    with pytest.raises(ValueError, match=r"bulk output .*X.json must end in .npz"):
+        bulk_sample(model, None, build_autoencoder("pixel"), out / "X.json", SamplerSettings(num_steps=2),
+                    num_samples=2, seed=0, batch_size=2, progress=False)
+    assert not out.exists()
+
+    # A grid and a bulk file of one stem: two settings files, each describing its own output.
+    grid = generate_grid(_sample(f"checkpoint={ckpt}", "mode=grid", f"grid.out={out / 'run.png'}",
+                                 "grid.cfg_scale=4.0"))
+    bulk = generate_bulk(_sample(f"checkpoint={ckpt}", "mode=bulk", f"bulk.out={out / 'run.npz'}",
+                                 "bulk.cfg_scale=1.5"))
+    assert settings_path_for(grid) != settings_path_for(bulk)
+    assert settings_path_for(bulk) == out / "run.json"  # where eval_fid.py (and existing files) have it
+    grid_settings = json.loads(settings_path_for(grid).read_text())
+    bulk_settings = json.loads(settings_path_for(bulk).read_text())
+    assert (grid_settings["mode"], grid_settings["cfg_scale"]) == ("grid", 4.0)
+    assert (bulk_settings["num_samples"], bulk_settings["cfg_scale"], bulk_settings["labels"]) == (4, 1.5, "uniform")
+
+
+def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holder(tmp_path):
+    import multiprocessing
+    import signal
+    import time
+
+    from dit.bulk import BulkOutputBusyError
+    from dit.generate import generate_bulk
+
+    ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
+    out = tmp_path / "b.npz"
+    parts = tmp_path / "b.npz.parts"
+    cfg = _sample(f"checkpoint={ckpt}", "mode=bulk", f"bulk.out={out}", "bulk.num_samples=400", "sampler=ddim",
+                  "sampler.num_steps=10")
+
+    def first():
+        torch.set_num_threads(1)
+        generate_bulk(cfg)
+
+    with single_thread():
+        proc = multiprocessing.get_context("fork").Process(target=first)
+        proc.start()
+        try:
+            deadline = time.monotonic() + 120
+            while not list(parts.glob("shard-*.npz")):
+                assert proc.is_alive() and time.monotonic() < deadline, "the first sampler did not start"
+                time.sleep(0.01)
+            started = time.monotonic()
+            with pytest.raises(BulkOutputBusyError, match=rf"another bulk sampler is writing {out} .*pid {proc.pid} "
+                                                          rf"on .*wait for it to finish.*or choose another output"):
+                generate_bulk(cfg)
+            assert time.monotonic() - started < 10  # at once, not after sampling
+            assert proc.is_alive()  # the first one is untouched
+            os.kill(proc.pid, signal.SIGKILL)  # ... and killed: its lock goes with it
+            proc.join(60)
+        finally:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b.npz.parts", "pix.pt"]
+        assert generate_bulk(cfg) == out  # the relaunch takes the lock and finishes
+    assert out.is_file() and not parts.exists()
