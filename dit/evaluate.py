@@ -22,7 +22,7 @@ import torch
 
 from dit.config import EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
-from dit.files import read_images, write_text_atomic
+from dit.files import FileWriteError, atomic_target, read_images, write_text_atomic
 from dit.generate import generate_bulk
 from dit.inception import InceptionFeatures
 from dit.judge import JudgeFeatures, ToyJudge
@@ -83,8 +83,12 @@ def append_results_row(path: str | os.PathLike, row: dict) -> Path:
     if write_header:
         writer.writeheader()
     writer.writerow({k: _cell(row.get(k)) for k in RESULTS_COLUMNS})
-    with open(path, "a", newline="") as f:  # one write: concurrent appends do not interleave lines
-        f.write(buf.getvalue())
+    target = atomic_target(path)  # through a symlink; never into a device or FIFO
+    try:
+        with open(target, "a", newline="") as f:  # one write: concurrent appends do not interleave lines
+            f.write(buf.getvalue())
+    except OSError as err:
+        raise FileWriteError(path, err, kept="The rows already in it are kept (a cut last line may end it)") from err
     return path
 
 

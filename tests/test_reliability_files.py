@@ -392,3 +392,139 @@ def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holde
         assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b.npz.parts", "pix.pt"]
         assert generate_bulk(cfg) == out  # the relaunch takes the lock and finishes
     assert out.is_file() and not parts.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Case 13: atomic writes onto symlinks, devices and FIFOs
+# --------------------------------------------------------------------------------------
+
+
+def test_atomic_writes_go_through_a_symlink_and_never_replace_what_is_not_a_regular_file(tmp_path):
+    from dit.evaluate import append_results_row
+    from dit.files import write_npz_atomic, write_text_atomic
+
+    bigger_disk = tmp_path / "bigger_disk"
+    bigger_disk.mkdir()
+    (bigger_disk / "results.json").write_text("old\n")
+    link = tmp_path / "results.json"
+    os.symlink(bigger_disk / "results.json", link)
+    assert write_text_atomic(link, "new\n") == link
+    assert link.is_symlink() and (bigger_disk / "results.json").read_text() == "new\n"  # still a link
+    dangling = tmp_path / "samples.npz"
+    os.symlink(bigger_disk / "samples.npz", dangling)  # a link to a file still to be made
+    write_npz_atomic(dangling, {"arr_0": np.zeros((1, 2, 2, 3), np.uint8)})
+    assert dangling.is_symlink() and (bigger_disk / "samples.npz").is_file()
+    assert sorted(p.name for p in bigger_disk.iterdir()) == ["results.json", "samples.npz"]  # no temp files
+    table_link = tmp_path / "table.csv"
+    os.symlink(bigger_disk / "table.csv", table_link)
+    append_results_row(table_link, {"fid": 1.0})
+    assert table_link.is_symlink() and "fid" in (bigger_disk / "table.csv").read_text()
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    os.symlink(os.devnull, tmp_path / "to_null")
+    for target in (fifo, tmp_path / "folder", tmp_path / "to_null"):
+        with pytest.raises(FileExistsError, match=r"refusing to write .*: it exists and is .*choose another path"):
+            write_text_atomic(target, "x")
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        append_results_row(fifo, {"fid": 1.0})
+    assert fifo.exists() and not fifo.is_file() and (tmp_path / "folder").is_dir()
+    assert (tmp_path / "to_null").is_symlink() and os.path.exists(os.devnull) and not Path(os.devnull).is_file()
+
+
+# --------------------------------------------------------------------------------------
+# Case 14: write failures outside checkpoints name the file and the fix
+# --------------------------------------------------------------------------------------
+
+
+class _FullDisk:
+    """A file that takes `room` bytes, then fails every write as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def _open_on_a_full_disk(match: str, room: int = 64):
+    def opener(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return _FullDisk(f, room) if match in str(path) and ("w" in mode or "a" in mode or "x" in mode) else f
+
+    return opener
+
+
+def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, monkeypatch):
+    import dit.data.cache
+    import dit.evaluate
+    import dit.files
+    from PIL import Image
+
+    from dit.autoencoder import build_autoencoder
+    from dit.data import build_latent_cache
+    from dit.data.latents import LatentCacheDataset
+    from dit.evaluate import append_results_row
+    from dit.files import FileWriteError, write_samples_npz
+
+    def assert_names(err, path):
+        message = str(err.value)
+        assert f"could not write {path}" in message and "No space left on device (errno 28)" in message, message
+        assert "free space or fix permissions" in message and err.value.errno == errno.ENOSPC
+
+    # A latents cache shard on a full disk: not torch's opaque zip error.
+    images = tmp_path / "images"
+    for i in range(4):
+        (images / ("a" if i < 2 else "b")).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / ("a" if i < 2 else "b") / f"{i}.png")
+    cache = tmp_path / "cache"
+    kwargs = dict(batch_size=2, num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False)
+    monkeypatch.setattr(dit.data.cache, "open", _open_on_a_full_disk("shard_00001"), raising=False)
+    with pytest.raises(FileWriteError) as err:
+        build_latent_cache(images, build_autoencoder("pixel"), cache, 8, **kwargs)
+    assert_names(err, cache / "shard_00001.pt")
+    assert sorted(p.name for p in cache.iterdir()) == ["build.json", "shard_00000.pt"]  # no temp file
+    monkeypatch.undo()
+    build_latent_cache(images, build_autoencoder("pixel"), cache, 8, **kwargs)  # space freed: resumes
+
+    # A truncated meta.json: named, with the way to rebuild it.
+    meta = cache / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ValueError, match=rf"{meta} is not valid JSON .*truncated or corrupt; delete it and rerun"):
+        LatentCacheDataset(cache)
+    with pytest.raises(ValueError, match=rf"{meta} is not valid JSON"):
+        build_latent_cache(images, build_autoencoder("pixel"), cache, 8, **kwargs)
+    meta.unlink()  # ... as the message says
+    build_latent_cache(images, build_autoencoder("pixel"), cache, 8, **kwargs)
+    assert len(LatentCacheDataset(cache)) == 4
+
+    # A sample file (bulk assembly, shards, statistics: all written by write_npz_atomic).
+    out = tmp_path / "samples.npz"
+    monkeypatch.setattr(dit.files, "open", _open_on_a_full_disk("samples.npz"), raising=False)
+    with pytest.raises(FileWriteError) as err:
+        write_samples_npz(out, np.zeros((4, 8, 8, 3), np.uint8))
+    assert_names(err, out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".samples")]
+    monkeypatch.undo()
+
+    # The results table.
+    table = tmp_path / "results.csv"
+    append_results_row(table, {"fid": 1.0})
+    monkeypatch.setattr(dit.evaluate, "open", _open_on_a_full_disk("results.csv", room=0), raising=False)
+    with pytest.raises(FileWriteError) as err:
+        append_results_row(table, {"fid": 2.0})
+    assert_names(err, table)
+    assert "The rows already in it are kept" in str(err.value)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dit.files import write_atomic, write_text_atomic
+from dit.files import RecordingFile, read_json_file, write_atomic, write_text_atomic
 from dit.data.images import BadImageError, ImageFolderDataset
 from dit.data.latents import (
     BUILD_FILE,
@@ -33,7 +33,13 @@ def _save_shard(shard: dict, tmp: Path) -> None:
     """`torch.save` through an open file, not a file name: torch names the records inside the
     zip after the file it is given, and a temp file's name would change the shard's bytes."""
     with open(tmp, "wb") as f:
-        torch.save(shard, f)
+        recorder = RecordingFile(f)  # the same bytes as writing to f
+        try:
+            torch.save(shard, recorder)
+        except RuntimeError:
+            if recorder.error is not None:  # torch's zip writer hides a full disk behind "unexpected pos"
+                raise recorder.error from None
+            raise
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -133,7 +139,8 @@ def build_latent_cache(
     meta_path, build_path = out_dir / META_FILE, out_dir / BUILD_FILE
     for existing_path in (meta_path, build_path):
         if existing_path.exists():
-            existing = json.loads(existing_path.read_text())
+            existing = read_json_file(existing_path, f"delete it and rerun this command: the shards in {out_dir} "
+                                                     "are reused")
             differ = sorted(k for k in settings if existing.get(k) != settings[k])
             if differ:
                 raise LatentCacheMismatch(

@@ -10,7 +10,6 @@ latents do not depend on the DataLoader workers and a resumed run sees the same 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from bisect import bisect_right
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dit.data.seeds import draw_flip, item_generator
+from dit.files import read_json_file
 
 # --------------------------------------------------------------------------------------
 # The format. Layout of a cache directory:
@@ -96,7 +96,8 @@ class LatentCacheDataset(Dataset):
                 f"no latents cache at {self.path} ({META_FILE} not found): build one with "
                 "`python -m dit.cache_latents data_root=IMAGEFOLDER out_dir=DIR vae=...`"
             )
-        meta = json.loads(meta_path.read_text())
+        meta = read_json_file(meta_path, f"delete it and rerun the `python -m dit.cache_latents` command that built "
+                                          f"{self.path}: its shards are reused and {META_FILE} is rewritten")
         if meta.get("format_version") != CACHE_FORMAT_VERSION:
             raise LatentCacheMismatch(
                 f"latents cache {self.path} has format version {meta.get('format_version')}, this code "
