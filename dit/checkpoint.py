@@ -128,7 +128,24 @@ def _is_safetensors(path: Path) -> bool:
 
 # Phrases of torch's weights-only unpickler when a file asks for a global it will not import
 # (a class, or a function to call): the signature of pickled Python objects, malicious or not.
-_UNSAFE_MARKERS = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build")
+# torch 2.6+ says "Unsupported global: GLOBAL os.system was not an allowed global" after a
+# "WeightsUnpickler error:" prefix; torch 2.14 says "Trying to load unsupported GLOBAL
+# posix.system whose module posix is blocked" with no prefix (for modules it blocks outright).
+_UNSAFE_MARKERS = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build", "is blocked")
+# torch's own boilerplate around the reason: its advice to load with weights_only=False (which
+# would run the payload) is never repeated to the user.
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Re-running", "In PyTorch")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only error that says why it stopped (a blocked global, a
+    bad opcode), without torch's advice to retry unsafely."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    reasons = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines
+               if "WeightsUnpickler error:" in ln or not ln.startswith(_TORCH_ADVICE)]
+    flagged = [r for r in reasons if any(marker in r for marker in _UNSAFE_MARKERS)]
+    reason = (flagged or reasons or ["no reason given"])[0]
+    return reason.split(" Please use")[0].strip()
 
 
 def load_state(path: str | os.PathLike) -> Any:
@@ -151,9 +168,7 @@ def load_state(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's weights-only unpickler says why it stopped after "WeightsUnpickler error:".
-        msg = str(e)
-        detail = msg.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].split(" Please use")[0].strip()
+        detail = _unpickler_reason(str(e))
         if any(marker in detail for marker in _UNSAFE_MARKERS):
             raise UnsafeCheckpointError(
                 f"{str(path)!r} contains arbitrary Python objects and is refused: unpickling it could run "

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from dit.train import run_training
+from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import checkpoint_path
 
 from test_reliability import (  # noqa: F401 - `reference` is a fixture
@@ -87,3 +88,91 @@ def test_a_second_launch_into_a_live_run_directory_is_refused_at_once_and_touche
     # The run is over: its lock went with it, and the directory takes the next launch.
     result = run_training(config(f"max_steps={STEPS + 2}", "ckpt.every=10", "ckpt.keep_last=null"), run)
     assert result["step"] == STEPS + 2
+
+
+# --------------------------------------------------------------------------------------
+# 3. A code-running pickle planted in a run directory
+# --------------------------------------------------------------------------------------
+
+
+class _Shell:
+    """What an attacker pickles: unpickling it calls os.system(command)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_planted_os_system_pickle_is_refused_as_unsafe_not_skipped_as_corrupt(tmp_path):
+    run = tmp_path / "run"
+    run_training(config("max_steps=2", "ckpt.every=1", "ckpt.keep_last=null"), run)
+    good = torch.load(checkpoint_path(run / "checkpoints", 2), weights_only=True)
+    marker = tmp_path / "pwned"
+    planted = checkpoint_path(run / "checkpoints", 9)
+    torch.save({**good, "step": 9, "rng": _Shell(f"touch {marker}")}, planted)  # the newest checkpoint
+
+    proc = train_py(run, "max_steps=12", "ckpt.every=1", "ckpt.keep_last=null", cwd=tmp_path)
+    output = finish(proc)
+    assert proc.returncode == 1, output[-3000:]
+    assert not marker.exists()  # the code did not run ...
+    assert planted.is_file() and not list((run / "checkpoints").glob("*.corrupt"))  # ... nor was it set aside
+    assert checkpoint_steps(run) == [1, 2, 9] and logged_steps(run) == [1, 2]  # nothing trained past it
+    errors = [ln for ln in output.splitlines() if "UnsafeCheckpointError:" in ln]
+    assert errors, output[-3000:]
+    line = errors[-1]
+    assert "0000009.pt" in line and "arbitrary Python objects and is refused" in line and "system" in line, line
+    assert "weights_only" not in line and "False" not in line  # torch's advice to load it unsafely is not passed on
+
+    torch.load(planted, weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+
+
+# --------------------------------------------------------------------------------------
+# 6. An update that makes the weights non-finite (finite loss and gradient)
+# --------------------------------------------------------------------------------------
+
+
+def assert_all_finite(run: Path) -> None:
+    for step in checkpoint_steps(run):
+        ckpt = torch.load(checkpoint_path(run / "checkpoints", step), weights_only=True)
+        tensors = [*ckpt["model"].values(), *ckpt["ema"].values(),
+                   *(v for s in ckpt["opt"]["state"].values() for v in s.values())]
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), step
+
+
+def test_no_checkpoint_holds_a_nonfinite_tensor_and_the_last_finite_one_is_never_pruned(tmp_path):
+    # A NaN weight after the update of step 4, the checkpoint due at that step, keep_last=1: the
+    # save is refused, nothing is pruned.
+    run = tmp_path / "every_step"
+    common = ["max_steps=10", "ckpt.every=1", "ckpt.keep_last=1", "fault.max_nonfinite_steps=3"]
+    with pytest.raises(NonFiniteTrainingError) as stopped:
+        run_training(config(*common, "debug.nan_weights_at_steps=[4]"), run)
+    message = str(stopped.value)
+    assert "checkpoint at step 4 refused" in message and "nothing was written" in message, message
+    assert f"{checkpoint_path(run / 'checkpoints', 3)}, is kept" in message and "\n" not in message
+    assert checkpoint_steps(run) == [3]
+    assert_all_finite(run)
+
+    # No checkpoint due: the next step's loss is NaN, the guard finds the weights broken and stops
+    # at once (skipping steps cannot mend weights), before the checkpoint of step 6.
+    run = tmp_path / "every_3"
+    common = ["max_steps=10", "ckpt.every=3", "ckpt.keep_last=1", "fault.max_nonfinite_steps=3"]
+    with pytest.raises(NonFiniteTrainingError) as stopped:
+        run_training(config(*common, "debug.nan_weights_at_steps=[4]"), run)
+    message = str(stopped.value)
+    assert "stopped at step 5: the weights are NaN/inf" in message, message
+    assert f"newest checkpoint, {checkpoint_path(run / 'checkpoints', 3)}, is finite" in message
+    assert checkpoint_steps(run) == [3]
+    assert_all_finite(run)
+    assert run_training(config(*common), run)["step"] == 10  # the fault gone: resumes from step 3
+
+    # The attack as found: optim.eps=0 (AdamW divides 0 by 0 where a gradient is exactly zero, as
+    # adaLN-Zero's are at step 1), finite loss and gradient; the guard on or off.
+    for guard in ("3", "null"):
+        run = tmp_path / f"eps0_{guard}"
+        with pytest.raises(NonFiniteTrainingError, match="optim.eps"):
+            run_training(config("max_steps=10", "ckpt.every=1", "ckpt.keep_last=1", "optim.eps=0",
+                                f"fault.max_nonfinite_steps={guard}"), run)
+        assert checkpoint_steps(run) == []

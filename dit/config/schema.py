@@ -219,6 +219,7 @@ class DebugConfig:
     kill_rank: Optional[int] = None  # ... on this rank only (None: every rank)
     nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps' losses become NaN
     nan_grad_at_steps: list[int] = field(default_factory=list)  # one gradient entry becomes inf
+    nan_weights_at_steps: list[int] = field(default_factory=list)  # one weight becomes NaN after the update
 
 
 # --------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 whose loss or gradient is not finite, and the fault injection that the crash tests use.
 
 Fault injection (`debug.*`) is one object handed to the step and the trainer, called at named
-points (`loss`, `gradients`, `before_update`, `after_step`, `checkpoint_write`); the default
+points (`loss`, `gradients`, `before_update`, `after_update`, `after_step`, `checkpoint_write`); the default
 `Faults()` does nothing there, so the hot path holds no `if cfg.debug...`.
 """
 
@@ -51,6 +51,9 @@ class Faults:
     def before_update(self, step: int) -> None:
         pass
 
+    def after_update(self, step: int, params: list[torch.Tensor]) -> None:
+        pass
+
     def after_step(self, step: int) -> None:
         pass
 
@@ -66,7 +69,8 @@ NO_FAULTS = Faults()
 
 class FaultInjector(Faults):
     """Faults from a `DebugConfig`: kill (SIGKILL) or hang this rank at a step and a point of it,
-    a NaN loss or an inf gradient at given steps, half a checkpoint on disk then death."""
+    a NaN loss or an inf gradient at given steps, a NaN weight after the update of given steps (a
+    finite loss and gradient, a broken update: `optim.eps=0`), half a checkpoint on disk then death."""
 
     def __init__(self, debug, rank: int):
         self.d, self.rank = debug, rank
@@ -94,6 +98,12 @@ class FaultInjector(Faults):
     def before_update(self, step):
         if self._here("mid_step", step):
             self._die()
+
+    def after_update(self, step, params):
+        if step in self.d.nan_weights_at_steps:  # what an update dividing by zero leaves
+            with torch.no_grad():
+                local = getattr(params[0], "to_local", lambda: params[0])()
+                local.view(-1)[0] = float("nan")
 
     def after_step(self, step):
         if self._here("after_step", step):
@@ -123,7 +133,7 @@ class FaultInjector(Faults):
 def make_faults(debug, rank: int) -> Faults:
     """The injector for `debug` (a DebugConfig), or the no-op `Faults` when nothing is set."""
     d = debug
-    if d.kill_at_step is None and not d.nan_loss_at_steps and not d.nan_grad_at_steps:
+    if d.kill_at_step is None and not d.nan_loss_at_steps and not d.nan_grad_at_steps and not d.nan_weights_at_steps:
         return NO_FAULTS
     return FaultInjector(d, rank)
 
@@ -143,7 +153,8 @@ class NonFiniteGuard:
         self.max_bad, self.env, self.watch_signals = max_bad, env, watch_signals
         self.counts = dict(counts or {"total": 0, "consecutive": 0})
         self.received = lambda: False  # set by the trainer: has this rank received a preemption signal
-        self.updated, self.preempt = True, False
+        self.weights: list[torch.Tensor] = []  # set by the trainer: checked when a step is non-finite
+        self.updated, self.preempt, self.weights_bad = True, False, False
 
     def update_if(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """(The step's `update_if`.) One all-reduce of two numbers and one host sync per step,
@@ -157,6 +168,9 @@ class NonFiniteGuard:
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) if check else torch.zeros((), dtype=torch.bool)
         flags = torch.stack([bad.float().to(device), torch.tensor(float(preempt), device=device)])
         bad, self.preempt = (v > 0 for v in all_reduce_sum(flags, self.env).tolist())
+        if bad and self.weights:  # only on a bad step (no cost otherwise): did an earlier update break the weights?
+            local = torch.tensor(float(not all_finite(self.weights)), device=device)
+            self.weights_bad = all_reduce_sum(local, self.env).item() > 0
         self.updated = not bad  # no optimizer or EMA update: the weights stay as they were
         return self.updated
 
@@ -167,6 +181,14 @@ class NonFiniteGuard:
             return
         self.counts["total"] += 1
         self.counts["consecutive"] += 1
+        if self.weights_bad:  # skipping steps cannot mend them: stop now
+            raise NonFiniteTrainingError(
+                f"training stopped at step {step}: the weights are NaN/inf, made so by the update of an earlier step "
+                "whose loss and gradient were finite; no checkpoint holds them (a checkpoint with a non-finite "
+                f"tensor is never written). The newest checkpoint, {last_ckpt}, is finite and a relaunch resumes "
+                "from it. Fix: raise optim.eps (0 divides by zero), lower optim.lr, set optim.grad_clip, or use "
+                "precision=fp32"
+            )
         log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped "
                     "(%d in a row, %d in total; the run stops at %d in a row)", step, loss.item(),
                     grad_norm.item(), self.counts["consecutive"], self.counts["total"], self.max_bad)
@@ -179,6 +201,31 @@ class NonFiniteGuard:
                 "optim.lr, set optim.grad_clip, use precision=fp32, or check the data "
                 f"(fault.max_nonfinite_steps={max_bad} sets the limit)"
             )
+
+
+def named_tensors(obj, prefix: str = ""):
+    """(dotted name, tensor) of every floating-point tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from named_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def all_finite(tensors) -> bool:
+    """Whether every entry of `tensors` (this rank's shards of DTensors) is finite. One host sync."""
+    local = [getattr(t, "to_local", lambda t=t: t)().detach() for t in tensors]
+    flags = [torch.isfinite(t).all() for t in local if t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def nonfinite_entries(state: dict) -> list[str]:
+    """Names of the tensors in `state` (a checkpoint's model, ema, opt, ...) holding a NaN or inf."""
+    return [name for name, t in named_tensors(state) if not all_finite([t])]
 
 
 # --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dit.distributed import (
     full_optimizer_state,
     gather_objects,
 )
-from dit.train.faults import NO_FAULTS, Faults
+from dit.train.faults import NO_FAULTS, Faults, NonFiniteTrainingError, nonfinite_entries
 from dit.train.randomness import rng_state
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,9 @@ def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, e
     optimizer state gathered from every rank (collectives under FSDP), each rank's RNG states,
     and `meta` (configs, data position, format version, ...) from rank 0, which writes the file. Old
     checkpoints are pruned only once the new one is complete. A failed write (full disk) raises
-    CheckpointWriteError on every rank, naming `previous`, which is kept."""
+    CheckpointWriteError on every rank, naming `previous`, which is kept. A checkpoint with a
+    NaN/inf tensor in its weights, EMA or optimizer state is not written: NonFiniteTrainingError
+    on every rank, nothing pruned."""
     ckpt = {
         "model": full_model_state(model),
         "ema": full_model_state(ema_module),
@@ -310,20 +312,35 @@ def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, e
     }
     path = checkpoint_path(ckpt_dir, step)
     error = None
+    kept = f"the newest complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
     if env.is_main:
         ckpt.update(step=step, **meta)
-        faults.checkpoint_write(step, ckpt, path)
-        try:
-            save_atomic(ckpt, path)
-        except CheckpointWriteError as err:
-            error = err
+        bad = nonfinite_entries({k: ckpt[k] for k in ("model", "ema", "opt")})
+        if bad:  # never on disk, and never a reason to prune the last good checkpoint
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            error = NonFiniteTrainingError(
+                f"checkpoint at step {step} refused: {shown} hold NaN/inf values; nothing was written and no "
+                f"checkpoint was deleted ({kept}, and a relaunch resumes from it). An update made the weights "
+                "non-finite: raise optim.eps (0 divides by zero), lower optim.lr, set optim.grad_clip, or use "
+                "precision=fp32"
+            )
         else:
-            for old in prune_checkpoints(ckpt_dir, keep_last, keep_every):
-                log.info("deleted old checkpoint %s", old)
-            log.info("saved checkpoint %s", path)
-    failed = broadcast_object(None if error is None else str(error), env)  # also the barrier
+            faults.checkpoint_write(step, ckpt, path)
+            try:
+                save_atomic(ckpt, path)
+            except CheckpointWriteError as err:
+                error = err
+            else:
+                for old in prune_checkpoints(ckpt_dir, keep_last, keep_every):
+                    log.info("deleted old checkpoint %s", old)
+                log.info("saved checkpoint %s", path)
+    # Every rank raises rank 0's error (this is also the barrier).
+    failed = broadcast_object(None if error is None else (type(error).__name__, str(error)), env)
+    if isinstance(error, NonFiniteTrainingError):
+        raise error
+    if failed is not None and failed[0] == NonFiniteTrainingError.__name__:
+        raise NonFiniteTrainingError(failed[1])
     if failed is not None:
-        kept = f"the newest complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"checkpoint at step {step} failed: {failed}; {kept}",
+        raise CheckpointWriteError(f"checkpoint at step {step} failed: {failed[1]}; {kept}",
                                    errno=getattr(error, "errno", None)) from error
     return path

@@ -72,6 +72,7 @@ def train_step(
     hooks.before_update(step)
     if update_if is None or update_if(loss, grad_norm):
         opt.step()
+        hooks.after_update(step, params)
         if ema is not None:
             ema.update(getattr(model, "module", model))  # DDP's replica: the same parameters
     return loss, grad_norm

@@ -221,6 +221,7 @@ class Trainer:
     def _loop(self, watch: PreemptionWatch, batches) -> dict:
         cfg = self.cfg
         self.guard.received = lambda: watch.received is not None
+        self.guard.weights = self.params
         self.train_module.train()
         window, last_loss = MetricsWindow(self.device), float("nan")
         last_ckpt, last_save = latest_checkpoint(self.ckpt_dir), time.monotonic()
