@@ -176,3 +176,39 @@ def test_no_checkpoint_holds_a_nonfinite_tensor_and_the_last_finite_one_is_never
             run_training(config("max_steps=10", "ckpt.every=1", "ckpt.keep_last=1", "optim.eps=0",
                                 f"fault.max_nonfinite_steps={guard}"), run)
         assert checkpoint_steps(run) == []
+
+
+# --------------------------------------------------------------------------------------
+# 8. Preemption during start-up
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_during_start_up_exits_75_at_once_writing_nothing(tmp_path, signum):
+    """SLURM's SIGUSR1 or SIGTERM while the data set is being built (a toy set of 200 000 images
+    takes seconds, as indexing ImageNet or loading a VAE does at scale): status 75, the requeue
+    recipe's signal, at once; no checkpoint, no metrics."""
+    run = tmp_path / "run"
+    proc = train_py(run, "data.num_per_class=20000", "max_steps=5", cwd=tmp_path)
+    try:
+        # The lock file names this process once its start-up has begun (the watch is on by then).
+        assert wait_until(lambda: f"pid {proc.pid} " in _read(run / ".lock") or proc.poll() is not None)
+        assert proc.poll() is None
+        proc.send_signal(signum)
+        signalled = time.monotonic()
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, (proc.returncode, output[-3000:])
+    assert took < 5, took  # at once, not after the start-up
+    assert f"preempted ({signal.Signals(signum).name}) during start-up, before the first step" in output
+    assert checkpoint_steps(run) == [] and logged_steps(run) == []
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""

@@ -237,15 +237,25 @@ class PreemptionWatch:
     """Turns the preemption signals into a flag that the loop reads at step boundaries (a
     handler that only sets a flag is safe whatever the process is doing when the signal comes).
 
+    Installed first thing, before start-up (data indexing, VAE and checkpoint loading: minutes
+    at scale). Until `started()` (the loop begins) a signal ends the process at once with
+    TrainingPreempted(`exit_code`), writing nothing: there is no progress to save yet, and the
+    scheduler's kill follows the signal within seconds.
+
     Handlers installed before (submitit's requeue handler on SIGUSR2, say) are remembered:
     `hand_over()` calls the one of the signal received, once the checkpoint is written. All
     handlers are restored on exit. Signals can only be handled in the main thread; elsewhere
     (a test calling `run_training` from a thread) the watch does nothing."""
 
-    def __init__(self, signums: tuple[int, ...]):
-        self.signums = tuple(signums)
+    def __init__(self, signums: tuple[int, ...], exit_code: int = 75):
+        self.signums, self.exit_code = tuple(signums), exit_code
         self.previous: dict[int, object] = {}
         self.received: Optional[int] = None
+        self.starting = True
+
+    def started(self) -> None:
+        """The loop begins: from now on a signal is acted upon at the next step boundary."""
+        self.starting = False
 
     @property
     def signal_name(self) -> Optional[str]:
@@ -254,6 +264,13 @@ class PreemptionWatch:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        if self.starting:
+            self.starting = False  # once
+            log.warning("preempted (%s) during start-up, before the first step: nothing written; exiting with "
+                        "status %d so that the launcher requeues the job; relaunching the same command resumes "
+                        "from the newest checkpoint", self.signal_name, self.exit_code)
+            self.hand_over()  # the launcher's own handler (submitit: requeue), if any
+            raise TrainingPreempted(self.exit_code)
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is not threading.main_thread():
@@ -272,6 +289,11 @@ class PreemptionWatch:
         handler = self.previous.get(self.received)
         if callable(handler):
             handler(self.received, None)
+
+
+def preemption_signals(names) -> tuple[int, ...]:
+    """The signal numbers of `fault.preempt_signals` (unknown names are left to check_static)."""
+    return tuple(getattr(signal, str(n)) for n in names if isinstance(getattr(signal, str(n), None), signal.Signals))
 
 
 def ignore_signals(signums: tuple[int, ...], worker_id: int) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -21,7 +20,9 @@ from dit.distributed import (
 )
 from dit.models import DiT, arch_name
 from dit.train.ema import EMA
-from dit.train.faults import NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults
+from dit.train.faults import (
+    NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
+)
 from dit.train.optimizer import apply_hyperparameters, build_optimizer
 from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
@@ -66,12 +67,15 @@ def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
     NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
     CheckpointWriteError when a checkpoint cannot be written (the previous one is kept), and
     RunDirectoryBusy when another run holds the run directory (nothing there is touched)."""
-    env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
-    try:
-        with run_directory_lock(Path(out_dir), env):  # before anything in the run directory is read or changed
-            return Trainer(cfg, Path(out_dir), env).run()
-    finally:
-        cleanup(env)
+    # The preemption signals are watched from the very start: a signal during start-up exits
+    # with fault.preempt_exit_code at once (nothing to save yet), not with the signal's default.
+    with PreemptionWatch(preemption_signals(cfg.fault.preempt_signals), cfg.fault.preempt_exit_code) as watch:
+        env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
+        try:
+            with run_directory_lock(Path(out_dir), env):  # before anything in the run directory is read or changed
+                return Trainer(cfg, Path(out_dir), env).run(watch)
+        finally:
+            cleanup(env)
 
 
 class Trainer:
@@ -87,7 +91,7 @@ class Trainer:
         configure_backends(cfg)
         self.config_dict = plain_config(cfg)
         state = load_start_state(cfg, self.ckpt_dir, self.config_dict, env)
-        self.preempt_signals = tuple(getattr(signal, name) for name in cfg.fault.preempt_signals)
+        self.preempt_signals = preemption_signals(cfg.fault.preempt_signals)
         self.faults = make_faults(cfg.debug, env.rank)
 
         self.data = build_data(cfg)
@@ -207,16 +211,17 @@ class Trainer:
 
     # ---- the loop
 
-    def run(self) -> dict:
+    def run(self, watch: PreemptionWatch) -> dict:
+        """The loop, under `watch` (installed by `run_training` before start-up)."""
         batches = self.stream.batches(self.step)
-        with PreemptionWatch(self.preempt_signals) as watch:
-            try:
-                return self._loop(watch, batches)
-            finally:
-                # Stop the DataLoader workers now: left to the interpreter's exit, they would be
-                # sent SIGTERM, which they ignore (see DataStream), and waited for forever.
-                batches.close()
-                self.logger.close()
+        watch.started()
+        try:
+            return self._loop(watch, batches)
+        finally:
+            # Stop the DataLoader workers now: left to the interpreter's exit, they would be
+            # sent SIGTERM, which they ignore (see DataStream), and waited for forever.
+            batches.close()
+            self.logger.close()
 
     def _loop(self, watch: PreemptionWatch, batches) -> dict:
         cfg = self.cfg
