@@ -212,3 +212,59 @@ def _read(path: Path) -> str:
         return path.read_text()
     except FileNotFoundError:
         return ""
+
+
+# --------------------------------------------------------------------------------------
+# 4. Resuming on another data set
+# --------------------------------------------------------------------------------------
+
+
+def test_resuming_on_a_different_data_set_is_refused_unless_allowed(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from dit.config import ConfigError
+    from dit.toy import write_toy_imagefolder
+
+    data = write_toy_imagefolder(tmp_path / "data", num_per_class=1, image_size=16, seed=0)  # 10 classes
+    same_size = write_toy_imagefolder(tmp_path / "same_size", num_per_class=1, image_size=16, seed=1)
+    permuted = tmp_path / "permuted"  # the same folders, two class names swapped
+    shutil.copytree(data, permuted)
+    a, b = sorted(p.name for p in permuted.iterdir())[:2]
+    (permuted / a).rename(permuted / "swap")
+    (permuted / b).rename(permuted / a)
+    (permuted / "swap").rename(permuted / b)
+
+    run = tmp_path / "run"
+    common = ["data=imagefolder", "global_batch_size=10", "ckpt.every=1"]
+    run_training(config(*common, f"data.root={data}", "max_steps=2"), run)
+    for other, why in ((same_size, "other files"), (permuted, "other files")):
+        with pytest.raises(ConfigError, match=f"is not the data set checkpoint .* was trained on .*{why}.*"
+                                              "data.allow_changed=true") as refused:
+            run_training(config(*common, f"data.root={other}", "max_steps=3"), run)
+        assert "\n" not in str(refused.value)
+        assert checkpoint_steps(run) == [1, 2]  # nothing trained on it
+    extra = tmp_path / "more"
+    shutil.copytree(data, extra)
+    shutil.copy(next((extra / a).iterdir()), extra / a / "copy.png")
+    with pytest.raises(ConfigError, match="it has 11 items, the checkpoint's data had 10"):
+        run_training(config(*common, f"data.root={extra}", "max_steps=3"), run)
+
+    with caplog.at_level(logging.WARNING, logger="dit.train"):  # on purpose
+        assert run_training(config(*common, f"data.root={permuted}", "data.allow_changed=true", "max_steps=3"),
+                            run)["step"] == 3
+    assert any("is not the data set" in r.getMessage() for r in caplog.records)
+    # The same data moved elsewhere is the same data.
+    moved = tmp_path / "moved"
+    shutil.copytree(permuted, moved)
+    assert run_training(config(*common, f"data.root={moved}", "max_steps=4"), run)["step"] == 4
+
+    # A checkpoint written before the record existed resumes, with a warning.
+    last = checkpoint_path(run / "checkpoints", 4)
+    state = torch.load(last, weights_only=True)
+    del state["data_identity"]
+    torch.save(state, last)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dit.train"):
+        assert run_training(config(*common, f"data.root={same_size}", "max_steps=5"), run)["step"] == 5
+    assert any("records no fingerprint of its data" in r.getMessage() for r in caplog.records)

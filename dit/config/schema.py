@@ -59,6 +59,9 @@ class DataConfig:
 
     kind: str = MISSING
     num_workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
+    # Resuming checks that the data is the one the checkpoint was trained on (its classes and a
+    # fingerprint of its files); true continues on purpose on changed data (a warning, not an error).
+    allow_changed: bool = False
 
 
 @dataclass
@@ -260,5 +263,6 @@ class TrainConfig:
 # `config_mismatches`).
 RESUMABLE_CHANGES = (
     "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
+    "data.allow_changed",
     "compile", "grad_checkpointing", "device", "name",
 )

@@ -269,7 +269,7 @@ def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
     if differ:
         log.warning("resuming from %s with a changed configuration:\n  %s", source, "\n  ".join(differ))
     log.info("resuming from %s (step %d)", source, state["step"])
-    return {**state, "source": str(source)}
+    return {**state, "source": str(source), "own": own}
 
 
 def check_checkpoint_fits(state: dict, model_config: dict, cfg: TrainConfig) -> None:
@@ -287,6 +287,34 @@ def check_checkpoint_fits(state: dict, model_config: dict, cfg: TrainConfig) -> 
         f"({listed}): use the data (or latents cache) and model it was trained with, or start without it "
         "(a new run directory, no resume=)"
     )
+
+
+def check_same_data(state: dict, identity: Optional[dict], cfg: TrainConfig) -> None:
+    """ConfigError, before any training, if this run directory's checkpoint was trained on other
+    data than `identity` (`dit.train.stream.data_identity`) describes, unless data.allow_changed.
+    A checkpoint from elsewhere (resume=, fine-tuning) or one without the record: a warning."""
+    stored = state.get("data_identity")
+    where = f"data.root={cfg.data.root}" if getattr(cfg.data, "root", None) else f"data={cfg.data.kind}"
+    if identity is None:
+        return
+    if stored is None:
+        log.warning("checkpoint %s records no fingerprint of its data (an older checkpoint): cannot check that "
+                    "%s is the data it was trained on", state.get("source"), where)
+        return
+    if stored == identity:
+        return
+    if stored.get("classes") != identity["classes"]:
+        differ = "its class names or their order differ, so labels would change meaning"
+    elif stored.get("items") != identity["items"]:
+        differ = f"it has {identity['items']} items, the checkpoint's data had {stored.get('items')}"
+    else:
+        differ = "the same classes and number of items, but other files (names or sizes)"
+    message = (f"{where} is not the data set checkpoint {state.get('source')} was trained on ({differ})")
+    if cfg.data.allow_changed or not state.get("own", True):
+        log.warning("%s; continuing on it%s", message, "" if cfg.data.allow_changed else " (resume= from elsewhere)")
+        return
+    raise ConfigError(f"{message}: resume with the data set it was trained on, or set data.allow_changed=true "
+                      "to continue on this one on purpose")
 
 
 # --------------------------------------------------------------------------------------

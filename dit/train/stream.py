@@ -4,7 +4,10 @@ batches from any step on (the data stream), and the latent space the model works
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,20 +55,57 @@ class TrainData:
     image_size: int
     latent_shape: Optional[tuple] = None  # (C, h, w), known for a cache
     autoencoder_spec: Optional[dict] = None  # the cache's autoencoder
+    identity: Optional[dict] = None  # what data this is (`data_identity`), stored in checkpoints
 
 
-def build_data(cfg: TrainConfig) -> TrainData:
-    """The training set named by `cfg.data`, its augmentation seeded by `cfg.seed`."""
+def _digest(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
+def data_identity(kind: str, dataset, **params) -> dict:
+    """What data set this is, cheaply: its class names, number of items and a fingerprint
+    (an ImageFolder: the sorted relative paths and sizes of its files, one stat each, and the first
+    64 KiB of one file per class; a latents
+    cache: its metadata; the toy set: its parameters). Stored in checkpoints and compared on
+    resume (`dit.train.resume.check_same_data`)."""
+    if kind == "imagefolder":
+        root = str(dataset.root)
+        files = sorted((os.path.relpath(path, root), os.path.getsize(path), label) for path, label in dataset.samples)
+        # and the first bytes of one file per class: folders whose names were swapped (same
+        # paths, maybe the same sizes) differ there
+        firsts = {}
+        for rel, _, label in files:
+            firsts.setdefault(label, rel)
+        heads = []
+        for label, rel in sorted(firsts.items()):
+            with open(os.path.join(root, rel), "rb") as f:
+                heads.append(hashlib.sha256(f.read(1 << 16)).hexdigest())
+        fingerprint = _digest([*files, *heads])
+    elif kind == "latents":
+        fingerprint = _digest([dataset.meta])
+    else:
+        fingerprint = _digest([params])
+    return {"kind": kind, "classes": list(dataset.classes), "items": len(dataset), "fingerprint": fingerprint}
+
+
+def build_data(cfg: TrainConfig, identify: bool = True) -> TrainData:
+    """The training set named by `cfg.data`, its augmentation seeded by `cfg.seed`, with its
+    `identity` (an ImageFolder's costs a stat of every file: `identify=False` skips it there)."""
     d = cfg.data
     if d.kind == "toy":
         ds = ToyShapesDataset(d.num_per_class, d.image_size, seed=d.seed, hflip=d.hflip)
-        return TrainData(ItemSeeded(ds, cfg.seed), TOY_CLASSES, False, d.image_size)
+        identity = data_identity("toy", ds, num_per_class=d.num_per_class, image_size=d.image_size, seed=d.seed)
+        return TrainData(ItemSeeded(ds, cfg.seed), TOY_CLASSES, False, d.image_size, identity=identity)
     if d.kind == "imagefolder":
         ds = ImageFolderDataset(d.root, d.image_size, hflip=d.hflip, skip_bad=d.skip_bad, seed=cfg.seed)
+        identity = data_identity("imagefolder", ds) if identify else None  # before a scan drops bad files
         if d.scan:
             skipped = ds.scan()
             log.info("data.scan: %d images readable%s", len(ds), f", {skipped} skipped" if skipped else "")
-        return TrainData(ds, ds.num_classes, False, d.image_size)
+        return TrainData(ds, ds.num_classes, False, d.image_size, identity=identity)
     if d.kind == "latents":
         ds = LatentCacheDataset(d.root, hflip=d.hflip, sample_posterior=cfg.vae.sample_posterior, seed=cfg.seed)
         cached_size = int(ds.meta["image_size"])
@@ -74,7 +114,8 @@ def build_data(cfg: TrainConfig) -> TrainData:
                 f"data.image_size={d.image_size} but the latents cache {d.root} holds {cached_size}x{cached_size} "
                 "images: drop data.image_size (it is read from the cache) or use a cache of that size"
             )
-        return TrainData(ds, ds.num_classes, True, cached_size, tuple(ds.latent_shape), dict(ds.autoencoder_spec))
+        return TrainData(ds, ds.num_classes, True, cached_size, tuple(ds.latent_shape), dict(ds.autoencoder_spec),
+                         identity=data_identity("latents", ds))
     raise ConfigError(f"data.kind={d.kind!r} is not one of imagefolder, latents, toy")
 
 

@@ -27,8 +27,8 @@ from dit.train.optimizer import apply_hyperparameters, build_optimizer
 from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
 from dit.train.resume import (
-    CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, latest_checkpoint, load_start_state, plain_config,
-    run_directory_lock, save_checkpoint,
+    CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, check_same_data, latest_checkpoint, load_start_state,
+    plain_config, run_directory_lock, save_checkpoint,
 )
 from dit.train.step import take_over_label_dropout, train_step
 from dit.train.stream import DataStream, build_data, build_latent_space
@@ -94,7 +94,10 @@ class Trainer:
         self.preempt_signals = preemption_signals(cfg.fault.preempt_signals)
         self.faults = make_faults(cfg.debug, env.rank)
 
-        self.data = build_data(cfg)
+        self.data = build_data(cfg, identify=env.is_main)  # rank 0 fingerprints the data, for all
+        self.data.identity = broadcast_object(self.data.identity, env)
+        if state is not None:
+            check_same_data(state, self.data.identity, cfg)
         self.latents = build_latent_space(cfg, self.data, resolve_architecture(cfg.model)["patch_size"], self.device)
         self._build_model(state)
         self._build_optimizer(state)
@@ -199,6 +202,7 @@ class Trainer:
             model_name=self.model_name, model_config=self.model.config.to_dict(), autoencoder=self.latents.spec,
             config=self.config_dict, data_state=self.stream.position(self.step), wandb_run_id=self.logger.run_id,
             format_version=CHECKPOINT_FORMAT_VERSION, nonfinite_steps=dict(self.guard.counts),
+            data_identity=self.data.identity,
         )
         return save_checkpoint(self.env, self.ckpt_dir, self.step, self.model, self.ema.module, self.opt, meta,
                                keep_last=self.cfg.ckpt.keep_last, keep_every=self.cfg.ckpt.keep_every,
