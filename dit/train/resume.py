@@ -64,25 +64,35 @@ def _lock(path: Path) -> int:
     """An open descriptor of `path` holding an exclusive POSIX lock (fcntl.lockf), with this
     process's pid and host written in it. A POSIX lock belongs to this process alone (the
     DataLoader workers forked from it do not hold it) and the kernel drops it when the process
-    dies, however it dies: a lock file left by a killed run blocks nothing."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise RunDirectoryBusy(f"cannot open the run directory's lock file {path} ({err.strerror or err}): "
-                               "fix the permissions of the run directory, or choose another with name=...") from err
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that has not written its pid yet"
-        os.close(fd)  # our descriptor only: the holder's lock is its own
-        if err.errno not in (errno.EACCES, errno.EAGAIN):
-            raise RunDirectoryBusy(f"cannot lock {path} ({err.strerror or err}): the file system of the run "
-                                   "directory may not support locks; choose another run directory") from err
-        raise RunDirectoryBusy(
-            f"the run directory {path.parent} is in use by another training run ({holder}): nothing was changed "
-            "there. Wait for that run to end (or stop it), or start this one elsewhere with name=<new name> "
-            "(or hydra.run.dir=...)"
-        ) from None
+    dies, however it dies: a lock file left by a killed run blocks nothing. The holder deletes
+    the file when it is done (`run_directory_lock`); a lock taken on a file deleted meanwhile is
+    dropped and taken again on the new file, so two processes never both hold the directory."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirectoryBusy(f"cannot open the run directory's lock file {path} ({err.strerror or err}): fix "
+                                   "the permissions of the run directory, or choose another with name=...") from err
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that has not written its pid yet"
+            os.close(fd)  # our descriptor only: the holder's lock is its own
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise RunDirectoryBusy(f"cannot lock {path} ({err.strerror or err}): the file system of the run "
+                                       "directory may not support locks; choose another run directory") from err
+            raise RunDirectoryBusy(
+                f"the run directory {path.parent} is in use by another training run ({holder}): nothing was "
+                "changed there. Wait for that run to end (or stop it), or start this one elsewhere with "
+                "name=<new name> (or hydra.run.dir=...)"
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the previous holder deleted the file after we opened it: lock the new one
     os.ftruncate(fd, 0)
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {since}\n".encode(), 0)
@@ -110,7 +120,10 @@ def run_directory_lock(run_dir: Path, env: DistEnv):
         yield
     finally:
         if fd is not None:
-            os.close(fd)  # releases the lock
+            # Delete the file while holding the lock (the run directory is left as the run's own
+            # files), then release it.
+            Path(run_dir, LOCK_FILE).unlink(missing_ok=True)
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------

@@ -66,12 +66,14 @@ def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
     fault.preempt_exit_code) after the checkpoint a preemption signal asked for,
     NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
     CheckpointWriteError when a checkpoint cannot be written (the previous one is kept), and
-    RunDirectoryBusy when another run holds the run directory (nothing there is touched)."""
+    RunDirectoryBusy when another run holds the run directory (nothing there is touched).
+    A preemption signal during start-up raises TrainingPreempted at once, writing nothing."""
     # The preemption signals are watched from the very start: a signal during start-up exits
     # with fault.preempt_exit_code at once (nothing to save yet), not with the signal's default.
     with PreemptionWatch(preemption_signals(cfg.fault.preempt_signals), cfg.fault.preempt_exit_code) as watch:
         env = init_distributed(cfg.device, timeout_minutes=cfg.fault.dist_timeout_minutes)
         try:
+            check_static(cfg, env.world_size)  # before any data is read, weights loaded or file written
             with run_directory_lock(Path(out_dir), env):  # before anything in the run directory is read or changed
                 return Trainer(cfg, Path(out_dir), env).run(watch)
         finally:
@@ -82,7 +84,6 @@ class Trainer:
     """Everything one rank holds during a run; built from the config, then `run()`."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, env: DistEnv):
-        check_static(cfg, env.world_size)  # before any data is read or weights loaded
         self.cfg, self.env, self.device = cfg, env, env.device
         self.out_dir = Path(broadcast_object(str(out_dir.resolve()), env))  # one run directory for all ranks
         self.ckpt_dir = self.out_dir / "checkpoints"
