@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from dit.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, UnsafeCheckpointError,
-                       write_atomic)
+from dit.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, RecordingFile,
+                       UnsafeCheckpointError, write_atomic)
 from dit.models import DiT, DiTConfig, arch_name, canonical_model_name, model_arch
 from dit.release import describe_state_dict, infer_dit_config, strip_wrapper_prefixes
 
@@ -52,25 +52,6 @@ CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DiTConfig))
 # --------------------------------------------------------------------------------------
 
 
-class _WriteRecorder:
-    """A file wrapper for `torch.save` that remembers the OSError of a failed write: torch's
-    zip writer replaces it by an opaque "unexpected pos" RuntimeError, and the real reason
-    (e.g. ENOSPC, no space left on device) is what the user needs to hear."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def __getattr__(self, name):  # flush, seek, tell, ...: the file's own
-        return getattr(self.f, name)
-
-
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj, path)` that never leaves a partial file under `path`.
 
@@ -84,7 +65,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     def write(tmp: Path) -> None:
         nonlocal recorder
         with open(tmp, "xb") as f:
-            recorder = _WriteRecorder(f)
+            recorder = RecordingFile(f)
             torch.save(obj, recorder)
             f.flush()
 
