@@ -9,6 +9,7 @@ serve tests.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,31 @@ def train_config(overrides=()):
 def compose():
     """compose(config_name, overrides) -> the composed DictConfig (see `compose_config`)."""
     return compose_config
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+class FullDisk:
+    """Wraps an open file: it takes `room` bytes, then fails every write as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 # ------------------------------------------------------------------------------ threads

@@ -31,7 +31,7 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import checkpoint_path, list_checkpoints
 
-from conftest import compose_config, single_thread, tiny_dit, train_config
+from conftest import FullDisk, compose_config, single_thread, tiny_dit, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # ~1 s of training: long enough for a signal to land mid-run
@@ -254,34 +254,12 @@ def test_a_corrupt_newest_checkpoint_is_detected_and_the_previous_one_used(tmp_p
         run_training(config("max_steps=8", *common), lonely)
 
 
-class _FullDisk:
-    """A file that takes `room` bytes, then fails every write as a full disk does."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch):
     import dit.checkpoint
 
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
-        return _FullDisk(f, room=4096) if ".0000004.pt." in str(path) else f  # the temp file of step 4's save
+        return FullDisk(f, room=4096) if ".0000004.pt." in str(path) else f  # the temp file of step 4's save
 
     monkeypatch.setattr(dit.checkpoint, "open", open_on_a_full_disk, raising=False)
     run = tmp_path / "run"

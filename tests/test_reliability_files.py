@@ -11,14 +11,13 @@ import errno
 import json
 import hashlib
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, single_thread, tiny_dit, write_random_inception_weights
+from conftest import FullDisk, compose_config, single_thread, tiny_dit, write_random_inception_weights
 
 
 class _RunsShellOnLoad:
@@ -438,32 +437,10 @@ def test_atomic_writes_go_through_a_symlink_and_never_replace_what_is_not_a_regu
 # --------------------------------------------------------------------------------------
 
 
-class _FullDisk:
-    """A file that takes `room` bytes, then fails every write as a full disk does."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def _open_on_a_full_disk(match: str, room: int = 64):
     def opener(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
-        return _FullDisk(f, room) if match in str(path) and ("w" in mode or "a" in mode or "x" in mode) else f
+        return FullDisk(f, room) if match in str(path) and ("w" in mode or "a" in mode or "x" in mode) else f
 
     return opener
 
