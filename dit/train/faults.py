@@ -224,8 +224,12 @@ def all_finite(tensors) -> bool:
 
 
 def nonfinite_entries(state: dict) -> list[str]:
-    """Names of the tensors in `state` (a checkpoint's model, ema, opt, ...) holding a NaN or inf."""
-    return [name for name, t in named_tensors(state) if not all_finite([t])]
+    """Names of the tensors in `state` (a checkpoint's model, ema, opt, ...) holding a NaN or inf.
+    One check over all of them first (one host sync); names are looked up only when one is bad."""
+    named = list(named_tensors(state))
+    if all_finite([t for _, t in named]):
+        return []
+    return [name for name, t in named if not all_finite([t])]
 
 
 # --------------------------------------------------------------------------------------
