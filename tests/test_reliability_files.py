@@ -505,3 +505,16 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
         append_results_row(table, {"fid": 2.0})
     assert_names(err, table)
     assert "The rows already in it are kept" in str(err.value)
+
+
+def test_a_non_utf8_byte_in_metrics_jsonl_never_blocks_resume(tmp_path):
+    """Resume truncates metrics.jsonl to the resumed step; a line with a byte that is not UTF-8
+    (a flipped bit, a foreign write) is dropped like a cut-short line, not a UnicodeDecodeError."""
+    from dit.train.report import _truncate_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3)]
+    broken = json.dumps({"step": 2, "train/loss": 0.5}).encode().replace(b"0.5", b"0.\xff5")
+    metrics.write_bytes(b"\n".join([good[0].encode(), broken, good[1].encode(), good[2].encode(), b'{"step": 4']))
+    _truncate_metrics(metrics, step=2)
+    assert metrics.read_text(encoding="utf-8") == good[0] + "\n" + good[1] + "\n"

@@ -83,13 +83,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
 
-    def line_step(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+    def line_step(raw: bytes) -> float:
+        try:  # a line that is not UTF-8 (a flipped byte, a foreign write) is unreadable too
+            return json.loads(raw.decode("utf-8"))["step"]
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             return math.inf  # unreadable: dropped
 
-    keep = [line for line in path.read_text().splitlines() if line and line_step(line) <= step]
+    lines = [raw for raw in path.read_bytes().splitlines() if raw.strip()]
+    keep = [raw.decode("utf-8") for raw in lines if line_step(raw) <= step]
+    dropped = len(lines) - len(keep)
+    if dropped:
+        log.info("%s: dropped %d line(s) after step %d or unreadable", path.name, dropped, step)
     write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
