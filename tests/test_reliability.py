@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -652,3 +653,22 @@ def test_a_hung_rank_makes_the_others_fail_after_the_configured_timeout(tmp_path
     assert code not in (0, None) and 3 in logged_steps(run) and 4 not in logged_steps(run)
     assert re.search(r"Timed out waiting 12000 ?ms", (tmp_path / "rank0.error").read_text())  # as configured ...
     assert waited < 60, waited  # ... 12 s, not the default 30 minutes
+
+
+def test_skipped_images_are_logged_to_the_run_log_not_only_stderr(tmp_path):
+    """hydra's job logging writes train.log from the root logger: a skipped file must reach it."""
+    root = _image_folder(tmp_path / "images")
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "empty.png").write_bytes(b"")
+    run_log = tmp_path / "train.log"
+    handler = logging.FileHandler(run_log)
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            run_training(config("data=imagefolder", f"data.root={root}", "global_batch_size=5", "max_steps=1",
+                                "ckpt.every=1000", "data.skip_bad=true", "data.scan=true"), tmp_path / "run")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert re.search(r"skipping unreadable image .*empty\.png", run_log.read_text()), run_log.read_text()

@@ -10,6 +10,7 @@ so it does not depend on the DataLoader worker that loads the item.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dit.data.seeds import draw_flip, item_generator
 from dit.files import image_to_rgb
+
+log = logging.getLogger(__name__)
 
 
 class BadImageError(OSError):
@@ -248,7 +251,9 @@ class ImageFolderDataset(Dataset):
     def _note_bad(self, path: str, err: BadImageError) -> None:
         if path not in self.bad_files:
             self.bad_files.add(path)
-            warnings.warn(f"skipping unreadable image ({err})", stacklevel=3)
+            message = f"skipping unreadable image ({err})"
+            log.warning(message)  # into the run's log file (train.log), not only stderr
+            warnings.warn(message, stacklevel=3)
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         """The cropped image tensor (never flipped) and label of item `index`; BadImageError if
