@@ -18,6 +18,7 @@ either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -38,6 +39,8 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointWriteError",
     "save_atomic",
+    "with_checksum",
+    "payload_digest",
     "save_weights_safetensors",
     "load_state",
     "read_safetensors_metadata",
@@ -129,6 +132,62 @@ def _unpickler_reason(message: str) -> str:
     return reason.split(" Please use")[0].strip()
 
 
+# --------------------------------------------------------------------------------------
+# Checksums: a bit flipped after the write (bit rot, a bad copy) usually still unpickles, and
+# torch does not check the zip records' CRCs. Our checkpoints carry a SHA-256 of their content.
+# --------------------------------------------------------------------------------------
+
+CHECKSUM_KEY = "checksum"
+_CHECKSUM_SCHEME = "sha256-content-v1"
+
+
+def _digest_into(h, obj: Any) -> None:
+    """Feed `obj` to hash `h` in a canonical order: tensors by dtype, shape and raw bytes; mappings
+    by sorted key; sequences in order; anything else by its type and repr. Independent of the
+    zip layout, so it checks what was loaded, not how torch laid it out."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, Mapping):
+        h.update(f"M{len(obj)};".encode())
+        for key in sorted(obj, key=lambda k: (type(k).__name__, repr(k))):
+            _digest_into(h, key)
+            _digest_into(h, obj[key])
+    elif isinstance(obj, (list, tuple)):  # a tuple may come back as a list: the same content
+        h.update(f"S{len(obj)};".encode())
+        for item in obj:
+            _digest_into(h, item)
+    else:
+        text = f"{type(obj).__name__}:{obj!r}"
+        h.update(f"V{len(text)};{text}".encode())
+
+
+def payload_digest(obj: Mapping) -> str:
+    """SHA-256 (hex) of everything in the checkpoint dict `obj` except its checksum entry."""
+    h = hashlib.sha256()
+    _digest_into(h, {k: v for k, v in obj.items() if k != CHECKSUM_KEY})
+    return h.hexdigest()
+
+
+def with_checksum(obj: Mapping) -> dict:
+    """`obj` with a checksum entry that `load_state` verifies on every read. One pass over the
+    tensors (about the cost of copying them once)."""
+    return {**obj, CHECKSUM_KEY: {"scheme": _CHECKSUM_SCHEME, "sha256": payload_digest(obj)}}
+
+
+def _verify_checksum(obj: Any, path: Path) -> None:
+    stored = obj.get(CHECKSUM_KEY) if isinstance(obj, Mapping) else None
+    if not (isinstance(stored, Mapping) and stored.get("scheme") == _CHECKSUM_SCHEME):
+        return  # a release file, a weights-only file, or one of ours from before checksums
+    if payload_digest(obj) != stored.get("sha256"):
+        raise CheckpointError(
+            f"{str(path)!r} fails its SHA-256 check: its content changed after it was written (bit rot, a "
+            "bad copy or an edit), so it is treated as corrupt. Use an earlier checkpoint or a good copy"
+        )
+
+
 def load_state(path: str | os.PathLike) -> Any:
     """Read a checkpoint file onto the CPU without running any code stored in it.
 
@@ -147,7 +206,7 @@ def load_state(path: str | os.PathLike) -> Any:
         except SafetensorError as e:
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); is it truncated?") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = _unpickler_reason(str(e))
         if any(marker in detail for marker in _UNSAFE_MARKERS):
@@ -166,6 +225,8 @@ def load_state(path: str | os.PathLike) -> Any:
             f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
             "it may be truncated or a different kind of file"
         ) from e
+    _verify_checksum(obj, path)
+    return obj
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict:

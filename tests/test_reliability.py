@@ -29,7 +29,7 @@ import torch
 from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_dit_checkpoint
 from dit.config import ConfigError
 from dit.train import run_training
-from dit.train.faults import NonFiniteTrainingError
+from dit.train.faults import NonFiniteTrainingError, named_tensors
 from dit.train.resume import checkpoint_path, list_checkpoints
 
 from conftest import FullDisk, compose_config, single_thread, tiny_dit, train_config
@@ -672,3 +672,41 @@ def test_skipped_images_are_logged_to_the_run_log_not_only_stderr(tmp_path):
         logging.getLogger().removeHandler(handler)
         handler.close()
     assert re.search(r"skipping unreadable image .*empty\.png", run_log.read_text()), run_log.read_text()
+
+
+def _flip_a_bit_in_a_tensor_record(path: Path) -> None:
+    """What bit rot or a bad copy does: one bit of tensor data changes; the file still unpickles
+    (torch does not check the zip records' CRCs)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[record.header_offset + 26:record.header_offset + 30])
+    data[record.header_offset + 30 + name_len + extra_len + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_a_flipped_bit_fails_its_checksum_and_the_previous_one_is_used(tmp_path, reference,
+                                                                                        caplog):
+    run = tmp_path / "run"
+    common = ["ckpt.every=4", "ckpt.keep_last=2"]
+    run_training(config("max_steps=8", *common), run)
+    newest, previous = checkpoint_path(run / "checkpoints", 8), checkpoint_path(run / "checkpoints", 4)
+    intact = torch.load(newest, weights_only=True)
+    _flip_a_bit_in_a_tensor_record(newest)
+    flipped = torch.load(newest, weights_only=True)  # what resumed silently before checksums
+    changed = [name for (name, a), (_, b) in zip(named_tensors(intact), named_tensors(flipped))
+               if not torch.equal(a, b)]
+    assert flipped["step"] == 8 and len(changed) == 1, changed
+
+    with pytest.raises(CheckpointError, match=r"fails its SHA-256 check: its content changed after it was written"):
+        load_dit_checkpoint(newest)  # sampling refuses it too
+    with caplog.at_level(logging.WARNING, logger="dit.train"):
+        result = run_training(config(f"max_steps={STEPS}", *common), run)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(newest) in w and str(previous) in w and "SHA-256" in w for w in warnings_), warnings_
+    assert newest.with_name("0000008.pt.corrupt").is_file()
+    assert result["step"] == STEPS
+    assert_same_training_state(final_state(run), reference)

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic
+from dit.checkpoint import (CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic,
+                            with_checksum)
 from dit.config import ConfigError, TrainConfig, config_mismatches
 from dit.distributed import (
     DistEnv,
@@ -366,6 +367,7 @@ def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, e
                 "precision=fp32"
             )
         else:
+            ckpt = with_checksum(ckpt)  # verified on every load: a flipped bit is found, not resumed
             faults.checkpoint_write(step, ckpt, path)
             try:
                 save_atomic(ckpt, path)
