@@ -96,7 +96,7 @@ def test_toy_data_with_pixels_passes_the_checks():
 @pytest.mark.parametrize(
     "override, key",
     [("model.dept=6", "model.dept"), ("optimm.lr=1", "optimm"), ("data.roots=/x", "data.roots"),
-     ("optim.lr=fast", "optim.lr"), ("precision=fp16", "precision"), ("model.depth=1.5", "model.depth")],
+     ("optim.lr=fast", "optim.lr"), ("precision=fp8", "precision"), ("model.depth=1.5", "model.depth")],
 )
 def test_wrong_key_or_type_fails_at_composition_naming_the_key(override, key, image_root):
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as err:

@@ -113,6 +113,7 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1], got {cfg.ema.decay}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    check_optim_schedule(cfg, world_size)
     f = cfg.fault
     if f.max_nonfinite_steps is not None and f.max_nonfinite_steps < 1:
         raise ConfigError(f"fault.max_nonfinite_steps must be >= 1 or null (no check), got {f.max_nonfinite_steps}")
@@ -149,6 +150,40 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
             check_resolution(data.image_size, factor, arch["patch_size"])
     else:
         raise ConfigError(f"data.kind={data.kind!r} is not one of imagefolder, latents, toy")
+
+
+def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Gradient accumulation, the learning-rate schedule and fp16's loss scaling."""
+    o = cfg.optim
+    k = o.grad_accum_steps
+    if k < 1:
+        raise ConfigError(f"optim.grad_accum_steps must be >= 1 (1: no accumulation), got {k}")
+    if cfg.global_batch_size % (world_size * k):
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} does not split into {world_size} rank(s) x "
+            f"optim.grad_accum_steps={k} equal micro-batches: use a global batch that is a multiple of {world_size * k}, "
+            "or another optim.grad_accum_steps"
+        )
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be >= 0 (0: no warmup), got {o.warmup_steps}")
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    end = o.decay_steps if o.decay_steps is not None else cfg.max_steps
+    if o.schedule.value != "constant" and end <= o.warmup_steps:
+        where = "optim.decay_steps" if o.decay_steps is not None else "max_steps (optim.decay_steps is null)"
+        raise ConfigError(
+            f"optim.schedule={o.schedule.value} decays from the end of the warmup (optim.warmup_steps="
+            f"{o.warmup_steps}) to {where}={end}: that must come later; raise it or shorten the warmup"
+        )
+    if cfg.precision.value == "fp16":
+        if o.loss_scale_init <= 0 or o.loss_scale_growth_interval < 1:
+            raise ConfigError(
+                f"optim.loss_scale_init must be positive and optim.loss_scale_growth_interval >= 1, got "
+                f"{o.loss_scale_init} and {o.loss_scale_growth_interval}"
+            )
+        if world_size > 1 and cfg.parallel.value == "fsdp":
+            raise ConfigError("precision=fp16 (a gradient scaler) is not supported with parallel=fsdp: "
+                              "use precision=bf16, or parallel=ddp")
 
 
 def config_mismatches(saved: dict, current: dict, allowed=RESUMABLE_CHANGES) -> list[str]:

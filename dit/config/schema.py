@@ -19,6 +19,17 @@ class ConfigError(ValueError):
 class Precision(enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"  # torch.autocast(bfloat16) around the forward pass and the loss
+    # torch.autocast(float16) and a gradient scaler (torch.amp.GradScaler): for GPUs without
+    # bfloat16 (V100, T4). Not under parallel=fsdp with more than one rank.
+    fp16 = "fp16"
+
+
+class Schedule(enum.Enum):
+    """The learning rate after the warmup (formulas: `dit.train.optimizer.learning_rate`)."""
+
+    constant = "constant"  # optim.lr throughout (the paper)
+    cosine = "cosine"  # half a cosine from optim.lr down to optim.min_lr at optim.decay_steps
+    linear = "linear"  # a straight line from optim.lr down to optim.min_lr at optim.decay_steps
 
 
 class Parallel(enum.Enum):
@@ -128,7 +139,8 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, constant learning rate (the paper: lr 1e-4, no weight decay, no warmup)."""
+    """AdamW; by default the paper's constant learning rate (lr 1e-4, no weight decay, no
+    warmup), one backward pass per step."""
 
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -136,6 +148,20 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: Optional[float] = None  # max global grad norm; None: no clipping (the paper)
     fused: Optional[bool] = None  # fused AdamW kernel; None: on (CPU and CUDA) except under FSDP
+    # Gradient accumulation: each rank's share of global_batch_size is run as this many equal
+    # micro-batches (forward + backward each) before one update; the update is the one of the
+    # whole batch (up to float rounding). Memory: the activations of one micro-batch.
+    grad_accum_steps: int = 1
+    # Learning rate at step n (1-based): optim.lr * n / warmup_steps while n <= warmup_steps,
+    # then `schedule` from optim.lr to min_lr over steps warmup_steps..decay_steps (then min_lr).
+    warmup_steps: int = 0
+    schedule: Schedule = Schedule.constant
+    min_lr: float = 0.0  # the end of a cosine or linear schedule
+    decay_steps: Optional[int] = None  # where the decay ends; None: max_steps
+    # precision=fp16 only: the gradient scaler's first loss scale and the number of steps
+    # without overflow after which it doubles (an overflow halves it and skips the update).
+    loss_scale_init: float = 65536.0
+    loss_scale_growth_interval: int = 2000
 
 
 @dataclass
@@ -265,4 +291,7 @@ RESUMABLE_CHANGES = (
     "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
     "data.allow_changed",
     "compile", "grad_checkpointing", "device", "name",
+    # The global batch stays the same, only how it is split: like a change in the number of
+    # ranks, the same update up to float rounding (bitwise resume needs the same value).
+    "optim.grad_accum_steps",
 )

@@ -6,12 +6,17 @@
 No config object and no I/O: the caller hands in the model (or its DDP/FSDP wrapper), the
 diffusion, the optimizer, the EMA, a batch of latents and the step's randomness. Fault injection
 for the crash tests comes in as one hooks object (`dit/train/faults.py`), a no-op by default.
+
+Gradient accumulation (`accum_steps=K`) runs this rank's rows as K equal micro-batches of
+consecutive rows, slicing the step's randomness with them: the timesteps, noise and dropout
+mask of each sample are the ones of the whole batch, so K micro-batches give the update of one
+batch (up to float rounding). fp16 training passes a `LossScaler`.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -38,41 +43,129 @@ def drop_labels(y: torch.Tensor, drop: torch.Tensor, num_classes: int) -> torch.
     return torch.where(drop, torch.full_like(y, null_class(num_classes)), y)
 
 
+class LossScaler:
+    """fp16 loss scaling: a `torch.amp.GradScaler` (the scale, its growth tracker) and the steps
+    whose update it skipped because the scaled gradient overflowed.
+
+    Such a skip is by design, not a failure: the scaler halves the scale and the next step tries
+    again. The step tells it apart from a broken step: the loss is finite, the gradient is not,
+    and the scale it ran with was above 1 (at scale <= 1 the gradient overflows unscaled, so the
+    step counts as non-finite like any other, and the non-finite guard's limit applies)."""
+
+    def __init__(self, device_type: str, init_scale: float = 65536.0, growth_interval: int = 2000):
+        self.scaler = torch.amp.GradScaler(device_type, init_scale=init_scale, growth_interval=growth_interval)
+        self.skipped_steps = 0  # in total, over the whole run (kept in checkpoints)
+        self.skipped = False  # whether the last step was skipped
+
+    @property
+    def scale(self) -> float:
+        return self.scaler.get_scale()
+
+    def overflowed(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """After `unscale_`: a finite loss, a non-finite gradient, at a scale above 1. One host sync."""
+        return self.scale > 1.0 and bool(torch.isfinite(loss) & ~torch.isfinite(grad_norm))
+
+    def state_dict(self) -> dict:
+        return {**self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self.skipped_steps = int(state.pop("skipped_steps", 0))
+        self.scaler.load_state_dict(state)
+
+
+def micro_batches(x: torch.Tensor, y: torch.Tensor, r: StepRandomness, k: int) -> Iterator[tuple]:
+    """(x, y, r) of each of `k` equal micro-batches of consecutive rows."""
+    b = len(x)
+    if k < 1 or b % k:
+        raise ValueError(f"{b} rows do not split into {k} equal micro-batches")
+    m = b // k
+    for i in range(k):
+        rows = slice(i * m, (i + 1) * m)
+        yield x[rows], y[rows], StepRandomness(r.t[rows], r.noise[rows], r.drop[rows],
+                                               None if r.posterior is None else r.posterior[rows])
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """The backward passes inside all-reduce (DDP) or reduce-scatter (FSDP2) the gradients only
+    if `enabled`; otherwise they accumulate locally until a backward pass that does."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP (forward and backward both inside)
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def train_step(
     model: nn.Module, diffusion, opt: torch.optim.Optimizer, ema: Optional[EMA], x0: torch.Tensor,
     y: torch.Tensor, r: StepRandomness, *, num_classes: int, params: list[torch.Tensor],
     grad_clip: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
     update_if: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None,
-    hooks: Faults = NO_FAULTS, step: int = 0,
+    hooks: Faults = NO_FAULTS, step: int = 0, accum_steps: int = 1,
+    encode: Optional[Callable[[torch.Tensor, StepRandomness], torch.Tensor]] = None,
+    scaler: Optional[LossScaler] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss, backward, gradient norm (clipped to `grad_clip` if set), AdamW update and EMA
     update on this rank's rows of the global batch. Returns (loss, grad norm) as device tensors
-    (no host sync unless `update_if` makes one).
+    (no host sync unless `update_if` or `scaler` makes one).
 
     model: what the forward calls (the DiT, or its DDP/FSDP wrapper); `params` its trainable
-        parameters. x0: (b, C, H, W) latents; y: (b,) labels; r: the step's randomness (timesteps,
-        noise, which labels to drop).
+        parameters. x0: (b, C, H, W) latents, or inputs that `encode(x, r)` turns into latents
+        (per micro-batch); y: (b,) labels; r: the step's randomness (timesteps, noise, which
+        labels to drop).
+    accum_steps: micro-batches of b / accum_steps rows each; each loss is divided by
+        accum_steps, so the gradient is the mean over all b rows; DDP/FSDP synchronise the
+        gradients in the last backward pass only.
+    scaler: fp16 loss scaling; an overflow skips the optimizer and EMA updates (`scaler.skipped`).
     update_if(loss, grad_norm): decides, after the backward pass, whether the optimizer and the
         EMA are updated (the trainer skips non-finite steps on every rank alike); None: always.
+        Under `scaler`, a scaler overflow reaches it as a zero gradient norm (not a failure).
     step: the 1-based number of this step, for the hooks.
     """
     y = drop_labels(y, r.drop, num_classes)
-    with torch.autocast(x0.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
-        losses = diffusion.training_losses(model, x0, r.t, model_kwargs={"y": y}, noise=r.noise)
-        loss = losses["loss"].mean()
-    loss = hooks.loss(step, loss)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    total = None
+    for i, (xk, yk, rk) in enumerate(micro_batches(x0, y, r, accum_steps)):
+        xk = encode(xk, rk) if encode is not None else xk
+        with gradient_sync(model, enabled=i == accum_steps - 1):
+            with torch.autocast(xk.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
+                losses = diffusion.training_losses(model, xk, rk.t, model_kwargs={"y": yk}, noise=rk.noise)
+                loss = losses["loss"].mean()
+            loss = hooks.loss(step, loss)
+            if accum_steps > 1:
+                loss = loss / accum_steps  # the mean over all rows, in parts
+            (scaler.scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
     hooks.gradients(step, params)
+    if scaler is not None:
+        scaler.scaler.unscale_(opt)  # the true gradients, for the norm and the clipping
     if grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    loss, grad_norm = loss.detach().float(), full_tensor(grad_norm).float()
+    loss, grad_norm = total.float(), full_tensor(grad_norm).float()
+    overflow = scaler is not None and scaler.overflowed(loss, grad_norm)
     hooks.before_update(step)
-    if update_if is None or update_if(loss, grad_norm):
-        opt.step()
+    update = update_if is None or update_if(loss, torch.zeros_like(grad_norm) if overflow else grad_norm)
+    if update:
+        if scaler is not None:
+            scaler.scaler.step(opt)  # skips the update itself when the gradient overflowed
+        else:
+            opt.step()
         hooks.after_update(step, params)
-        if ema is not None:
+        if ema is not None and not overflow:
             ema.update(getattr(model, "module", model))  # DDP's replica: the same parameters
+    if scaler is not None:
+        scaler.scaler.update()  # halve the scale after an overflow, grow it after growth_interval clean steps
+        scaler.skipped = update and overflow
+        scaler.skipped_steps += int(scaler.skipped)
     return loss, grad_norm

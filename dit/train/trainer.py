@@ -23,17 +23,19 @@ from dit.train.ema import EMA
 from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
 )
-from dit.train.optimizer import apply_hyperparameters, build_optimizer
+from dit.train.optimizer import apply_hyperparameters, build_optimizer, learning_rate, set_learning_rate
 from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
 from dit.train.resume import (
     CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, check_same_data, latest_checkpoint, load_start_state,
     plain_config, run_directory_lock, save_checkpoint,
 )
-from dit.train.step import take_over_label_dropout, train_step
+from dit.train.step import LossScaler, take_over_label_dropout, train_step
 from dit.train.stream import DataStream, build_data, build_latent_space
 
 log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # by `precision`
 
 
 def configure_backends(cfg: TrainConfig) -> None:
@@ -161,6 +163,12 @@ class Trainer:
             load_full_optimizer_state(self.model, self.opt, state["opt"])
             apply_hyperparameters(self.opt, self.cfg.optim)  # the config's hyperparameters, not the file's
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler = None  # fp16's loss scaling; its state is in checkpoints as `scaler`
+        if self.cfg.precision.value == "fp16":
+            o = self.cfg.optim
+            self.scaler = LossScaler(self.device.type, o.loss_scale_init, o.loss_scale_growth_interval)
+            if state is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
 
     # ---- the parts of the loop
 
@@ -170,12 +178,18 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape, self.diffusion.num_timesteps,
                             self.drop_prob, env.rank, env.world_size, self.device, posterior=lat.sample_posterior)
-        return train_step(
-            self.train_module, self.diffusion, self.opt, self.ema, lat.to_latents(x, r), y, r,
+        set_learning_rate(self.opt, learning_rate(step, cfg.optim, cfg.max_steps))  # from the step: no state
+        loss, grad_norm = train_step(
+            self.train_module, self.diffusion, self.opt, self.ema, x, y, r, encode=lat.to_latents,
             num_classes=self.data.num_classes, params=self.params, grad_clip=cfg.optim.grad_clip,
-            autocast_dtype=torch.bfloat16 if cfg.precision.value == "bf16" else None,
-            update_if=self.guard.update_if, hooks=self.faults, step=step,
+            autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value], scaler=self.scaler,
+            update_if=self.guard.update_if, hooks=self.faults, step=step, accum_steps=cfg.optim.grad_accum_steps,
         )
+        if self.scaler is not None and self.scaler.skipped:
+            log.info("step %d: fp16 gradient overflow: update skipped, loss scale lowered to %g (the gradient "
+                     "scaler's design, not a failure; %d such steps so far)",
+                     step, self.scaler.scale, self.scaler.skipped_steps)
+        return loss, grad_norm
 
     def log_window(self, window: MetricsWindow, step: int, last_ckpt: Optional[Path], last_save: float) -> tuple:
         """Write the window's metric line; (mean loss, whether a time-based checkpoint is due)."""
@@ -184,7 +198,8 @@ class Trainer:
         overdue = (self.env.is_main and cfg.ckpt.every_minutes is not None
                    and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes)
         loss, grad_norm, overdue, elapsed = window.reduce(self.env, overdue)
-        if cfg.fault.max_nonfinite_steps is None and not math.isfinite(loss):  # no per-step guard caught it
+        # No per-step guard caught it (a window of only fp16 scaler skips has no mean: not a failure).
+        if cfg.fault.max_nonfinite_steps is None and not math.isfinite(loss) and window.good:
             raise NonFiniteTrainingError(
                 f"the training loss is {loss} at step {step}; the newest checkpoint is {last_ckpt}. "
                 "Lower optim.lr, set optim.grad_clip, or use precision=fp32"
@@ -194,6 +209,8 @@ class Trainer:
             "train/steps_per_sec": window.steps / elapsed,
             "train/images_per_sec": window.steps * cfg.global_batch_size / elapsed,
             "train/epoch": step / self.stream.steps_per_epoch, "train/skipped_steps": self.guard.counts["total"],
+            **({} if self.scaler is None else {"train/loss_scale": self.scaler.scale,
+                                               "train/scaler_skipped_steps": self.scaler.skipped_steps}),
         })
         window.reset()
         return loss, overdue
@@ -204,6 +221,7 @@ class Trainer:
             config=self.config_dict, data_state=self.stream.position(self.step), wandb_run_id=self.logger.run_id,
             format_version=CHECKPOINT_FORMAT_VERSION, nonfinite_steps=dict(self.guard.counts),
             data_identity=self.data.identity,
+            **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
         )
         return save_checkpoint(self.env, self.ckpt_dir, self.step, self.model, self.ema.module, self.opt, meta,
                                keep_last=self.cfg.ckpt.keep_last, keep_every=self.cfg.ckpt.keep_every,
@@ -240,7 +258,8 @@ class Trainer:
             loss, grad_norm = self.train_one(*next(batches), step)
             self.step = step
             self.logger.step()
-            window.add(loss, grad_norm, self.guard.updated)
+            # A scaler's overflow skip is neither averaged (its gradient norm is inf) nor a failure.
+            window.add(loss, grad_norm, self.guard.updated and not (self.scaler is not None and self.scaler.skipped))
             self.guard.record(step, loss, grad_norm, last_ckpt)  # raises after too many non-finite steps
             save_now = step % cfg.ckpt.every == 0 or step == cfg.max_steps
             if step % cfg.log.every == 0 or step == cfg.max_steps:
