@@ -78,11 +78,12 @@ def check_bulk_output(out_path: Path) -> None:
 def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples: int, seed: int, batch_size: int,
                   label_mode: str, provenance: dict | None = None) -> dict:
     """Everything that determines the samples of a bulk file, as recorded next to it (and in
-    its shard directory, to refuse resuming with other settings)."""
+    its shard directory, to refuse resuming with other settings): `clip_denoised` as resolved for
+    this autoencoder, and (in `provenance`, from `load_for_sampling`) the diffusion chain."""
     record = {
         "num_samples": int(num_samples), "seed": int(seed), "labels": label_mode,
         "batch_size": int(batch_size),  # fixes which samples share a network batch (see sample_blocks)
-        **settings.to_dict(),
+        **settings.resolved(autoencoder).to_dict(),
         "model_config": model.config.to_dict(),
         "autoencoder": autoencoder.to_dict() if hasattr(autoencoder, "to_dict") else str(autoencoder),
         "image_size": model.config.input_size * autoencoder.downsample_factor,

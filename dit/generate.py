@@ -13,15 +13,18 @@ from dit.bulk import bulk_sample
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.files import save_grid, write_json_atomic
-from dit.sampling import (NonFiniteSamplesError, default_output_name, generate_samples, load_for_sampling,
-                          settings_path_for)
+from dit.sampling import (NonFiniteSamplesError, default_output_name, diffusion_from_config, generate_samples,
+                          load_for_sampling, settings_path_for)
 
 
 def _load(cfg: SampleConfig, env: DistEnv):
+    """(model, autoencoder, provenance, diffusion): the diffusion is the chain the checkpoint was
+    trained on (its config's `diffusion` node; the linear 1000-step chain for release files)."""
     vae = cfg.vae
-    return load_for_sampling(cfg.checkpoint, which=cfg.which, model_name=cfg.model_name,
-                             vae=vae.name if vae is not None else None,
-                             vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
+    model, autoencoder, provenance = load_for_sampling(
+        cfg.checkpoint, which=cfg.which, model_name=cfg.model_name, vae=vae.name if vae is not None else None,
+        vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
+    return model, autoencoder, provenance, diffusion_from_config(provenance, model.config.learn_sigma)
 
 
 @contextlib.contextmanager
@@ -53,13 +56,13 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
         _output(cfg.grid.out, None, ".png", "grid.out")
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance = _load(cfg, env)
+        model, autoencoder, provenance, diffusion = _load(cfg, env)
         labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
-        settings = cfg.sampler_settings(cfg.grid.cfg_scale)
+        settings = cfg.sampler_settings(cfg.grid.cfg_scale).resolved(autoencoder)
         out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
         if env.is_main:
             with _naming_the_checkpoint(cfg):
-                images, _ = generate_samples(model, None, autoencoder, range(len(labels)), settings, seed=cfg.seed,
+                images, _ = generate_samples(model, diffusion, autoencoder, range(len(labels)), settings, seed=cfg.seed,
                                              labels=labels, batch_size=len(labels), progress=True)
             save_grid(images, out, nrow=cfg.grid.nrow)
             write_json_atomic(settings_path_for(out), {
@@ -80,13 +83,13 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
         _output(cfg.bulk.out, None, ".npz", "bulk.out")
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance = _load(cfg, env)
-        settings = cfg.sampler_settings(cfg.bulk.cfg_scale)
+        model, autoencoder, provenance, diffusion = _load(cfg, env)
+        settings = cfg.sampler_settings(cfg.bulk.cfg_scale).resolved(autoencoder)
         out = _output(cfg.bulk.out, lambda: default_output_name(provenance, settings, seed=cfg.seed,
                                                                 num_samples=cfg.bulk.num_samples), ".npz", "bulk.out")
         start = time.perf_counter()
         with _naming_the_checkpoint(cfg):
-            bulk_sample(model, None, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
+            bulk_sample(model, diffusion, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
                         label_mode=cfg.bulk.labels, batch_size=cfg.bulk.batch_size, rank=env.rank,
                         world_size=env.world_size, barrier=lambda: barrier(env), provenance=provenance,
                         keep_shards=cfg.bulk.keep_shards, progress=env.is_main)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -30,21 +31,25 @@ from tqdm.auto import tqdm
 
 from dit.autoencoder import build_autoencoder
 from dit.checkpoint import load_dit_checkpoint
-from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
+from dit.diffusion import GaussianDiffusion
 from dit.files import to_uint8
 from dit.models import null_class, parse_guided_channels
+from dit.precision import PRECISIONS, check_precision, forward_precision
+from dit.sample_chain import RELEASE_CHAIN, diffusion_from_config, dpm_solver, sampling_chain, trained_chain
 from dit.sample_order import (LABEL_MODES, LABEL_STREAM, NOISE_STREAM, initial_noise, rank_indices, sample_blocks,
                               sample_generators, sample_labels, sample_seed)
 
 __all__ = [  # what dit.sample_order defines is re-exported: per-sample randomness belongs to sampling
     "LABEL_MODES", "LABEL_STREAM", "NOISE_STREAM", "initial_noise", "rank_indices", "sample_blocks",
     "sample_generators", "sample_labels", "sample_seed",
+    "RELEASE_CHAIN", "diffusion_from_config", "sampling_chain", "trained_chain", "PRECISIONS",  # the same for these
     "SAMPLERS", "SamplerSettings", "SETTINGS_FIELDS", "NonFiniteSamplesError", "check_finite_samples",
-    "unwrap_model", "GuidedDenoiser", "sampling_chain", "sample_latents", "sample_images", "generate_samples",
+    "unwrap_model", "GuidedDenoiser", "sample_latents", "sample_images", "generate_samples",
     "DEFAULT_RELEASE_VAE", "load_for_sampling", "settings_path_for", "default_output_name",
 ]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------
@@ -63,6 +68,11 @@ class SamplerSettings:
     `guided_channels`: "3" (the paper's evaluation) or "all"; ints are accepted from Python.
     `guidance_interval`: [lo, hi] original timesteps; guidance only for lo <= t <= hi, the
     conditional model alone elsewhere (Kynkäänniemi et al. 2024). None: every step.
+    `clip_denoised`: clamp each step's predicted x0 to [-1, 1] before the posterior mean (ADM's
+    pixel models do). None: automatic, on for the pixel autoencoder, off for latent VAEs
+    (`resolved(autoencoder)` decides; sample_latents alone, with no autoencoder, treats it as off).
+    `precision`: the network forward in fp32 (IEEE: TF32 forced off), tf32, or bf16 (autocast on
+    the forward only; the chain's arithmetic stays float32). See dit/precision.py.
     """
 
     sampler: str = "ddpm"  # ddpm (ancestral), ddim (eta=0: deterministic), dpm++ (DPM-Solver++(2M))
@@ -71,6 +81,8 @@ class SamplerSettings:
     guided_channels: str = "3"
     guidance_interval: Optional[list[int]] = None
     eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
+    clip_denoised: Optional[bool] = None  # None: on for vae=pixel, off for latent VAEs
+    precision: str = "fp32"  # fp32 | tf32 | bf16: the network forward's arithmetic
 
     def check(self) -> "SamplerSettings":
         """Raise ValueError naming the field whose value cannot work; returns self. (Whether
@@ -100,7 +112,19 @@ class SamplerSettings:
             if len(interval) != 2 or not 0 <= int(interval[0]) <= int(interval[1]):
                 raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, "
                                  f"got {self.guidance_interval}")
+        if self.clip_denoised not in (None, True, False):
+            raise ValueError(f"clip_denoised must be true, false or null (automatic: on for vae=pixel), "
+                             f"got {self.clip_denoised!r}")
+        check_precision(self.precision)
         return self
+
+    def resolved(self, autoencoder) -> "SamplerSettings":
+        """A copy with `clip_denoised` decided for `autoencoder`: as given, or (None) on for the
+        pixel autoencoder (the model works on [-1, 1] images, as ADM's pixel models) and off for a
+        latent VAE (latents are not bounded by [-1, 1])."""
+        if self.clip_denoised is not None:
+            return self
+        return dataclasses.replace(self, clip_denoised=getattr(autoencoder, "name", None) == "pixel")
 
     @property
     def guided_channels_value(self) -> int | str:
@@ -162,6 +186,7 @@ class GuidedDenoiser:
     def __init__(self, model: torch.nn.Module, labels: torch.Tensor, settings: SamplerSettings):
         settings.check()
         self.model = model
+        self.precision = settings.precision
         num_classes = model.config.num_classes
         if labels.ndim != 1:
             raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
@@ -189,14 +214,16 @@ class GuidedDenoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **_unused) -> torch.Tensor:
         self.calls += 1
         # All samples of a batch are at the same step, so one decision serves the batch.
-        if not self.guides_at(int(t[0])):
-            self.rows += len(x)
-            return self.model(x, t, self.labels)
-        self.rows += 2 * len(x)
-        both = torch.cat([x, x])  # (2B, C, H, W): conditional half, then unconditional half
-        out = self.model.forward_with_cfg(both, torch.cat([t, t]), torch.cat([self.labels, self.null]),
-                                          self.cfg_scale, self.guided_channels)
-        return out[: len(x)]  # both halves hold the same guided output
+        guided = self.guides_at(int(t[0]))
+        self.rows += (2 if guided else 1) * len(x)
+        # bf16 autocasts the network (with forward_with_cfg's guidance mix); the chain gets float32.
+        with forward_precision(self.precision, x.device):
+            if not guided:
+                return self.model(x, t, self.labels).float()
+            both = torch.cat([x, x])  # (2B, C, H, W): conditional half, then unconditional half
+            out = self.model.forward_with_cfg(both, torch.cat([t, t]), torch.cat([self.labels, self.null]),
+                                              self.cfg_scale, self.guided_channels)
+        return out[: len(x)].float()  # both halves hold the same guided output
 
 
 @contextlib.contextmanager
@@ -215,47 +242,6 @@ def _eval_mode(model: torch.nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def sampling_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffusion:
-    """The chain a DDPM/DDIM sampler walks: `diffusion` itself when it already has `num_steps`
-    steps, otherwise the full chain respaced to `num_steps` evenly spaced timesteps including
-    both ends ("250" -> {0, 4, ..., 995, 999}: DiT's sampler)."""
-    if diffusion.num_timesteps == num_steps:
-        return diffusion
-    if diffusion.num_timesteps != diffusion.original_num_steps:
-        raise ValueError(f"the diffusion passed is already respaced to {diffusion.num_timesteps} steps, not {num_steps}: "
-                         "pass the full chain (create_diffusion('')) or one respaced to num_steps")
-    use = space_timesteps(diffusion.original_num_steps, str(num_steps))
-    return GaussianDiffusion(diffusion.betas, use_timesteps=use, mean_type=diffusion.mean_type,
-                             var_type=diffusion.var_type, loss_type=diffusion.loss_type)
-
-
-def _dpm_solver(denoiser: GuidedDenoiser, diffusion: GaussianDiffusion, noise: torch.Tensor, num_steps: int,
-                progress: bool) -> torch.Tensor:
-    """Multistep DPM-Solver++(2M) (Lu et al. 2022) through diffusers, on the same beta schedule.
-
-    Learned sigma: only the first C (epsilon) channels are handed to the solver. We do not use
-    diffusers' `variance_type="learned_range"`, which keeps a hard-coded 3 channels and would
-    drop the 4th latent channel of a KL-f8 model.
-    """
-    from diffusers import DPMSolverMultistepScheduler
-
-    if diffusion.num_timesteps != diffusion.original_num_steps:
-        raise ValueError("dpm++ needs the full (not respaced) diffusion chain: pass create_diffusion('') or None")
-    if diffusion.mean_type != MeanType.EPSILON:
-        raise ValueError("dpm++ is wired for epsilon-prediction models (DiT)")
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas, algorithm_type="dpmsolver++",
-        solver_order=2, prediction_type="epsilon", lower_order_final=True)
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
-    channels = noise.shape[1]
-    for t in tqdm(scheduler.timesteps, desc="dpm++", disable=not progress, leave=False):
-        t_batch = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)
-        eps = denoiser(x, t_batch)[:, :channels]
-        x = scheduler.step(eps, t, x).prev_sample
-    return x
-
-
 def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, labels, settings: SamplerSettings, *,
                    noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                    progress: bool = False, denoiser_out: list | None = None) -> torch.Tensor:
@@ -263,8 +249,9 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
     Non-finite results raise `NonFiniteSamplesError` (checked once, at the end).
 
     Args:
-        diffusion: the full (training) chain, or one already respaced to `settings.num_steps`;
-            None builds the linear-schedule chain matching the model's `learn_sigma`.
+        diffusion: the full chain the model was trained on (`diffusion_from_config`), or one
+            already respaced to `settings.num_steps`; None: the release chain (linear, 1000
+            steps) with the model's `learn_sigma`. `settings.clip_denoised` None counts as off.
         generator: the per-step noise of ddpm / ddim(eta>0): one generator, or a list with one
             per sample (batch-independent results).
         denoiser_out: if a list is given, the `GuidedDenoiser` is appended (to read its counts).
@@ -279,28 +266,30 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
         raise ValueError(f"noise must be (N, C, H, W) = {expected} for {len(labels)} labels and this model, "
                          f"got {tuple(noise.shape)}")
     if diffusion is None:
-        diffusion = create_diffusion("", learn_sigma=cfg.learn_sigma)
+        diffusion = diffusion_from_config(None, cfg.learn_sigma)
     denoiser = GuidedDenoiser(model, labels, settings)
     if denoiser_out is not None:
         denoiser_out.append(denoiser)
-    num_steps = int(settings.num_steps)
+    num_steps, clip = int(settings.num_steps), bool(settings.clip_denoised)
     with _eval_mode(model), torch.no_grad():
         if settings.sampler == "dpm++":
-            x = _dpm_solver(denoiser, diffusion, noise, num_steps, progress)
+            x = dpm_solver(denoiser, diffusion, noise, num_steps, clip_denoised=clip, progress=progress)
         elif settings.sampler == "ddpm":
-            x = sampling_chain(diffusion, num_steps).p_sample_loop(denoiser, noise.shape, noise=noise,
+            x = sampling_chain(diffusion, num_steps).p_sample_loop(denoiser, noise.shape, noise=noise, clip_denoised=clip,
                                                                    progress=progress, generator=generator)
         else:
             x = sampling_chain(diffusion, num_steps).ddim_sample_loop(denoiser, noise.shape, noise=noise,
-                                                                      progress=progress, eta=settings.eta,
-                                                                      generator=generator)
+                                                                      clip_denoised=clip, progress=progress,
+                                                                      eta=settings.eta, generator=generator)
     return check_finite_samples(x, settings)  # once per batch, not per step
 
 
 def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, autoencoder, labels,
                   settings: SamplerSettings, *, noise: torch.Tensor, generator=None, progress: bool = False) -> np.ndarray:
-    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3). Non-finite latents or
-    decoded images raise `NonFiniteSamplesError` (they would become black images)."""
+    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3), with `clip_denoised`
+    resolved for this autoencoder. Non-finite latents or decoded images raise
+    `NonFiniteSamplesError` (they would become black images)."""
+    settings = settings.resolved(autoencoder)
     latents = sample_latents(model, diffusion, labels, settings, noise=noise, generator=generator, progress=progress)
     with torch.no_grad():
         return to_uint8(check_finite_samples(autoencoder.decode(latents), settings, "decoded images"))
@@ -374,7 +363,10 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     """(model, autoencoder, provenance) from a checkpoint: the model configuration as stored
     (or inferred from release-file shapes), the autoencoder recorded in the checkpoint unless
     `vae` names another (its latent scale: `vae_scale_factor`, else the checkpoint's for its own
-    autoencoder, else the VAE's), and a provenance dict for the settings file."""
+    autoencoder, else the VAE's), and a provenance dict for the settings file, which names the
+    diffusion chain the model was trained on (`provenance["diffusion"]`, from the checkpoint's
+    config; the linear 1000-step chain for release files): `diffusion_from_config(provenance,
+    learn_sigma)` builds it."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
@@ -388,8 +380,13 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     if autoencoder.latent_channels != model.config.in_channels:
         raise ValueError(f"vae={name} has {autoencoder.latent_channels} latent channels but the model takes "
                          f"{model.config.in_channels}: pass the autoencoder it was trained with (vae=...)")
+    if meta.get("format") == "ours" and meta.get("config") is None:
+        log.warning("checkpoint %s records no training config: sampling with the linear %d-step chain (if it was "
+                    "trained on another, sample from the training checkpoint, which records it)", path,
+                    RELEASE_CHAIN["diffusion_steps"])
     provenance = {"checkpoint": str(path.resolve()), "which": which if meta.get("format") == "ours" else "ema",
-                  "step": meta.get("step"), "model_name": meta.get("model_name"), "vae": name}
+                  "step": meta.get("step"), "model_name": meta.get("model_name"), "vae": name,
+                  "diffusion": trained_chain(meta.get("config"))}
     return model, autoencoder, provenance
 
 
@@ -411,6 +408,10 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
         parts.append(f"step{step}")
     parts += [f"{settings.sampler}{settings.num_steps}", f"cfg{settings.cfg_scale:g}",
               f"g{settings.guided_channels_value}"]
+    if settings.precision != "fp32":
+        parts.append(settings.precision)
+    if settings.clip_denoised is not None and settings.clip_denoised != (provenance.get("vae") == "pixel"):
+        parts.append("clip" if settings.clip_denoised else "noclip")  # only when not the automatic choice
     if settings.guidance_interval is not None:
         parts.append(f"gi{settings.guidance_interval[0]}-{settings.guidance_interval[1]}")
     parts.append(f"seed{seed}")
