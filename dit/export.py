@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from dit.autoencoder import KNOWN_VAES
-from dit.checkpoint import CONFIG_FIELDS, load_dit_checkpoint, save_weights_safetensors
+from dit.checkpoint import CONFIG_FIELDS, CheckpointError, load_dit_checkpoint, save_weights_safetensors
 from dit.diffusion import named_betas
 from dit.models import DiT, DiTConfig, arch_name
 
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             print(export_diffusers(args.source, args.out, use_ema=args.which == "ema", vae=args.vae,
                                    scheduler=args.scheduler, id2label=labels, overwrite=args.overwrite,
                                    license=args.license))
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as err:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

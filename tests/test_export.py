@@ -128,14 +128,16 @@ def test_save_pretrained_round_trip_and_release_license(tmp_path, release_file):
     again, _ = load_dit_checkpoint(tmp_path / "mine" / "model.safetensors")  # the weights file alone
     assert again.config == raw.config
 
-    # A release file (a bare state dict) keeps the release's license in the card; a folder is a source.
-    save_pretrained(release_file[0], tmp_path / "rel", overwrite=False)
+    # A folder is a source too; a release file (a bare state dict) keeps the release's license.
+    export_diffusers(tmp_path / "mine", tmp_path / "mine-diffusers", license="mit")
+    record = json.loads((tmp_path / "mine-diffusers" / "dit_export.json").read_text())
+    assert record["step"] == 1234 and record["weights"] == "model" and record["license"] == "mit"
+    save_pretrained(release_file[0], tmp_path / "rel")
     assert "license: cc-by-nc-4.0" in (tmp_path / "rel" / "README.md").read_text()
-    export_diffusers(tmp_path / "rel", tmp_path / "rel-diffusers")
-    assert json.loads((tmp_path / "rel-diffusers" / "dit_export.json").read_text())["license"] == "cc-by-nc-4.0"
+    assert json.loads((tmp_path / "rel" / "config.json").read_text())["model_name"] == "DiT-S/8"
 
 
-def test_exports_are_atomic_and_refuse_what_diffusers_cannot_hold(tmp_path, monkeypatch):
+def test_exports_are_atomic_and_refuse_what_diffusers_cannot_hold(tmp_path, monkeypatch, capsys):
     import dit.export as export
 
     write_run_checkpoint(tmp_path / "run.pt", {}, CONFIGS["sigma_p2"]["diffusion"])
@@ -151,6 +153,11 @@ def test_exports_are_atomic_and_refuse_what_diffusers_cannot_hold(tmp_path, monk
         export_diffusers(tmp_path / "run.pt", tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").is_file()  # the old export is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run.pt"]  # no temp folder left
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["pretrained", str(tmp_path / "junk.pt"), str(tmp_path / "junk")]) == 2  # one-line error
+    assert "junk.pt" in capsys.readouterr().err and not (tmp_path / "junk").exists()
+    (tmp_path / "junk.pt").unlink()
 
     write_run_checkpoint(tmp_path / "wide.pt", {"mlp_ratio": 2.0}, CONFIGS["sigma_p2"]["diffusion"])
     with pytest.raises(ValueError, match="MLP ratio of 4"):
@@ -212,3 +219,14 @@ def test_torch_hub_entry_points_from_a_local_checkout(release_file):
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ValueError, match="only for DiT-XL/2"):
         torch.hub.load(str(REPO), "DiT_B_4", source="local", pretrained=True)
+
+
+def test_hubconf_imports_only_the_model_and_checkpoint_modules():
+    import ast
+
+    tree = ast.parse((REPO / "hubconf.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported == {"dit.checkpoint", "dit.models", "torch"}
+    dependencies = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "dependencies")
+    assert {"torch", "timm"} <= set(ast.literal_eval(dependencies))
