@@ -282,6 +282,12 @@ class TrainConfig:
     # Checkpoint file or run directory to start from when the run directory has no checkpoint
     # yet (a checkpoint in the run directory always wins: it is this run's own progress).
     resume: Optional[str] = None
+    # Fine-tuning: a new run (fresh optimizer, step 0) whose model and EMA start from these
+    # weights: one of our checkpoints (or a run directory), a release file or a state dict
+    # (.pt / .safetensors). Like resume=, used only while the run directory has no checkpoint
+    # of its own. What may differ from the model built here: dit/train/init_from.py.
+    init_from: Optional[str] = None
+    init_from_weights: str = "ema"  # which weights of our checkpoints: ema or model
 
 
 # Keys that may change when a run is resumed: how long it runs, how it reports, how fast it is.
@@ -290,6 +296,8 @@ class TrainConfig:
 RESUMABLE_CHANGES = (
     "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
     "data.allow_changed",
+    # Read only while the run directory has no checkpoint (as resume=), so never a recipe change.
+    "init_from", "init_from_weights",
     "compile", "grad_checkpointing", "device", "name",
     # The global batch stays the same, only how it is split: like a change in the number of
     # ranks, the same update up to float rounding (bitwise resume needs the same value).

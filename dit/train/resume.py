@@ -217,8 +217,9 @@ def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[Optional[Path], Optional
     return None, None
 
 
-def resolve_resume_path(path: str) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run directory (or of its checkpoints/)."""
+def resolve_resume_path(path: str, key: str = "resume") -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory (or of its checkpoints/).
+    `key` names the config key in the error (`resume`, `init_from`)."""
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -226,7 +227,34 @@ def resolve_resume_path(path: str) -> Path:
         latest = latest_checkpoint(d)
         if latest is not None:
             return latest
-    raise ConfigError(f"resume={path}: no such checkpoint file, and no checkpoints in that directory")
+    what = "a directory without checkpoints" if p.is_dir() else "no such file or directory"
+    raise ConfigError(f"{key}={path}: {what}; give a checkpoint file or a run directory that holds checkpoints")
+
+
+def weights_file_kind(obj) -> str:
+    """What a loaded file that is not one of our training checkpoints holds, in words (for
+    errors): a plain state dict (a release or weights-only file), or our weights without the
+    training state."""
+    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("model", "ema")):
+        return "DiT weights without the training state"
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return "a plain state dict (a release or weights-only file)"
+    return f"a {type(obj).__name__}, not a checkpoint of this code"
+
+
+def read_resume_checkpoint(path: Path) -> dict:
+    """The training checkpoint `resume=` names. A file that is not one (a release file, a
+    weights-only file) is refused in one line pointing to init_from=, before any config is
+    compared."""
+    state = load_state(path)
+    missing = [k for k in _REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(
+            f"resume={path} is not a training checkpoint of this code ({weights_file_kind(state)}: no "
+            f"{', '.join(missing)}); resume= continues a run with its optimizer and step. To start a new run "
+            f"from these weights (fresh optimizer, step 0), use init_from={path}"
+        )
+    return state
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +268,8 @@ def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool
     if own is not None:
         return own, True, state
     if cfg.resume:
-        return resolve_resume_path(cfg.resume), False, None
+        path = resolve_resume_path(cfg.resume)
+        return path, False, read_resume_checkpoint(path)
     return None, False, None
 
 
@@ -251,6 +280,11 @@ def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
     refused. Rank 0 chooses (and moves unreadable checkpoints aside); the other ranks load its
     choice. The state's "source" entry is the path it was read from."""
     env = env or DistEnv(0, 0, 1, torch.device("cpu"))
+    if cfg.resume and cfg.init_from:
+        raise ConfigError(
+            f"resume={cfg.resume} and init_from={cfg.init_from} are both set: resume= continues a run (its "
+            "optimizer, step and data position), init_from= starts a new one from weights; keep one of them"
+        )
     choice, state, error = (None, False), None, None
     if env.is_main:
         for path in remove_interrupted_writes(ckpt_dir):

@@ -23,6 +23,7 @@ from dit.train.ema import EMA
 from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
 )
+from dit.train.init_from import apply_init_from, read_init_from
 from dit.train.optimizer import apply_hyperparameters, build_optimizer, learning_rate, set_learning_rate
 from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
@@ -94,6 +95,7 @@ class Trainer:
         configure_backends(cfg)
         self.config_dict = plain_config(cfg)
         state = load_start_state(cfg, self.ckpt_dir, self.config_dict, env)
+        self.init_weights = read_init_from(cfg, env, state)  # fine-tuning: only when starting fresh
         self.preempt_signals = preemption_signals(cfg.fault.preempt_signals)
         self.faults = make_faults(cfg.debug, env.rank)
 
@@ -132,6 +134,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them as they are)
         model = build_model(cfg, self.latents.side, self.latents.channels, self.data.num_classes).to(self.device)
+        if self.init_weights is not None:  # into the model, so into the EMA made from it below
+            apply_init_from(self.init_weights, model)
+            self.init_weights = None  # the file's tensors are not needed any more
         self.drop_prob = take_over_label_dropout(model)
         self.ema = EMA(model, cfg.ema.decay)
         if state is not None:
