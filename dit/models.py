@@ -6,20 +6,30 @@ follow the paper: sinusoidal timestep features `[cos, sin]`, a fixed 2-D sin-cos
 table, LayerNorm (eps 1e-6, no affine) modulated by shift/scale/gate vectors that are
 regressed from `c = t_emb + y_emb` and initialised to zero.
 
-This file imports nothing from the rest of `dit/`.
+LightningDiT's architecture options (RMSNorm, SwiGLU, 2-D RoPE, qk-norm, shift-free modulation)
+are `DiTConfig` keys whose defaults are the official layout; their modules live in
+`dit/layers.py`. This file imports nothing else from `dit/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, PatchEmbed
-from timm.models.vision_transformer import Attention
+from timm.layers import PatchEmbed
+
+from dit.layers import (
+    ARCH_OPTIONS,
+    adaln_norm,
+    check_options,
+    check_rope_head_dim,
+    make_attention,
+    make_mlp,
+    rope_table,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -27,8 +37,11 @@ from timm.models.vision_transformer import Attention
 # --------------------------------------------------------------------------------------
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: per-sample affine transform of normalised tokens. x (N, T, D); shift, scale (N, D)."""
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: per-sample affine transform of normalised tokens. x (N, T, D); shift, scale (N, D);
+    shift None (shift-free modulation) scales only."""
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
@@ -114,44 +127,36 @@ class LabelEmbedder(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def _tanh_gelu() -> nn.Module:
-    return nn.GELU(approximate="tanh")
-
-
 class DiTBlock(nn.Module):
     """Pre-LN transformer block whose norms are modulated by the conditioning (adaLN-Zero).
 
     Each residual branch is multiplied by a gate regressed from `c`; the regression layer is
-    zero at init, so every block starts as the identity.
+    zero at init, so every block starts as the identity. `norm`, `mlp`, `qk_norm`, `rope` and
+    `modulation` are the architecture options of `DiTConfig` (see dit/layers.py).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
+                 mlp: str = "gelu", qk_norm: bool = False, rope: bool = False,
+                 modulation: str = "shift_scale_gate"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        # timm's Attention calls F.scaled_dot_product_attention (fused kernels) when available.
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        if not self.attn.fused_attn:
-            # The same numbers, but attention then materialises the (T, T) score matrices: several
-            # times slower and larger on a GPU. Easy to leave on by accident, so say so.
-            warnings.warn(
-                "timm's fused attention is off (TIMM_FUSED_ATTN=0, timm.layers.set_fused_attn(False) "
-                "or exportable mode): DiT attention will not use F.scaled_dot_product_attention and "
-                "runs slower with more memory. Unset TIMM_FUSED_ATTN to turn it back on.",
-                stacklevel=2,
-            )
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(
-            in_features=hidden_size,
-            hidden_features=int(hidden_size * mlp_ratio),
-            act_layer=_tanh_gelu,
-            drop=0,
-        )
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.norm1 = adaln_norm(norm, hidden_size)
+        # F.scaled_dot_product_attention (fused kernels); warns when timm's fused attention is off.
+        self.attn = make_attention(hidden_size, num_heads, norm=norm, qk_norm=qk_norm, rope=rope)
+        self.norm2 = adaln_norm(norm, hidden_size)
+        self.mlp = make_mlp(mlp, hidden_size, mlp_ratio)
+        self.shift = modulation == "shift_scale_gate"
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (6 if self.shift else 4) * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # Order of the six vectors: (shift, scale, gate) for attention, then for the MLP.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        if self.shift:
+            # Order of the six vectors: (shift, scale, gate) for attention, then for the MLP.
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        else:
+            # Shift-free: (scale, gate) for attention, then for the MLP.
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa.unsqueeze(1) * (self.attn(h) if rope is None else self.attn(h, rope))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -159,9 +164,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Modulated LayerNorm then a linear map from each token to its patch of output channels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = adaln_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -189,9 +194,28 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     num_classes: int = 1000
     learn_sigma: bool = True
+    # Architecture options (LightningDiT's); the defaults are the official DiT.
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (tanh GELU) | "swiglu"
+    rope: bool = False  # 2-D rotary embedding on q and k (the sin-cos table stays added)
+    qk_norm: bool = False  # per-head norm of q and k (of the `norm` kind, learned affine)
+    modulation: str = "shift_scale_gate"  # | "scale_gate" (LightningDiT's shift-free adaLN)
+
+    def __post_init__(self):
+        check_options(**{k: getattr(self, k) for k in ARCH_OPTIONS})
+
+    def options(self) -> dict:
+        """The architecture options that differ from the official layout ({} for DiT itself)."""
+        return {k: getattr(self, k) for k, default in ARCH_OPTIONS.items() if getattr(self, k) != default}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All fields, except architecture options left at their defaults: the official model's
+        record is what it always was, and a record without them reads as the official layout."""
+        d = asdict(self)
+        for k, default in ARCH_OPTIONS.items():
+            if d[k] == default:
+                del d[k]
+        return d
 
 
 class DiT(nn.Module):
@@ -207,6 +231,7 @@ class DiT(nn.Module):
         self.config = c
         input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
         depth, num_heads, mlp_ratio, num_classes, learn_sigma = c.depth, c.num_heads, c.mlp_ratio, c.num_classes, c.learn_sigma
+        options = dict(norm=c.norm, mlp=c.mlp, qk_norm=c.qk_norm, rope=c.rope, modulation=c.modulation)
         if input_size % patch_size:
             raise ValueError(
                 f"input_size {input_size} is not divisible by patch_size {patch_size}: "
@@ -214,6 +239,8 @@ class DiT(nn.Module):
             )
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if c.rope:
+            check_rope_head_dim(hidden_size // num_heads)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -227,8 +254,8 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed (not trained) sin-cos table; a parameter so that it sits in the state dict.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, **options) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=c.norm)
         self.gradient_checkpointing = False
         self.initialize_weights()
 
@@ -265,6 +292,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def rope_table(self, device: torch.device | None = None) -> torch.Tensor:
+        """The 2-D rotary table of this model's token grid: (T, 2 * head_dim), `[sin | cos]`."""
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        return rope_table(self.config.hidden_size // self.num_heads, grid, device=device)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) tokens -> (N, C, H, W) images; token order is row-major over the grid."""
         c, p = self.out_channels, self.patch_size
@@ -280,11 +312,14 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D); label dropout only while training
         c = t_emb + y_emb  # (N, D)
+        # (T, 2 * head_dim) rotary table, rebuilt per call (cheap) so that it follows x's device
+        # and never sits in the state dict.
+        rope = self.rope_table(x.device) if self.config.rope else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)  # (N, T, D)
+                x = block(x, c, rope)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * out_channels)
         return self.unpatchify(x)  # (N, out_channels, H, W)
 
@@ -393,3 +428,21 @@ def arch_name(depth: int, hidden_size: int, num_heads: int, patch_size: int) -> 
         if (d, h, n) == (depth, hidden_size, num_heads) and patch_size in (2, 4, 8):
             return f"DiT-{size}/{patch_size}"
     return None
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable ones); DiT's fixed `pos_embed` counts only in the first."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(model: DiT) -> str:
+    """One line for logs: the architecture, its options and its size, e.g.
+    `DiT-XL/2 + norm=rmsnorm, mlp=swiglu, rope: 675,129,632 parameters (674,834,720 trainable)`."""
+    c = model.config
+    name = arch_name(c.depth, c.hidden_size, c.num_heads, c.patch_size) if c.mlp_ratio == 4.0 else None
+    name = name or f"DiT (depth={c.depth}, hidden_size={c.hidden_size}, num_heads={c.num_heads}, " \
+                   f"patch_size={c.patch_size}, mlp_ratio={c.mlp_ratio})"
+    opts = ", ".join(k if v is True else f"{k}={v}" for k, v in c.options().items())
+    total, trainable = param_counts(model)
+    return f"{name}{' + ' + opts if opts else ''}: {total:,} parameters ({trainable:,} trainable)"
