@@ -13,7 +13,9 @@ Needs the quickstart checkpoint and the real reference images (docs/quickstart.m
 Every configuration samples the same `--num-samples` images: sample i has the initial noise (and,
 for DDPM, the per-step noise) of `dit.sampling.sample_generators(seed, [i])` and the balanced
 label i mod 10, in network batches of `--batch-size`, at the quickstart evaluation settings
-(EMA weights, guidance `--cfg-scale` 2.0, guided channels all). Samples go through
+(EMA weights, guidance `--cfg-scale` 2.0, guided channels all, x0 clipped to [-1, 1] at every step
+as the library does in pixel space: `--clip-denoised auto|on|off`), on the chain the checkpoint
+was trained on. Samples go through
 `dit.sampling.sample_latents`, whose `denoiser_out` hook gives the exact number of network
 passes (NFE, per sample: a guided pass over the cond + null rows counts once) and of rows the
 network processed (2 per guided pass, 1 per unguided one). They are scored as
@@ -55,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit import metrics as M  # noqa: E402
 from dit import sampling as S  # noqa: E402
-from dit.diffusion import create_diffusion  # noqa: E402
 from dit.evaluate import build_feature_extractor  # noqa: E402
 
 DEFAULT_CONFIGS = [
@@ -64,6 +65,7 @@ DEFAULT_CONFIGS = [
     "dpm++-5", "dpm++-8", "dpm++-10", "dpm++-15", "dpm++-20", "dpm++-25",
     "dpm++-10/o3", "dpm++-10@0-700", "dpm++-20@0-700",
 ]
+CLIP_CHOICES = {"auto": None, "on": True, "off": False}  # auto: on for the pixel autoencoder (the quickstart's)
 _SPEC = re.compile(r"^(ddpm|ddim|dpm\+\+)-(\d+)(?:@(\d+)-(\d+))?(?:/o([123]))?$")
 
 
@@ -81,7 +83,7 @@ def parse_config(spec: str) -> dict:
 
 
 def dpm_solver_order(denoiser: S.GuidedDenoiser, diffusion, noise: torch.Tensor, num_steps: int,
-                     order: int) -> torch.Tensor:
+                     order: int, clip_denoised: bool) -> torch.Tensor:
     """Multistep DPM-Solver++ of the given order on the training beta schedule (diffusers'
     scheduler), fed the epsilon channels of the guided output: `dit.sampling`'s dpm++ with the
     order as a parameter."""
@@ -89,7 +91,8 @@ def dpm_solver_order(denoiser: S.GuidedDenoiser, diffusion, noise: torch.Tensor,
 
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas, algorithm_type="dpmsolver++",
-        solver_order=order, prediction_type="epsilon", lower_order_final=True)
+        solver_order=order, prediction_type="epsilon", lower_order_final=True,
+        thresholding=clip_denoised, sample_max_value=1.0)  # x0 clamped to [-1, 1], as dit.sample_chain
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     channels = noise.shape[1]
@@ -112,7 +115,8 @@ def generate(model, autoencoder, diffusion, config: dict, args, seed: int):
         counter: list = []
         settings = S.SamplerSettings(sampler=config["sampler"], num_steps=config["num_steps"],
                                      cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
-                                     guidance_interval=config["guidance_interval"])
+                                     guidance_interval=config["guidance_interval"],
+                                     clip_denoised=CLIP_CHOICES[args.clip_denoised]).resolved(autoencoder)
         if config["order"] in (None, 2) or config["sampler"] != "dpm++":
             latents = S.sample_latents(model, diffusion, y, settings, noise=noise, generator=gens, denoiser_out=counter)
             den = counter[0]
@@ -120,7 +124,8 @@ def generate(model, autoencoder, diffusion, config: dict, args, seed: int):
             den = S.GuidedDenoiser(model, y, settings)
             model.eval()
             with torch.no_grad():
-                latents = dpm_solver_order(den, diffusion, noise, config["num_steps"], config["order"])
+                latents = dpm_solver_order(den, diffusion, noise, config["num_steps"], config["order"],
+                                           settings.clip_denoised)
         with torch.no_grad():
             images.append(S.to_uint8(autoencoder.decode(latents)))
         calls.add(den.calls)
@@ -172,6 +177,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--cfg-scale", type=float, default=2.0)
     p.add_argument("--guided-channels", default="all")
+    p.add_argument("--clip-denoised", choices=sorted(CLIP_CHOICES), default="auto",
+                   help="clamp each step's x0 to [-1, 1]: auto (the library default) is on in pixel space")
     p.add_argument("--configs", type=parse_config, nargs="+", default=[parse_config(c) for c in DEFAULT_CONFIGS])
     p.add_argument("--tolerance", type=float, default=0.05, help="FD may exceed the baseline's by this fraction")
     p.add_argument("--max-nfe", type=int, default=25)
@@ -192,7 +199,7 @@ def main() -> None:
 
     model, autoencoder, provenance = S.load_for_sampling(args.checkpoint, which=args.which)
     model.eval()
-    diffusion = create_diffusion("", learn_sigma=model.config.learn_sigma)
+    diffusion = S.diffusion_from_config(provenance, model.config.learn_sigma)  # the chain it was trained on
     cache = Path(args.judge_cache).expanduser() if args.judge_cache else None
     image_size = model.config.input_size * autoencoder.downsample_factor
     extractor = build_feature_extractor("toy_judge", image_size=image_size,
@@ -204,7 +211,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"# {args.checkpoint} ({args.which}, step {provenance.get('step')}), {args.num_samples} samples "
           f"(balanced labels, seed {args.seed}), batch {args.batch_size}, cfg {args.cfg_scale}, guided channels "
-          f"{args.guided_channels}; judge FD vs {args.reference} ({reference.num_images} real images)", flush=True)
+          f"{args.guided_channels}, clip_denoised {args.clip_denoised}; judge FD vs {args.reference} ({reference.num_images} real images)", flush=True)
 
     rows, base_pool = [], None
     for config in args.configs:
