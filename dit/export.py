@@ -169,6 +169,9 @@ def diffusers_config(config: DiTConfig) -> dict:
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' DiTTransformer2DModel has a fixed MLP ratio of 4; this model has "
                          f"{config.mlp_ratio}: it cannot be exported to diffusers (save_pretrained still works)")
+    if config.options():  # same shapes for rope / rmsnorm: diffusers would load them and compute something else
+        raise ValueError(f"diffusers' DiTTransformer2DModel is the official DiT layout; this model has the architecture "
+                         f"options {config.options()}: it cannot be exported to diffusers (save_pretrained still works)")
     return {
         "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
         "in_channels": config.in_channels, "out_channels": config.in_channels * (2 if config.learn_sigma else 1),

@@ -397,3 +397,12 @@ def test_describe_names_the_model_its_options_and_its_parameter_count():
     # adaLN: 2 d (d + 1) fewer per block; qk-norm: two RMSNorm weights of head_dim 72 per block.
     per_block = (3 * 3072 * d + 2 * 3072 + d) - (8 * d * d + 5 * d) - 2 * d * (d + 1) + 2 * 72
     assert total == 675_129_632 + layers * per_block
+
+
+@pytest.mark.parametrize("option", [{"rope": True}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}])
+def test_diffusers_export_refuses_a_model_with_options(option):
+    from dit.export import diffusers_config
+
+    assert diffusers_config(DiTConfig(**TINY_DIT))["num_layers"] == 2
+    with pytest.raises(ValueError, match="architecture options.*save_pretrained still works"):
+        diffusers_config(DiTConfig(**TINY_DIT, **option))
