@@ -130,6 +130,9 @@ def test_what_init_from_keeps_and_what_it_takes_from_the_model(runs, release_fil
     assert torch.equal(fitted["pos_embed"][0], sincos_pos_embed_2d(32, 8).float())
     assert torch.equal(fitted["y_embedder.embedding_table.weight"], init.state_dict["y_embedder.embedding_table.weight"])
     assert all(torch.equal(fitted[k], v) for k, v in init.state_dict.items() if k != "pos_embed")
+    # What no tensor shape shows is checked against the file's recorded config.
+    with pytest.raises(ConfigError, match=r"1 mismatches.*: num_heads: file 2 vs model 4\. Set model"):
+        fit_to_model(init, DiT(input_size=16, num_classes=10, **(ARCH | {"num_heads": 4})))
 
 
 def _one_rank():

@@ -9,15 +9,17 @@ random stream starts from `seed`, as in a run from scratch: only the initial wei
 What may differ between the file and the model this run builds:
 
 * the number of classes: the label table is the model's own freshly initialised one (the
-  weights of one label set mean nothing for another), except its null row (id `num_classes`,
+  rows of one label set mean nothing for another), except its null row (id `num_classes`,
   the last row, contract 6), which is copied from the file's null row: it is the label-free
   condition the network was trained with, so unconditional predictions and guidance keep
-  working from the first step;
+  working from the first step. With the same number of classes the file's rows are kept (and a
+  null row is added or dropped when only `model.class_dropout_prob` changes);
 * the image size: `pos_embed` is the fixed sin-cos table of the token grid, never trained, so
   the model keeps its own table for its grid (a fixed table is recomputed, never interpolated).
 
 Anything else that does not fit (depth, width, patch size, channels, MLP ratio, learned sigma,
-attention heads when the file records them) is refused, listing the tensors and their shapes.
+and, when the file records its config, what no shape shows: attention heads, norms, rotary
+embedding, ...) is refused, listing the tensors and their shapes.
 
 Once the run directory has a checkpoint of its own, a relaunch continues from it, as with
 `resume=`, and `init_from` is not read again (it may stay on the command line).
@@ -25,6 +27,7 @@ Once the run directory has a checkpoint of its own, a relaunch continues from it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ import torch
 from dit.checkpoint import load_state, read_safetensors_metadata
 from dit.config import ConfigError, TrainConfig
 from dit.distributed import DistEnv, broadcast_object
-from dit.models import DiT
+from dit.models import DiT, DiTConfig
 from dit.release import strip_wrapper_prefixes
 from dit.train.resume import resolve_resume_path
 
@@ -114,32 +117,58 @@ def read_init_from(cfg: TrainConfig, env: DistEnv, state: Optional[dict]) -> Opt
 # --------------------------------------------------------------------------------------
 
 
-def _null_row(rows: int, config: Optional[dict]) -> Optional[int]:
-    """The index of the null-class row of a label table with `rows` rows. With the file's own
-    config: `num_classes` when it trained with label dropout. Without (a release file): the
-    release convention, the last row (as `dit.release.infer_dit_config` assumes)."""
+def _source_labels(rows: int, config: Optional[dict]) -> tuple[int, Optional[int]]:
+    """(number of classes, index of the null row or None) of a label table with `rows` rows.
+    With the file's own config: its `num_classes`, and a null row at that index when it trained
+    with label dropout. Without (a release file): the release convention, `rows - 1` classes and
+    the null row last (as `dit.release.infer_dit_config` assumes)."""
     if config is None:
-        return rows - 1
-    has_null = float(config.get("class_dropout_prob", 0.0)) > 0 and rows == int(config.get("num_classes", -1)) + 1
-    return int(config["num_classes"]) if has_null else None
+        return rows - 1, rows - 1
+    classes = int(config.get("num_classes", rows))
+    has_null = float(config.get("class_dropout_prob", 0.0)) > 0 and rows == classes + 1
+    return classes, (classes if has_null else None)
 
 
-def _same_labels(src: torch.Tensor, model: DiT, config: Optional[dict]) -> bool:
-    if src.shape != model.y_embedder.embedding_table.weight.shape:
-        return False
-    if config is None:  # shapes are all a plain state dict tells
-        return True
+def _label_table(src: torch.Tensor, model: DiT, config: Optional[dict]) -> tuple[torch.Tensor, Optional[str]]:
+    """The label table for `model` from the file's `src`, and a note when it is a new one."""
+    classes, src_null = _source_labels(src.shape[0], config)
     c = model.config
-    return int(config.get("num_classes", -1)) == c.num_classes and _null_row(src.shape[0], config) == (
-        c.num_classes if c.class_dropout_prob > 0 else None)
+    table = model.y_embedder.embedding_table.weight.detach().clone()  # the model's own initialisation
+    same_classes = classes == c.num_classes and src.shape[0] >= classes
+    if same_classes:
+        table[:classes] = src[:classes]
+    copy_null = c.class_dropout_prob > 0 and src_null is not None
+    if copy_null:
+        table[c.num_classes] = src[src_null]
+    if same_classes:
+        return table, None
+    return table, (f"label table: new for {c.num_classes} classes (the file's has {src.shape[0]} rows), "
+                   + ("null row copied from the file's" if copy_null else "no null row to copy"))
+
+
+# DiT fields that may differ between the file and the model; the others must match even where no
+# tensor shape shows them (attention heads, norms, rotary embedding, ...).
+_MAY_DIFFER = ("input_size", "num_classes", "class_dropout_prob")
+
+
+def _config_mismatches(config: Optional[dict], model: DiT) -> list[str]:
+    if config is None:
+        return []
+    defaults = DiTConfig()  # a field a record leaves out has its default (`DiTConfig.to_dict`)
+    out = []
+    for f in dataclasses.fields(DiTConfig):
+        ours, theirs = getattr(model.config, f.name), config.get(f.name, getattr(defaults, f.name))
+        if f.name not in _MAY_DIFFER and theirs != ours:
+            out.append(f"{f.name}: file {theirs} vs model {ours}")
+    return out
 
 
 def fit_to_model(init: InitWeights, model: DiT) -> tuple[dict, list[str]]:
     """(the state dict to load into `model`, notes on what was adapted). The model's freshly
     initialised tensors stand in where the module docstring says; ConfigError, in one line,
-    listing every tensor that does not fit otherwise."""
+    listing every tensor (and recorded architecture field) that does not fit otherwise."""
     own, sd = model.state_dict(), init.state_dict
-    fitted, notes, bad = {}, [], []
+    fitted, notes, bad = {}, [], _config_mismatches(init.source_config, model)
     for key, target in own.items():
         if key not in sd:
             bad.append(f"{key} missing from the file (model {tuple(target.shape)})")
@@ -147,34 +176,22 @@ def fit_to_model(init: InitWeights, model: DiT) -> tuple[dict, list[str]]:
         src = sd[key]
         if key == POS_EMBED and src.shape != target.shape and src.ndim == 3 and src.shape[-1] == target.shape[-1]:
             fitted[key] = target  # the fixed sin-cos table of this model's grid
-            notes.append(f"pos_embed: the sin-cos table of this model's {src.shape[1]} -> {target.shape[1]} tokens")
+            notes.append(f"pos_embed: the sin-cos table of this model's {target.shape[1]} tokens (the file's: "
+                         f"{src.shape[1]})")
         elif key == LABEL_TABLE and src.ndim == 2 and src.shape[1] == target.shape[1]:
-            if _same_labels(src, model, init.source_config):
-                fitted[key] = src
-                continue
-            table = target.clone()  # the model's own initialisation for every class
-            src_null = _null_row(src.shape[0], init.source_config)
-            has_null = model.config.class_dropout_prob > 0
-            if has_null and src_null is not None:
-                table[-1] = src[src_null]
-            fitted[key] = table
-            notes.append(f"label table: new for {model.config.num_classes} classes (file: {src.shape[0]} rows), "
-                         + ("null row copied from the file's" if has_null and src_null is not None
-                            else "no null row to copy"))
+            fitted[key], note = _label_table(src, model, init.source_config)
+            notes += [note] if note else []
         elif src.shape != target.shape:
             bad.append(f"{key}: file {tuple(src.shape)} vs model {tuple(target.shape)}")
         else:
             fitted[key] = src
     bad += [f"{key} {tuple(sd[key].shape)} not in the model" for key in sd if key not in own]
-    heads = (init.source_config or {}).get("num_heads")
-    if heads is not None and int(heads) != model.config.num_heads:
-        bad.append(f"num_heads: file {heads} vs model {model.config.num_heads} (not in any tensor shape)")
     if bad:
         listed = "; ".join(bad[:_SHOWN]) + (f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
         raise ConfigError(
             f"init_from={init.path} does not fit the model this run builds ({len(bad)} mismatches; only the "
             f"number of classes and the image size may differ): {listed}. Set model.* (depth, hidden_size, "
-            "num_heads, patch_size, mlp_ratio, learn_sigma) and the autoencoder to those the file was trained with"
+            "num_heads, patch_size, ...) and the autoencoder to those the file was trained with"
         )
     return fitted, notes
 
@@ -184,5 +201,4 @@ def apply_init_from(init: InitWeights, model: DiT) -> None:
     the same weights)."""
     fitted, notes = fit_to_model(init, model)
     model.load_state_dict(fitted, strict=True)
-    log.info("fine-tuning from %s (%s): %d tensors loaded%s", init.path, init.kind,
-             len(fitted), "".join(f"; {n}" for n in notes))
+    log.info("fine-tuning from %s (%s)%s", init.path, init.kind, "".join(f"; {n}" for n in notes))

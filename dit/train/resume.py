@@ -276,7 +276,8 @@ def _find_resume(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Optional[Path], bool
 def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
                      env: Optional[DistEnv] = None) -> Optional[dict]:
     """The checkpoint to continue from (this run directory's newest readable one, else
-    `cfg.resume`), or None. A checkpoint in the run directory whose recipe differs from `cfg` is
+    `cfg.resume`), or None (then `cfg.init_from`, if set, gives the weights:
+    dit/train/init_from.py). A checkpoint in the run directory whose recipe differs from `cfg` is
     refused. Rank 0 chooses (and moves unreadable checkpoints aside); the other ranks load its
     choice. The state's "source" entry is the path it was read from."""
     env = env or DistEnv(0, 0, 1, torch.device("cpu"))
