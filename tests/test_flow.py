@@ -287,3 +287,44 @@ def test_sde_sampler_maps_noise_to_the_gaussian_data(name, num_steps):
     bad = sample_sde(lambda x, t: -optimal_velocity(name)(x, t), z[:4096], path=name, num_steps=100,
                      generator=torch.Generator().manual_seed(6)).x
     assert max(misses(bad)) > 0.5
+
+
+def test_diffusion_forms_are_sits_written_in_our_time():
+    """SiT's coefficients in its time u = 1 - t (alpha_u = u, sigma_u = 1 - u on the linear path),
+    norm 0.7; each in our time must be the same number."""
+    u = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    t = 1 - u
+    k = 0.7
+    sit = {"constant": torch.full_like(u, k), "sigma": k * (1 - u), "linear": k * (1 - u),
+           "SBDM": k * ((1 / u) * (1 - u) ** 2 + (1 - u)),  # (alpha'/alpha) sigma^2 - sigma sigma', in u
+           "decreasing": 0.25 * (k * torch.cos(math.pi * u) + 1) ** 2,
+           "increasing-decreasing": k * torch.sin(math.pi * u) ** 2}
+    assert set(sit) == set(DIFFUSION_FORMS)
+    for form, ref in sit.items():
+        torch.testing.assert_close(diffusion_coefficient(form, "linear", t, k), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="SBDM diffusion coefficient is infinite at t = 1"):
+        sample_sde(optimal_velocity("linear"), matched_noise(8), path="linear", num_steps=10, diffusion_form="SBDM")
+
+
+@pytest.mark.parametrize("form,last_step", [("SBDM", "tweedie"), ("constant", None), ("decreasing", "euler")])
+def test_other_diffusion_forms_and_last_steps_reach_the_data(form, last_step):
+    z = torch.randn(20_000, len(MU), generator=torch.Generator().manual_seed(8), dtype=F64)
+    out = sample_sde(optimal_velocity("linear"), z, path="linear", num_steps=100, diffusion_form=form,
+                     last_step=last_step, t_max=0.999 if form == "SBDM" else 1.0,
+                     generator=torch.Generator().manual_seed(9))
+    assert out.nfe == (99 if last_step is None else 100)
+    dmean, dstd = misses(out.x)
+    se = S / math.sqrt(len(z))
+    assert dmean + 3 * se < 2e-2 and dstd + 3 * se < 2e-2, (dmean, dstd)
+
+
+def test_sde_noise_is_per_sample_with_per_sample_generators():
+    """Row i depends on its own generator only: the same rows in a batch of 4 and of 2 agree
+    (what makes bulk files identical for any number of ranks)."""
+    z = torch.randn(4, len(MU), generator=torch.Generator().manual_seed(10), dtype=F64)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(4)]  # noqa: E731
+    full = sample_sde(optimal_velocity("gvp"), z, path="gvp", num_steps=20, generator=gens()).x
+    part = sample_sde(optimal_velocity("gvp"), z[2:], path="gvp", num_steps=20, generator=gens()[2:]).x
+    torch.testing.assert_close(part, full[2:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="got 3 per-sample generators for a batch of 4"):
+        sample_sde(optimal_velocity("gvp"), z, path="gvp", num_steps=20, generator=gens()[:3])
