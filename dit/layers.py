@@ -25,6 +25,7 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Mlp, SwiGLUPacked
 from timm.layers.attention import AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat, build_rotary_pos_embed
@@ -63,12 +64,23 @@ def adaln_norm(kind: str, dim: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
+class RMSNormFP32(nn.RMSNorm):
+    """torch's RMSNorm, computed in (at least) float32 and returned in the input's dtype. Under
+    bf16 autocast q and k arrive in bf16 while the weight stays float32, a mix torch's kernel does
+    not fuse (it warns and takes a slower path); LightningDiT normalises in float32 too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), self.normalized_shape, weight, self.eps).to(x.dtype)
+
+
 def qk_norm_layer(kind: str):
     """Constructor `(head_dim) -> module` of the per-head q/k norm (learned affine)."""
     if kind == "layernorm":
         return nn.LayerNorm  # eps 1e-5, as timm's Attention and LightningDiT use it
     if kind == "rmsnorm":
-        return lambda dim, **kw: nn.RMSNorm(dim, eps=ADALN_EPS, **kw)
+        return lambda dim, **kw: RMSNormFP32(dim, eps=ADALN_EPS, **kw)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 

@@ -406,3 +406,21 @@ def test_diffusers_export_refuses_a_model_with_options(option):
     assert diffusers_config(DiTConfig(**TINY_DIT))["num_layers"] == 2
     with pytest.raises(ValueError, match="architecture options.*save_pretrained still works"):
         diffusers_config(DiTConfig(**TINY_DIT, **option))
+
+
+def test_qk_rmsnorm_under_bf16_autocast_normalises_in_float32_without_warning():
+    import warnings
+
+    from dit.layers import qk_norm_layer
+
+    layer = qk_norm_layer("rmsnorm")(16)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.5 * torch.randn(16))
+    q = (5 * torch.randn(2, 3, 16)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it cannot fuse a bf16 input with a float32 weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(q)
+    assert out.dtype == torch.bfloat16
+    expected = ref_rmsnorm(q.double()) * layer.weight.detach().double()
+    torch.testing.assert_close(out.double(), expected, rtol=8e-3, atol=0)  # one bf16 rounding
