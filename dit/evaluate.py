@@ -24,10 +24,11 @@ from dit.config import EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
 from dit.files import FileWriteError, atomic_target, read_images, write_text_atomic
 from dit.generate import generate_bulk
-from dit.inception import InceptionFeatures
+from dit.inception import InceptionFeatures, check_feature_precision
 from dit.judge import JudgeFeatures, ToyJudge
 from dit.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
-                         metrics_from_features, sample_features)
+                         metrics_from_features, reference_usage, sample_features)
+from dit.precision_recall import check_pr_arithmetic
 from dit.sampling import (SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for,
                           unwrap_model)
 
@@ -36,11 +37,13 @@ KNOWN_METRICS = ("fid", "sfid", "isc", "prc", "kid")
 
 def build_feature_extractor(name: str = "inception", *, weights: str | None = None, device: str | None = "auto",
                             batch_size: int = 64, allow_download: bool = True, image_size: int | None = None,
-                            judge_cache_dir: str | None = None, judge_seed: int = 0) -> FeatureExtractor:
-    """`"inception"` (FID protocol) or `"toy_judge"` (quickstart; needs `image_size`, trained once and
-    cached in `judge_cache_dir`)."""
+                            judge_cache_dir: str | None = None, judge_seed: int = 0,
+                            precision: str = "fp32") -> FeatureExtractor:
+    """`"inception"` (FID protocol; `precision` fp32 or tf32) or `"toy_judge"` (quickstart; needs
+    `image_size`, trained once and cached in `judge_cache_dir`)."""
     if name == "inception":
-        return InceptionFeatures(weights, device=device, batch_size=batch_size, allow_download=allow_download)
+        return InceptionFeatures(weights, device=device, batch_size=batch_size, allow_download=allow_download,
+                                 precision=precision)
     if name == "toy_judge":
         if image_size is None:
             raise ValueError("feature_extractor=toy_judge needs the image size of the samples")
@@ -52,15 +55,20 @@ def build_feature_extractor(name: str = "inception", *, weights: str | None = No
 # Results table
 # --------------------------------------------------------------------------------------
 
+METRIC_COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "class_accuracy")
+# A sampler setting named like a metric (SamplerSettings.precision, the sampling arithmetic, vs the
+# precision of precision/recall) gets its column under a prefix: one column per name.
+SETTINGS_COLUMNS = {f: f"sampling_{f}" if f in METRIC_COLUMNS else f for f in SETTINGS_FIELDS}
 RESULTS_COLUMNS = (
-    "time", "checkpoint", "step", *SETTINGS_FIELDS, "vae", "num_samples", "seed", "labels", "feature_extractor",
-    "reference", "fid", "sfid", "inception_score", "precision", "recall", "kid", "class_accuracy", "samples",
+    "time", "checkpoint", "step", *SETTINGS_COLUMNS.values(), "vae", "num_samples", "seed", "labels",
+    "feature_extractor", "reference", *METRIC_COLUMNS,
+    "num_reference_fid", "num_reference_pr", "feature_precision", "pr_arithmetic", "samples",
 )
 
 
 def append_results_row(path: str | os.PathLike, row: dict) -> Path:
     """Append one evaluation to a CSV table (header written once; columns `RESULTS_COLUMNS`, so
-    pandas, or `sort -t, -k16 -g` on the FID column, can rank runs). Unknown keys are ignored,
+    pandas, or `sort -g` on the FID column, can rank runs). Unknown keys are ignored,
     missing ones left empty. A table written before a column was added (a new sampler setting,
     say) is first rewritten, atomically, with the new header and its rows' new cells empty; a
     table with columns this code does not know is refused."""
@@ -128,13 +136,15 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     extractor = build_feature_extractor(
         cfg.feature_extractor, weights=cfg.feature_extractor_weights, device=cfg.device,
         batch_size=cfg.feature_batch_size, allow_download=cfg.allow_download, image_size=images.shape[1],
-        judge_cache_dir=str(cache_dir) if cache_dir else None, judge_seed=cfg.judge_seed)
+        judge_cache_dir=str(cache_dir) if cache_dir else None, judge_seed=cfg.judge_seed,
+        precision=cfg.feature_precision)
     reference = load_reference(cfg.reference, extractor, cache_dir=cache_dir / "ref_stats" if cache_dir else None,
                                need_features=bool(wanted & {"prc", "kid"}), progress=True)
     metrics = compute_metrics(
         images, reference, extractor, labels=labels, progress=True, fid="fid" in wanted, sfid="sfid" in wanted,
         isc="isc" in wanted, prc="prc" in wanted, kid="kid" in wanted, prc_k=cfg.prc_k,
-        isc_split_size=cfg.isc_split_size, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size)
+        pr_arithmetic=cfg.pr_arithmetic, isc_split_size=cfg.isc_split_size, kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size)
 
     sidecar = settings_path_for(samples) if samples.is_file() else None
     settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
@@ -146,6 +156,8 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
         "reference": str(cfg.reference),
         "feature_extractor": extractor.identity,
         "metrics": metrics,
+        "scoring": scoring_record(extractor, cfg.pr_arithmetic if "prc" in wanted else None, cfg.prc_k),
+        "reference_usage": reference_usage(reference, metrics),  # which reference data each metric used
         "sampling": settings,  # what sample.py recorded next to the samples (empty for other sources)
     }
     for key, value in metrics.items():
@@ -154,9 +166,11 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     out_json = Path(cfg.results_json) if cfg.results_json else samples.with_name(
         f"{samples.stem if samples.is_file() else samples.name}.{cfg.feature_extractor}.metrics.json")
     write_text_atomic(out_json, json.dumps(record, indent=2, default=str) + "\n")
-    row = {**{k: settings.get(k) for k in ("checkpoint", "step", *SETTINGS_FIELDS, "vae", "seed", "labels")},
+    row = {**{SETTINGS_COLUMNS.get(k, k): settings.get(k)
+              for k in ("checkpoint", "step", *SETTINGS_FIELDS, "vae", "seed", "labels")},
            **metrics, "time": record["time"], "samples": str(samples), "reference": str(cfg.reference),
-           "feature_extractor": extractor.identity}
+           "feature_extractor": extractor.identity, "feature_precision": record["scoring"]["feature_precision"],
+           "pr_arithmetic": record["scoring"]["pr_arithmetic"]}
     if cfg.results_table:
         append_results_row(cfg.results_table, row)
     print(f"wrote {out_json}" + (f"; appended a row to {cfg.results_table}" if cfg.results_table else ""))
@@ -170,6 +184,15 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
         run.log({f"eval/{k}": v for k, v in metrics.items()})
         run.finish()
     return record
+
+
+def scoring_record(extractor: FeatureExtractor, pr_arithmetic: str | None, prc_k: int) -> dict:
+    """How the scores were computed, for the results JSON: the feature precision asked for and
+    torch's flags seen during the (last) extraction (None for extractors without the switch),
+    precision/recall's arithmetic (None when not computed) and k."""
+    return {"feature_precision": getattr(extractor, "precision", None),
+            "backend_flags_during_extraction": getattr(extractor, "backend_flags", None),
+            "pr_arithmetic": pr_arithmetic, "prc_k": prc_k if pr_arithmetic else None}
 
 
 def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
@@ -206,7 +229,8 @@ class FIDEvaluator:
                  feature_extractor: str | FeatureExtractor = "inception", feature_extractor_weights: str | None = None,
                  allow_download: bool = True, num_samples: int = 5000, label_mode: str = "uniform", seed: int = 0,
                  batch_size: int = 32, cache_dir: str | os.PathLike | None = None, judge_cache_dir: str | None = None,
-                 metrics: Iterable[str] = ("fid", "isc", "prc"), device: str | None = "auto"):
+                 metrics: Iterable[str] = ("fid", "isc", "prc"), device: str | None = "auto",
+                 feature_precision: str = "fp32", pr_arithmetic: str = "fp32"):
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 for a covariance, got {num_samples}")
         self.reference_source = reference
@@ -219,6 +243,9 @@ class FIDEvaluator:
         self.cache_dir, self.judge_cache_dir = cache_dir, judge_cache_dir
         self.metrics = set(metrics)
         self.device = device
+        # checked now, not after the first round of sampling
+        self.feature_precision = check_feature_precision(feature_precision)
+        self.pr_arithmetic = check_pr_arithmetic(pr_arithmetic)
         self._extractor: FeatureExtractor | None = None
         self._reference: FeatureStats | None = None
 
@@ -227,7 +254,8 @@ class FIDEvaluator:
             if isinstance(self.feature_extractor, str):
                 self._extractor = build_feature_extractor(
                     self.feature_extractor, weights=self.feature_extractor_weights, device=self.device,
-                    allow_download=self.allow_download, image_size=image_size, judge_cache_dir=self.judge_cache_dir)
+                    allow_download=self.allow_download, image_size=image_size, judge_cache_dir=self.judge_cache_dir,
+                    precision=self.feature_precision)
             else:
                 self._extractor = self.feature_extractor
         if self._reference is None:
@@ -258,4 +286,4 @@ class FIDEvaluator:
         return metrics_from_features(
             feats, self._reference, self._extractor.identity, fid="fid" in self.metrics,
             sfid="sfid" in self.metrics, isc="isc" in self.metrics, prc="prc" in self.metrics,
-            kid="kid" in self.metrics, image_size=(image_size, image_size))
+            kid="kid" in self.metrics, pr_arithmetic=self.pr_arithmetic, image_size=(image_size, image_size))

@@ -12,6 +12,12 @@ documented in its source (the statistics are ours, in `dit.metrics`):
 - its on-disk cache key is the input's name and the extractor's name, not the weights file nor
   the number of images: our cache key includes the weights digest, the file identity and N;
 - its high-level API defaults to `cuda=True`: we pass the device explicitly.
+
+Features are computed in IEEE float32 by default (`precision="fp32"`): torch runs cuDNN
+convolutions in TF32 on Ampere/Hopper GPUs unless told otherwise, and FID against ADM's fixed
+reference statistics moves with the feature precision. `precision="tf32"` allows TF32 (faster,
+not the protocol); it is part of the extractor's identity, so cached statistics never mix them.
+The flags are set around each extraction (`dit.precision.tf32_flags`) and restored after.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.files import check_images
+from dit.precision import backend_flags, tf32_flags
 
 # torch-fidelity's InceptionV3 weights, converted from the TF 2015-12-05 graph that FID uses.
 INCEPTION_WEIGHTS_URL = (
@@ -38,6 +45,14 @@ INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[-1]
 # (TF is NHWC). torch-fidelity's weight converter maps TF `mixed_6/conv` to `Mixed_6d.branch1x1`.
 SPATIAL_LAYER = "Mixed_6d.branch1x1"
 SPATIAL_CHANNELS = 7
+FEATURE_PRECISIONS = ("fp32", "tf32")  # IEEE float32 (the protocol) | TF32 convolutions and matmuls allowed
+
+
+def check_feature_precision(precision: str) -> str:
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"unknown feature_precision {precision!r}: use 'fp32' (IEEE float32, TF32 off: the "
+                         "protocol) or 'tf32' (TF32 convolutions and matmuls on Ampere+ GPUs)")
+    return precision
 
 
 class FeatureExtractorUnavailable(RuntimeError):
@@ -137,18 +152,22 @@ class InceptionFeatures:
         device: "auto" (CUDA when available), "cpu", "cuda:1", ...
         batch_size: images per forward pass.
         allow_download: whether a missing file may be downloaded.
+        precision: "fp32" (TF32 forced off during extraction) or "tf32" (forced on).
     """
 
     name = "inception"
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
-                 batch_size: int = 64, allow_download: bool = True):
+                 batch_size: int = 64, allow_download: bool = True, precision: str = "fp32"):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        self.precision = check_feature_precision(precision)
         path = resolve_inception_weights(weights, allow_download)
         state, digest = load_plain_state_dict(path)
         self.weights_path = path
-        self.identity = f"inception-v3-compat:{digest[:16]}"
+        # fp32 keeps the identity of before (results tables, caches); other precisions say so
+        self.identity = f"inception-v3-compat:{digest[:16]}" + ("" if precision == "fp32" else f":{precision}")
+        self.backend_flags: dict | None = None  # torch's precision flags during the last extraction
         self.device = _resolve_device(device)
         self.batch_size = int(batch_size)
         self.net = FeatureExtractorInceptionV3(
@@ -167,13 +186,17 @@ class InceptionFeatures:
     def extract(self, images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
         images = check_images(images)
         pools, logits, spatial = [], [], []
-        for i in tqdm(range(0, len(images), self.batch_size), desc="inception features", disable=not progress, leave=False):
-            batch = torch.from_numpy(images[i : i + self.batch_size]).permute(0, 3, 1, 2).to(self.device)  # (B, 3, H, W) uint8
-            self._spatial.clear()
-            pool, logit = self.net(batch)
-            pools.append(pool.cpu())
-            logits.append(logit.cpu())
-            spatial.append(self._spatial[-1])
+        with tf32_flags(self.precision == "tf32"):
+            self.backend_flags = backend_flags()
+            for i in tqdm(range(0, len(images), self.batch_size), desc="inception features", disable=not progress,
+                          leave=False):
+                batch = torch.from_numpy(images[i : i + self.batch_size]).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+                batch = batch.to(self.device)
+                self._spatial.clear()
+                pool, logit = self.net(batch)
+                pools.append(pool.cpu())
+                logits.append(logit.cpu())
+                spatial.append(self._spatial[-1])
         self._spatial.clear()
         if not pools:
             raise ValueError("no images to extract features from")

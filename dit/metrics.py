@@ -26,6 +26,7 @@ import torch
 
 from dit.files import (check_images, image_files, npz_array_shape, open_npz, read_image_folder, read_npz_array,
                        read_samples_npz, write_npz_atomic)
+from dit.precision_recall import check_pr_arithmetic, precision_recall  # noqa: F401 - part of this module's API
 
 STATS_FORMAT_VERSION = 1
 # A covariance must be symmetric and positive semi-definite; these tolerances (relative to its
@@ -150,6 +151,10 @@ class FeatureStats:
     logits: np.ndarray | None = None
     source: str | None = None
     image_size: tuple[int, int] | None = None  # (H, W) of the images, where known
+    # Which images the statistics describe, which need not be the images in the file: ADM's
+    # reference batches hold 10 000 images but mu/sigma over the whole data set, N unrecorded.
+    stats_stored: bool = False  # mu/sigma used as stored in the reference file, not computed here
+    stats_num_images: int | None = None  # images behind mu/sigma; None: the file does not say
     extra: dict = field(default_factory=dict)
 
 
@@ -157,7 +162,7 @@ def stats_from_features(feats: dict[str, np.ndarray], extractor_identity: str | 
     """FeatureStats from an extractor's output {"pool", optional "logits", "spatial"}."""
     mu, sigma = feature_statistics(feats["pool"])
     stats = FeatureStats(mu, sigma, num_images=len(feats["pool"]), extractor=extractor_identity,
-                         pool=feats["pool"], logits=feats.get("logits"))
+                         pool=feats["pool"], logits=feats.get("logits"), stats_num_images=len(feats["pool"]))
     if feats.get("spatial") is not None:
         stats.mu_s, stats.sigma_s = feature_statistics(feats["spatial"])
     return stats
@@ -218,7 +223,8 @@ def _read_stats_npz(path: Path, extractor: FeatureExtractor) -> tuple[FeatureSta
                 stats = FeatureStats(np.asarray(read_npz_array(data, "mu", path), np.float64),
                                      np.asarray(read_npz_array(data, "sigma", path), np.float64),
                                      num_images=num_images, extractor=made_by, source=str(path),
-                                     image_size=tuple(int(v) for v in size) if size else None)
+                                     image_size=tuple(int(v) for v in size) if size else None, stats_stored=True,
+                                     stats_num_images=meta.get("num_images") if meta else None)
                 if {"mu_s", "sigma_s"} <= keys:
                     stats.mu_s = np.asarray(read_npz_array(data, "mu_s", path), np.float64)
                     stats.sigma_s = np.asarray(read_npz_array(data, "sigma_s", path), np.float64)
@@ -247,8 +253,10 @@ def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, ca
 
     cache_path = None
     if cache_dir is not None:
-        key = json.dumps({"source": _source_identity(source), "extractor": extractor.identity,
-                          "version": STATS_FORMAT_VERSION}, sort_keys=True)
+        fields = {"source": _source_identity(source), "extractor": extractor.identity, "version": STATS_FORMAT_VERSION}
+        if getattr(extractor, "precision", None) is not None:  # features computed before it was forced are not reused
+            fields["feature_precision"] = extractor.precision
+        key = json.dumps(fields, sort_keys=True)
         cache_path = Path(cache_dir).expanduser() / f"ref-{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
         if cache_path.is_file():
             cached, _ = _read_stats_npz(cache_path, extractor)
@@ -272,8 +280,9 @@ def _prefer_stored(stored: FeatureStats | None, computed: FeatureStats) -> Featu
     stored.pool = computed.pool
     stored.logits = computed.logits
     stored.image_size = stored.image_size or computed.image_size
-    if stored.mu_s is None:
+    if stored.mu_s is None and computed.mu_s is not None:
         stored.mu_s, stored.sigma_s = computed.mu_s, computed.sigma_s
+        stored.extra["spatial_num_images"] = computed.num_images  # sFID's statistics are from the images
     return stored
 
 
@@ -317,20 +326,6 @@ def inception_score(logits: np.ndarray, split_size: int = 5000) -> tuple[float, 
     return out["inception_score_mean"], out["inception_score_std"]
 
 
-def precision_recall(real_features: np.ndarray, fake_features: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision/recall (Kynkäänniemi et al. 2019) on the given features (ADM: Inception
-    pool_3, k = 3): precision = share of generated samples inside the real manifold (union of balls
-    reaching each real sample's k-th neighbour), recall = the converse. Computed by torch-fidelity."""
-    from torch_fidelity.metric_prc import calculate_precision_recall_part
-
-    fake = torch.as_tensor(np.asarray(fake_features, dtype=np.float32))
-    real = torch.as_tensor(np.asarray(real_features, dtype=np.float32))
-    for name, f in (("real", real), ("generated", fake)):
-        if len(f) <= k:
-            raise ValueError(f"precision/recall with k={k} needs more than {k} {name} images, got {len(f)}")
-    return calculate_precision_recall_part(fake, real, neighborhood=k, batch_size=10000)
-
-
 def kernel_inception_distance(real_features, fake_features, subsets: int = 100, subset_size: int = 1000,
                               seed: int = 2020) -> tuple[float, float]:
     """KID (polynomial-kernel MMD^2) mean and std over random subsets. Computed by torch-fidelity."""
@@ -361,13 +356,19 @@ def sample_features(images: np.ndarray, extractor: FeatureExtractor, labels: np.
 
 def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats, extractor_identity: str | None, *,
                           fid: bool = True, sfid: bool = True, isc: bool = True, prc: bool = True, kid: bool = False,
-                          prc_k: int = 3, isc_split_size: int = 5000, kid_subsets: int = 100,
-                          kid_subset_size: int = 1000, image_size: tuple[int, int] | None = None) -> dict[str, float]:
+                          prc_k: int = 3, pr_arithmetic: str = "fp32", isc_split_size: int = 5000,
+                          kid_subsets: int = 100, kid_subset_size: int = 1000,
+                          image_size: tuple[int, int] | None = None) -> dict[str, float]:
     """Metrics of generated images (given by `sample_features`) against reference statistics.
     Metrics that the reference or the extractor cannot support (sFID without spatial statistics,
     precision/recall without reference features, class accuracy without labels or a classifier)
     are left out, not faked. `image_size` (H, W) of the samples is checked against the
-    reference's, where known; a reference whose covariances are not symmetric PSD is refused."""
+    reference's, where known; a reference whose covariances are not symmetric PSD is refused.
+    `pr_arithmetic`: "fp32" or "adm" (dit.precision_recall). Besides the metrics: `num_samples`,
+    `num_reference` (images in the reference file), `num_reference_fid` (images behind the FID
+    statistics, where known: not for ADM batches) and `num_reference_pr` (reference images whose
+    features gave precision/recall and KID); `reference_usage` says the same in words."""
+    check_pr_arithmetic(pr_arithmetic)
     if reference.extractor is not None and extractor_identity is not None and reference.extractor != extractor_identity:
         raise ValueError(f"reference statistics were made by {reference.extractor}, the samples are scored by "
                          f"{extractor_identity}: recompute the reference with the same extractor")
@@ -375,7 +376,11 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
     sample = stats_from_features(feats, extractor_identity)
     out: dict[str, float] = {"num_samples": int(sample.num_images)}
     if reference.num_images is not None:
-        out["num_reference"] = int(reference.num_images)
+        out["num_reference"] = int(reference.num_images)  # images in the reference (the key before the two below)
+    if (fid or sfid) and reference.stats_num_images is not None:
+        out["num_reference_fid"] = int(reference.stats_num_images)
+    if (prc or kid) and reference.pool is not None:
+        out["num_reference_pr"] = int(len(reference.pool))
     if fid:
         out["fid"] = frechet_distance(sample.mu, sample.sigma, reference.mu, reference.sigma)
     if sfid and sample.mu_s is not None and reference.mu_s is not None:
@@ -385,7 +390,7 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
     if (prc or kid) and reference.pool is None:
         warnings.warn(f"precision/recall and KID need reference images; {reference.source} has statistics only")
     if prc and reference.pool is not None:
-        out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, prc_k)
+        out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, prc_k, pr_arithmetic)
     if kid and reference.pool is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(reference.pool, sample.pool, kid_subsets, kid_subset_size)
     if "correct" in feats:
@@ -393,10 +398,34 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
     return out
 
 
+def reference_usage(reference: FeatureStats, metrics: dict) -> dict:
+    """Which reference data each metric in `metrics` (a `metrics_from_features` result) used, for
+    the results JSON: ADM reference batches give FID their stored mu/sigma (over the whole data
+    set, N not recorded) and precision/recall their 10 000 images."""
+    n_stats = reference.stats_num_images
+    if reference.stats_stored:
+        fid_stats = "mu/sigma stored in the reference file (precomputed; " + (
+            f"from {n_stats} images)" if n_stats is not None else "N not recorded)")
+    else:
+        fid_stats = f"mu/sigma computed from {n_stats} reference images"
+    used_for = {}
+    if "fid" in metrics:
+        used_for["fid"] = fid_stats
+    if "sfid" in metrics:
+        n_spatial = reference.extra.get("spatial_num_images")
+        used_for["sfid"] = (f"mu_s/sigma_s computed from {n_spatial} reference images" if n_spatial is not None
+                            else fid_stats.replace("mu/sigma", "mu_s/sigma_s"))
+    for key, name in (("precision", "precision_recall"), ("kid", "kid")):
+        if key in metrics:
+            used_for[name] = f"features of {metrics['num_reference_pr']} reference images"
+    return {"source": reference.source, "fid_stats": fid_stats, "num_reference_images": metrics.get("num_reference"),
+            "num_reference_fid": n_stats, "num_reference_pr": metrics.get("num_reference_pr"), "used_for": used_for}
+
+
 def compute_metrics(images: np.ndarray, reference: FeatureStats, extractor: FeatureExtractor, *,
                     labels: np.ndarray | None = None, progress: bool = False, **options) -> dict[str, float]:
     """Score generated uint8 images against reference statistics; `options` as in
-    `metrics_from_features` (fid, sfid, isc, prc, kid, prc_k, ...)."""
+    `metrics_from_features` (fid, sfid, isc, prc, kid, prc_k, pr_arithmetic, ...)."""
     images = check_images(images, "samples")
     size = (int(images.shape[1]), int(images.shape[2]))
     check_reference(reference, size)  # before the (slow) feature extraction

@@ -20,6 +20,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 
 from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
+from dit.inception import check_feature_precision
+from dit.precision_recall import check_pr_arithmetic
 from dit.sampling import LABEL_MODES, SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
@@ -118,16 +120,26 @@ class EvalConfig(SampleConfig):
     feature_extractor_weights: Optional[str] = None  # torch-fidelity's Inception file; None: hub cache or download
     allow_download: bool = True
     feature_batch_size: int = 64
+    feature_precision: str = "fp32"  # Inception features in IEEE fp32 (TF32 forced off) | tf32 (allowed)
     judge_seed: int = 0  # toy_judge: which judge (trained once, cached in cache_dir)
     cache_dir: Optional[str] = "~/.cache/dit"  # reference statistics and the toy judge
     metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "isc", "prc"])  # + kid
     prc_k: int = 3  # precision/recall neighbourhood (ADM: 3)
+    pr_arithmetic: str = "fp32"  # precision/recall distances: fp32 (torch-fidelity) | adm (ADM's fp16, fp32 fallback)
     isc_split_size: int = 5000  # Inception Score splits of this many images (ADM: 5000)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     results_json: Optional[str] = None  # None: <samples>.<feature_extractor>.metrics.json next to the samples
     results_table: Optional[str] = "results/eval_results.csv"  # CSV, one row per evaluation; None: none
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> None:
+        super().check()
+        for key, check in (("feature_precision", check_feature_precision), ("pr_arithmetic", check_pr_arithmetic)):
+            try:
+                check(getattr(self, key))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 def _to_object(cfg: Any, schema: type, hints: dict[str, str]):
