@@ -275,3 +275,20 @@ def test_log_samples_are_sampler_settings_with_grid_defaults(image_root):
     bad = train_config([f"data.root={image_root}", "log.samples.guided_channels=some"])
     with pytest.raises(ConfigError, match="log.samples: guided_channels"):
         check_static(bad)
+
+
+def test_a_key_added_after_a_checkpoint_was_written_counts_as_its_default_on_resume():
+    """A run directory written before an option existed ran with the option's default: resuming
+    it with the default is no change, with another value it is."""
+    from conftest import train_config
+    from dit.config import config_mismatches, schema_defaults
+    from dit.train.resume import plain_config
+
+    cfg = train_config(["data=toy", "name=t"])
+    saved = plain_config(cfg)
+    del saved["optim"]["warmup_steps"], saved["optim"]["schedule"]  # as an older checkpoint has it
+    assert config_mismatches(saved, plain_config(cfg)) != []  # without the defaults: stranded
+    assert config_mismatches(saved, plain_config(cfg), defaults=schema_defaults(cfg)) == []
+    changed = train_config(["data=toy", "name=t", "optim.warmup_steps=100"])
+    assert config_mismatches(saved, plain_config(changed), defaults=schema_defaults(changed)) == [
+        "optim.warmup_steps: 0 -> 100"]

@@ -3,8 +3,10 @@ resolutions, and what may change on resume. They raise ConfigError naming the ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -186,9 +188,27 @@ def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:
                               "use precision=bf16, or parallel=ddp")
 
 
-def config_mismatches(saved: dict, current: dict, allowed=RESUMABLE_CHANGES) -> list[str]:
+def schema_defaults(cfg: Any) -> dict:
+    """The schema's default value of every key of `cfg` (a config dataclass), as plain values,
+    for the dataclasses `cfg` chose (its data kind, ...). Keys without a default are left out."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            node = OmegaConf.structured(type(value)())
+            out[f.name] = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+        elif f.default is not dataclasses.MISSING and f.default != "???":
+            out[f.name] = f.default.value if isinstance(f.default, Enum) else f.default
+    return out
+
+
+def config_mismatches(saved: dict, current: dict, allowed=RESUMABLE_CHANGES, defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ between two plain config dicts, except `allowed` keys
-    and their children. Used to refuse resuming a run directory with a different recipe."""
+    and their children. Used to refuse resuming a run directory with a different recipe.
+
+    `defaults` (see `schema_defaults`): a key the saved config lacks (written before the option
+    existed) counts as its default, which is what that run did, so adding an option never
+    strands older run directories."""
 
     def flatten(d, prefix=""):
         out = {}
@@ -201,6 +221,8 @@ def config_mismatches(saved: dict, current: dict, allowed=RESUMABLE_CHANGES) -> 
         return out
 
     a, b = flatten(saved), flatten(current)
+    for key, value in flatten(defaults or {}).items():
+        a.setdefault(key, value)
 
     def is_allowed(key):
         return any(key == p or key.startswith(p + ".") for p in allowed)

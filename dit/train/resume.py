@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from dit.checkpoint import (CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic,
                             with_checksum)
-from dit.config import ConfigError, TrainConfig, config_mismatches
+from dit.config import ConfigError, TrainConfig, config_mismatches, schema_defaults
 from dit.distributed import (
     DistEnv,
     broadcast_object,
@@ -307,7 +307,7 @@ def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
     source = Path(source)
     if state is None:
         state = load_state(source)
-    differ = config_mismatches(state.get("config") or {}, config_dict)
+    differ = config_mismatches(state.get("config") or {}, config_dict, defaults=schema_defaults(cfg))
     if differ and own:
         raise ConfigError(
             f"the run directory {ckpt_dir.parent} holds a run with a different configuration:\n  "
