@@ -20,11 +20,12 @@ from dit.config.checks import (
     check_resolution,
     check_static,
     config_mismatches,
+    schema_defaults,
     known_downsample_factor,
     resolve_architecture,
     to_train_config,
 )
-from dit.config.overrides import flatten_model_overrides, vae_overrides
+from dit.config.overrides import flatten_model_overrides, job_dirname, register_resolvers, vae_overrides
 from dit.config.sample import (
     BulkConfig,
     EvalConfig,
@@ -76,6 +77,7 @@ def register_configs() -> None:
     cs.store(group="data", name="base_toy", node=ToyDataConfig)
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    register_resolvers()  # ${dit_job_dirname:}, ${dit_run_name:...} in conf/train.yaml
 
 
 __all__ = [
@@ -84,6 +86,6 @@ __all__ = [
     "KillHow", "KillWhen", "LatentsDataConfig", "LogConfig", "ModelConfig", "OptimConfig", "Parallel",
     "Precision", "RESUMABLE_CHANGES", "SampleConfig", "SampleGridConfig", "SampleMode", "SamplerConfig",
     "ToyDataConfig", "TrainConfig", "VAEConfig", "WandbConfig", "WandbMode", "check_resolution", "check_static",
-    "config_mismatches", "flatten_model_overrides", "known_downsample_factor", "register_configs",
+    "config_mismatches", "flatten_model_overrides", "job_dirname", "schema_defaults", "known_downsample_factor", "register_configs",
     "resolve_architecture", "to_eval_config", "to_sample_config", "to_train_config", "vae_overrides",
 ]

@@ -4,6 +4,7 @@ sample.py and eval_fid.py all pass `sys.argv` through `flatten_model_overrides`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -45,3 +46,63 @@ def vae_overrides(args: list[str], options_dir: Path = VAE_OPTIONS_DIR) -> list[
         else:
             out += ["vae=local", f"vae.name={value}"]
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Sweep job directories and run names (conf/train.yaml's hydra.sweep.subdir and `name`)
+# --------------------------------------------------------------------------------------
+
+# Overrides that do not change what a job computes (they may change on resume: dit/config/schema.py
+# RESUMABLE_CHANGES) are left out of its directory name, so relaunching a sweep longer, with
+# other logging or on other hardware finds the same directories. data.root, resume= and
+# init_from= stay in: they choose what the job trains on and starts from.
+_NOT_IN_JOB_NAME = ("max_steps", "ckpt", "log", "fault", "debug", "data.num_workers", "data.scan",
+                    "data.allow_changed", "compile", "grad_checkpointing", "device", "name",
+                    "optim.grad_accum_steps", "hydra", "hydra/launcher", "hydra/job_logging")
+_MAX_DIRNAME = 180  # bytes; file systems allow 255
+
+
+def job_dirname(task_overrides) -> str:
+    """A sweep job's directory name from its command-line overrides: `key=value` pairs, sorted,
+    joined with `,` (hydra's override_dirname, with the exclusions above), `/` in values written as
+    `%2F` so a path never nests directories. The same overrides give the same name, whatever
+    their order, so relaunching a sweep resumes each job in its own directory. Too long a name is
+    cut and ends with a hash of the whole. No run-defining override: `default`."""
+    kept = []
+    for item in task_overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        if any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in _NOT_IN_JOB_NAME):
+            continue
+        kept.append(item.replace("/", "%2F"))
+    name = ",".join(sorted(kept)) or "default"
+    if len(name.encode()) > _MAX_DIRNAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[: _MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    return name
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def run_name(base: str) -> str:
+    """`name`'s default: `base` (`<model>_<data>`) for a single run; in a sweep (`-m`) the job's
+    overrides are added (`DiT-S-2_toy/optim.lr=1e-4`), so each job's wandb run shows what it sweeps."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return base
+    return f"{base}/{job_dirname(_task_overrides())}"
+
+
+def register_resolvers() -> None:
+    """`${dit_job_dirname:}` and `${dit_run_name:BASE}` for conf/train.yaml (see the functions)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("dit_job_dirname"):
+        OmegaConf.register_new_resolver("dit_job_dirname", lambda: job_dirname(_task_overrides()))
+    if not OmegaConf.has_resolver("dit_run_name"):
+        OmegaConf.register_new_resolver("dit_run_name", run_name)
