@@ -8,7 +8,7 @@ regressed from `c = t_emb + y_emb` and initialised to zero.
 
 LightningDiT's architecture options (RMSNorm, SwiGLU, 2-D RoPE, qk-norm, shift-free modulation)
 are `DiTConfig` keys whose defaults are the official layout; their modules live in
-`dit/layers.py`. This file imports nothing else from `dit/`.
+`dit/layers.py`, the one other file of `dit/` this one imports (it imports nothing of `dit/`).
 """
 
 from __future__ import annotations
