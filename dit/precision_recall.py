@@ -3,8 +3,9 @@ arithmetics (`pr_arithmetic`):
 
 - `fp32` (the default): torch-fidelity's kernel, Euclidean distances in float32;
 - `adm`: what ADM's evaluator (guided-diffusion `evaluations/evaluator.py`) computes, for
-  numbers comparable with the ones published with it. The two differ by the few points on the
-  boundary of a ball that flip (about 1e-3 on Inception features, by the issue's audit).
+  numbers comparable with the ones published with it. The two differ by the points on the
+  boundary of a ball that flip: about 1e-3 on Inception features (by the issue's audit), more
+  where the k-NN distances are concentrated (docs/sampling.md has figures).
 
 Both use the same definition: each set's manifold is the union of balls around its points,
 reaching each point's k-th nearest neighbour in its own set (k = 3; a point is its own 0-th
