@@ -1,7 +1,9 @@
 """Sampling with classifier-free guidance: `SamplerSettings` (the one description of how to
 sample, used by every consumer), DDPM, DDIM and DPM-Solver++, and per-sample deterministic
 batches of images. Bulk `.npz` files are `dit/bulk.py`; per-sample seeds, labels
-and network batches are `dit/sample_order.py` (re-exported here).
+and network batches are `dit/sample_order.py`; the chain a sampler walks (the trained one, from a
+checkpoint's config) is `dit/sample_chain.py`; the forward precision is `dit/precision.py` (all
+re-exported here).
 
 Determinism is per sample: sample i's initial noise, its per-step noise and its label come from
 generators seeded by (global seed, i) alone, and sample i always shares its network batch with
