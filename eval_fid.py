@@ -9,26 +9,9 @@ sample.py's keys for generating); the work is done by dit/evaluate.py, the metri
 dit/metrics.py.
 """
 
-from __future__ import annotations
-
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-from dit.config import flatten_model_overrides, register_configs
-from dit.evaluate import generate_and_evaluate
-from dit.runtime import tune_host_allocator
-
-register_configs()  # before hydra composes conf/eval.yaml, also when this file is imported
-
-
-@hydra.main(config_path="conf", config_name="eval", version_base=None)
-def main(cfg: DictConfig) -> None:
-    generate_and_evaluate(cfg)
-
+# The program lives in dit/cli/eval_fid.py (also the installed console script); this file keeps
+# `python eval_fid.py ...` working in a checkout.
+from dit.cli.eval_fid import main, run  # noqa: F401  (main: hydra's entry, importable as before)
 
 if __name__ == "__main__":
-    tune_host_allocator()  # reuse freed host memory: no page faults per batch (dit/runtime.py)
-    sys.argv = flatten_model_overrides(sys.argv)
-    main()
+    run()

@@ -9,28 +9,9 @@ Every option, its type and its default: dit/config/sample.py (SampleConfig); con
 chooses the groups. The work is done by dit/generate.py.
 """
 
-from __future__ import annotations
-
-import sys
-
-import hydra
-import torch
-from omegaconf import DictConfig
-
-from dit.config import flatten_model_overrides, register_configs
-from dit.generate import generate
-from dit.runtime import tune_host_allocator
-
-register_configs()  # before hydra composes conf/sample.yaml, also when this file is imported
-
-
-@hydra.main(config_path="conf", config_name="sample", version_base=None)
-def main(cfg: DictConfig) -> None:
-    generate(cfg)
-
+# The program lives in dit/cli/sample.py (also the installed console script); this file keeps
+# `python sample.py ...` working in a checkout.
+from dit.cli.sample import main, run  # noqa: F401  (main: hydra's entry, importable as before)
 
 if __name__ == "__main__":
-    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
-    torch.set_grad_enabled(False)
-    sys.argv = flatten_model_overrides(sys.argv)
-    main()
+    run()

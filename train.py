@@ -9,28 +9,9 @@ Relaunching a command continues its run from the newest checkpoint in its run di
 and conf/.
 """
 
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from dit.config import flatten_model_overrides, register_configs, to_train_config
-from dit.distributed import env_rank
-from dit.runtime import tune_host_allocator
-from dit.train import run_training
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> dict:
-    return run_training(to_train_config(cfg), out_dir=HydraConfig.get().runtime.output_dir)
-
+# The program lives in dit/cli/train.py (also the installed console script); this file keeps
+# `python train.py ...` working in a checkout.
+from dit.cli.train import main, run  # noqa: F401  (main: hydra's entry, importable as before)
 
 if __name__ == "__main__":
-    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
-    register_configs()
-    sys.argv = flatten_model_overrides(sys.argv)
-    if env_rank() != 0:
-        # Under torchrun every rank composes the same config; only rank 0 writes hydra's files.
-        sys.argv.append("hydra.output_subdir=null")
-    main()
+    run()

@@ -1,4 +1,5 @@
-"""Build a latents cache: `python -m dit.cache_latents data_root=IMAGEFOLDER out_dir=DIR [vae=sd-ema]`.
+"""Build a latents cache: `python -m dit.cache_latents data_root=IMAGEFOLDER out_dir=DIR [vae=sd-ema]`
+(installed: `dit-cache-latents ...`, dit/cli/cache_latents.py).
 
 Thin hydra entry point around `dit.data.build_latent_cache` (dit/data/cache.py). Under torchrun
 each rank encodes its own shards (process group: NCCL on GPU, gloo on CPU); rank 0 writes
@@ -18,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from dit.autoencoder import build_autoencoder
+from dit.cli import config_dir
 from dit.config import VAEConfig
 from dit.data import build_latent_cache, check_image_root
 
@@ -30,7 +32,12 @@ class CacheLatentsConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     image_size: int = 256  # ADM center crop size
     flip: bool = True  # also encode each image's mirror (keeps flip augmentation exact)
-    dtype: str = "float16"  # storage of the moments: float16 | bfloat16 | float32 (exact; use for vae=pixel)
+    # Storage dtypes (float16 | bfloat16 | float32): the posterior mean in float32 keeps it exactly
+    # (float16 rounds it by more than the SD VAEs' posterior std: docs/training.md); the std only
+    # scales the noise and float16 halves its bytes. mean_dtype=float16 is the format of caches
+    # built before this option (32 KiB per 256px image with flips, against 48 KiB).
+    dtype: str = "float16"  # the posterior std's
+    mean_dtype: str = "float32"  # the posterior mean's
     shard_size: int = 4096  # images per shard file
     batch_size: int = 32  # images per encoder call (x2 with flip)
     num_workers: int = 4  # DataLoader workers decoding images
@@ -61,7 +68,8 @@ def run(cfg: CacheLatentsConfig) -> None:
         out = build_latent_cache(
             cfg.data_root, autoencoder, cfg.out_dir, cfg.image_size,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, flip=cfg.flip,
-            progress=cfg.progress, dtype=cfg.dtype, shard_size=cfg.shard_size, skip_bad=cfg.skip_bad,
+            progress=cfg.progress, dtype=cfg.dtype, mean_dtype=cfg.mean_dtype, shard_size=cfg.shard_size,
+            skip_bad=cfg.skip_bad,
         )
     finally:
         if world_size > 1:
@@ -70,7 +78,7 @@ def run(cfg: CacheLatentsConfig) -> None:
         print(f"latents cache ready: {out}")
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="cache_latents")
+@hydra.main(version_base=None, config_path=config_dir(), config_name="cache_latents")
 def main(cfg) -> None:
     cfg = OmegaConf.to_object(cfg)
     try:

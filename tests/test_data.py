@@ -433,3 +433,73 @@ def test_sampler_resume_mid_epoch_reproduces_the_remaining_order():
     assert {i for o in resumed2 for i in o} == set(range(30)) - seen
     with pytest.raises(ValueError, match="not a multiple of num_replicas"):
         DistributedResumableSampler(30, 4, 0, 9, drop_last=False).set_epoch(0, start_index=6)
+
+
+# ---------------------------------------------------------------------------- cache precision
+
+
+def _encoded_pair(ae, images, index):
+    """The encoder's (mean, std) of item `index` and its mirror, encoded as one batch of two, as
+    the builder does with batch_size=1: (2, C, h, w) each."""
+    x, _ = images.load(index)
+    return ae.encode_moments(torch.stack([x, x.flip(-1)]))
+
+
+def test_a_new_cache_stores_the_encoders_mean_exactly_in_float32(image_folder, tiny_vae_dir, tmp_path):
+    ae = build_autoencoder(str(tiny_vae_dir))
+    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE, batch_size=1, num_workers=0,
+                             device="cpu", progress=False)  # the defaults: mean float32, std float16
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["mean_dtype"], meta["dtype"]) == ("float32", "float16")
+    shard = torch.load(out / "shard_00000.pt", weights_only=True)
+    assert shard["mean"].dtype == torch.float32 and shard["std"].dtype == torch.float16
+    images = ImageFolderDataset(image_folder, IMAGE_SIZE, hflip=False)
+    ds = LatentCacheDataset(out, hflip=True)
+    for i in range(7):
+        mean, std = _encoded_pair(ae, images, i)
+        assert torch.equal(shard["mean"][i], mean)  # bit for bit
+        assert torch.equal(shard["std"][i], std.half())
+        for view in (0, 1):
+            cached_mean, cached_std = ds.moments(i, flip=bool(view))
+            assert torch.equal(cached_mean, mean[view]) and torch.equal(cached_std, std[view].half().float())
+    with pytest.raises(ValueError, match="mean_dtype 'float8'.*float16"):
+        build_latent_cache(image_folder, ae, tmp_path / "bad", IMAGE_SIZE, num_workers=0, mean_dtype="float8",
+                           progress=False)
+
+
+def _as_old_format(cache):
+    """Rewrite meta.json as the builder wrote it before `mean_dtype` existed (the mean in `dtype`)."""
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta.pop("mean_dtype") == meta["dtype"] == "float16"
+    (cache / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def test_an_old_float16_cache_still_reads_resumes_and_trains(image_folder, tiny_vae_dir, tmp_path, one_thread):
+    from conftest import train_config
+
+    from dit.train import run_training
+
+    ae = build_autoencoder(str(tiny_vae_dir))
+    kwargs = dict(batch_size=1, num_workers=0, device="cpu", progress=False)
+    old = build_latent_cache(image_folder, ae, tmp_path / "old", IMAGE_SIZE, mean_dtype="float16", **kwargs)
+    _as_old_format(old)
+    ds = LatentCacheDataset(old, hflip=False, sample_posterior=False)
+    images = ImageFolderDataset(image_folder, IMAGE_SIZE, hflip=False)
+    for i in range(7):
+        mean, std = _encoded_pair(ae, images, i)
+        cached_mean, cached_std = ds.moments(i)
+        assert torch.equal(cached_mean, mean[0].half().float()) and torch.equal(cached_std, std[0].half().float())
+        assert torch.equal(ds[i][0], mean[0].half().float() * ae.scale_factor)
+    # Rebuilding into it: the defaults are refused naming the mean's dtype; mean_dtype=float16 reuses it.
+    with pytest.raises(LatentCacheMismatch, match=r"different settings \(mean_dtype\).*mean_dtype=float16 resumes"):
+        build_latent_cache(image_folder, ae, old, IMAGE_SIZE, **kwargs)
+    assert build_latent_cache(image_folder, ae, old, IMAGE_SIZE, mean_dtype="float16", **kwargs) == old
+
+    cfg = train_config(["model=DiT-S/2", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
+                        "data=latents", f"data.root={old}", "data.num_workers=0", "vae=local",
+                        f"vae.name={tiny_vae_dir}", "global_batch_size=4", "max_steps=2", "log.every=1",
+                        "log.samples.every=0", "ckpt.every=2", "name=old"])
+    run_training(cfg, tmp_path / "run")
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert (tmp_path / "run" / "checkpoints" / "0000002.pt").is_file()

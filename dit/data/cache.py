@@ -45,15 +45,16 @@ def _save_shard(shard: dict, tmp: Path) -> None:
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _dtype_name(dtype) -> str:
+def _dtype_name(dtype, key: str = "dtype") -> str:
+    """The name of a storage dtype given as a name or a torch dtype; `key` names the option."""
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"unsupported cache dtype {dtype!r}: use one of {sorted(_DTYPES)}")
+            raise ValueError(f"unsupported cache {key} {dtype!r}: use one of {sorted(_DTYPES)}")
         return dtype
     for name, value in _DTYPES.items():
         if value == dtype:
             return name
-    raise ValueError(f"unsupported cache dtype {dtype}: use one of {sorted(_DTYPES)}")
+    raise ValueError(f"unsupported cache {key} {dtype}: use one of {sorted(_DTYPES)}")
 
 
 class _CacheItems(Dataset):
@@ -94,6 +95,7 @@ def build_latent_cache(
     progress: bool = True,
     dtype="float16",
     shard_size: int = 4096,
+    mean_dtype="float32",
     skip_bad: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
@@ -109,7 +111,13 @@ def build_latent_cache(
     Resumable: rerunning with the same settings skips shards already written. Distributed: with
     torch.distributed initialised (or explicit `rank`/`world_size`), rank r encodes shards
     r, r + W, ...; rank 0 writes `meta.json` after all shards exist.
-    `dtype` is the storage dtype of the moments ("float16" halves the size; "float32" is exact).
+    Storage: the mean in `mean_dtype` ("float32": exactly the encoder's mean), the std in `dtype`
+    ("float16" halves its size; "float32" is exact). Why the mean defaults to float32: float16
+    keeps 11 significant bits, so a mean rounds by up to 2**-11 of its size, which for the SD VAEs'
+    means is not small against the posterior std the cache is meant to sample with (measured in
+    docs/training.md, "Latents cache precision"); the std itself only scales the noise, and its
+    relative rounding (at most 2**-11) is harmless. `mean_dtype="float16"` gives the format of
+    caches written before this option (whose meta.json has no `mean_dtype`: their mean is in `dtype`).
     """
     from tqdm.auto import tqdm
 
@@ -131,7 +139,8 @@ def build_latent_cache(
         "classes": list(images.classes),
         "num_files": len(images),
         "flip": bool(flip),
-        "dtype": _dtype_name(dtype),
+        "dtype": _dtype_name(dtype),  # the std's (and, in caches older than mean_dtype, the mean's)
+        "mean_dtype": _dtype_name(mean_dtype, "mean_dtype"),
         "shard_size": int(shard_size),
     }
     settings = json.loads(json.dumps(settings))  # compare like with like against a stored copy
@@ -141,11 +150,14 @@ def build_latent_cache(
         if existing_path.exists():
             existing = read_json_file(existing_path, f"delete it and rerun this command: the shards in {out_dir} "
                                                      "are reused")
+            existing = {"mean_dtype": existing.get("dtype"), **existing}  # older caches: the mean in `dtype`
             differ = sorted(k for k in settings if existing.get(k) != settings[k])
             if differ:
+                hint = (f" (it stores the mean in {existing['mean_dtype']}: mean_dtype={existing['mean_dtype']} "
+                        "resumes or reuses it)" if differ == ["mean_dtype"] else "")
                 raise LatentCacheMismatch(
                     f"{out_dir} already holds a latents cache built with different settings "
-                    f"({', '.join(differ)}): choose a new out_dir, or delete the old cache"
+                    f"({', '.join(differ)}){hint}: choose a new out_dir, or delete the old cache"
                 )
     if meta_path.exists():
         return out_dir  # complete already
@@ -158,13 +170,13 @@ def build_latent_cache(
     total = sum(min((k + 1) * shard_size, len(images)) - k * shard_size for k in todo)
     if device is None:
         device = next(iter(autoencoder.parameters()), torch.empty(0)).device
-    save_dtype = _DTYPES[settings["dtype"]]
+    save_dtypes = (_DTYPES[settings["mean_dtype"]], _DTYPES[settings["dtype"]])  # (mean, std)
 
     with tqdm(total=total, desc=f"encoding (rank {rank})", unit="img", disable=not progress) as bar:
         for k in todo:
             shard_indices = list(range(k * shard_size, min((k + 1) * shard_size, len(images))))
             shard = _encode_shard(
-                images, shard_indices, autoencoder, device, flip, save_dtype, batch_size, num_workers, bar,
+                images, shard_indices, autoencoder, device, flip, save_dtypes, batch_size, num_workers, bar,
                 empty_shape=(0, 2 if flip else 1, *settings["latent_shape"]),
             )
             write_atomic(out_dir / shard_name(k), functools.partial(_save_shard, shard))
@@ -181,8 +193,10 @@ def build_latent_cache(
     return out_dir
 
 
-def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtype, batch_size, num_workers, bar, empty_shape) -> dict:
-    """Encode one shard's images; returns the dict saved as the shard file."""
+def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtypes, batch_size, num_workers, bar, empty_shape) -> dict:
+    """Encode one shard's images; returns the dict saved as the shard file. `save_dtypes`: the
+    storage dtypes of (mean, std)."""
+    mean_dtype, std_dtype = save_dtypes
     loader = DataLoader(
         _CacheItems(images, shard_indices), batch_size=batch_size, num_workers=num_workers,
         shuffle=False, pin_memory=torch.device(device).type == "cuda",
@@ -199,13 +213,13 @@ def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtype, 
             views = torch.cat([x, x.flip(-1)]) if flip else x  # (V * b, 3, H, W): images, then mirrors
             mean, std = autoencoder.encode_moments(views.to(device, non_blocking=True))  # (V * b, C, h, w)
             v = 2 if flip else 1
-            means.append(mean.reshape(v, b, *mean.shape[1:]).transpose(0, 1).to("cpu", save_dtype))  # (b, V, C, h, w)
-            stds.append(std.reshape(v, b, *std.shape[1:]).transpose(0, 1).to("cpu", save_dtype))
+            means.append(mean.reshape(v, b, *mean.shape[1:]).transpose(0, 1).to("cpu", mean_dtype))  # (b, V, C, h, w)
+            stds.append(std.reshape(v, b, *std.shape[1:]).transpose(0, 1).to("cpu", std_dtype))
             labels.append(y)
             indices.append(idx)
         bar.update(len(ok))
     if not means:  # every file of this shard was unreadable (and skipped)
-        means, stds = [torch.empty(empty_shape, dtype=save_dtype)], [torch.zeros(empty_shape, dtype=save_dtype)]
+        means, stds = [torch.empty(empty_shape, dtype=mean_dtype)], [torch.zeros(empty_shape, dtype=std_dtype)]
         labels, indices = [torch.empty(0, dtype=torch.int64)], [torch.empty(0, dtype=torch.int64)]
     shard = {
         "mean": torch.cat(means).contiguous(),
