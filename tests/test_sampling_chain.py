@@ -119,7 +119,6 @@ def test_a_config_the_code_cannot_build_names_the_key():
         S.diffusion_from_config("cosine", True)
 
 
-@pytest.mark.slow
 def test_a_trained_cosine_500_step_run_samples_with_its_own_betas(tmp_path, monkeypatch):
     """The real trainer writes the checkpoint: its recorded config is what sampling reads."""
     from dit.train import run_training
