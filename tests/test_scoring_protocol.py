@@ -40,6 +40,7 @@ def _watch_flags(extractor) -> list[dict]:
 # ------------------------------------------------------------------------------ feature precision
 
 
+@pytest.mark.slow
 def test_inception_features_run_in_ieee_fp32_even_with_tf32_on_globally_and_the_flags_come_back(
         random_inception, tf32_globally_on):
     images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
