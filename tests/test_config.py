@@ -155,9 +155,10 @@ def test_run_and_sweep_directories_are_flat(image_root):
     try:
         assert cfg.name == "DiT-B-4_imagefolder"
         assert cfg.hydra.run.dir == "outputs/DiT-B-4_imagefolder"
-        OmegaConf.set_readonly(cfg.hydra, False)
-        cfg.hydra.job.num = 3
-        assert cfg.hydra.sweep.subdir == "3_DiT-B-4"
+        # Sweep jobs (issue 13): flat directories under multirun/, named by the job's overrides.
+        assert cfg.hydra.sweep.dir == "multirun"
+        root = str(image_root).replace("/", "%2F")
+        assert cfg.hydra.sweep.subdir == f"data.root={root},model=DiT-B-4"
     finally:
         HydraConfig.instance().cfg = None
 
