@@ -55,3 +55,23 @@ def test_relaunching_a_sweep_resumes_every_job_in_directories_named_by_the_swept
         steps = [json.loads(line)["step"] for line in (job / "metrics.jsonl").read_text().splitlines()]
         assert steps == [1, 2, 3, 4]
         assert sorted(p.name for p in (job / "checkpoints").iterdir())[-1] == "0000004.pt"
+
+
+@pytest.mark.slow
+def test_a_relaunch_refused_for_a_config_mismatch_leaves_the_runs_hydra_record_as_it_was(tmp_path):
+    def train(*overrides):
+        return subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "name=r", *overrides], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert train("max_steps=2").returncode == 0
+    record = tmp_path / "outputs" / "r" / ".hydra"
+    before = {p.name: p.read_bytes() for p in record.iterdir()}
+    assert sorted(before) == ["config.yaml", "hydra.yaml", "overrides.yaml"] and b"max_steps=2" in before["overrides.yaml"]
+
+    refused = train("max_steps=4", "optim.lr=0.5")
+    assert refused.returncode != 0 and "different configuration" in refused.stdout + refused.stderr
+    assert {p.name: p.read_bytes() for p in record.iterdir()} == before  # nothing of the run rewritten
+
+    assert train("max_steps=4").returncode == 0  # an accepted relaunch records itself
+    assert b"max_steps=4" in (record / "overrides.yaml").read_bytes()

@@ -6,21 +6,36 @@ The docstring of the repository's train.py has the commands; this module is what
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dit.cli import config_dir
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
+from dit.files import write_text_atomic
 from dit.runtime import tune_host_allocator
 from dit.train import run_training
 
 
+def _write_hydra_files(out_dir: Path, cfg: DictConfig) -> None:
+    """hydra's `.hydra/{config,hydra,overrides}.yaml`, written by us once the run is accepted
+    (conf/train.yaml sets hydra.output_subdir=null): a launch refused for a config mismatch or a
+    busy run directory leaves the run's record as it was. Each file is replaced atomically."""
+    hydra_cfg = HydraConfig.get()
+    files = {"config.yaml": OmegaConf.to_yaml(cfg),
+             "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+             "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task)))}
+    for name, text in files.items():
+        write_text_atomic(out_dir / ".hydra" / name, text)
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> dict:
-    return run_training(to_train_config(cfg), out_dir=HydraConfig.get().runtime.output_dir)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    return run_training(to_train_config(cfg), out_dir=out_dir, on_start=lambda: _write_hydra_files(out_dir, cfg))
 
 
 def run() -> None:

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -60,7 +60,7 @@ def official_name(model: DiT) -> Optional[str]:
     return arch_name(c.depth, c.hidden_size, c.num_heads, c.patch_size) if c.mlp_ratio == 4.0 else None
 
 
-def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
+def run_training(cfg: TrainConfig, out_dir: str | os.PathLike, on_start: Optional[Callable[[], None]] = None) -> dict:
     """Train as configured, writing checkpoints, metrics and samples under `out_dir` (rank 0's
     value is used on every rank). Returns {"step", "loss", "checkpoint", "skipped_steps"} of the
     end of the run.
@@ -70,7 +70,11 @@ def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
     NonFiniteTrainingError after fault.max_nonfinite_steps consecutive non-finite steps, and
     CheckpointWriteError when a checkpoint cannot be written (the previous one is kept), and
     RunDirectoryBusy when another run holds the run directory (nothing there is touched).
-    A preemption signal during start-up raises TrainingPreempted at once, writing nothing."""
+    A preemption signal during start-up raises TrainingPreempted at once, writing nothing.
+
+    `on_start` is called on rank 0 once every start-up check has passed (the lock is held, the
+    config fits the run directory's checkpoint, data and weights are loaded), before the first
+    step: train.py writes hydra's `.hydra/` files there, so a refused launch changes none of them."""
     # The preemption signals are watched from the very start: a signal during start-up exits
     # with fault.preempt_exit_code at once (nothing to save yet), not with the signal's default.
     with PreemptionWatch(preemption_signals(cfg.fault.preempt_signals), cfg.fault.preempt_exit_code) as watch:
@@ -78,7 +82,10 @@ def run_training(cfg: TrainConfig, out_dir: str | os.PathLike) -> dict:
         try:
             check_static(cfg, env.world_size)  # before any data is read, weights loaded or file written
             with run_directory_lock(Path(out_dir), env):  # before anything in the run directory is read or changed
-                return Trainer(cfg, Path(out_dir), env).run(watch)
+                trainer = Trainer(cfg, Path(out_dir), env)
+                if on_start is not None and env.is_main:
+                    on_start()
+                return trainer.run(watch)
         finally:
             cleanup(env)
 
