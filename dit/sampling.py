@@ -19,6 +19,7 @@ interval.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import dataclasses
 import logging
 import math
@@ -402,8 +403,16 @@ def settings_path_for(out_path: str | os.PathLike) -> Path:
 
 def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: int,
                         num_samples: int | None = None) -> str:
-    """A file stem that states the protocol, e.g. `DiT-XL-2-256x256-ema-ddpm250-cfg1.5-g3-seed0-n50000`."""
-    stem = Path(provenance["checkpoint"]).stem
+    """A file stem that states the protocol, e.g. `DiT-XL-2-256x256-ema-ddpm250-cfg1.5-g3-seed0-n50000`.
+    A checkpoint of a run directory (`<run>/checkpoints/0002000.pt`) is named with its run
+    (`<run>-0002000-...`), so two runs' samples of the same step never share a default file."""
+    checkpoint = Path(provenance["checkpoint"])
+    stem = checkpoint.stem
+    if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name:
+        run = checkpoint.parent.parent.name
+        if len(run) > 64:  # a sweep job's directory (its overrides): short, still unique
+            run = run[:48] + "-" + hashlib.sha256(run.encode()).hexdigest()[:8]
+        stem = f"{run}-{stem}"
     step = provenance.get("step")
     parts = [stem, provenance.get("which", "ema")]
     if step is not None and str(step) not in stem:

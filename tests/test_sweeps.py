@@ -75,3 +75,18 @@ def test_a_relaunch_refused_for_a_config_mismatch_leaves_the_runs_hydra_record_a
 
     assert train("max_steps=4").returncode == 0  # an accepted relaunch records itself
     assert b"max_steps=4" in (record / "overrides.yaml").read_bytes()
+
+
+def test_default_sample_names_of_two_runs_at_the_same_step_differ():
+    from dit.sampling import SamplerSettings, default_output_name
+
+    settings = SamplerSettings(sampler="ddim", num_steps=20, cfg_scale=2.0)
+    a, b = (default_output_name({"checkpoint": f"outputs/{run}/checkpoints/0002000.pt", "step": 2000}, settings,
+                                seed=0) for run in ("lr1", "lr2"))
+    assert a.startswith("lr1-0002000-ema-ddim20-cfg2") and b.startswith("lr2-0002000-") and a != b
+    release = default_output_name({"checkpoint": "/w/DiT-XL-2-256x256.pt"}, settings, seed=0)
+    assert release.startswith("DiT-XL-2-256x256-ema-ddim20")  # a release file keeps its own name
+    job = "data=toy,model=DiT-S-4,optim.lr=0.001," + "x" * 100
+    long = default_output_name({"checkpoint": f"multirun/{job}/checkpoints/0000004.pt"}, settings, seed=0)
+    assert len(long) < 120 and long != default_output_name(
+        {"checkpoint": f"multirun/{job}y/checkpoints/0000004.pt"}, settings, seed=0)
