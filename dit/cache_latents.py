@@ -64,7 +64,9 @@ def run(cfg: CacheLatentsConfig) -> None:
     except KeyError:
         raise ValueError(f"vae_dtype={cfg.vae_dtype!r}: use float32, bfloat16 or float16") from None
     try:
-        autoencoder = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device, dtype=vae_dtype)
+        autoencoder = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device, dtype=vae_dtype,
+                                        shift_factor=cfg.vae.shift_factor, latents_mean=cfg.vae.latents_mean,
+                                        latents_std=cfg.vae.latents_std)
         out = build_latent_cache(
             cfg.data_root, autoencoder, cfg.out_dir, cfg.image_size,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, flip=cfg.flip,

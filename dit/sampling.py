@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.autoencoder import build_autoencoder
+from dit.autoencoder import autoencoder_from_spec, build_autoencoder, warn_partial_guidance
 from dit.checkpoint import load_dit_checkpoint
 from dit.diffusion import GaussianDiffusion
 from dit.files import to_uint8
@@ -205,6 +205,8 @@ class GuidedDenoiser:
         self.null = torch.full_like(labels, null_class(num_classes))
         self.cfg_scale = float(settings.cfg_scale)
         self.guided_channels = parse_guided_channels(settings.guided_channels_value, model.config.in_channels)
+        if self.guided:  # "3" on a latent space other than SD's 4 channels guides an arbitrary subset
+            warn_partial_guidance(settings.guided_channels_value, model.config.in_channels)
         self.interval = (int(interval[0]), int(interval[1])) if interval is not None else None
         self.calls = self.rows = 0
 
@@ -377,9 +379,10 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     _check_finite_weights(model, path, which)
     stored = meta.get("autoencoder") or {}
     name = vae or stored.get("name") or DEFAULT_RELEASE_VAE
-    scale = vae_scale_factor if vae_scale_factor is not None else (
-        stored.get("scale_factor") if name == stored.get("name") else None)
-    autoencoder = build_autoencoder(name, scale_factor=scale, device=device)
+    if vae_scale_factor is None and stored.get("name") == name:
+        autoencoder = autoencoder_from_spec(stored, device=device)  # the recorded latent transform
+    else:
+        autoencoder = build_autoencoder(name, scale_factor=vae_scale_factor, device=device)
     if autoencoder.latent_channels != model.config.in_channels:
         raise ValueError(f"vae={name} has {autoencoder.latent_channels} latent channels but the model takes "
                          f"{model.config.in_channels}: pass the autoencoder it was trained with (vae=...)")

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from dit.autoencoder import KNOWN_VAES
+from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
 from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
 from dit.models import canonical_model_name, model_arch
 
@@ -64,16 +64,15 @@ def resolve_architecture(model: ModelConfig) -> dict:
 
 def known_downsample_factor(vae_name: str) -> Optional[int]:
     """The autoencoder's spatial downsampling, when it is known without loading weights: 1 for
-    `pixel`, 8 for the SD VAEs, and from `config.json` for a local diffusers directory."""
+    `pixel`, 8 for the SD VAEs, and from `config.json` for a local diffusers directory (any
+    class dit/autoencoder.py reads: AutoencoderKL, AutoencoderDC, ...)."""
     if vae_name == "pixel":
         return 1
     if vae_name in KNOWN_VAES or vae_name in KNOWN_VAES.values():
         return 8
     config_file = Path(vae_name).expanduser() / "config.json"
     if config_file.is_file():
-        blocks = json.loads(config_file.read_text()).get("block_out_channels")
-        if blocks:
-            return 2 ** (len(blocks) - 1)
+        return downsample_factor_from_config(json.loads(config_file.read_text()))
     return None
 
 

@@ -122,6 +122,12 @@ class AutoencoderConfig:
 
     name: str = MISSING
     scale_factor: Optional[float] = None  # None: the VAE's own (0.18215 for the SD VAEs)
+    # latents = (z - shift_factor - latents_mean[c]) * scale_factor / latents_std[c] (diffusers'
+    # convention). None: the VAE config's (SD's have none: z * 0.18215). Per-channel stats:
+    # `python -m dit.latent_stats` measures them; given here without scale_factor, the scale is 1.
+    shift_factor: Optional[float] = None
+    latents_mean: Optional[list[float]] = None
+    latents_std: Optional[list[float]] = None
 
 
 @dataclass

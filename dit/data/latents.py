@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dit.autoencoder import LatentTransform
 from dit.data.seeds import draw_flip, item_generator
 from dit.files import read_json_file
 
@@ -73,7 +74,7 @@ def load_shard(path: Path) -> dict:
 
 class LatentCacheDataset(Dataset):
     """Items of a cache written by `build_latent_cache`: (latent (C, h, w) float32, already
-    multiplied by the autoencoder's scale, int label).
+    through the autoencoder's latent transform (`z * scale` for SD's VAE), int label).
 
     Each item draws, from `item_seed(seed, epoch, index)`, first a coin for the mirror (used when
     `hflip`) and then eps ~ N(0, I) for the posterior sample `(mean + std * eps) * scale` (used
@@ -118,6 +119,7 @@ class LatentCacheDataset(Dataset):
         self.num_classes = int(meta["num_classes"])
         self.autoencoder_spec = dict(meta["autoencoder"])
         self.scale_factor = float(self.autoencoder_spec["scale_factor"])
+        self.transform = LatentTransform.from_spec(self.autoencoder_spec)  # z -> model latents
         shards = [s for s in meta["shards"] if s["count"] > 0]
         self._files = [self.path / s["file"] for s in shards]
         self._starts = np.cumsum([0] + [s["count"] for s in shards]).tolist()  # item offsets of shards
@@ -174,7 +176,7 @@ class LatentCacheDataset(Dataset):
         flip, eps = self.noise_for(index)
         mean, std = self.moments(index, flip)
         latent = mean + std * eps if self.sample_posterior else mean
-        return latent * self.scale_factor, self.label(index)
+        return self.transform.apply(latent), self.label(index)
 
     def check_compatible(self, latent_channels: int | None = None, latent_size: int | None = None,
                          num_classes: int | None = None, autoencoder_spec: dict | None = None,

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from dit.autoencoder import build_autoencoder
+from dit.autoencoder import autoencoder_from_config, autoencoder_from_spec
 from dit.config import ConfigError, TrainConfig, check_resolution
 from dit.data import DistributedResumableSampler, ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, item_seed
 from dit.distributed import DistEnv
@@ -190,12 +190,13 @@ class LatentSpace:
     @torch.no_grad()
     def to_latents(self, x: torch.Tensor, r: StepRandomness) -> torch.Tensor:
         """A batch of data items -> x0 for the diffusion: the VAE posterior sample
-        (mean + std * eps) * scale with the step's eps (the mean if not sampling; the identity for
-        pixels), or the items themselves for a latents cache."""
+        (mean + std * eps) through the latent transform (`z * scale` for SD's VAE) with the step's
+        eps (the mean if not sampling; the identity for pixels), or the items themselves for a
+        latents cache."""
         if self.encoded:
             return x
         mean, std = self.autoencoder.encode_moments(x)
-        return (mean + std * r.posterior if self.sample_posterior else mean).float() * self.autoencoder.scale_factor
+        return self.autoencoder.transform.apply((mean + std * r.posterior if self.sample_posterior else mean).float())
 
 
 def build_latent_space(cfg: TrainConfig, data: TrainData, patch_size: int, device: torch.device) -> LatentSpace:
@@ -209,9 +210,9 @@ def build_latent_space(cfg: TrainConfig, data: TrainData, patch_size: int, devic
         # The VAE is only needed to decode sample grids.
         ae = None
         if cfg.log.samples.every:
-            ae = build_autoencoder(spec["name"], scale_factor=spec["scale_factor"], device=device)
+            ae = autoencoder_from_spec(spec, device=device)
         return LatentSpace(ae, spec, spec["latent_channels"], side, False, encoded=True)
-    ae = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device)
+    ae = autoencoder_from_config(cfg.vae, device=device)
     side = check_resolution(data.image_size, ae.downsample_factor, patch_size)
     sample = cfg.vae.sample_posterior and ae.name != "pixel"  # pixels have no posterior noise
     return LatentSpace(ae, ae.to_dict(), ae.latent_channels, side, sample)
