@@ -202,3 +202,17 @@ def test_guided_channels_3_warns_on_a_latent_space_other_than_4_channels():
         warnings.simplefilter("error")
         GuidedDenoiser(tiny_dit(), labels, SamplerSettings(cfg_scale=1.5))  # SD's 4 channels: silent
         GuidedDenoiser(tiny_dit(in_channels=8), labels, SamplerSettings(cfg_scale=1.5, guided_channels="all"))
+
+
+def test_autoencoder_tiny_is_read_as_a_deterministic_encoder(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                        num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path)
+    ae, ref = build_autoencoder(str(tmp_path)), AutoencoderTiny.from_pretrained(tmp_path).eval()
+    x = _images()
+    with torch.no_grad():
+        assert torch.equal(ae.encode(x), ref.encode(x).latents * 1.0)  # its config's scaling_factor is 1
+    assert (ae.class_name, ae.downsample_factor, known_downsample_factor(str(tmp_path))) == ("AutoencoderTiny", 2, 2)
