@@ -14,7 +14,11 @@ from omegaconf import OmegaConf
 
 from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
 from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
+from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
+from dit.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch
+
+OBJECTIVES = ("diffusion", "flow")
 
 
 def to_train_config(cfg: Any) -> TrainConfig:
@@ -96,6 +100,17 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
     arch = resolve_architecture(cfg.model)
     if not 0.0 <= cfg.model.class_dropout_prob < 1.0:
         raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
+    m = cfg.model
+    try:
+        check_options(norm=m.norm, mlp=m.mlp, rope=m.rope, qk_norm=m.qk_norm, modulation=m.modulation)
+    except ValueError as err:
+        raise ConfigError(f"model.{str(err).removeprefix('model option ')}") from None
+    if m.rope:
+        try:
+            check_rope_head_dim(arch["hidden_size"] // arch["num_heads"])
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from None
+    check_objective(cfg)
     if cfg.global_batch_size <= 0 or cfg.global_batch_size % world_size:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} must be a positive multiple of the number of "
@@ -151,6 +166,30 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
             check_resolution(data.image_size, factor, arch["patch_size"])
     else:
         raise ConfigError(f"data.kind={data.kind!r} is not one of imagefolder, latents, toy")
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """The `objective` keys (conf/objective/): their choices, and ranges the flow loss needs."""
+    o = cfg.objective
+    if o.kind not in OBJECTIVES:
+        raise ConfigError(f"objective.kind={o.kind!r} is not one of {', '.join(OBJECTIVES)}: choose with "
+                          "objective=diffusion or objective=flow")
+    if o.kind != "flow":
+        return
+    for key, value, choices in (("path", o.path, PATHS), ("prediction", o.prediction, PREDICTIONS),
+                                ("time_sampling", o.time_sampling, TIMESTEP_SAMPLING)):
+        if value not in choices:
+            raise ConfigError(f"objective.{key}={value!r} is not one of {', '.join(choices)}")
+    if not o.logit_std > 0:
+        raise ConfigError(f"objective.logit_std must be > 0, got {o.logit_std}")
+    if o.cosine_weight < 0:
+        raise ConfigError(f"objective.cosine_weight must be >= 0 (0: off), got {o.cosine_weight}")
+    if o.cosine_weight and o.prediction != "velocity":
+        raise ConfigError("objective.cosine_weight > 0 (the velocity-direction loss) needs "
+                          f"objective.prediction=velocity, got {o.prediction}")
+    if not o.network_time_scale > 0:
+        raise ConfigError(f"objective.network_time_scale must be > 0 (1: t in [0, 1], 1000: DDPM-sized), "
+                          f"got {o.network_time_scale}")
 
 
 def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:

@@ -62,6 +62,12 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (the paper's 0.1)
     learn_sigma: bool = True  # predict the variance too (DiT's hybrid loss)
+    # Architecture options (LightningDiT's; dit/layers.py); the defaults are the official DiT.
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu (tanh GELU) | swiglu
+    rope: bool = False  # 2-D rotary embedding on q and k
+    qk_norm: bool = False  # per-head norm of q and k
+    modulation: str = "shift_scale_gate"  # | scale_gate (LightningDiT's shift-free adaLN)
 
 
 @dataclass
@@ -135,6 +141,24 @@ class VAEConfig(AutoencoderConfig):
     """The training autoencoder: which one (`AutoencoderConfig`) and how images are encoded."""
 
     sample_posterior: bool = True  # train on posterior samples (the reference) or on the mean
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model is trained to do, chosen with `objective=diffusion|flow` (conf/objective/).
+    `diffusion`: DiT's Gaussian diffusion (the `diffusion` keys; the other keys here are unused).
+    `flow`: flow matching (dit/flow/, docs/flow.md; t = 0 data, t = 1 noise) with these keys,
+    whose defaults are SiT's. Checkpoints record the whole block as `config.objective`, which is
+    what sampling reads to pick the flow sampler and rebuild the network's time input."""
+
+    kind: str = "diffusion"  # diffusion | flow
+    path: str = "linear"  # linear | gvp (REPA: cosine)
+    prediction: str = "velocity"  # velocity | noise | score (these two train on t in [1e-3, 1 - 1e-3], as SiT)
+    time_sampling: str = "uniform"  # uniform | logit_normal (SD3 / LightningDiT)
+    logit_mean: float = 0.0  # logit-normal: logit(t) ~ N(logit_mean, logit_std); > 0 favours noisy times
+    logit_std: float = 1.0
+    cosine_weight: float = 0.0  # + w * (1 - cos(v_hat, v)): LightningDiT's velocity-direction loss (w = 1)
+    network_time_scale: float = 1.0  # the timestep embedder receives scale * t: 1 (SiT, REPA) or 1000
 
 
 @dataclass
@@ -267,6 +291,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = MISSING  # one of the DataConfig subclasses, chosen with `data=...`
     vae: VAEConfig = field(default_factory=VAEConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)

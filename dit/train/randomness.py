@@ -4,8 +4,9 @@ Reproducibility is by construction rather than by saved RNG states:
 
 - the data order of epoch e is a permutation seeded by (seed, e) (`DistributedResumableSampler`),
   and an item's augmentation (flip, posterior noise) is seeded by (seed, e, index);
-- the diffusion timesteps, the diffusion noise and the label-dropout mask of step s are drawn
-  for the whole *global* batch from a generator seeded by (seed, s); each rank takes its rows.
+- the diffusion timesteps (or a flow objective's continuous times), the noise and the
+  label-dropout mask of step s are drawn for the whole *global* batch from a generator seeded
+  by (seed, s); each rank takes its rows.
 
 So a run resumed at step s sees exactly what the uninterrupted run saw, and the result does not
 depend on how the global batch is split across ranks (up to floating-point summation order).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ LOADER_STREAM = (1 << 62) + (1 << 40)  # + rank, (seed, epoch): DataLoader worke
 class StepRandomness:
     """What one rank draws for its rows of the global batch of one step."""
 
-    t: torch.Tensor  # (b,) diffusion timesteps in [0, T)
-    noise: torch.Tensor  # (b, C, H, W) diffusion noise
+    t: torch.Tensor  # (b,) diffusion timesteps in [0, T) (int64), or flow times in [0, 1] (float32)
+    noise: torch.Tensor  # (b, C, H, W) diffusion / flow noise
     drop: torch.Tensor  # (b,) bool: replace the label by the null class (CFG training)
     posterior: Optional[torch.Tensor]  # (b, C, H, W) eps of the VAE posterior sample, or None
 
@@ -45,11 +46,19 @@ class StepRandomness:
 def step_randomness(
     seed: int, step: int, global_batch: int, shape: tuple, num_timesteps: int, drop_prob: float,
     rank: int, world_size: int, device: torch.device, posterior: bool = False,
+    sample_t: Optional[Callable[..., torch.Tensor]] = None,
 ) -> StepRandomness:
     """Draw the global batch's randomness from a generator seeded by (seed, step), then keep
-    the rows of this rank: global positions rank, rank + W, ... (the sampler's assignment)."""
+    the rows of this rank: global positions rank, rank + W, ... (the sampler's assignment).
+
+    sample_t(n, generator=g, device=device): continuous times of a flow objective
+    (`FlowMatching.sample_t`), drawn first from the same generator in place of the integer
+    timesteps (`num_timesteps` is then unused); None: diffusion timesteps, as always."""
     g = torch.Generator(device=device).manual_seed(item_seed(seed, step, STEP_STREAM))
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    if sample_t is None:
+        t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    else:
+        t = sample_t(global_batch, generator=g, device=device)
     noise = torch.randn((global_batch, *shape), generator=g, device=device)
     drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
     eps = torch.randn((global_batch, *shape), generator=g, device=device) if posterior else None

@@ -3,6 +3,7 @@ the running means of a log window, and sample grids of the EMA model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
-from dit.files import save_grid, write_text_atomic
-from dit.sampling import sample_images
+from dit.files import save_grid, to_uint8, write_text_atomic
+from dit.flow import FlowMatching, ODE_METHODS, sample_ode
+from dit.sampling import GuidedDenoiser, check_finite_samples, sample_images, unwrap_model
 from dit.train.randomness import GRID_STREAM
 
 log = logging.getLogger(__name__)
@@ -145,16 +147,42 @@ class GridSampler:
         self.seed = item_seed(seed, 1, GRID_STREAM)
 
     def sample(self, ema_module: nn.Module, diffusion, autoencoder, step: int) -> Optional[Path]:
+        """`diffusion`: the run's objective, a GaussianDiffusion or a FlowMatching."""
         # Under FSDP the sharded EMA model needs every rank in the forward passes; under DDP the
         # replica on rank 0 suffices.
         if not (self.env.is_main or self.parallel == "fsdp"):
             return None
         device = self.env.device
-        images = sample_images(
-            ema_module, diffusion, autoencoder, self.labels.to(device), self.settings,
-            noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
-        )  # uint8 (N, H, W, 3)
+        if isinstance(diffusion, FlowMatching):
+            images = flow_grid_images(ema_module, diffusion, autoencoder, self.labels.to(device), self.settings,
+                                      noise=self.noise.to(device))
+        else:
+            images = sample_images(
+                ema_module, diffusion, autoencoder, self.labels.to(device), self.settings,
+                noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
+            )  # uint8 (N, H, W, 3)
         reshard(ema_module)  # FSDP: back to shards, as the EMA update expects
         if not self.env.is_main:
             return None
         return save_grid(images, self.out_dir / "samples" / f"{step:07d}.png", nrow=int(math.ceil(len(images) ** 0.5)))
+
+
+def flow_grid_images(model: nn.Module, flow: FlowMatching, autoencoder, labels: torch.Tensor, settings, *,
+                     noise: torch.Tensor):
+    """A flow model's grid: the fixed-step ODE from `noise` (t = 1) to data, with the grid's
+    guidance (cfg_scale, guided_channels), decoded to uint8 (N, H, W, 3). The ODE method is
+    `settings.sampler` when it names one (euler, heun), else Heun (the grid's default sampler
+    name, ddpm, is a diffusion sampler); `settings.num_steps` steps. Written here rather than
+    through dit/sampling.py, whose sampler choice is the diffusion chain's."""
+    method = settings.sampler if settings.sampler in ODE_METHODS and settings.sampler != "dopri5" else "heun"
+    model = unwrap_model(model)
+    denoiser = GuidedDenoiser(model, labels, dataclasses.replace(settings, sampler="ddpm", guidance_interval=None))
+    was_training = model.training
+    model.eval()  # no label dropout
+    try:
+        with torch.no_grad():
+            x = sample_ode(flow.velocity(denoiser), noise, num_steps=int(settings.num_steps), method=method).x
+            x = check_finite_samples(x, settings)
+            return to_uint8(check_finite_samples(autoencoder.decode(x), settings, "decoded images"))
+    finally:
+        model.train(was_training)

@@ -3,8 +3,13 @@
     r = step_randomness(seed, step, B, latent_shape, diffusion.num_timesteps, drop_prob, rank, world, device)
     loss, grad_norm = train_step(model, diffusion, opt, ema, x0, y, r, num_classes=K, params=params)
 
+    # a flow objective (dit/flow): continuous times from the same per-step generator
+    r = step_randomness(..., sample_t=flow.sample_t)
+    loss, grad_norm = train_step(model, flow, opt, ema, x0, y, r, num_classes=K, params=params)
+
 No config object and no I/O: the caller hands in the model (or its DDP/FSDP wrapper), the
-diffusion, the optimizer, the EMA, a batch of latents and the step's randomness. Fault injection
+objective (a GaussianDiffusion or a FlowMatching: both have `training_losses(model, x0, t,
+model_kwargs, noise)`), the optimizer, the EMA, a batch of latents and the step's randomness. Fault injection
 for the crash tests comes in as one hooks object (`dit/train/faults.py`), a no-op by default.
 
 Gradient accumulation (`accum_steps=K`) runs this rank's rows as K equal micro-batches of
@@ -119,7 +124,8 @@ def train_step(
     (no host sync unless `update_if` or `scaler` makes one).
 
     model: what the forward calls (the DiT, or its DDP/FSDP wrapper); `params` its trainable
-        parameters. x0: (b, C, H, W) latents, or inputs that `encode(x, r)` turns into latents
+        parameters. diffusion: the objective (GaussianDiffusion, or dit.flow.FlowMatching with
+        r.t its continuous times). x0: (b, C, H, W) latents, or inputs that `encode(x, r)` turns into latents
         (per micro-batch); y: (b,) labels; r: the step's randomness (timesteps, noise, which
         labels to drop).
     accum_steps: micro-batches of b / accum_steps rows each; each loss is divided by

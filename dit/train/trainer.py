@@ -18,7 +18,8 @@ from dit.diffusion import create_diffusion
 from dit.distributed import (
     DistEnv, broadcast_object, cleanup, init_distributed, load_full_optimizer_state, shard_model, wrap_model,
 )
-from dit.models import DiT, arch_name
+from dit.flow.config import flow_from_config
+from dit.models import DiT, arch_name, describe
 from dit.train.ema import EMA
 from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
@@ -50,14 +51,34 @@ def build_model(cfg: TrainConfig, input_size: int, in_channels: int, num_classes
     return DiT(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         mlp_ratio=cfg.model.mlp_ratio, class_dropout_prob=cfg.model.class_dropout_prob,
-        learn_sigma=cfg.model.learn_sigma, **arch,
+        learn_sigma=cfg.model.learn_sigma, **arch, **architecture_options(cfg),
+    )
+
+
+def architecture_options(cfg: TrainConfig) -> dict:
+    """The model config's architecture options (norm, mlp, rope, qk_norm, modulation)."""
+    m = cfg.model
+    return dict(norm=m.norm, mlp=m.mlp, rope=m.rope, qk_norm=m.qk_norm, modulation=m.modulation)
+
+
+def build_objective(cfg: TrainConfig):
+    """What the step trains and the grids sample: DiT's GaussianDiffusion (objective=diffusion),
+    or a dit.flow.FlowMatching built from the `objective` keys (objective=flow)."""
+    if cfg.objective.kind == "flow":
+        return flow_from_config(plain_config(cfg)["objective"])
+    return create_diffusion(
+        "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
+        diffusion_steps=cfg.diffusion.diffusion_steps,
     )
 
 
 def official_name(model: DiT) -> Optional[str]:
-    """`DiT-XL/2` etc. when the model is one of the paper's, else None."""
+    """`DiT-XL/2` etc. when the model is one of the paper's, else None (also when it has
+    architecture options: rmsnorm, swiglu, ... is not the paper's model of that size)."""
     c = model.config
-    return arch_name(c.depth, c.hidden_size, c.num_heads, c.patch_size) if c.mlp_ratio == 4.0 else None
+    if c.mlp_ratio != 4.0 or c.options():
+        return None
+    return arch_name(c.depth, c.hidden_size, c.num_heads, c.patch_size)
 
 
 def run_training(cfg: TrainConfig, out_dir: str | os.PathLike, on_start: Optional[Callable[[], None]] = None) -> dict:
@@ -116,10 +137,10 @@ class Trainer:
         self.step = int(state["step"]) if state is not None else 0
         seed_rank(cfg.seed, self.step, env.rank, env.world_size, self.device,
                   (state or {}).get("rng", {}).get("ranks", []))
-        self.diffusion = create_diffusion(
-            "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
-            diffusion_steps=cfg.diffusion.diffusion_steps,
-        )
+        # GaussianDiffusion or FlowMatching: the step calls either's training_losses alike.
+        self.objective = build_objective(cfg)
+        self.flow = cfg.objective.kind == "flow"
+        self.diffusion = self.objective
         self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers,
                                  worker_ignored_signals=self.preempt_signals)
         # Steps with a non-finite loss or gradient: in total, and in the current unbroken run.
@@ -156,6 +177,7 @@ class Trainer:
             self.model_name or "custom", model.config.to_dict(), sum(p.numel() for p in model.parameters()) / 1e6,
             self.latents.shape, self.data.num_classes, env.world_size, self.device, cfg.global_batch_size,
         )
+        log.info("model: %s; objective: %s", describe(model), cfg.objective.kind)
         model.gradient_checkpointing = cfg.grad_checkpointing
         self.parallel = cfg.parallel.value if env.distributed else "none"
         if cfg.compile:
@@ -188,11 +210,13 @@ class Trainer:
         """Step `step` (= self.step + 1) on this rank's rows of its global batch: (loss, grad norm)."""
         cfg, lat, env = self.cfg, self.latents, self.env
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape, self.diffusion.num_timesteps,
-                            self.drop_prob, env.rank, env.world_size, self.device, posterior=lat.sample_posterior)
+        r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape,
+                            None if self.flow else self.objective.num_timesteps, self.drop_prob, env.rank,
+                            env.world_size, self.device, posterior=lat.sample_posterior,
+                            sample_t=self.objective.sample_t if self.flow else None)
         set_learning_rate(self.opt, learning_rate(step, cfg.optim, cfg.max_steps))  # from the step: no state
         loss, grad_norm = train_step(
-            self.train_module, self.diffusion, self.opt, self.ema, x, y, r, encode=lat.to_latents,
+            self.train_module, self.objective, self.opt, self.ema, x, y, r, encode=lat.to_latents,
             num_classes=self.data.num_classes, params=self.params, grad_clip=cfg.optim.grad_clip,
             autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value], scaler=self.scaler,
             update_if=self.guard.update_if, hooks=self.faults, step=step, accum_steps=cfg.optim.grad_accum_steps,
@@ -240,7 +264,7 @@ class Trainer:
                                previous=previous, faults=self.faults)
 
     def sample_grid(self, step: int) -> None:
-        path = self.grid.sample(self.ema.module, self.diffusion, self.latents.autoencoder, step)
+        path = self.grid.sample(self.ema.module, self.objective, self.latents.autoencoder, step)
         if path is not None:
             self.logger.image(step, "samples", path)
 
