@@ -303,9 +303,16 @@ def test_multirun_sweep_gives_one_flat_run_directory_per_job(tmp_path):
     run_train_py(["-m", "model=DiT-S/4,DiT-B/8", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
                   "vae=pixel", *TOY, "data.image_size=16", "global_batch_size=4", "max_steps=2", "log.every=1",
                   "log.samples.every=0", f"hydra.sweep.dir={sweep}"], tmp_path)
+    # Job directories are named by the job's overrides (issue 13: a relaunch finds them again).
+    from dit.config import job_dirname
+
+    common = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", *TOY,
+              "data.image_size=16", "global_batch_size=4"]
+    expected = {model: job_dirname([f"model={model}", *common]) for model in ("DiT-S-4", "DiT-B-8")}
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs == ["0_DiT-S-4", "1_DiT-B-8"]
-    for name, patch in (("0_DiT-S-4", 4), ("1_DiT-B-8", 8)):
+    assert runs == sorted(expected.values())
+    for model, patch in (("DiT-S-4", 4), ("DiT-B-8", 8)):
+        name = expected[model]
         ckpt = torch.load(sweep / name / "checkpoints" / "0000002.pt", weights_only=True)
-        assert ckpt["model_config"]["patch_size"] == patch and ckpt["config"]["name"] == name[2:] + "_toy"
+        assert ckpt["model_config"]["patch_size"] == patch and ckpt["config"]["name"] == f"{model}_toy/{name}"
         assert (sweep / name / ".hydra" / "config.yaml").is_file()
