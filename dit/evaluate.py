@@ -22,8 +22,9 @@ import torch
 
 from dit.config import EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
-from dit.files import FileWriteError, atomic_target, read_images, write_text_atomic
+from dit.files import FileWriteError, atomic_target, write_text_atomic
 from dit.generate import generate_bulk
+from dit.image_stream import open_images
 from dit.inception import InceptionFeatures, check_feature_precision
 from dit.judge import JudgeFeatures, ToyJudge
 from dit.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
@@ -131,7 +132,7 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     if wanted - set(KNOWN_METRICS):
         raise ValueError(f"unknown metrics {sorted(wanted - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
     samples = Path(samples).expanduser()
-    images, labels = read_images(samples)
+    images, labels = open_images(samples)  # headers only: the images are read batch by batch when scored
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
     extractor = build_feature_extractor(
         cfg.feature_extractor, weights=cfg.feature_extractor_weights, device=cfg.device,
@@ -145,6 +146,7 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
         isc="isc" in wanted, prc="prc" in wanted, kid="kid" in wanted, prc_k=cfg.prc_k,
         pr_arithmetic=cfg.pr_arithmetic, isc_split_size=cfg.isc_split_size, kid_subsets=cfg.kid_subsets,
         kid_subset_size=cfg.kid_subset_size)
+    images.close()
 
     sidecar = settings_path_for(samples) if samples.is_file() else None
     settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
@@ -230,7 +232,8 @@ class FIDEvaluator:
                  allow_download: bool = True, num_samples: int = 5000, label_mode: str = "uniform", seed: int = 0,
                  batch_size: int = 32, cache_dir: str | os.PathLike | None = None, judge_cache_dir: str | None = None,
                  metrics: Iterable[str] = ("fid", "isc", "prc"), device: str | None = "auto",
-                 feature_precision: str = "fp32", pr_arithmetic: str = "fp32"):
+                 feature_precision: str = "fp32", pr_arithmetic: str = "fp32", feature_batch_size: int = 64,
+                 judge_seed: int = 0, prc_k: int = 3):
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 for a covariance, got {num_samples}")
         self.reference_source = reference
@@ -242,22 +245,31 @@ class FIDEvaluator:
         self.label_mode, self.seed, self.batch_size = label_mode, int(seed), int(batch_size)
         self.cache_dir, self.judge_cache_dir = cache_dir, judge_cache_dir
         self.metrics = set(metrics)
+        if self.metrics - set(KNOWN_METRICS):
+            raise ValueError(f"unknown metrics {sorted(self.metrics - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
         self.device = device
+        self.feature_batch_size, self.judge_seed, self.prc_k = int(feature_batch_size), int(judge_seed), int(prc_k)
         # checked now, not after the first round of sampling
         self.feature_precision = check_feature_precision(feature_precision)
         self.pr_arithmetic = check_pr_arithmetic(pr_arithmetic)
         self._extractor: FeatureExtractor | None = None
         self._reference: FeatureStats | None = None
 
-    def _prepare(self, image_size: int) -> None:
+    def prepare(self, image_size: int, reference: bool = True) -> None:
+        """Build the extractor and (`reference`: the rank that scores) load the reference
+        statistics, checked against `image_size`: what `evaluate` needs, so that calling this at
+        start-up finds a missing file or weight before any sampling."""
         if self._extractor is None:
             if isinstance(self.feature_extractor, str):
                 self._extractor = build_feature_extractor(
                     self.feature_extractor, weights=self.feature_extractor_weights, device=self.device,
-                    allow_download=self.allow_download, image_size=image_size, judge_cache_dir=self.judge_cache_dir,
+                    batch_size=self.feature_batch_size, allow_download=self.allow_download, image_size=image_size,
+                    judge_cache_dir=self.judge_cache_dir, judge_seed=self.judge_seed,
                     precision=self.feature_precision)
             else:
                 self._extractor = self.feature_extractor
+        if not reference:
+            return
         if self._reference is None:
             self._reference = load_reference(self.reference_source, self._extractor, cache_dir=self.cache_dir,
                                              need_features="prc" in self.metrics or "kid" in self.metrics)
@@ -268,11 +280,11 @@ class FIDEvaluator:
                  progress: bool = False) -> dict[str, float] | None:
         model = unwrap_model(model)
         image_size = model.config.input_size * autoencoder.downsample_factor
-        self._prepare(image_size)
+        self.prepare(image_size, reference=rank == 0)
         indices = rank_indices(self.num_samples, self.batch_size, rank, world_size)
         images, labels = generate_samples(model, diffusion, autoencoder, indices, self.settings, seed=self.seed,
                                           label_mode=self.label_mode, batch_size=self.batch_size, progress=progress)
-        feats = sample_features(images, self._extractor, labels)
+        feats = sample_features(images, self._extractor, labels) if len(indices) else None  # more ranks than blocks
         if world_size > 1:
             # Gather per-image features (not images) and put them back in sample order.
             import torch.distributed as dist
@@ -281,9 +293,11 @@ class FIDEvaluator:
             dist.all_gather_object(gathered, (indices, feats))
             if rank != 0:
                 return None
+            gathered = [g for g in gathered if g[1] is not None]
             order = np.argsort(np.concatenate([g[0] for g in gathered]), kind="stable")
-            feats = {k: np.concatenate([g[1][k] for g in gathered])[order] for k in feats}
+            feats = {k: np.concatenate([g[1][k] for g in gathered])[order] for k in gathered[0][1]}
         return metrics_from_features(
             feats, self._reference, self._extractor.identity, fid="fid" in self.metrics,
             sfid="sfid" in self.metrics, isc="isc" in self.metrics, prc="prc" in self.metrics,
-            kid="kid" in self.metrics, pr_arithmetic=self.pr_arithmetic, image_size=(image_size, image_size))
+            kid="kid" in self.metrics, prc_k=self.prc_k, pr_arithmetic=self.pr_arithmetic,
+            image_size=(image_size, image_size))

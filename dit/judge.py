@@ -35,6 +35,7 @@ FORMAT_VERSION = 1
 # The judge trains on its own images: a data seed far from the ones a training run uses, so
 # the judge has not seen the exact images a diffusion model was trained on.
 _JUDGE_DATA_SEED_OFFSET = 1_000_003
+BATCH_SIZE = 500  # images per forward pass when judging (a CPU-sized batch of 32x32 images)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class ToyJudge:
         return cls(net, settings, stats)
 
     @torch.no_grad()
-    def _run(self, images_uint8, fn, batch_size: int = 500) -> torch.Tensor:
+    def _run(self, images_uint8, fn, batch_size: int = BATCH_SIZE) -> torch.Tensor:
         x = _as_model_input(images_uint8, self.image_size)
         return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else fn(x)
 
@@ -198,14 +199,27 @@ class JudgeFeatures:
     accuracy of conditional samples."""
 
     name = "toy_judge"
+    batch_size = BATCH_SIZE  # `dit.feature_stream` reads images in these batches: the same passes as here
 
     def __init__(self, judge: ToyJudge):
         self.judge = judge
         self.identity = f"toy_judge:{judge.settings.cache_name()}"
 
+    @torch.no_grad()
     def extract(self, images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
+        """{"pool": float64 (N, D) features, "logits": float32 (N, 10)}: one forward pass per batch
+        (the head on the features: what `ToyJudge.features` and `.logits` give, bit for bit),
+        each batch converted to [-1, 1] on its own, so the input tensor is one batch at a time."""
         images = check_images(images)
-        return {"pool": self.judge.features(images), "logits": self.judge.logits(images).numpy()}
+        _as_model_input(images[:0], self.judge.image_size)  # the size check, before any pass
+        if not len(images):  # (a rank with no samples) empty outputs of the right widths
+            return {"pool": self.judge.features(images), "logits": self.judge.logits(images).numpy()}
+        net, pools, logits = self.judge.net, [], []
+        for i in range(0, len(images), self.batch_size):
+            features = net.features(_as_model_input(images[i : i + self.batch_size], self.judge.image_size))
+            pools.append(features.double())
+            logits.append(net.head(features))
+        return {"pool": torch.cat(pools).numpy(), "logits": torch.cat(logits).numpy()}
 
     def classify(self, images: np.ndarray) -> np.ndarray:
         return self.judge.classify(check_images(images))

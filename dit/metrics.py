@@ -24,14 +24,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dit.files import (check_images, image_files, npz_array_shape, open_npz, read_image_folder, read_npz_array,
-                       read_samples_npz, write_npz_atomic)
+from dit.feature_stream import StreamedFeatures, stream_features
+from dit.frechet import (PSD_TOLERANCE, SYMMETRY_TOLERANCE, _as_stats, _psd_factor,  # noqa: F401 - part of this API
+                          feature_statistics, frechet_distance)
+from dit.files import check_images, image_files, npz_array_shape, open_npz, read_npz_array, write_npz_atomic
+from dit.image_stream import ArrayImages, ImageSource, open_images
 from dit.precision_recall import check_pr_arithmetic, precision_recall  # noqa: F401 - part of this module's API
 
 STATS_FORMAT_VERSION = 1
-# A covariance must be symmetric and positive semi-definite; these tolerances (relative to its
-# largest entry / variance) pass float64 and float32 rounding, and nothing else.
-SYMMETRY_TOLERANCE, PSD_TOLERANCE = 1e-6, 1e-4
 
 
 class FeatureExtractor(Protocol):
@@ -42,92 +42,6 @@ class FeatureExtractor(Protocol):
 
     def extract(self, images: np.ndarray, progress: bool = False) -> dict[str, np.ndarray]:
         """uint8 (N, H, W, 3) -> {"pool": (N, D)} plus optionally "logits" (N, K), "spatial" (N, S)."""
-
-
-# --------------------------------------------------------------------------------------
-# Fréchet distance
-# --------------------------------------------------------------------------------------
-
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of (N, D) features, both float64 (FID's `mu`, `sigma`)."""
-    features = np.asarray(features)
-    if features.ndim != 2:
-        raise ValueError(f"features must be (N, D), got shape {features.shape}")
-    if len(features) < 2:
-        raise ValueError(f"a covariance needs at least 2 images, got {len(features)}")
-    features = features.astype(np.float64, copy=False)
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _as_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
-    mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
-    sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{which}: mu must be (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{which}: mu/sigma contain NaN or inf (were the images or features broken?)")
-    if (np.diag(sigma) < 0).any():
-        raise ValueError(f"{which}: sigma has negative variances on its diagonal: not a covariance matrix")
-    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
-    asymmetry = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
-    if asymmetry > SYMMETRY_TOLERANCE * scale:
-        raise ValueError(f"{which}: sigma is not symmetric (max |sigma - sigma^T| = {asymmetry:.3g}, "
-                         f"{asymmetry / scale:.2g} of its largest entry): not a covariance matrix")
-    return mu, (sigma + sigma.T) / 2  # symmetric by definition; np.cov rounding may break that
-
-
-def _psd_factor(sigma: np.ndarray, which: str = "sigma") -> np.ndarray:
-    """A (D, r) with A A^T = sigma, r its numerical rank: LAPACK's pivoted Cholesky (pstrf), which
-    stops where the remaining diagonal falls to rounding level. For the singular covariances of
-    small sets (N images < D dimensions) r <= N - 1, which makes the rest cheap. A sigma that is
-    not positive semi-definite (within PSD_TOLERANCE of its largest variance: float32 rounding
-    passes) leaves a remainder the factor does not reproduce, and is refused."""
-    from scipy.linalg.lapack import dpstrf
-
-    c, piv, rank, info = dpstrf(sigma, tol=-1.0, lower=1)  # tol < 0: LAPACK's D * eps * max(diag)
-    if info < 0:
-        raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
-    factor = np.zeros((sigma.shape[0], rank))
-    factor[piv - 1] = np.tril(c)[:, :rank]  # undo the pivoting: sigma = factor @ factor.T
-    scale = float(np.diag(sigma).max()) if sigma.size else 0.0
-    if sigma.size and float(np.abs(sigma - factor @ factor.T).max()) > PSD_TOLERANCE * scale:
-        smallest = float(np.linalg.eigvalsh(sigma)[0])
-        raise ValueError(f"{which}: sigma is not positive semi-definite (smallest eigenvalue {smallest:.4g}, largest "
-                         f"variance {scale:.4g}): not a covariance matrix")
-    return factor
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), in float64.
-
-    The reference implementations take `scipy.linalg.sqrtm` of the non-symmetric product S1 S2,
-    which returns complex parts and NaNs when the covariances are singular (fewer images than
-    dimensions) and needs an epsilon retry. We use that S1 S2 = A A^T S2 has the nonzero
-    eigenvalues of A^T S2 A for any factor A A^T = S1 (here a rank-revealing pivoted Cholesky):
-    that matrix is symmetric PSD, so a symmetric eigensolver gives its eigenvalues stably and
-    tr((S1 S2)^(1/2)) is the sum of their square roots (tiny negative ones from rounding are
-    clipped to 0). Equal to the sqrtm form wherever that one is well defined, and only r x r
-    (r = the smaller rank) for small sets.
-    """
-    mu1, sigma1 = _as_stats(mu1, sigma1, "first set")
-    mu2, sigma2 = _as_stats(mu2, sigma2, "second set")
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]} (different extractors?)")
-    factor1, factor2 = _psd_factor(sigma1, "first set"), _psd_factor(sigma2, "second set")
-    # tr((S1 S2)^(1/2)) is symmetric in the two sets: project with the lower-rank factor.
-    middle = factor1.T @ sigma2 @ factor1 if factor1.shape[1] <= factor2.shape[1] else factor2.T @ sigma1 @ factor2
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0.0, None)).sum()
-    diff = mu1 - mu2
-    trace_sum = np.trace(sigma1) + np.trace(sigma2)
-    value = float(diff @ diff + trace_sum - 2.0 * tr_covmean)
-    if value < 0.0:
-        # Identical statistics give a rounding-level negative number; anything larger is a bug.
-        if value < -1e-6 * max(1.0, trace_sum):
-            raise FloatingPointError(f"Fréchet distance came out negative ({value}): the covariances are not PSD")
-        value = 0.0
-    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -168,10 +82,25 @@ def stats_from_features(feats: dict[str, np.ndarray], extractor_identity: str | 
     return stats
 
 
-def compute_stats(images: np.ndarray, extractor: FeatureExtractor, progress: bool = False) -> FeatureStats:
-    images = check_images(images)
-    stats = stats_from_features(extractor.extract(images, progress=progress), extractor.identity)
-    stats.image_size = (int(images.shape[1]), int(images.shape[2]))
+def compute_stats(images: np.ndarray | ImageSource, extractor: FeatureExtractor, progress: bool = False) -> FeatureStats:
+    """Statistics of a set of images (an array, or an `ImageSource` read batch by batch): mu/sigma
+    (and mu_s/sigma_s) accumulated on the fly, the per-image pool features kept (precision/recall,
+    KID, the cache)."""
+    source = images if isinstance(images, ImageSource) else ArrayImages(images)
+    streamed = stream_features(source, extractor, moments=("pool", "spatial"), keep=("pool",), progress=progress)
+    stats = stats_from_stream(streamed, extractor.identity)
+    stats.image_size = source.image_size
+    return stats
+
+
+def stats_from_stream(streamed: StreamedFeatures, extractor_identity: str | None) -> FeatureStats:
+    """FeatureStats from `stream_features`' moments ("pool", optional "spatial") and kept outputs."""
+    (mu, sigma), spatial = streamed.moments["pool"], streamed.moments.get("spatial")
+    stats = FeatureStats(mu, sigma, num_images=streamed.num_images, extractor=extractor_identity,
+                         pool=streamed.kept.get("pool"), logits=streamed.kept.get("logits"),
+                         stats_num_images=streamed.num_images)
+    if spatial is not None:
+        stats.mu_s, stats.sigma_s = spatial
     return stats
 
 
@@ -264,8 +193,8 @@ def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, ca
                 cached.source = str(source)  # what the user named, not our cache file
                 return _prefer_stored(stored, cached)
 
-    images = read_image_folder(source) if source.is_dir() else read_samples_npz(source)[0]
-    computed = compute_stats(images, extractor, progress=progress)
+    with open_images(source)[0] as images:  # read batch by batch, never whole
+        computed = compute_stats(images, extractor, progress=progress)
     computed.source = str(source)
     if cache_path is not None:
         save_stats(cache_path, computed)
@@ -368,12 +297,24 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
     `num_reference` (images in the reference file), `num_reference_fid` (images behind the FID
     statistics, where known: not for ADM batches) and `num_reference_pr` (reference images whose
     features gave precision/recall and KID); `reference_usage` says the same in words."""
+    return metrics_from_stats(stats_from_features(feats, extractor_identity), reference, extractor_identity,
+                              correct=feats.get("correct"), fid=fid, sfid=sfid, isc=isc, prc=prc, kid=kid,
+                              prc_k=prc_k, pr_arithmetic=pr_arithmetic, isc_split_size=isc_split_size,
+                              kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, image_size=image_size)
+
+
+def metrics_from_stats(sample: FeatureStats, reference: FeatureStats, extractor_identity: str | None, *,
+                       correct: np.ndarray | None = None, fid: bool = True, sfid: bool = True, isc: bool = True,
+                       prc: bool = True, kid: bool = False, prc_k: int = 3, pr_arithmetic: str = "fp32",
+                       isc_split_size: int = 5000, kid_subsets: int = 100, kid_subset_size: int = 1000,
+                       image_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """`metrics_from_features` on the samples' statistics (mu/sigma, and mu_s/sigma_s, `pool`,
+    `logits` where the asked metrics need them) and `correct` (N,) bool for class accuracy."""
     check_pr_arithmetic(pr_arithmetic)
     if reference.extractor is not None and extractor_identity is not None and reference.extractor != extractor_identity:
         raise ValueError(f"reference statistics were made by {reference.extractor}, the samples are scored by "
                          f"{extractor_identity}: recompute the reference with the same extractor")
     check_reference(reference, image_size)
-    sample = stats_from_features(feats, extractor_identity)
     out: dict[str, float] = {"num_samples": int(sample.num_images)}
     if reference.num_images is not None:
         out["num_reference"] = int(reference.num_images)  # images in the reference (the key before the two below)
@@ -393,8 +334,8 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
         out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, prc_k, pr_arithmetic)
     if kid and reference.pool is not None:
         out["kid"], out["kid_std"] = kernel_inception_distance(reference.pool, sample.pool, kid_subsets, kid_subset_size)
-    if "correct" in feats:
-        out["class_accuracy"] = float(np.mean(feats["correct"]))
+    if correct is not None:
+        out["class_accuracy"] = float(np.mean(correct))
     return out
 
 
@@ -422,12 +363,19 @@ def reference_usage(reference: FeatureStats, metrics: dict) -> dict:
             "num_reference_fid": n_stats, "num_reference_pr": metrics.get("num_reference_pr"), "used_for": used_for}
 
 
-def compute_metrics(images: np.ndarray, reference: FeatureStats, extractor: FeatureExtractor, *,
+def compute_metrics(images: np.ndarray | ImageSource, reference: FeatureStats, extractor: FeatureExtractor, *,
                     labels: np.ndarray | None = None, progress: bool = False, **options) -> dict[str, float]:
-    """Score generated uint8 images against reference statistics; `options` as in
-    `metrics_from_features` (fid, sfid, isc, prc, kid, prc_k, pr_arithmetic, ...)."""
-    images = check_images(images, "samples")
-    size = (int(images.shape[1]), int(images.shape[2]))
-    check_reference(reference, size)  # before the (slow) feature extraction
-    feats = sample_features(images, extractor, labels, progress=progress)
-    return metrics_from_features(feats, reference, extractor.identity, image_size=size, **options)
+    """Score generated uint8 images (an array, or an `ImageSource` such as `dit.image_stream.NpzImages`,
+    read batch by batch) against reference statistics; `options` as in `metrics_from_features`
+    (fid, sfid, isc, prc, kid, prc_k, pr_arithmetic, ...). Memory: O(D^2) for FID and sFID (their
+    statistics are accumulated on the fly); per-image pool features only when precision/recall or
+    KID are asked (and the reference has features), logits only for IS."""
+    source = images if isinstance(images, ImageSource) else ArrayImages(images, "samples")
+    check_reference(reference, source.image_size)  # before the (slow) feature extraction
+    with_pool = (options.get("prc", True) or options.get("kid", False)) and reference.pool is not None
+    keep = ("pool",) * with_pool + ("logits",) * bool(options.get("isc", True))
+    moments = ("pool",) + ("spatial",) * bool(options.get("sfid", True))  # pool always, as before (N >= 2)
+    streamed = stream_features(source, extractor, moments=moments, keep=keep, labels=labels, progress=progress)
+    return metrics_from_stats(stats_from_stream(streamed, extractor.identity), reference, extractor.identity,
+                              correct=streamed.correct,
+                              image_size=source.image_size, **options)
