@@ -232,6 +232,37 @@ class SampleGridConfig(SamplerSettings):
 
 
 @dataclass
+class TrainEvalConfig(SamplerSettings):
+    """Evaluation during training (docs/training.md, "Evaluation during training"): every `every`
+    steps (and at max_steps) `num_samples` images from the EMA weights, sampled with these
+    SamplerSettings keys (eval.sampler, eval.num_steps, eval.cfg_scale, ...; defaults: DDPM-250
+    without guidance, the paper's protocol for comparing models during training) and spread over
+    the ranks, scored on rank 0 against `reference` as `eval_fid.py` scores them (the same keys),
+    logged as `eval/<metric>` to metrics.jsonl and wandb. 0 turns it off (the default)."""
+
+    cfg_scale: float = 1.0
+    every: int = 0
+    num_samples: int = 5000  # FID-5K: for tracking a run; score the final checkpoint with eval_fid.py (50K)
+    reference: Optional[str] = None  # as eval_fid.py's `reference` (ADM batch, image folder, stats .npz)
+    feature_extractor: str = "inception"  # inception | toy_judge (offline, the quickstart's)
+    feature_extractor_weights: Optional[str] = None  # torch-fidelity's Inception file; None: hub cache or download
+    allow_download: bool = True
+    feature_batch_size: int = 64
+    feature_precision: str = "fp32"
+    pr_arithmetic: str = "fp32"
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, sfid, isc, prc, kid
+    labels: str = "uniform"  # uniform | balanced, as bulk.labels
+    seed: int = 0  # sample i: noise and label from (seed, i); the same samples at every evaluation
+    batch_size: int = 32  # per network batch; fixes which samples share a batch, as bulk.batch_size
+    judge_seed: int = 0
+    cache_dir: Optional[str] = "~/.cache/dit"  # reference statistics (ref_stats/) and the toy judge
+    # Keep a copy of the checkpoint with the best `best_metric` as checkpoints/best.pt (+ best.json);
+    # a new best writes this step's checkpoint if none was due. keep_last never deletes it.
+    keep_best: bool = False
+    best_metric: str = "fid"  # lower is better for fid, sfid, kid; higher for the others
+
+
+@dataclass
 class LogConfig:
     every: int = 100  # steps between metric lines (loss averaged over ranks and steps)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -299,6 +330,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)  # off unless eval.every > 0
 
     name: str = MISSING  # run name: the run directory is outputs/<name>, and the wandb run name
     seed: int = 0  # fixes init, data order, flips, diffusion noise and timesteps
@@ -325,7 +357,7 @@ class TrainConfig:
 # Everything else defines the run; a mismatch in the run directory is refused (see
 # `config_mismatches`).
 RESUMABLE_CHANGES = (
-    "max_steps", "ckpt", "log", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
+    "max_steps", "ckpt", "log", "eval", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
     "data.allow_changed",
     # Read only while the run directory has no checkpoint (as resume=), so never a recipe change.
     "init_from", "init_from_weights",

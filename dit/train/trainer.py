@@ -21,6 +21,7 @@ from dit.distributed import (
 from dit.flow.config import flow_from_config
 from dit.models import DiT, arch_name, describe
 from dit.train.ema import EMA
+from dit.train.evaluation import build_training_evaluator
 from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
 )
@@ -155,6 +156,9 @@ class Trainer:
                                 state.get("wandb_run_id") if state is not None else None, self.step, cfg.max_steps)
         self.grid = (GridSampler(cfg.log.samples, cfg.seed, env, self.parallel, self.latents.shape,
                                  self.data.num_classes, self.out_dir) if cfg.log.samples.every else None)
+        # eval.every: checked and loaded now, so a bad eval.* key fails at start-up (None when off)
+        self.evaluation = build_training_evaluator(cfg, env, self.ckpt_dir, self.parallel, self.latents,
+                                                   self.model.config.input_size)
 
     # ---- construction
 
@@ -303,8 +307,14 @@ class Trainer:
                 save_now = save_now or overdue
             if self.grid is not None and step % cfg.log.samples.every == 0:
                 self.sample_grid(step)
+            if self.evaluation is not None and self.evaluation.due(step) and not self.guard.preempt:
+                # before the checkpoint: a kill during the evaluation redoes it on resume; a new best
+                # (eval.keep_best) forces this step's checkpoint, which becomes checkpoints/best.pt
+                save_now = self.evaluation.run(step, self.ema.module, self.diffusion, self.logger) or save_now
             if save_now or self.guard.preempt or self.faults.forces_checkpoint(step):
                 last_ckpt, last_save = self.save_checkpoint(last_ckpt), time.monotonic()
+                if self.evaluation is not None:
+                    self.evaluation.saved(step, last_ckpt)
             if self.guard.preempt:
                 code = cfg.fault.preempt_exit_code
                 log.warning("preempted (%s): wrote checkpoint %s at step %d; exiting with status %d so that the "
