@@ -3,8 +3,8 @@
 
 Thin hydra entry point around `dit.data.build_latent_cache` (dit/data/cache.py). Under torchrun
 each rank encodes its own shards (process group: NCCL on GPU, gloo on CPU); rank 0 writes
-meta.json at the end. A data_root that is not an ImageFolder fails in one line, before the
-autoencoder is loaded.
+meta.json at the end. A data_root that is not an ImageFolder (or any other known failure)
+ends in one line, the data path checked before the autoencoder is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from omegaconf import MISSING, OmegaConf
 
 from dit.autoencoder import build_autoencoder
 from dit.cli import config_dir
-from dit.config import VAEConfig
+from dit.cli.errors import reports_errors, run_program
+from dit.config import ConfigError, VAEConfig
 from dit.data import build_latent_cache, check_image_root
 
 
@@ -51,7 +52,12 @@ ConfigStore.instance().store(name="cache_latents_schema", node=CacheLatentsConfi
 
 
 def run(cfg: CacheLatentsConfig) -> None:
-    check_image_root(cfg.data_root)  # before the autoencoder, which can take minutes to load
+    # Everything that can be checked cheaply, before the autoencoder (which can take minutes to load)
+    check_image_root(cfg.data_root)
+    try:
+        vae_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.vae_dtype]
+    except KeyError:
+        raise ConfigError(f"vae_dtype={cfg.vae_dtype!r}: use float32, bfloat16 or float16") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -59,10 +65,6 @@ def run(cfg: CacheLatentsConfig) -> None:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        vae_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.vae_dtype]
-    except KeyError:
-        raise ValueError(f"vae_dtype={cfg.vae_dtype!r}: use float32, bfloat16 or float16") from None
     try:
         autoencoder = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device, dtype=vae_dtype,
                                         shift_factor=cfg.vae.shift_factor, latents_mean=cfg.vae.latents_mean,
@@ -81,14 +83,10 @@ def run(cfg: CacheLatentsConfig) -> None:
 
 
 @hydra.main(version_base=None, config_path=config_dir(), config_name="cache_latents")
+@reports_errors()  # a known failure ends in one line (dit/cli/errors.py)
 def main(cfg) -> None:
-    cfg = OmegaConf.to_object(cfg)
-    try:
-        check_image_root(cfg.data_root)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
-    run(cfg)
+    run(OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

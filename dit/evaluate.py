@@ -14,18 +14,19 @@ import json
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from dit.config import EvalConfig, WandbMode, to_eval_config
+from dit.config import ConfigError, EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
-from dit.files import FileWriteError, atomic_target, write_text_atomic
+from dit.files import FileWriteError, atomic_target, image_files, write_text_atomic
 from dit.generate import generate_bulk
 from dit.image_stream import open_images
-from dit.inception import InceptionFeatures, check_feature_precision
+from dit.inception import InceptionFeatures, check_feature_precision, resolve_inception_weights
 from dit.judge import JudgeFeatures, ToyJudge
 from dit.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
                          metrics_from_features, reference_usage, sample_features)
@@ -197,15 +198,46 @@ def scoring_record(extractor: FeatureExtractor, pr_arithmetic: str | None, prc_k
             "pr_arithmetic": pr_arithmetic, "prc_k": prc_k if pr_arithmetic else None}
 
 
+def check_scoring_inputs(cfg: EvalConfig) -> None:
+    """What scoring needs, checked in seconds before generating samples for it (which can take
+    hours): known metric names and feature extractor, the Inception weights file (found, or
+    downloaded now when allowed), a reference that exists and can be read. ConfigError or
+    FeatureExtractorUnavailable naming the key and the fix."""
+    unknown = sorted(set(cfg.metrics) - set(KNOWN_METRICS))
+    if unknown:
+        raise ConfigError(f"metrics: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+    if cfg.feature_extractor not in ("inception", "toy_judge"):
+        raise ConfigError(f"feature_extractor={cfg.feature_extractor!r}: use inception or toy_judge")
+    if cfg.feature_extractor == "inception":
+        resolve_inception_weights(cfg.feature_extractor_weights, allow_download=cfg.allow_download)
+    ref = Path(cfg.reference).expanduser()
+    fix = "pass an ADM reference batch .npz, a folder of images, or a statistics .npz (dit.metrics.save_stats)"
+    if ref.is_dir():
+        if not image_files(ref):
+            raise ConfigError(f"reference={cfg.reference} is a folder without images: {fix}")
+    elif not ref.is_file():
+        raise ConfigError(f"reference={cfg.reference} does not exist: {fix}")
+    else:
+        try:
+            with ref.open("rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"reference={cfg.reference} cannot be read ({err.strerror}): fix its permissions") from None
+        if not zipfile.is_zipfile(ref):
+            raise ConfigError(f"reference={cfg.reference} is not an .npz file (not a zip archive): {fix}")
+
+
 def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
     """eval_fid.py: score `cfg.samples`, or first generate them from `cfg.checkpoint` with the
-    sampling keys (every rank samples, rank 0 scores and returns the record; others None)."""
+    sampling keys (every rank samples, rank 0 scores and returns the record; others None). What
+    scoring needs is checked before generating (`check_scoring_inputs`)."""
     cfg = to_eval_config(cfg)
     samples = cfg.samples
     if samples is None:
         if cfg.checkpoint is None:
-            raise ValueError("give samples=PATH (an ADM .npz or a folder of images), or checkpoint=PATH to generate "
-                             "them first with the sampling settings of conf/sample.yaml")
+            raise ConfigError("give samples=PATH (an ADM .npz or a folder of images), or checkpoint=PATH to generate "
+                              "them first with the sampling settings of conf/sample.yaml")
+        check_scoring_inputs(cfg)
         samples = generate_bulk(cfg)  # the same code path as `python sample.py mode=bulk`
         if env_rank() != 0:
             return None

@@ -5,8 +5,9 @@ keeps working)."""
 from __future__ import annotations
 
 from dit.cache_latents import main
+from dit.cli.errors import run_program
 
 
 def run() -> None:
     """The program: what `python -m dit.cache_latents ...` and `dit-cache-latents ...` do."""
-    main()
+    run_program(main)  # known failures in one line (dit/cli/errors.py)

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dit.cli import config_dir
+from dit.cli.errors import reports_errors, run_program
 from dit.config import flatten_model_overrides, register_configs
 from dit.evaluate import generate_and_evaluate
 from dit.runtime import tune_host_allocator
@@ -20,12 +21,17 @@ register_configs()  # before hydra composes conf/eval.yaml, also when this file 
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base=None)
+@reports_errors()  # one line for known failures (dit/cli/errors.py)
 def main(cfg: DictConfig) -> None:
     generate_and_evaluate(cfg)
 
 
 def run() -> None:
     """The program: what `python eval_fid.py ...` and `dit-eval ...` do."""
+    run_program(_program)
+
+
+def _program() -> None:
     tune_host_allocator()  # reuse freed host memory: no page faults per batch (dit/runtime.py)
     sys.argv = flatten_model_overrides(sys.argv)
     main()

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from dit.cli import config_dir
+from dit.cli.errors import reports_errors, run_program
 from dit.config import flatten_model_overrides, register_configs
 from dit.generate import generate
 from dit.runtime import tune_host_allocator
@@ -20,12 +21,17 @@ register_configs()  # before hydra composes conf/sample.yaml, also when this fil
 
 
 @hydra.main(config_path=config_dir(), config_name="sample", version_base=None)
+@reports_errors()  # one line for known failures (dit/cli/errors.py)
 def main(cfg: DictConfig) -> None:
     generate(cfg)
 
 
 def run() -> None:
     """The program: what `python sample.py ...` and `dit-sample ...` do."""
+    run_program(_program)
+
+
+def _program() -> None:
     tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
     torch.set_grad_enabled(False)
     sys.argv = flatten_model_overrides(sys.argv)

@@ -13,11 +13,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from dit.cli import config_dir
+from dit.cli.errors import reports_errors, run_program
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
 from dit.files import write_text_atomic
 from dit.runtime import tune_host_allocator
 from dit.train import run_training
+from dit.train.faults import NonFiniteTrainingError
+from dit.train.resume import RunDirectoryBusy
+
+TRAINING_ERRORS = (RunDirectoryBusy, NonFiniteTrainingError)  # beside dit.cli.errors.KNOWN_ERRORS
 
 
 def _write_hydra_files(out_dir: Path, cfg: DictConfig) -> None:
@@ -33,6 +38,7 @@ def _write_hydra_files(out_dir: Path, cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@reports_errors(*TRAINING_ERRORS)  # one line for known failures (dit/cli/errors.py)
 def main(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     return run_training(to_train_config(cfg), out_dir=out_dir, on_start=lambda: _write_hydra_files(out_dir, cfg))
@@ -40,6 +46,10 @@ def main(cfg: DictConfig) -> dict:
 
 def run() -> None:
     """The program: what `python train.py ...` and `dit-train ...` do."""
+    run_program(_program, *TRAINING_ERRORS)
+
+
+def _program() -> None:
     tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
     register_configs()
     sys.argv = flatten_model_overrides(sys.argv)
