@@ -163,7 +163,9 @@ class NpzImages(ImageSource):
     def read(self, start: int, stop: int) -> np.ndarray:
         self._check_range(start, stop)
         out = np.empty((stop - start, *self.shape[1:]), dtype=np.uint8)
-        buf = memoryview(out).cast("B")
+        if start == stop:
+            return out
+        buf = memoryview(out.reshape(-1))  # the reads fill `out` in place: one batch in memory, no copy
         if self.stored:
             with open(self.path, "rb") as raw:
                 raw.seek(self._data_offset + start * self._row_bytes)
