@@ -23,6 +23,7 @@ from dit.cli import config_dir
 from dit.cli.errors import reports_errors, run_program
 from dit.config import ConfigError, VAEConfig
 from dit.data import build_latent_cache, check_image_root
+from dit.repa import load_encoder
 
 
 @dataclass
@@ -46,6 +47,12 @@ class CacheLatentsConfig:
     vae_dtype: str = "float32"  # encoder compute dtype (float32 | bfloat16 | float16)
     skip_bad: bool = False  # skip (and list in meta.json) unreadable images instead of failing
     progress: bool = True
+    # REPA (dit/repa.py, docs/repa.md): also store this frozen encoder's patch features of every
+    # view (timm id, torch.hub owner/repo:entry, or a timm save_for_hf directory); null: none.
+    repa_encoder: Optional[str] = None
+    repa_encoder_weights: Optional[str] = None  # a local weights file for a timm id
+    repa_resolution: int = 224  # encoder input side (as train.py's repa.resolution)
+    repa_dtype: str = "float16"  # storage dtype of the features (float32: exactly the encoder's)
 
 
 ConfigStore.instance().store(name="cache_latents_schema", node=CacheLatentsConfig)
@@ -69,11 +76,15 @@ def run(cfg: CacheLatentsConfig) -> None:
         autoencoder = build_autoencoder(cfg.vae.name, scale_factor=cfg.vae.scale_factor, device=device, dtype=vae_dtype,
                                         shift_factor=cfg.vae.shift_factor, latents_mean=cfg.vae.latents_mean,
                                         latents_std=cfg.vae.latents_std)
+        repa_encoder = None
+        if cfg.repa_encoder is not None:
+            repa_encoder = load_encoder(cfg.repa_encoder, cfg.repa_resolution, weights=cfg.repa_encoder_weights,
+                                        device=device)
         out = build_latent_cache(
             cfg.data_root, autoencoder, cfg.out_dir, cfg.image_size,
             batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, flip=cfg.flip,
             progress=cfg.progress, dtype=cfg.dtype, mean_dtype=cfg.mean_dtype, shard_size=cfg.shard_size,
-            skip_bad=cfg.skip_bad,
+            skip_bad=cfg.skip_bad, repa_encoder=repa_encoder, repa_dtype=cfg.repa_dtype,
         )
     finally:
         if world_size > 1:

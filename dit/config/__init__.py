@@ -53,6 +53,7 @@ from dit.config.schema import (
     LogConfig,
     ModelConfig,
     OptimConfig,
+    RepaConfig,
     Parallel,
     Precision,
     SampleGridConfig,

@@ -111,6 +111,7 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         except ValueError as err:
             raise ConfigError(f"model.{err}") from None
     check_objective(cfg)
+    check_repa(cfg, arch["depth"], world_size)
     if cfg.global_batch_size <= 0 or cfg.global_batch_size % world_size:
         raise ConfigError(
             f"global_batch_size={cfg.global_batch_size} must be a positive multiple of the number of "
@@ -166,6 +167,24 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
             check_resolution(data.image_size, factor, arch["patch_size"])
     else:
         raise ConfigError(f"data.kind={data.kind!r} is not one of imagefolder, latents, toy")
+
+
+def check_repa(cfg: TrainConfig, model_depth: int, world_size: int = 1) -> None:
+    """The `repa.*` keys (dit/repa.py), only when REPA is on (repa.encoder set)."""
+    r = cfg.repa
+    if r.encoder is None:
+        return
+    if not 1 <= r.depth <= model_depth:
+        raise ConfigError(f"repa.depth={r.depth} is not a block of this model (depth {model_depth}): "
+                          f"use 1..{model_depth} (the paper: 8 of SiT-XL's 28)")
+    if not r.coeff >= 0:
+        raise ConfigError(f"repa.coeff must be >= 0 (the REPA loss weight; the paper: 0.5), got {r.coeff}")
+    for key in ("resolution", "projector_dim"):
+        if getattr(r, key) <= 0:
+            raise ConfigError(f"repa.{key} must be positive, got {getattr(r, key)}")
+    if cfg.parallel.value == "fsdp" and world_size > 1:
+        raise ConfigError("REPA with parallel=fsdp is not supported yet (the projector is not sharded): "
+                          "use parallel=ddp, or repa.encoder=null")
 
 
 def check_objective(cfg: TrainConfig) -> None:

@@ -168,6 +168,22 @@ class DiffusionConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA (dit/repa.py, docs/repa.md): align the tokens after block `depth` to a frozen encoder's
+    patch features through a projector MLP, loss weight `coeff`. Off while `encoder` is null.
+    Defaults: the paper's for SiT-XL/2 (k = 8, lambda = 0.5, DINOv2-B/14 at 224 px)."""
+
+    # timm id (vit_base_patch14_dinov2.lvd142m), torch.hub id (facebookresearch/dinov2:dinov2_vitb14),
+    # or a local directory written by timm's save_for_hf; null: REPA off
+    encoder: Optional[str] = None
+    encoder_weights: Optional[str] = None  # a local weights file for a timm id (instead of the hub)
+    resolution: int = 224  # images are resized to this side before the encoder (224 / 14 = 16 tokens a side)
+    depth: int = 8  # k: the projector reads the output of block k (1-based)
+    coeff: float = 0.5  # lambda: loss = main loss + coeff * REPA loss
+    projector_dim: int = 2048  # hidden width of the projector MLP
+
+
+@dataclass
 class OptimConfig:
     """AdamW; by default the paper's constant learning rate (lr 1e-4, no weight decay, no
     warmup), one backward pass per step."""
@@ -324,6 +340,7 @@ class TrainConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)  # off by default (repa.encoder=null)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)

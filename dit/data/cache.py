@@ -99,6 +99,8 @@ def build_latent_cache(
     skip_bad: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
+    repa_encoder=None,
+    repa_dtype="float16",
 ) -> Path:
     """Encode every image of an ImageFolder (and, with `flip`, its horizontal mirror) once and
     store the posterior moments in shards under `out_dir`. Returns `out_dir`.
@@ -118,6 +120,12 @@ def build_latent_cache(
     docs/training.md, "Latents cache precision"); the std itself only scales the noise, and its
     relative rounding (at most 2**-11) is harmless. `mean_dtype="float16"` gives the format of
     caches written before this option (whose meta.json has no `mean_dtype`: their mean is in `dtype`).
+
+    REPA features: with `repa_encoder` (a `dit.repa.Encoder`), each shard also holds that encoder's
+    patch tokens of the same views (the image and, with `flip`, its mirror: the encoder is not
+    mirror-symmetric either), in `repa_dtype`, so training from the cache needs no encoder.
+    Size: T' x E x V values per image (DINOv2-B at 224 px with flips: 256 x 768 x 2, 768 KiB in
+    float16): far more than the latents.
     """
     from tqdm.auto import tqdm
 
@@ -143,6 +151,10 @@ def build_latent_cache(
         "mean_dtype": _dtype_name(mean_dtype, "mean_dtype"),
         "shard_size": int(shard_size),
     }
+    if repa_encoder is not None:
+        probe = repa_encoder(torch.zeros(1, 3, image_size, image_size))  # (1, T', E): the token count
+        settings["repa"] = {**repa_encoder.to_dict(), "num_tokens": int(probe.shape[1]),
+                            "dtype": _dtype_name(repa_dtype, "repa_dtype")}
     settings = json.loads(json.dumps(settings))  # compare like with like against a stored copy
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path, build_path = out_dir / META_FILE, out_dir / BUILD_FILE
@@ -151,7 +163,8 @@ def build_latent_cache(
             existing = read_json_file(existing_path, f"delete it and rerun this command: the shards in {out_dir} "
                                                      "are reused")
             existing = {"mean_dtype": existing.get("dtype"), **existing}  # older caches: the mean in `dtype`
-            differ = sorted(k for k in settings if existing.get(k) != settings[k])
+            keys = set(settings) | ({"repa"} & set(existing))  # a cache with features differs from one without
+            differ = sorted(k for k in keys if existing.get(k) != settings.get(k))
             if differ:
                 hint = (f" (it stores the mean in {existing['mean_dtype']}: mean_dtype={existing['mean_dtype']} "
                         "resumes or reuses it)" if differ == ["mean_dtype"] else "")
@@ -171,13 +184,17 @@ def build_latent_cache(
     if device is None:
         device = next(iter(autoencoder.parameters()), torch.empty(0)).device
     save_dtypes = (_DTYPES[settings["mean_dtype"]], _DTYPES[settings["dtype"]])  # (mean, std)
+    repa = None
+    if repa_encoder is not None:
+        repa = (repa_encoder, _DTYPES[settings["repa"]["dtype"]],
+                (0, 2 if flip else 1, settings["repa"]["num_tokens"], settings["repa"]["dim"]))
 
     with tqdm(total=total, desc=f"encoding (rank {rank})", unit="img", disable=not progress) as bar:
         for k in todo:
             shard_indices = list(range(k * shard_size, min((k + 1) * shard_size, len(images))))
             shard = _encode_shard(
                 images, shard_indices, autoencoder, device, flip, save_dtypes, batch_size, num_workers, bar,
-                empty_shape=(0, 2 if flip else 1, *settings["latent_shape"]),
+                empty_shape=(0, 2 if flip else 1, *settings["latent_shape"]), repa=repa,
             )
             write_atomic(out_dir / shard_name(k), functools.partial(_save_shard, shard))
 
@@ -193,15 +210,16 @@ def build_latent_cache(
     return out_dir
 
 
-def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtypes, batch_size, num_workers, bar, empty_shape) -> dict:
+def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtypes, batch_size, num_workers, bar,
+                  empty_shape, repa=None) -> dict:
     """Encode one shard's images; returns the dict saved as the shard file. `save_dtypes`: the
-    storage dtypes of (mean, std)."""
+    storage dtypes of (mean, std); `repa`: None, or (encoder, storage dtype, empty shape)."""
     mean_dtype, std_dtype = save_dtypes
     loader = DataLoader(
         _CacheItems(images, shard_indices), batch_size=batch_size, num_workers=num_workers,
         shuffle=False, pin_memory=torch.device(device).type == "cuda",
     )
-    means, stds, labels, indices, skipped = [], [], [], [], []
+    means, stds, labels, indices, skipped, feats = [], [], [], [], [], []
     for x, y, idx, ok, errors in loader:
         for i, good, err in zip(idx.tolist(), ok.tolist(), errors):
             if not good:
@@ -215,18 +233,24 @@ def _encode_shard(images, shard_indices, autoencoder, device, flip, save_dtypes,
             v = 2 if flip else 1
             means.append(mean.reshape(v, b, *mean.shape[1:]).transpose(0, 1).to("cpu", mean_dtype))  # (b, V, C, h, w)
             stds.append(std.reshape(v, b, *std.shape[1:]).transpose(0, 1).to("cpu", std_dtype))
+            if repa is not None:
+                f = repa[0](views)  # (V * b, T', E), the same views as the latents
+                feats.append(f.reshape(v, b, *f.shape[1:]).transpose(0, 1).to("cpu", repa[1]))  # (b, V, T', E)
             labels.append(y)
             indices.append(idx)
         bar.update(len(ok))
     if not means:  # every file of this shard was unreadable (and skipped)
         means, stds = [torch.empty(empty_shape, dtype=mean_dtype)], [torch.zeros(empty_shape, dtype=std_dtype)]
         labels, indices = [torch.empty(0, dtype=torch.int64)], [torch.empty(0, dtype=torch.int64)]
+        feats = [torch.empty(repa[2], dtype=repa[1])] if repa is not None else []
     shard = {
         "mean": torch.cat(means).contiguous(),
         "labels": torch.cat(labels).to(torch.int64),
         "indices": torch.cat(indices).to(torch.int64),
         "skipped": skipped,
     }
+    if repa is not None:
+        shard["repa"] = torch.cat(feats).contiguous()  # (n, V, T', E)
     std = torch.cat(stds)
     if std.any():  # the pixel autoencoder is deterministic: no std to store
         shard["std"] = std.contiguous()

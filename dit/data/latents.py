@@ -30,6 +30,9 @@ from dit.files import read_json_file
 #                                                 (view 0 the image, view 1 its mirror), else 1
 #                          std   (n, V, C, h, w)  posterior std, unscaled (absent when all zero,
 #                                                 as for the pixel autoencoder)
+#                          repa  (n, V, T', E)  REPA encoder patch tokens of the same views (only
+#                                                 in caches built with repa_encoder=; meta.json's
+#                                                 `repa`: encoder name, resolution, dim, num_tokens, dtype)
 #                          labels (n,) int64, indices (n,) int64 (ImageFolder index),
 #                          skipped: list of unreadable files left out (skip_bad=True)
 #   build.json           the settings, written first; lets an interrupted build resume
@@ -82,9 +85,13 @@ class LatentCacheDataset(Dataset):
     exactly those draws. Call `set_epoch(e)` before each epoch (see ImageFolderDataset). With
     the same seed, item i of epoch e uses the same mirror as ImageFolderDataset's item i, so the
     two pipelines differ only in the posterior noise.
+
+    With `repa_features`, items are (latent, label, features (T', E) float32): the REPA encoder's
+    tokens of the same view (image or mirror) as the latent; `repa_spec` is meta.json's record.
     """
 
-    def __init__(self, path, hflip: bool = True, sample_posterior: bool = True, seed: int = 0):
+    def __init__(self, path, hflip: bool = True, sample_posterior: bool = True, seed: int = 0,
+                 repa_features: bool = False):
         self.path = Path(path).expanduser()
         meta_path = self.path / META_FILE
         if not meta_path.exists():
@@ -109,6 +116,14 @@ class LatentCacheDataset(Dataset):
                 f"latents cache {self.path} was built without mirrored images, so it cannot provide "
                 "horizontal flips: rebuild it with flip=true, or train with hflip disabled"
             )
+        if repa_features and "repa" not in meta:
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} holds no REPA encoder features: rebuild it with "
+                "`python -m dit.cache_latents ... repa_encoder=NAME` (a new out_dir), or train with the encoder "
+                "on the fly (data from images)"
+            )
+        self.repa_features = bool(repa_features)
+        self.repa_spec = dict(meta["repa"]) if "repa" in meta else None
         self.meta = meta
         self.hflip = hflip
         self.sample_posterior = sample_posterior
@@ -147,6 +162,11 @@ class LatentCacheDataset(Dataset):
                     f"latents cache shard {path} holds shape {tuple(shard['mean'].shape)}, "
                     f"{META_FILE} says {expected}: the cache is corrupt; rebuild it"
                 )
+            if self.repa_features:
+                want = (*expected[:2], self.repa_spec["num_tokens"], self.repa_spec["dim"])
+                if tuple(shard.get("repa", torch.empty(0)).shape) != want:
+                    raise LatentCacheMismatch(f"latents cache shard {path} lacks REPA features of shape {want}: "
+                                              "the cache is corrupt; rebuild it")
             self._shards[k] = shard
         return self._shards[k]
 
@@ -168,15 +188,48 @@ class LatentCacheDataset(Dataset):
         std = shard["std"][i, view].float() if "std" in shard else torch.zeros_like(mean)
         return mean, std
 
+    def features(self, index: int, flip: bool = False) -> torch.Tensor:
+        """REPA encoder tokens (T', E) of item `index` (its mirror with `flip`), float32."""
+        if self.repa_spec is None:
+            raise LatentCacheMismatch(f"latents cache {self.path} holds no REPA encoder features")
+        k = bisect_right(self._starts, index) - 1
+        return self._shard(k)["repa"][index - self._starts[k], 1 if flip else 0].float()
+
     def label(self, index: int) -> int:
         k = bisect_right(self._starts, index) - 1
         return int(self._shard(k)["labels"][index - self._starts[k]])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         flip, eps = self.noise_for(index)
         mean, std = self.moments(index, flip)
         latent = mean + std * eps if self.sample_posterior else mean
+        if self.repa_features:
+            return self.transform.apply(latent), self.label(index), self.features(index, flip)
         return self.transform.apply(latent), self.label(index)
+
+    def use_repa_features(self, encoder_name: str, resolution: int) -> dict:
+        """From now on items are (latent, label, features): checked against the training config's
+        encoder (LatentCacheMismatch naming both when they differ). Returns meta.json's record."""
+        if self.repa_spec is None:
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} holds no REPA encoder features: rebuild it with "
+                "`python -m dit.cache_latents ... repa_encoder=NAME` (a new out_dir), or train with the encoder "
+                "on the fly (data from images)"
+            )
+        self.check_repa(encoder_name, resolution)
+        self.repa_features = True
+        self._shards.clear()  # loaded again with their features checked
+        return dict(self.repa_spec)
+
+    def check_repa(self, encoder_name: str, resolution: int) -> None:
+        """Raise LatentCacheMismatch unless the cached features come from this encoder setting."""
+        spec = self.repa_spec or {}
+        if not same_autoencoder_name(spec.get("name", ""), encoder_name) or spec.get("resolution") != int(resolution):
+            raise LatentCacheMismatch(
+                f"latents cache {self.path} holds REPA features of encoder {spec.get('name')!r} at "
+                f"{spec.get('resolution')} px, the config asks for {encoder_name!r} at {resolution} px: set "
+                "repa.encoder / repa.resolution to the cache's, or rebuild the cache"
+            )
 
     def check_compatible(self, latent_channels: int | None = None, latent_size: int | None = None,
                          num_classes: int | None = None, autoencoder_spec: dict | None = None,

@@ -16,6 +16,11 @@ Gradient accumulation (`accum_steps=K`) runs this rank's rows as K equal micro-b
 consecutive rows, slicing the step's randomness with them: the timesteps, noise and dropout
 mask of each sample are the ones of the whole batch, so K micro-batches give the update of one
 batch (up to float rounding). fp16 training passes a `LossScaler`.
+
+REPA (dit/repa.py) comes in as a `RepaTerm`: per micro-batch the encoder's features of the items
+(images, before they become latents) or the cached `features` rows of the batch, the REPA loss
+on the tokens its hook captured in the forward, `coeff` x that added to the objective's loss;
+the projector's own optimizer is stepped with the model's (and skipped with it).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.nn as nn
 
 from dit.distributed import full_tensor
 from dit.models import null_class
+from dit.repa import RepaTerm
 from dit.train.ema import EMA
 from dit.train.faults import NO_FAULTS, Faults
 from dit.train.randomness import StepRandomness
@@ -117,7 +123,8 @@ def train_step(
     update_if: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None,
     hooks: Faults = NO_FAULTS, step: int = 0, accum_steps: int = 1,
     encode: Optional[Callable[[torch.Tensor, StepRandomness], torch.Tensor]] = None,
-    scaler: Optional[LossScaler] = None,
+    scaler: Optional[LossScaler] = None, repa: Optional[RepaTerm] = None,
+    features: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss, backward, gradient norm (clipped to `grad_clip` if set), AdamW update and EMA
     update on this rank's rows of the global batch. Returns (loss, grad norm) as device tensors
@@ -136,24 +143,42 @@ def train_step(
         EMA are updated (the trainer skips non-finite steps on every rank alike); None: always.
         Under `scaler`, a scaler overflow reaches it as a zero gradient norm (not a failure).
     step: the 1-based number of this step, for the hooks.
+    repa: the REPA term (its head hooked on the model), or None; `features`: this rank's cached
+        REPA features (b, T', E) of the batch, or None for the encoder's of x0 on the fly. The
+        returned loss is then the objective's plus repa.coeff x REPA's; `repa.last_loss` the latter.
     """
     y = drop_labels(y, r.drop, num_classes)
     opt.zero_grad(set_to_none=True)
-    total = None
+    optimizers = [opt] if repa is None else [opt, repa.opt]
+    if repa is not None:
+        repa.opt.zero_grad(set_to_none=True)
+        feature_rows = [None] * accum_steps if features is None else list(features.chunk(accum_steps))
+    total, repa_total = None, None
     for i, (xk, yk, rk) in enumerate(micro_batches(x0, y, r, accum_steps)):
+        fk = repa.features(xk, feature_rows[i]) if repa is not None else None  # of the items, before encoding
         xk = encode(xk, rk) if encode is not None else xk
         with gradient_sync(model, enabled=i == accum_steps - 1):
             with torch.autocast(xk.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
                 losses = diffusion.training_losses(model, xk, rk.t, model_kwargs={"y": yk}, noise=rk.noise)
                 loss = losses["loss"].mean()
+                if repa is not None:  # on the tokens the forward above captured
+                    repa_loss = repa.loss(fk)
+                    loss = loss + repa.coeff * repa_loss
+                    part = repa_loss.detach().float() / accum_steps
+                    repa_total = part if repa_total is None else repa_total + part
             loss = hooks.loss(step, loss)
             if accum_steps > 1:
                 loss = loss / accum_steps  # the mean over all rows, in parts
             (scaler.scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
+    if repa is not None:
+        repa.sync_gradients()  # the projector's gradients, averaged over ranks as DDP does the model's
+        repa.forget()
+        repa.last_loss = repa_total
     hooks.gradients(step, params)
     if scaler is not None:
-        scaler.scaler.unscale_(opt)  # the true gradients, for the norm and the clipping
+        for o in optimizers:
+            scaler.scaler.unscale_(o)  # the true gradients, for the norm and the clipping
     if grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
@@ -163,10 +188,11 @@ def train_step(
     hooks.before_update(step)
     update = update_if is None or update_if(loss, torch.zeros_like(grad_norm) if overflow else grad_norm)
     if update:
-        if scaler is not None:
-            scaler.scaler.step(opt)  # skips the update itself when the gradient overflowed
-        else:
-            opt.step()
+        for o in optimizers:
+            if scaler is not None:
+                scaler.scaler.step(o)  # skips the update itself when the gradient overflowed
+            else:
+                o.step()
         hooks.after_update(step, params)
         if ema is not None and not overflow:
             ema.update(getattr(model, "module", model))  # DDP's replica: the same parameters

@@ -15,11 +15,15 @@ import torch
 
 from dit.config import TrainConfig, check_static, resolve_architecture
 from dit.diffusion import create_diffusion
+from dit.config import ConfigError
+from dit.data import LatentCacheMismatch
 from dit.distributed import (
-    DistEnv, broadcast_object, cleanup, init_distributed, load_full_optimizer_state, shard_model, wrap_model,
+    DistEnv, all_reduce_sum, broadcast_object, cleanup, full_optimizer_state, init_distributed,
+    load_full_optimizer_state, shard_model, wrap_model,
 )
 from dit.flow.config import flow_from_config
 from dit.models import DiT, arch_name, describe
+from dit.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
 from dit.train.evaluation import build_training_evaluator
 from dit.train.faults import (
@@ -71,6 +75,34 @@ def build_objective(cfg: TrainConfig):
         "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
         diffusion_steps=cfg.diffusion.diffusion_steps,
     )
+
+
+def build_repa(cfg: TrainConfig, model: DiT, data, device: torch.device) -> Optional[RepaTerm]:
+    """REPA's term (dit/repa.py) when `repa.encoder` is set, its head hooked on block `repa.depth`
+    of `model` (before any compile or DDP wrapper): features from the cache when the data is a
+    latents cache (which must hold the encoder's features), else from the encoder on the fly.
+    The head's optimizer is added by the trainer. None when REPA is off."""
+    r = cfg.repa
+    if r.encoder is None:
+        return None
+    encoder = None
+    if data.encoded:  # a latents cache: it must hold this encoder's features of the same views
+        try:
+            dim = int(data.dataset.use_repa_features(r.encoder, r.resolution)["dim"])
+        except LatentCacheMismatch as err:
+            raise ConfigError(str(err)) from None
+    else:
+        encoder = load_encoder(r.encoder, r.resolution, weights=r.encoder_weights, device=device)
+        dim = encoder.dim
+    head = RepaHead(model.config.hidden_size, dim, r.projector_dim).to(device)
+    try:
+        head.attach(model, r.depth)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    log.info("REPA: projector %d -> %d -> %d on block %d of %d, coeff %g, features %s", model.config.hidden_size,
+             r.projector_dim, dim, r.depth, len(model.blocks), r.coeff,
+             "from the latents cache" if encoder is None else f"of {r.encoder} at {r.resolution} px on the fly")
+    return RepaTerm(head, r.coeff, encoder)
 
 
 def official_name(model: DiT) -> Optional[str]:
@@ -176,6 +208,14 @@ class Trainer:
             model.load_state_dict(state["model"])
             self.ema.module.load_state_dict(state["ema"])
         self.model_name = official_name(model)
+        # REPA's head hooks the plain model, so before compile and the DDP wrapper (contract 8:
+        # its projector is not part of the model, so neither of its state dict nor of the EMA)
+        self.repa = build_repa(cfg, model, self.data, self.device)
+        if self.repa is not None and state is not None:
+            if "repa" not in state:
+                raise ConfigError("repa.encoder is set but the checkpoint holds no REPA projector: resume with "
+                                  "the run's own repa settings, or start a new run directory")
+            self.repa.head.load_state_dict(state["repa"]["head"])
         log.info(
             "model %s: %s, %.2fM parameters, input %s, %d classes; %d rank(s), %s, global batch %d",
             self.model_name or "custom", model.config.to_dict(), sum(p.numel() for p in model.parameters()) / 1e6,
@@ -201,6 +241,13 @@ class Trainer:
             load_full_optimizer_state(self.model, self.opt, state["opt"])
             apply_hyperparameters(self.opt, self.cfg.optim)  # the config's hyperparameters, not the file's
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.repa is not None:  # its own AdamW, like the model's (the model's state is keyed by its names)
+            self.repa.opt = build_optimizer(self.repa.head.parameters(), self.cfg.optim, self.device, "none")
+            if state is not None:
+                load_full_optimizer_state(self.repa.head, self.repa.opt, state["repa"]["opt"])
+                apply_hyperparameters(self.repa.opt, self.cfg.optim)
+            self.params += self.repa.parameters()  # clipped and checked with the model's
+            self.repa_sum = torch.zeros((), device=self.device)  # the window's REPA loss, for loss/repa
         self.scaler = None  # fp16's loss scaling; its state is in checkpoints as `scaler`
         if self.cfg.precision.value == "fp16":
             o = self.cfg.optim
@@ -210,21 +257,29 @@ class Trainer:
 
     # ---- the parts of the loop
 
-    def train_one(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step `step` (= self.step + 1) on this rank's rows of its global batch: (loss, grad norm)."""
+    def train_one(self, x: torch.Tensor, y: torch.Tensor, step: int,
+                  features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `step` (= self.step + 1) on this rank's rows of its global batch: (loss, grad norm).
+        `features`: the batch's cached REPA features (a latents cache built with repa_encoder=)."""
         cfg, lat, env = self.cfg, self.latents, self.env
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape,
                             None if self.flow else self.objective.num_timesteps, self.drop_prob, env.rank,
                             env.world_size, self.device, posterior=lat.sample_posterior,
                             sample_t=self.objective.sample_t if self.flow else None)
-        set_learning_rate(self.opt, learning_rate(step, cfg.optim, cfg.max_steps))  # from the step: no state
+        lr = learning_rate(step, cfg.optim, cfg.max_steps)  # from the step: no state
+        set_learning_rate(self.opt, lr)
+        if self.repa is not None:
+            set_learning_rate(self.repa.opt, lr)
         loss, grad_norm = train_step(
             self.train_module, self.objective, self.opt, self.ema, x, y, r, encode=lat.to_latents,
             num_classes=self.data.num_classes, params=self.params, grad_clip=cfg.optim.grad_clip,
             autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value], scaler=self.scaler,
             update_if=self.guard.update_if, hooks=self.faults, step=step, accum_steps=cfg.optim.grad_accum_steps,
+            repa=self.repa, features=features,
         )
+        if self.repa is not None:
+            self.repa_sum += self.repa.last_loss
         if self.scaler is not None and self.scaler.skipped:
             log.info("step %d: fp16 gradient overflow: update skipped, loss scale lowered to %g (the gradient "
                      "scaler's design, not a failure; %d such steps so far)",
@@ -238,6 +293,10 @@ class Trainer:
         overdue = (self.env.is_main and cfg.ckpt.every_minutes is not None
                    and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes)
         loss, grad_norm, overdue, elapsed = window.reduce(self.env, overdue)
+        extra = {}
+        if self.repa is not None:  # the mean over ranks and the window's steps (skipped ones too)
+            extra["loss/repa"] = all_reduce_sum(self.repa_sum.clone(), self.env).item() / self.env.world_size / window.steps
+            self.repa_sum.zero_()
         # No per-step guard caught it (a window of only fp16 scaler skips has no mean: not a failure).
         if cfg.fault.max_nonfinite_steps is None and not math.isfinite(loss) and window.good:
             raise NonFiniteTrainingError(
@@ -251,6 +310,7 @@ class Trainer:
             "train/epoch": step / self.stream.steps_per_epoch, "train/skipped_steps": self.guard.counts["total"],
             **({} if self.scaler is None else {"train/loss_scale": self.scaler.scale,
                                                "train/scaler_skipped_steps": self.scaler.skipped_steps}),
+            **extra,
         })
         window.reset()
         return loss, overdue
@@ -262,6 +322,9 @@ class Trainer:
             format_version=CHECKPOINT_FORMAT_VERSION, nonfinite_steps=dict(self.guard.counts),
             data_identity=self.data.identity,
             **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
+            # contract 8: the projector (training-only) beside the model, never in its state dict
+            **({} if self.repa is None else {"repa": {"head": {k: v.cpu() for k, v in self.repa.head.state_dict().items()},
+                                                      "opt": full_optimizer_state(self.repa.head, self.repa.opt)}}),
         )
         return save_checkpoint(self.env, self.ckpt_dir, self.step, self.model, self.ema.module, self.opt, meta,
                                keep_last=self.cfg.ckpt.keep_last, keep_every=self.cfg.ckpt.keep_every,
@@ -295,7 +358,8 @@ class Trainer:
         last_ckpt, last_save = latest_checkpoint(self.ckpt_dir), time.monotonic()
         while self.step < cfg.max_steps:
             step = self.step + 1
-            loss, grad_norm = self.train_one(*next(batches), step)
+            x, y, *features = next(batches)  # a latents cache with REPA features: (latents, labels, features)
+            loss, grad_norm = self.train_one(x, y, step, *features)
             self.step = step
             self.logger.step()
             # A scaler's overflow skip is neither averaged (its gradient norm is inf) nor a failure.

@@ -1,0 +1,329 @@
+"""REPA, representation alignment (Yu et al., 2024): a training-only head that pulls the DiT's
+tokens after block k towards a frozen visual encoder's patch features.
+
+The interface the trainer uses (docs/repa.md has the user's guide):
+
+    encoder = load_encoder("vit_base_patch14_dinov2.lvd142m", resolution=224)   # frozen, eval
+    head = RepaHead(model.config.hidden_size, encoder.dim, projector_dim=2048)
+    head.attach(model, depth=8)           # forward hook on model.blocks[7]: keeps its output tokens
+    ...
+    out = model(x_t, t, y)                # the hook captures the (N, T, D) tokens of block k
+    feats = encoder(images)               # (N, T', E) from images in [-1, 1]; or from the cache
+    loss = main_loss + coeff * head(feats)   # head(feats) == head.loss(feats): a scalar
+    ...
+    checkpoint["aux"] = {"repa": head.state_dict()}   # contract 8: never in the model's state dict
+    head.detach()                         # removes the hook (sampling/export never see the head)
+
+- `head(features)` is the mean over batch and tokens of -cos(projector(h), feature), h the
+  captured tokens. Its parameters go into the model's optimizer. Under DDP, wrap the head in its
+  own `DistributedDataParallel` (calling it runs `forward`, so DDP averages its gradients) or
+  all-reduce its gradients: the model's DDP wrapper does not know about it.
+- The hook sits on the plain model: `attach` looks through DDP's `.module` and torch.compile's
+  `._orig_mod`; attach before compiling. With gradient checkpointing the block runs again in
+  the backward pass and the hook captures again: harmless, the loss was taken already.
+- If the encoder's token grid (T' = s'^2) differs from the DiT's (T = s^2), the encoder features
+  are resampled to the DiT grid: the (E, s', s') feature map is interpolated bilinearly
+  (align_corners=False, antialiased when shrinking), then each token is normalised as usual.
+  The targets are fixed, so this changes only what the projector is asked to match; the
+  paper's setting (DINOv2-B/14 at 224 px: 16 x 16, a 256 px image's SD-VAE latent with patch 2:
+  16 x 16) needs no resampling.
+
+The encoder: `load_encoder` takes a timm model id (pretrained weights through the Hugging Face
+hub, or `weights=FILE` for a local file), a torch.hub id `owner/repo:entry` (REPA's DINOv2 is
+`facebookresearch/dinov2:dinov2_vitb14`), or a local directory written by timm's
+`save_for_hf` (config.json + model.safetensors). It returns an `Encoder`: images in [-1, 1]
+(N, 3, H, W) -> patch tokens (N, T', E), with the encoder's own resize (bicubic, to
+`resolution`) and normalisation (its mean/std), frozen, in eval mode, without gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dit.autoencoder import AutoencoderUnavailable
+
+# The paper's settings (REPA, SiT-XL/2 on ImageNet 256): k = 8, lambda = 0.5, DINOv2-B/14 at
+# 224 px, a three-layer SiLU projector of width 2048. The config defaults (RepaConfig) repeat these.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EncoderUnavailable(AutoencoderUnavailable):
+    """The REPA encoder could not be found locally nor downloaded. A kind of the autoencoder's
+    error (a frozen network's weights are missing), so the entry points report it in one line."""
+
+
+# ------------------------------------------------------------------------------ the head
+
+
+class RepaHead(nn.Module):
+    """The projector MLP (hidden -> projector_dim -> projector_dim -> encoder_dim, SiLU between)
+    and the alignment loss on the tokens a forward hook captures from the DiT."""
+
+    def __init__(self, hidden_size: int, encoder_dim: int, projector_dim: int = 2048):
+        super().__init__()
+        self.projector = nn.Sequential(
+            nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+            nn.Linear(projector_dim, encoder_dim),
+        )
+        self.depth: int | None = None
+        self._hook = None
+        self._tokens: torch.Tensor | None = None
+
+    def attach(self, model: nn.Module, depth: int) -> "RepaHead":
+        """Capture the output tokens (N, T, D) of `model.blocks[depth - 1]` on every forward."""
+        model = unwrap(model)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None:
+            raise TypeError(f"REPA attaches to a model with `.blocks`; got {type(model).__name__}")
+        if not 1 <= int(depth) <= len(blocks):
+            raise ValueError(
+                f"repa.depth={depth} is not a block of this model (depth {len(blocks)}): use 1..{len(blocks)}"
+            )
+        self.detach()
+        self.depth = int(depth)
+        self._hook = blocks[self.depth - 1].register_forward_hook(self._capture)
+        return self
+
+    def detach(self) -> None:
+        """Remove the hook and forget captured tokens."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._tokens = None, None
+
+    def _capture(self, module, args, output) -> None:
+        self._tokens = output
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            raise RuntimeError("no tokens captured: attach the head and run the model's forward before its loss")
+        return self._tokens
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """The REPA loss of the last forward: mean over batch and tokens of -cos(proj(h), f)."""
+        h = self.tokens  # (N, T, D)
+        n, t = h.shape[:2]
+        features = resample_tokens(features.detach(), t).to(h.device)  # (N, T, E)
+        if features.shape[0] != n:
+            raise ValueError(f"REPA features are for {features.shape[0]} images, the model's batch has {n}")
+        z = self.projector(h)  # (N, T, E)
+        if z.shape[-1] != features.shape[-1]:
+            raise ValueError(
+                f"REPA features have dimension {features.shape[-1]}, the projector outputs {z.shape[-1]}: "
+                "build the head with the encoder's dim"
+            )
+        cos = (F.normalize(z.float(), dim=-1) * F.normalize(features.float(), dim=-1)).sum(-1)  # (N, T)
+        return -cos.mean()
+
+    loss = forward
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def resample_tokens(features: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(N, T', E) tokens of a square s' x s' grid -> (N, T, E) on the s x s grid, T = s^2, by
+    bilinear interpolation of the (E, s', s') map (antialiased when shrinking)."""
+    n, t_in, e = features.shape
+    if t_in == num_tokens:
+        return features
+    s_in, s_out = round(t_in ** 0.5), round(num_tokens ** 0.5)
+    if s_in * s_in != t_in or s_out * s_out != num_tokens:
+        raise ValueError(f"REPA resamples square token grids only: got {t_in} encoder and {num_tokens} DiT tokens")
+    grid = features.transpose(1, 2).reshape(n, e, s_in, s_in).float()
+    grid = F.interpolate(grid, size=(s_out, s_out), mode="bilinear", align_corners=False, antialias=s_out < s_in)
+    return grid.reshape(n, e, num_tokens).transpose(1, 2).to(features.dtype)
+
+
+# ------------------------------------------------------------------------------ in the training step
+
+
+class RepaTerm:
+    """What the training step needs of REPA: the head (hooked on the model), its own AdamW
+    (`opt`; the model's optimizer state is keyed by the model's parameter names, so the
+    projector's lives apart: the same hyperparameters and learning rate make the pair one AdamW),
+    the weight `coeff`, and the features of a batch: the frozen `encoder`'s of the images on
+    the fly, or the cached ones handed in with the batch (`encoder=None`).
+
+    The step calls, per micro-batch, `features(items, cached)` before the items become latents,
+    then the model's forward (the hook captures block k), then `loss(features)`; once after the
+    last backward pass `sync_gradients()` averages the projector's gradients over ranks (the
+    model's DDP wrapper does not know the head). `last_loss` is the step's REPA loss (detached,
+    the mean over its micro-batches), for the metrics."""
+
+    def __init__(self, head: RepaHead, coeff: float, encoder: "Encoder | None" = None,
+                 opt: "torch.optim.Optimizer | None" = None):
+        self.head, self.coeff, self.encoder, self.opt = head, float(coeff), encoder, opt
+        self.last_loss: torch.Tensor | None = None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.head.parameters() if p.requires_grad]
+
+    def features(self, items: torch.Tensor, cached: torch.Tensor | None) -> torch.Tensor:
+        """(N, T', E) targets of a micro-batch: the cached features, else the encoder's of `items`
+        (images in [-1, 1])."""
+        if cached is not None:
+            return cached.to(items.device, non_blocking=True).float()
+        if self.encoder is None:
+            raise RuntimeError("REPA has no encoder and the batch brought no cached features: build the "
+                               "term with the encoder, or train from a cache built with repa_encoder=")
+        return self.encoder(items)
+
+    def loss(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forget(self) -> None:
+        """Drop the captured tokens (they hold the step's activations until the next forward)."""
+        self.head._tokens = None
+
+    def sync_gradients(self) -> None:
+        """Average the projector's gradients over ranks (one all-reduce of all of them)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# ------------------------------------------------------------------------------ the encoder
+
+
+class Encoder(nn.Module):
+    """A frozen image encoder: images in [-1, 1] (N, 3, H, W) -> patch tokens (N, T', E)."""
+
+    def __init__(self, net: nn.Module, name: str, resolution: int, mean, std, tokens_fn, dim: int):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+        self.name, self.resolution, self.dim = str(name), int(resolution), int(dim)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self._tokens_fn = tokens_fn
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        return super().train(False)  # frozen: always eval (dropout, norms), whatever the parent says
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"the REPA encoder takes RGB images (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        x = (images.float().to(self.mean.device) + 1) / 2  # [0, 1]
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            # bicubic as REPA; resizing and the per-channel normalisation commute (weights sum to 1)
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        dtype = next(self.net.parameters()).dtype
+        return self._tokens_fn(self.net, x.to(dtype)).float()  # (N, T', E)
+
+    def to_dict(self) -> dict:
+        """What a features cache records to check it against a training config."""
+        return {"name": self.name, "resolution": self.resolution, "dim": self.dim}
+
+
+def _timm_tokens(net, x):
+    return net.forward_features(x)[:, getattr(net, "num_prefix_tokens", 0):]  # drop class/register tokens
+
+
+def _hub_tokens(net, x):
+    out = net.forward_features(x)
+    return out["x_norm_patchtokens"] if isinstance(out, dict) else out  # DINOv2's hub models: a dict
+
+
+def _timm_encoder(net, name: str, resolution: int) -> Encoder:
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return Encoder(net, name, resolution, mean, std, _timm_tokens, net.num_features)
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        "Either fetch it on a machine with network access and copy the Hugging Face / torch hub cache "
+        "(HF_HOME, TORCH_HOME), or save it there with timm: "
+        f"`timm.models.save_for_hf(timm.create_model({name!r}, pretrained=True), DIR, "
+        "model_args=dict(img_size=224), safe_serialization=True)` and pass the directory DIR; "
+        "set HF_HUB_OFFLINE=1 to skip network attempts."
+    )
+
+
+def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
+    """The frozen REPA encoder named by a local directory (timm `save_for_hf`), a torch.hub id
+    `owner/repo:entry`, or a timm model id (`weights=FILE`: its weights from a local file
+    instead of the hub). `resolution`: the side images are resized to before encoding."""
+    import timm
+
+    source = str(name_or_dir)
+    path = Path(source).expanduser()
+    kwargs = dict(num_classes=0, img_size=int(resolution))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EncoderUnavailable(
+                f"REPA encoder directory {source!r} has no config.json: write it with "
+                "timm.models.save_for_hf(model, DIR, model_args=..., safe_serialization=True)"
+            )
+        net = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **kwargs)
+        encoder = _timm_encoder(net, source, resolution)
+    elif source.startswith((".", "/", "~")) or path.exists():
+        raise EncoderUnavailable(
+            f"REPA encoder directory {source!r} does not exist or is not a directory: pass a folder written by "
+            "timm.models.save_for_hf, a timm model id such as vit_base_patch14_dinov2.lvd142m, or a torch.hub "
+            "id such as facebookresearch/dinov2:dinov2_vitb14"
+        )
+    elif ":" in source and "/" in source.split(":")[0] and not source.startswith("hf-hub:"):
+        repo, entry = source.split(":", 1)
+        try:  # a cached hub repo loads without the network (no validation of the branch)
+            net = torch.hub.load(repo, entry, skip_validation=True, trust_repo=True)
+        except Exception as err:  # noqa: BLE001 - torch.hub raises many types offline
+            raise EncoderUnavailable(
+                f"cannot load the REPA encoder {source!r} through torch.hub ({type(err).__name__}: "
+                f"{str(err)[:200]}). {_offline_hint('vit_base_patch14_dinov2.lvd142m')}"
+            ) from err
+        patch = getattr(net, "patch_size", 14)
+        if resolution % patch:
+            raise ValueError(f"repa.resolution={resolution} is not a multiple of the encoder's patch size {patch}")
+        encoder = Encoder(net, source, resolution, IMAGENET_MEAN, IMAGENET_STD, _hub_tokens, net.embed_dim)
+    else:
+        base = source.split(":", 1)[-1] if source.startswith("hf-hub:") else source.split(".")[0]
+        if not source.startswith("hf-hub:") and not timm.is_model(base):
+            raise EncoderUnavailable(
+                f"{source!r} is not a timm model, a torch.hub id (owner/repo:entry) nor an existing directory: "
+                "list timm's with timm.list_models('*dinov2*')"
+            )
+        overlay = {}
+        if weights is not None:
+            if not Path(weights).expanduser().is_file():
+                raise EncoderUnavailable(f"REPA encoder weights file {weights!r} does not exist")
+            overlay = {"pretrained_cfg_overlay": dict(file=str(Path(weights).expanduser()))}
+        try:
+            net = timm.create_model(source, pretrained=True, **kwargs, **overlay)
+        except Exception as err:  # noqa: BLE001 - huggingface_hub raises several types offline
+            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+            raise EncoderUnavailable(
+                f"cannot load the REPA encoder {source!r}: its weights are not in the local cache"
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''} and could not be downloaded "
+                f"({type(err).__name__}: {str(err)[:200]}). {_offline_hint(source)}"
+            ) from err
+        encoder = _timm_encoder(net, source, resolution)
+    encoder.net.to(dtype=dtype)  # the normalisation buffers stay float32
+    return encoder.to(device)

@@ -1,0 +1,185 @@
+"""REPA (dit/repa.py): the alignment loss against an independent computation, where its gradient
+goes, the frozen encoder loaded from a local timm directory, and the feature cache next to the
+latents (the same views as the latents, read back by the latents dataset)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import tiny_dit
+from dit.autoencoder import build_autoencoder
+from dit.data import ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, build_latent_cache
+from dit.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
+
+ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)  # 4 x 4 = 16 tokens
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    """A tiny random timm ViT written as timm's save_for_hf does (config.json + model.safetensors)."""
+    import timm
+    from timm.models import save_for_hf
+
+    path = tmp_path_factory.mktemp("encoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **ENCODER_ARGS)
+    save_for_hf(net, path, model_args=ENCODER_ARGS, safe_serialization=True)
+    return path, net.eval()
+
+
+def test_loss_equals_independent_cosine_computation():
+    torch.manual_seed(0)
+    head = RepaHead(hidden_size=6, encoder_dim=5, projector_dim=7)
+    h = torch.randn(3, 4, 6)  # (N, T, D) tokens as the hook would capture them
+    feats = torch.randn(3, 4, 5)
+    head._tokens = h
+    loss = head(feats)
+    # independent: the MLP by hand, then normalise, dot, mean, negate
+    lin = [m for m in head.projector if isinstance(m, torch.nn.Linear)]
+    torch.set_grad_enabled(False)  # the reference needs no graph (restored below)
+    z = h @ lin[0].weight.T + lin[0].bias
+    z = F.silu(z) @ lin[1].weight.T + lin[1].bias
+    z = F.silu(z) @ lin[2].weight.T + lin[2].bias
+    zn = z / z.norm(dim=-1, keepdim=True)
+    fn = feats / feats.norm(dim=-1, keepdim=True)
+    expected = -np.mean([[float(zn[i, t] @ fn[i, t]) for t in range(4)] for i in range(3)])
+    torch.set_grad_enabled(True)
+    assert abs(float(loss) - expected) < 1e-6
+    assert [tuple(m.weight.shape) for m in lin] == [(7, 6), (7, 7), (5, 7)]
+    with pytest.raises(ValueError, match="dimension 9"):  # features of another encoder: refused
+        head.loss(torch.randn(3, 4, 9))
+
+
+def test_gradient_reaches_only_blocks_up_to_k_and_the_projector():
+    model = tiny_dit(depth=4).train()
+    head = RepaHead(model.config.hidden_size, encoder_dim=10, projector_dim=16).attach(model, depth=2)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([1, 2])
+    model(x, t, y)
+    head(torch.randn(2, 16, 10)).backward()  # the REPA loss alone
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    def reached(prefix):
+        return [n for n, g in grads.items() if n.startswith(prefix) and g is not None and g.abs().sum() > 0]
+
+    for prefix in ("blocks.0.", "blocks.1.", "x_embedder.", "t_embedder.", "y_embedder."):
+        assert reached(prefix), prefix
+    assert not reached("blocks.2.") and not reached("blocks.3.") and not reached("final_layer.")
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    # the head is not part of the model, and detach() stops the capture
+    assert not any(k.startswith("projector") for k in model.state_dict())
+    # gradient checkpointing runs the block again in backward: the loss is the same
+    model.gradient_checkpointing = True
+    torch.manual_seed(1)  # the same label dropout
+    model(x, t, y)
+    again = head(torch.zeros(2, 16, 10).normal_(generator=torch.Generator().manual_seed(0)))
+    model.gradient_checkpointing = False
+    torch.manual_seed(1)
+    model(x, t, y)
+    torch.testing.assert_close(again, head(torch.zeros(2, 16, 10).normal_(generator=torch.Generator().manual_seed(0))))
+    head.detach()
+    model(x, t, y)
+    with pytest.raises(RuntimeError, match="no tokens captured"):
+        head(torch.randn(2, 16, 10))
+    with pytest.raises(ValueError, match="repa.depth=5"):
+        head.attach(model, depth=5)
+
+
+def test_resampling_a_coarser_grid_is_bilinear_interpolation():
+    feats = torch.randn(2, 4, 3)  # a 2 x 2 encoder grid
+    out = resample_tokens(feats, 16)  # to 4 x 4
+    grid = feats.transpose(1, 2).reshape(2, 3, 2, 2)
+    ref = F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False).reshape(2, 3, 16).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    # align_corners=False on 2 -> 4: the corner token equals the corner feature
+    torch.testing.assert_close(out[:, 0], feats[:, 0])
+    with pytest.raises(ValueError, match="square"):
+        resample_tokens(torch.randn(1, 6, 3), 16)
+
+
+def test_encoder_loads_from_a_local_directory_with_its_preprocessing(encoder_dir):
+    path, net = encoder_dir
+    enc = load_encoder(str(path), resolution=16)
+    assert enc.dim == 24 and not enc.training and not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training and not enc.net.training  # frozen: stays in eval mode
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    tokens = enc(images)
+    assert tokens.shape == (2, 16, 24) and not tokens.requires_grad
+    # independent: [0, 1], bicubic to 16, the ViT's own mean/std, tokens without the class token
+    x = F.interpolate((images + 1) / 2, size=(16, 16), mode="bicubic", align_corners=False)
+    mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = net.forward_features((x - mean) / std)[:, 1:]
+    torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_errors_name_the_problem(tmp_path):
+    with pytest.raises(EncoderUnavailable, match="does not exist"):
+        load_encoder(str(tmp_path / "missing_encoder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderUnavailable, match="no config.json"):
+        load_encoder(str(tmp_path / "empty"))
+    with pytest.raises(EncoderUnavailable, match="not a timm model"):
+        load_encoder("no_such_encoder_xyz")
+    with pytest.raises(EncoderUnavailable, match="weights file"):
+        load_encoder("vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"))
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for i, (h, w) in enumerate([(20, 24), (16, 16), (24, 40), (18, 30), (33, 17)]):
+        (root / ("a" if i < 3 else "b")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / ("a" if i < 3 else "b") / f"{i}.png")
+    return root
+
+
+def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_dir, tmp_path):
+    enc = load_encoder(str(encoder_dir[0]), resolution=16)
+    out = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "cache", 16, batch_size=2,
+                             num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False,
+                             repa_encoder=enc, repa_dtype="float32")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["repa"] == {"name": str(encoder_dir[0]), "resolution": 16, "dim": 24, "num_tokens": 16,
+                            "dtype": "float32"}
+    images = ImageFolderDataset(image_folder, 16, hflip=False)
+    ds = LatentCacheDataset(out, hflip=True, seed=5, repa_features=True)
+    ds.check_repa(str(encoder_dir[0]), 16)
+    flips = set()
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            latent, label, feats = ds[i]
+            flip = ds.noise_for(i)[0]
+            flips.add(flip)
+            image = images[i][0].flip(-1) if flip else images[i][0]
+            torch.testing.assert_close(latent, image)  # pixel space: the latent is the view itself
+            torch.testing.assert_close(feats, enc(image[None])[0], rtol=1e-5, atol=1e-5)
+            assert label == images[i][1]
+    assert flips == {False, True}
+    # float16 storage is the encoder's output rounded
+    half = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "half", 16, num_workers=0,
+                              progress=False, repa_encoder=enc)
+    ds16 = LatentCacheDataset(half, hflip=False, repa_features=True)
+    torch.testing.assert_close(ds16.features(3), enc(images[3][0][None])[0].half().float())
+    with pytest.raises(LatentCacheMismatch, match="at 16 px, the config asks for"):
+        ds.check_repa(str(encoder_dir[0]), 224)
+    # the same out_dir without the encoder is a different cache
+    with pytest.raises(LatentCacheMismatch, match="repa"):
+        build_latent_cache(image_folder, build_autoencoder("pixel"), out, 16, num_workers=0, dtype="float32",
+                           shard_size=2, progress=False)
+    # a cache without features cannot feed REPA
+    plain = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "plain", 16, num_workers=0,
+                               progress=False)
+    assert len(LatentCacheDataset(plain)[0]) == 2
+    with pytest.raises(LatentCacheMismatch, match="no REPA encoder features"):
+        LatentCacheDataset(plain, repa_features=True)
