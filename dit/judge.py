@@ -10,7 +10,9 @@ toy images, in seconds on a CPU. It answers two questions about generated sample
   place of Inception (`JudgeFeatures`, used by `eval_fid.py feature_extractor=toy_judge`).
 
 The trained weights are cached in a file keyed by every setting that affects them, so the
-judge is trained once per machine and identical across runs with the same seed.
+judge is trained once per machine and identical across runs with the same seed. Each toy variant
+(`dit.toy.VARIANTS`) has its own judge (`variant=`): one trained on the colour-coded set has learnt
+colours, and cannot judge the shape-only set, whose colours say nothing about the class.
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from tqdm.auto import tqdm
 
 from dit.checkpoint import save_atomic
 from dit.files import check_images
-from dit.toy import DATA_VERSION, NUM_CLASSES, make_toy_arrays, to_model_range
+from dit.toy import DATA_VERSION, NUM_CLASSES, check_variant, make_toy_arrays, to_model_range
 
 FORMAT_VERSION = 1
 # The judge trains on its own images: a data seed far from the ones a training run uses, so
 # the judge has not seen the exact images a diffusion model was trained on.
 _JUDGE_DATA_SEED_OFFSET = 1_000_003
+# Settings that differ from JudgeSettings' defaults per toy variant: outlines are harder to learn
+# than colours (measured at 16 px: 200 steps reach 47 % held-out accuracy on the shape-only set,
+# 2000 steps on 5000 images 92 %, in about 17 s on one CPU thread).
+VARIANT_SETTINGS = {"colours": {}, "shapes": {"steps": 2000, "num_per_class": 500}}
 BATCH_SIZE = 500  # images per forward pass when judging (a CPU-sized batch of 32x32 images)
 
 
@@ -52,10 +58,21 @@ class JudgeSettings:
     noise_std: float = 0.15  # max std of the additive noise augmentation, in [-1, 1] units
     version: int = FORMAT_VERSION
     data_version: int = DATA_VERSION  # the toy images it learns from
+    variant: str = "colours"  # which toy set (dit.toy.VARIANTS) it learns and judges
+
+    def record(self) -> dict:
+        """The settings as stored in a cache file and hashed into its name. The default variant
+        is left out, so the colour set's judges keep the names (and files) they had before the
+        shape-only set existed."""
+        d = asdict(self)
+        if d["variant"] == "colours":
+            del d["variant"]
+        return d
 
     def cache_name(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-        return f"toy_judge_{self.image_size}px_seed{self.seed}_{digest}.pt"
+        digest = hashlib.sha1(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:10]
+        tag = "" if self.variant == "colours" else f"_{self.variant}"
+        return f"toy_judge{tag}_{self.image_size}px_seed{self.seed}_{digest}.pt"
 
 
 class JudgeNet(nn.Module):
@@ -112,8 +129,9 @@ def train_judge(settings: JudgeSettings, progress: bool = False) -> tuple[JudgeN
     stats holds its accuracy on held-out real images. Deterministic given `settings`; the
     caller's global torch RNG is left untouched."""
     data_seed = settings.seed + _JUDGE_DATA_SEED_OFFSET
-    images, labels = make_toy_arrays(settings.num_per_class, settings.image_size, data_seed)
-    held_images, held_labels = make_toy_arrays(50, settings.image_size, data_seed + 1)
+    variant = check_variant(settings.variant)
+    images, labels = make_toy_arrays(settings.num_per_class, settings.image_size, data_seed, variant)
+    held_images, held_labels = make_toy_arrays(50, settings.image_size, data_seed + 1, variant)
     x_all, y_all = to_model_range(images), torch.from_numpy(labels)
 
     with torch.random.fork_rng(devices=[]):
@@ -157,20 +175,23 @@ class ToyJudge:
                       progress: bool = True, **overrides) -> "ToyJudge":
         """The judge for these settings: loaded from `cache_dir` when a file for exactly these
         settings is there, otherwise trained (seconds on a CPU) and written there atomically.
-        `cache_dir=None` trains without caching. `overrides` change other `JudgeSettings`."""
-        settings = JudgeSettings(image_size=int(image_size), seed=int(seed), **overrides)
+        `cache_dir=None` trains without caching. `overrides` change other `JudgeSettings`;
+        `variant="shapes"` judges the shape-only toy set, with that variant's VARIANT_SETTINGS."""
+        variant = check_variant(overrides.pop("variant", "colours"))
+        settings = JudgeSettings(image_size=int(image_size), seed=int(seed), variant=variant,
+                                 **{**VARIANT_SETTINGS[variant], **overrides})
         path = Path(cache_dir) / settings.cache_name() if cache_dir is not None else None
         if path is not None and path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("settings") != asdict(settings):
+            if blob.get("settings") != settings.record():
                 raise ValueError(f"judge cache {path} holds settings {blob.get('settings')}, expected "
-                                 f"{asdict(settings)}: delete the file to retrain")
+                                 f"{settings.record()}: delete the file to retrain")
             net = JudgeNet(settings.width)
             net.load_state_dict(blob["state_dict"])
             return cls(net, settings, blob.get("stats"))
         net, stats = train_judge(settings, progress=progress)
         if path is not None:
-            blob = {"state_dict": net.state_dict(), "settings": asdict(settings), "stats": stats,
+            blob = {"state_dict": net.state_dict(), "settings": settings.record(), "stats": stats,
                     "format_version": FORMAT_VERSION}
             save_atomic(blob, path)  # concurrent runs never see a half-written file
         return cls(net, settings, stats)

@@ -1,10 +1,19 @@
-"""The built-in toy data set: ten classes of coloured shapes, drawn procedurally from a seed.
+"""The built-in toy data sets: ten classes of shapes, drawn procedurally from a seed.
 
 It exists so that the whole pipeline (train, sample, score) runs offline in minutes on a laptop
 CPU and still has to *learn a class-conditional distribution*: every class is a shape with its
 own colour, placed at a random position, size and rotation on a random dark background. Nothing is
 downloaded and no image files ship with the code; `write_toy_imagefolder` writes the same images
 as PNGs so that a run can also go through the ImageFolder path.
+
+Two variants (`variant=`), the same ten shapes in both:
+
+- `colours` (the default, the quickstart's): every class has its own colour, so a class is
+  recognisable from its mean colour alone; a model can score well without forming shapes.
+- `shapes`: the shape is the only class cue. Each image's colour is a random bright hue drawn
+  independently of the class, and every shape is rescaled to the same area (`SHAPE_AREAS`), so
+  the mean colour and the covered fraction of an image carry no class information: a model (and
+  the judge) must get the outline right.
 
 Drawing is vectorised numpy over a batch of images: each shape is a signed distance function
 (negative inside), and a pixel's coverage is its distance to the edge clipped to [0, 1], which
@@ -40,6 +49,18 @@ CLASS_SPECS: tuple[tuple[str, tuple[float, float, float]], ...] = (
 )
 CLASS_NAMES: tuple[str, ...] = tuple(name for name, _ in CLASS_SPECS)
 assert len(CLASS_SPECS) == NUM_CLASSES
+
+VARIANTS = ("colours", "shapes")
+# The shape-only variant's class names: the shape word of CLASS_NAMES ("red_circle" -> "circle").
+SHAPE_NAMES: tuple[str, ...] = tuple(name.split("_", 1)[1] for name in CLASS_NAMES)
+# Area of each shape in its own frame (unit-disc units), measured on a 1024 x 1024 grid over
+# [-1, 1]^2 (tests/test_toy.py re-measures it), and its reach (largest distance from the origin).
+# The shapes variant scales shape c by sqrt(SHAPE_TARGET_AREA / SHAPE_AREAS[c]), so all classes
+# cover the same area; the target keeps the longest shape (the bar) inside its unit-disc frame
+# within 10 %.
+SHAPE_AREAS = (2.2699, 1.8057, 1.2990, 1.6998, 1.7592, 1.1420, 1.3225, 1.4168, 2.1993, 1.2389)
+SHAPE_REACH = (0.850, 0.949, 0.998, 0.942, 0.900, 0.995, 0.999, 1.011, 0.920, 0.900)
+SHAPE_TARGET_AREA = 1.4
 
 _CHUNK = 1024  # images drawn at once (bounds the (n, H, W) temporaries)
 
@@ -133,24 +154,55 @@ def _check_class(class_id: int) -> int:
     return int(class_id)
 
 
-def render_batch(class_id: int, n: int, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown toy variant {variant!r}: use one of {VARIANTS} (colours: a colour per class, "
+                         "shapes: random colours, the shape is the only class cue)")
+    return variant
+
+
+def class_names(variant: str = "colours") -> tuple[str, ...]:
+    """The class names of a variant, index = label."""
+    return CLASS_NAMES if check_variant(variant) == "colours" else SHAPE_NAMES
+
+
+def _bright_hues(r: np.ndarray) -> np.ndarray:
+    """(n, 3) uniforms -> (n, 3) RGB of a random hue, saturation in [0.6, 1] and value in [0.8, 1]
+    (HSV to RGB): always far brighter than the background (at most 0.3 per channel)."""
+    h, s, v = r[:, 0] * 6.0, 0.6 + 0.4 * r[:, 1], 0.8 + 0.2 * r[:, 2]
+    k = (np.array([5.0, 3.0, 1.0])[None, :] + h[:, None]) % 6.0  # the standard hexcone formula
+    return v[:, None] - (v * s)[:, None] * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def render_batch(class_id: int, n: int, rng: np.random.Generator, image_size: int = 32,
+                 variant: str = "colours") -> np.ndarray:
     """`n` random images of class `class_id` as uint8 (n, H, W, 3).
 
-    Random per image: centre, size, rotation, background colour and a small jitter of the
-    shape colour. Everything is drawn from `rng`, so the same generator state gives the same
-    images, and the first k of a batch of n are the batch of k.
+    Random per image: centre, size, rotation, background colour and the shape colour (a small
+    jitter of the class colour for `colours`, a random hue for `shapes`). Everything is drawn
+    from `rng`, so the same generator state gives the same images, and the first k of a batch of
+    n are the batch of k.
     """
     class_id = _check_class(class_id)
+    check_variant(variant)
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
     # One row of uniforms per image, drawn up front: row i depends only on the generator state
     # and i, so a longer batch starts with the same images (and chunking cannot matter).
     r = rng.random((n, 10))
     scale = 0.55 + 0.25 * r[:, 0]  # shape radius / half-side: large enough to read at 16x16
-    centre = (2 * r[:, 1:3] - 1) * (0.92 - scale)[:, None]  # keeps the shape inside the frame
+    reach = 1.0
+    if variant == "shapes":  # equal areas: the covered fraction tells no class apart
+        area_scale = np.sqrt(SHAPE_TARGET_AREA / SHAPE_AREAS[class_id])
+        scale = scale * area_scale
+        reach = area_scale * SHAPE_REACH[class_id]
+    centre = (2 * r[:, 1:3] - 1) * np.clip(0.92 - reach * scale, 0.0, None)[:, None]  # keeps the shape inside
     angle = 2 * np.pi * r[:, 3]
     background = 0.3 * r[:, 4:7]  # dark, so that every shape colour stands out
-    colour = np.clip(np.asarray(CLASS_SPECS[class_id][1]) + 0.16 * (r[:, 7:10] - 0.5), 0, 1)  # +-0.08 jitter
+    if variant == "colours":
+        colour = np.clip(np.asarray(CLASS_SPECS[class_id][1]) + 0.16 * (r[:, 7:10] - 0.5), 0, 1)  # +-0.08 jitter
+    else:
+        colour = _bright_hues(r[:, 7:10])
 
     grid = ((np.arange(image_size) + 0.5) / image_size * 2 - 1).astype(np.float32)  # pixel centres in [-1, 1]
     pixel = 2.0 / image_size  # one pixel in frame units
@@ -174,9 +226,9 @@ def render_batch(class_id: int, n: int, rng: np.random.Generator, image_size: in
     return out
 
 
-def render(class_id: int, rng: np.random.Generator, image_size: int = 32) -> np.ndarray:
+def render(class_id: int, rng: np.random.Generator, image_size: int = 32, variant: str = "colours") -> np.ndarray:
     """One random image of class `class_id`: uint8 (H, W, 3)."""
-    return render_batch(class_id, 1, rng, image_size)[0]
+    return render_batch(class_id, 1, rng, image_size, variant)[0]
 
 
 def class_rng(seed: int, class_id: int) -> np.random.Generator:
@@ -185,12 +237,14 @@ def class_rng(seed: int, class_id: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(class_id)]))
 
 
-def make_toy_arrays(num_per_class: int, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_toy_arrays(num_per_class: int, image_size: int = 32, seed: int = 0,
+                    variant: str = "colours") -> tuple[np.ndarray, np.ndarray]:
     """All images of the toy set: uint8 (N, H, W, 3) and int64 labels (N,), N = 10 * num_per_class.
     Classes are interleaved (label of item i is i % 10), so any prefix is class-balanced."""
     if num_per_class < 1:
         raise ValueError(f"num_per_class must be >= 1, got {num_per_class}")
-    per_class = [render_batch(c, num_per_class, class_rng(seed, c), image_size) for c in range(NUM_CLASSES)]
+    check_variant(variant)
+    per_class = [render_batch(c, num_per_class, class_rng(seed, c), image_size, variant) for c in range(NUM_CLASSES)]
     images = np.stack(per_class, axis=1).reshape(num_per_class * NUM_CLASSES, image_size, image_size, 3)
     labels = np.tile(np.arange(NUM_CLASSES, dtype=np.int64), num_per_class)
     return images, labels
@@ -210,14 +264,17 @@ class ToyShapesDataset(Dataset):
     so a seeded training loop (and its DataLoader workers) stays deterministic.
     """
 
-    def __init__(self, num_per_class: int, image_size: int = 32, seed: int = 0, hflip: bool = False):
+    def __init__(self, num_per_class: int, image_size: int = 32, seed: int = 0, hflip: bool = False,
+                 variant: str = "colours"):
         self.num_per_class = int(num_per_class)
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.hflip = bool(hflip)
-        self.images, self.labels = make_toy_arrays(self.num_per_class, self.image_size, self.seed)  # uint8 NHWC, int64
+        self.variant = check_variant(variant)
+        self.images, self.labels = make_toy_arrays(self.num_per_class, self.image_size, self.seed,
+                                                   self.variant)  # uint8 NHWC, int64
         self.num_classes = NUM_CLASSES
-        self.classes = list(CLASS_NAMES)
+        self.classes = list(class_names(self.variant))  # differ by variant, so a data identity tells them apart
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -229,14 +286,15 @@ class ToyShapesDataset(Dataset):
         return x, int(self.labels[index])
 
 
-def imagefolder_class_dirs() -> list[str]:
+def imagefolder_class_dirs(variant: str = "colours") -> list[str]:
     """Folder names for the ImageFolder layout. The index prefix makes the alphabetical order
     that ImageFolder assigns labels by equal the toy label order."""
     width = len(str(NUM_CLASSES - 1))
-    return [f"{c:0{width}d}_{name}" for c, name in enumerate(CLASS_NAMES)]
+    return [f"{c:0{width}d}_{name}" for c, name in enumerate(class_names(variant))]
 
 
-def write_toy_imagefolder(root: str | os.PathLike, num_per_class: int, image_size: int = 32, seed: int = 0) -> Path:
+def write_toy_imagefolder(root: str | os.PathLike, num_per_class: int, image_size: int = 32, seed: int = 0,
+                          variant: str = "colours") -> Path:
     """Write the toy set as PNGs in ImageFolder layout: `root/<i>_<name>/<j>.png`.
 
     Returns `root`. Existing files of the same names are overwritten (each PNG is written to a
@@ -245,8 +303,8 @@ def write_toy_imagefolder(root: str | os.PathLike, num_per_class: int, image_siz
     from PIL import Image
 
     root = Path(root)
-    images, labels = make_toy_arrays(num_per_class, image_size, seed)
-    dirs = imagefolder_class_dirs()
+    images, labels = make_toy_arrays(num_per_class, image_size, seed, variant)
+    dirs = imagefolder_class_dirs(variant)
     for d in dirs:
         (root / d).mkdir(parents=True, exist_ok=True)
     for i, (img, label) in enumerate(zip(images, labels)):
@@ -267,8 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-per-class", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1, help="data seed (training uses data.seed=0 by default)")
+    parser.add_argument("--variant", default="colours", choices=VARIANTS,
+                        help="colours: a colour per class (the quickstart's); shapes: the shape is the only cue")
     args = parser.parse_args(argv)
-    root = write_toy_imagefolder(args.out, args.num_per_class, args.image_size, args.seed)
+    root = write_toy_imagefolder(args.out, args.num_per_class, args.image_size, args.seed, args.variant)
     print(f"wrote {args.num_per_class * NUM_CLASSES} {args.image_size}x{args.image_size} images to {root}")
 
 
