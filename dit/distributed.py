@@ -16,13 +16,15 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,27 @@ def broadcast_object(obj: Any, env: DistEnv, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_rank_zero(work: Callable[[], T], env: DistEnv, failure: Callable[[str], BaseException]) -> Optional[T]:
+    """Run `work` on rank 0 alone and share its outcome, so that no rank waits at a later
+    collective for a rank that has already failed: returns `work()`'s result on rank 0 (None on
+    the other ranks, which receive what they need by a `broadcast_object` of their own). If
+    `work` raises on rank 0, rank 0 re-raises that very error and every other rank raises
+    `failure("<ErrorType>: <message>")` (e.g. a ConfigError naming what rank 0 could not do).
+    Collective: every rank must call it."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise failure(failed)
+    return result
 
 
 def gather_objects(obj: Any, env: DistEnv) -> list:

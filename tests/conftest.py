@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from dit.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,3 +235,43 @@ def judge_report(samples_uint8, labels, real_uint8, judge) -> dict:
 def judge_report_fixture():
     """`judge_report(samples, labels, real, judge)`: class accuracy and judge Fréchet distance."""
     return judge_report
+
+
+# ------------------------------------------------------------------------------ tiny runs: one process vs ranks
+
+# 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8: the run that
+# tests/test_distributed.py and tests/test_train_accumulation.py train on one process and under
+# torchrun and compare parameter by parameter. Add name=... (and any other key) per test file.
+TINY_RUN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
+            "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "max_steps=3", "log.every=1",
+            "log.samples.every=0"]
+
+
+def train_single_process(args, out: str | os.PathLike) -> dict:
+    """The reference of the rank comparisons: `args` trained in this process on one thread, into
+    `out`; returns its final checkpoint (weights only)."""
+    with single_thread():
+        result = run_training(train_config(args), out)
+    return torch.load(result["checkpoint"], weights_only=True)
+
+
+def torchrun_train(args, cwd) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 train.py <args>` on CPU (gloo, one thread per
+    rank) in `cwd`; asserts that it succeeded and returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def assert_same_parameters(reference: dict, ckpt: dict, rtol: float = 1e-6) -> None:
+    """Every model and EMA tensor of `ckpt` within `rtol` (relative norm) of `reference`'s, and
+    the reference trained: its zero-initialised output layer moved."""
+    for part in ("model", "ema"):
+        assert reference[part].keys() == ckpt[part].keys()
+        for key, ref in reference[part].items():
+            rel = (ckpt[part][key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert rel <= rtol, f"{part}.{key}: relative difference {rel:.2e}"
+    assert reference["model"]["final_layer.linear.weight"].abs().max() > 0  # it trained

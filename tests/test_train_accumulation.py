@@ -24,13 +24,11 @@ from dit.train.randomness import step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints
 from dit.train.step import LossScaler
 
-from conftest import TINY_DIT, tiny_dit, train_config
+from conftest import TINY_DIT, TINY_RUN, assert_same_parameters, tiny_dit, torchrun_train, train_config, train_single_process
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8.
-ARGS = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
-        "data.num_per_class=4", "data.image_size=16", "data.num_workers=0", "global_batch_size=8", "max_steps=3",
-        "log.every=1", "log.samples.every=0", "name=a"]
+ARGS = [*TINY_RUN, "data.num_workers=0", "name=a"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,31 +37,18 @@ def metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_close_parameters(reference, ckpt, rtol=1e-6):
-    for part in ("model", "ema"):
-        assert reference[part].keys() == ckpt[part].keys()
-        for key, ref in reference[part].items():
-            rel = (ckpt[part][key] - ref).norm() / ref.norm().clamp_min(1e-12)
-            assert rel <= rtol, f"{part}.{key}: relative difference {rel:.2e}"
-    assert reference["model"]["final_layer.linear.weight"].abs().max() > 0  # it trained
-
-
 @pytest.fixture(scope="module")
 def one_batch(tmp_path_factory):
     """The reference: one process, one backward pass over the global batch of 8 per step."""
     out = tmp_path_factory.mktemp("one_batch")
-    from conftest import single_thread
-
-    with single_thread():
-        result = run_training(train_config(ARGS), out)
-    return torch.load(result["checkpoint"], weights_only=True), metrics(out)
+    return train_single_process(ARGS, out), metrics(out)
 
 
 def test_four_micro_batches_of_two_give_the_update_of_one_batch_of_eight(tmp_path, one_batch):
     reference, reference_log = one_batch
     result = run_training(train_config([*ARGS, "optim.grad_accum_steps=4"]), tmp_path)
     ckpt = torch.load(result["checkpoint"], weights_only=True)
-    assert_close_parameters(reference, ckpt)
+    assert_same_parameters(reference, ckpt)
     assert ckpt["data_state"] == reference["data_state"]  # the same samples, in the same order
     for a, b in zip(reference_log, metrics(tmp_path)):  # the loss is the whole batch's mean
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
@@ -73,14 +58,10 @@ def test_four_micro_batches_of_two_give_the_update_of_one_batch_of_eight(tmp_pat
 
 @pytest.mark.slow
 def test_two_gloo_ranks_with_two_micro_batches_each_match_one_batch_of_eight(tmp_path, one_batch):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *ARGS, "optim.grad_accum_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train([*ARGS, "optim.grad_accum_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True)
     assert len(ckpt["rng"]["ranks"]) == 2 and ckpt["config"]["optim"]["grad_accum_steps"] == 2
-    assert_close_parameters(one_batch[0], ckpt)
+    assert_same_parameters(one_batch[0], ckpt)
 
 
 # --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch
 
 from dit.checkpoint import load_state, read_safetensors_metadata
 from dit.config import ConfigError, TrainConfig
-from dit.distributed import DistEnv, broadcast_object
+from dit.distributed import DistEnv, on_rank_zero
 from dit.models import DiT, DiTConfig
 from dit.release import strip_wrapper_prefixes
 from dit.train.resume import resolve_resume_path
@@ -98,17 +98,8 @@ def read_init_from(cfg: TrainConfig, env: DistEnv, state: Optional[dict]) -> Opt
             log.warning("init_from=%s is not used: the run continues from %s (init_from only starts a run)",
                         cfg.init_from, state.get("source"))
         return None
-    init, error = None, None
-    if env.is_main:
-        try:
-            init = _read(cfg.init_from, cfg.init_from_weights)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = err
-    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise ConfigError(f"rank 0 could not read init_from={cfg.init_from} ({failed})")
+    init = on_rank_zero(lambda: _read(cfg.init_from, cfg.init_from_weights), env,
+                        lambda failed: ConfigError(f"rank 0 could not read init_from={cfg.init_from} ({failed})"))
     return init if init is not None else _read(cfg.init_from, cfg.init_from_weights)
 
 

@@ -31,6 +31,7 @@ from dit.distributed import (
     full_model_state,
     full_optimizer_state,
     gather_objects,
+    on_rank_zero,
 )
 from dit.train.faults import NO_FAULTS, Faults, NonFiniteTrainingError, nonfinite_entries
 from dit.train.randomness import rng_state
@@ -286,21 +287,16 @@ def load_start_state(cfg: TrainConfig, ckpt_dir: Path, config_dict: dict,
             f"resume={cfg.resume} and init_from={cfg.init_from} are both set: resume= continues a run (its "
             "optimizer, step and data position), init_from= starts a new one from weights; keep one of them"
         )
-    choice, state, error = (None, False), None, None
     if env.is_main:
         for path in remove_interrupted_writes(ckpt_dir):
             log.info("removed %s, left by a checkpoint write that was interrupted", path.name)
-        try:
-            source, own, state = _find_resume(cfg, ckpt_dir)
-            choice = (None if source is None else str(source), own)
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = err
     # Every rank learns rank 0's outcome, so that none waits for the others after an error.
-    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"rank 0 could not choose the checkpoint to resume from ({failed})")
+    found = on_rank_zero(lambda: _find_resume(cfg, ckpt_dir), env, lambda failed: RuntimeError(
+        f"rank 0 could not choose the checkpoint to resume from ({failed})"))
+    choice, state = (None, False), None
+    if found is not None:  # rank 0
+        source, own, state = found
+        choice = (None if source is None else str(source), own)
     source, own = broadcast_object(choice, env)
     if source is None:
         return None
