@@ -8,14 +8,19 @@ learned the *class-conditional* distribution by margins a broken pipeline cannot
 
 It goes through the real code: hydra composes conf/experiment/quickstart.yaml, `run_training`
 trains and checkpoints, `dit.sampling` loads the checkpoint and samples, the toy judge (`dit.judge`) scores.
+
+The one command (`python -m dit.quickstart`, dit/quickstart.py) is run end to end, shortened: both
+rows printed and written, and a relaunch reuses the finished steps.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dit.judge import ToyJudge
+from dit.quickstart import main as quickstart_main
 from dit.sampling import SamplerSettings, generate_samples, load_for_sampling
 from dit.toy import NUM_CLASSES, make_toy_arrays
 from dit.train import run_training
@@ -67,3 +72,37 @@ def test_short_quickstart_learns_the_class_conditional_distribution(tmp_path, ju
     assert untrained["class_accuracy"] < 0.3  # the baseline really is untrained
     assert trained["class_accuracy"] >= MIN_CLASS_ACCURACY, trained
     assert trained["frechet_distance"] * MIN_FRECHET_RATIO <= untrained["frechet_distance"], (trained, untrained)
+
+
+ONE_COMMAND = ["max_steps=20", "data.image_size=8"]  # the command's overrides pass through to both runs
+
+
+def test_the_one_command_quickstart_trains_scores_prints_both_rows_and_reuses_finished_steps(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """`python -m dit.quickstart` end to end, shortened (20 steps on 8x8 images, 50 samples per model): both
+    runs train, both are scored, the table is printed and written; a relaunch trains nothing."""
+    monkeypatch.chdir(tmp_path)  # results/eval_results.csv, as eval_fid.py writes it, lands here
+    out = tmp_path / "outputs"
+    summary = quickstart_main([*ONE_COMMAND, "--out", str(out), "--num-samples", "50"])
+    printed = capsys.readouterr().out
+    rows = {row["model"]: row for row in summary["rows"]}
+    assert set(rows) == {"trained, 20 steps", "untrained"}
+    for label in rows:
+        assert f"| {label} |" in printed
+    assert Path(rows["trained, 20 steps"]["checkpoint"]) == out / "quickstart" / "checkpoints" / "0000020.pt"
+    assert Path(rows["untrained"]["checkpoint"]) == out / "quickstart_untrained" / "checkpoints" / "0000001.pt"
+    assert rows["untrained"]["class_accuracy"] < 0.3  # the baseline is the untrained model
+    assert json.loads((out / "quickstart" / "summary.json").read_text())["rows"] == summary["rows"]
+    for run in ("quickstart", "quickstart_untrained"):  # what eval_fid.py writes per model
+        record = json.loads((out / run / "samples.toy_judge.metrics.json").read_text())
+        assert record["metrics"]["num_samples"] == 50
+        assert record["metrics"]["fid"] == rows["untrained" if "untrained" in run else "trained, 20 steps"]["judge_fd"]
+    assert len((tmp_path / "results" / "eval_results.csv").read_text().splitlines()) == 3  # header + 2 rows
+    assert len(list((out / "toy_real8").glob("*/*.png"))) == 1000
+
+    trained_mtime = Path(rows["trained, 20 steps"]["checkpoint"]).stat().st_mtime_ns
+    again = quickstart_main([*ONE_COMMAND, "--out", str(out), "--num-samples", "50"])
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 3, printed  # trained, untrained, real images
+    assert Path(rows["trained, 20 steps"]["checkpoint"]).stat().st_mtime_ns == trained_mtime
+    assert again["rows"] == summary["rows"]  # seeded: the same scores again
