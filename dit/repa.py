@@ -271,7 +271,7 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
     """The frozen REPA encoder named by a local directory (timm `save_for_hf`), a torch.hub id
     `owner/repo:entry`, or a timm model id (`weights=FILE`: its weights from a local file
     instead of the hub). `resolution`: the side images are resized to before encoding."""
-    import timm
+    import timm  # heavy (about a second): only runs that use REPA pay for it, not every `import dit.train`
 
     source = str(name_or_dir)
     path = Path(source).expanduser()

@@ -1,31 +1,43 @@
 """REPA (dit/repa.py): the alignment loss against an independent computation, where its gradient
-goes, the frozen encoder loaded from a local timm directory, and the feature cache next to the
-latents (the same views as the latents, read back by the latents dataset)."""
+goes, the frozen encoder loaded from a local timm directory, the feature cache next to the
+latents (the same views as the latents, read back by the latents dataset), and REPA training:
+the loss falls, the projector stays out of the model's state dict, training from the cache
+equals training with the encoder on the fly, and a run killed with -9 resumes bitwise."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import socket
+from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.models import save_for_hf
 
-from conftest import tiny_dit
+from conftest import single_thread, tiny_dit
 from dit.autoencoder import build_autoencoder
+from dit.config import ConfigError, check_static
 from dit.data import ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, build_latent_cache
+from dit.models import DiT
 from dit.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
+from dit.toy import write_toy_imagefolder
+from dit.train import run_training
+from test_reliability import assert_same_training_state, config, joined, start, start_training
 
-ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=2)  # 4 x 4 = 16 tokens
+# 4 x 4 = 16 tokens of width 32, as many as the tiny DiT's (16 px, patch 4), which is 64 wide
+ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
     """A tiny random timm ViT written as timm's save_for_hf does (config.json + model.safetensors)."""
-    import timm
-    from timm.models import save_for_hf
-
     path = tmp_path_factory.mktemp("encoder")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -51,7 +63,7 @@ def test_loss_equals_independent_cosine_computation():
     fn = feats / feats.norm(dim=-1, keepdim=True)
     expected = -np.mean([[float(zn[i, t] @ fn[i, t]) for t in range(4)] for i in range(3)])
     torch.set_grad_enabled(True)
-    assert abs(float(loss) - expected) < 1e-6
+    assert abs(float(loss.detach()) - expected) < 1e-6
     assert [tuple(m.weight.shape) for m in lin] == [(7, 6), (7, 7), (5, 7)]
     with pytest.raises(ValueError, match="dimension 9"):  # features of another encoder: refused
         head.loss(torch.randn(3, 4, 9))
@@ -106,12 +118,12 @@ def test_resampling_a_coarser_grid_is_bilinear_interpolation():
 def test_encoder_loads_from_a_local_directory_with_its_preprocessing(encoder_dir):
     path, net = encoder_dir
     enc = load_encoder(str(path), resolution=16)
-    assert enc.dim == 24 and not enc.training and not any(p.requires_grad for p in enc.parameters())
+    assert enc.dim == 32 and not enc.training and not any(p.requires_grad for p in enc.parameters())
     enc.train()
     assert not enc.training and not enc.net.training  # frozen: stays in eval mode
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     tokens = enc(images)
-    assert tokens.shape == (2, 16, 24) and not tokens.requires_grad
+    assert tokens.shape == (2, 16, 32) and not tokens.requires_grad
     # independent: [0, 1], bicubic to 16, the ViT's own mean/std, tokens without the class token
     x = F.interpolate((images + 1) / 2, size=(16, 16), mode="bicubic", align_corners=False)
     mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1)
@@ -133,6 +145,15 @@ def test_encoder_errors_name_the_problem(tmp_path):
         load_encoder("vit_tiny_patch16_224", weights=str(tmp_path / "w.safetensors"))
 
 
+def test_a_known_timm_id_offline_without_its_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(EncoderUnavailable, match="not in the local cache.*save_for_hf"):
+        load_encoder("vit_tiny_patch16_224", resolution=224)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     rng = np.random.default_rng(0)
@@ -149,7 +170,7 @@ def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_
                              num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False,
                              repa_encoder=enc, repa_dtype="float32")
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["repa"] == {"name": str(encoder_dir[0]), "resolution": 16, "dim": 24, "num_tokens": 16,
+    assert meta["repa"] == {"name": str(encoder_dir[0]), "resolution": 16, "dim": 32, "num_tokens": 16,
                             "dtype": "float32"}
     images = ImageFolderDataset(image_folder, 16, hflip=False)
     ds = LatentCacheDataset(out, hflip=True, seed=5, repa_features=True)
@@ -183,3 +204,121 @@ def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_
     assert len(LatentCacheDataset(plain)[0]) == 2
     with pytest.raises(LatentCacheMismatch, match="no REPA encoder features"):
         LatentCacheDataset(plain, repa_features=True)
+
+
+# ------------------------------------------------------------------ training with REPA
+
+# The tiny run of test_reliability (2 blocks, 16 px toy images in pixel space, batch 8), 64 wide,
+# a flow objective, REPA on block 1 with a small projector.
+def repa_overrides(encoder: Path, *extra) -> list[str]:
+    return ["objective=flow", "model.hidden_size=64", f"repa.encoder={encoder}", "repa.resolution=16",
+            "repa.depth=1", "repa.projector_dim=32", "repa.coeff=0.5", *extra]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_repa_run_lowers_both_losses_and_keeps_the_projector_out_of_the_model(tmp_path, encoder_dir):
+    with single_thread():
+        result = run_training(config(*repa_overrides(encoder_dir[0], "max_steps=60", "optim.lr=3e-3",
+                                                     "global_batch_size=16", "ckpt.every=1000")), tmp_path / "repa")
+        plain = run_training(config("objective=flow", "model.hidden_size=64", "max_steps=1", "global_batch_size=16"),
+                             tmp_path / "plain")
+    rows = read_metrics(tmp_path / "repa")
+    repa = [r["loss/repa"] for r in rows]
+    total = [r["train/loss"] for r in rows]
+    assert all(-1.0 <= v <= 1.0 for v in repa)  # a mean of -cos
+    assert np.mean(repa[-10:]) < np.mean(repa[:10]) - 0.2, (repa[:10], repa[-10:])  # the projector aligns
+    assert np.mean(total[-10:]) < np.mean(total[:10]), (total[:10], total[-10:])
+    state = torch.load(result["checkpoint"], weights_only=True)
+    other = torch.load(plain["checkpoint"], weights_only=True)
+    # contract 8: the model and EMA state dicts (and the model's optimizer state) have the same keys
+    # with and without REPA; the projector and its AdamW live in `repa`
+    for part in ("model", "ema"):
+        assert state[part].keys() == other[part].keys()
+    assert state["opt"]["state"].keys() == other["opt"]["state"].keys()
+    head = state["repa"]["head"]
+    assert [tuple(head[f"projector.{i}.weight"].shape) for i in (0, 2, 4)] == [(32, 64), (32, 32), (32, 32)]
+    assert set(state["repa"]["opt"]["state"]) == set(head)
+    # the exported model is the plain DiT
+    DiT(**state["model_config"]).load_state_dict(state["ema"])
+
+
+def test_repa_keys_are_checked_before_any_work(encoder_dir):
+    with pytest.raises(ConfigError, match="repa.depth=3 is not a block"):
+        check_static(config(*repa_overrides(encoder_dir[0], "repa.depth=3")))
+    with pytest.raises(ConfigError, match="repa.coeff"):
+        check_static(config(*repa_overrides(encoder_dir[0], "repa.coeff=-1")))
+    check_static(config("repa.depth=99"))  # REPA off: its keys are not looked at
+
+
+def test_training_from_the_feature_cache_equals_the_encoder_on_the_fly(tmp_path, encoder_dir):
+    root = write_toy_imagefolder(tmp_path / "images", num_per_class=2, image_size=16, seed=0)
+    enc = load_encoder(str(encoder_dir[0]), resolution=16)
+    cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache", 16, num_workers=0,
+                               dtype="float32", mean_dtype="float32", progress=False, repa_encoder=enc,
+                               repa_dtype="float32")
+    common = repa_overrides(encoder_dir[0], "max_steps=2", "ckpt.every=1000", "data.hflip=true")
+    with single_thread():
+        run_training(config(*common, "data=imagefolder", f"data.root={root}", "data.image_size=16",
+                            "data.num_workers=0"), tmp_path / "fly")
+        run_training(config(*common, "data=latents", f"data.root={cache}", "data.image_size=null",
+                            "data.num_workers=0"), tmp_path / "cached")
+    fly, cached = read_metrics(tmp_path / "fly"), read_metrics(tmp_path / "cached")
+    for a, b in zip(fly, cached):
+        assert math.isclose(a["loss/repa"], b["loss/repa"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
+        assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
+    # a cache without features is refused in one line naming the fix
+    plain = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "plain", 16, num_workers=0,
+                               progress=False)
+    with pytest.raises(ConfigError, match="no REPA encoder features"):
+        run_training(config(*common, "data=latents", f"data.root={plain}", "data.image_size=null",
+                            "data.num_workers=0"), tmp_path / "refused")
+
+
+@pytest.mark.slow
+def test_repa_run_resumes_bitwise_after_kill9(tmp_path, encoder_dir):
+    common = [*repa_overrides(encoder_dir[0]), "max_steps=12", "ckpt.every=3", "ckpt.keep_last=1",
+              "optim.grad_accum_steps=2"]
+    with single_thread():
+        reference = torch.load(run_training(config(*common), tmp_path / "reference")["checkpoint"],
+                               weights_only=True)
+    run = tmp_path / "run"
+    for step, when in ((5, "after_step"), (8, "mid_step")):
+        assert joined(start_training(config(*common, f"debug.kill_at_step={step}", f"debug.kill_when={when}"),
+                                     run)) == -9
+    assert joined(start_training(config(*common), run)) == 0
+    resumed = torch.load(run / "checkpoints" / "0000012.pt", weights_only=True)
+    assert_same_training_state(resumed, reference)
+    for key, value in reference["repa"]["head"].items():
+        assert torch.equal(resumed["repa"]["head"][key], value), key
+    for key, state in reference["repa"]["opt"]["state"].items():
+        assert all(torch.equal(v, resumed["repa"]["opt"]["state"][key][n]) for n, v in state.items()), key
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_repa_as_one_process(tmp_path, encoder_dir):
+    """The projector's gradients are averaged over ranks (the model's DDP wrapper does not know
+    the head): two ranks of half the batch each end where one process does."""
+    common = [*repa_overrides(encoder_dir[0]), "max_steps=3", "ckpt.every=1000"]
+    with single_thread():
+        single = torch.load(run_training(config(*common), tmp_path / "one")["checkpoint"], weights_only=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def rank(r):
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        run_training(config(*common), tmp_path / "two")
+
+    ranks = [start(rank, r) for r in range(2)]
+    assert [joined(p) for p in ranks] == [0, 0]
+    two = torch.load(tmp_path / "two" / "checkpoints" / "0000003.pt", weights_only=True)
+    for part, a, b in (("model", single["model"], two["model"]), ("repa", single["repa"]["head"], two["repa"]["head"])):
+        for key, ref in a.items():
+            rel = (b[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert rel <= 1e-5, f"{part}.{key}: {rel:.2e}"
+    first = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss/repa"]
+    assert math.isclose(first("one"), first("two"), rel_tol=1e-5)

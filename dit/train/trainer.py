@@ -94,7 +94,11 @@ def build_repa(cfg: TrainConfig, model: DiT, data, device: torch.device) -> Opti
     else:
         encoder = load_encoder(r.encoder, r.resolution, weights=r.encoder_weights, device=device)
         dim = encoder.dim
-    head = RepaHead(model.config.hidden_size, dim, r.projector_dim).to(device)
+    # Its own seed: the same initial projector whether an encoder was built (and drew random
+    # weights before loading its own) or the features come from a cache.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg.seed)  # built on the CPU: CUDA's generators untouched
+        head = RepaHead(model.config.hidden_size, dim, r.projector_dim).to(device)
     try:
         head.attach(model, r.depth)
     except ValueError as err:
