@@ -1,6 +1,7 @@
 """How the programs fail: a known failure (a wrong config value, a missing or unusable file, a bad
 checkpoint, missing weights, a run directory in use, a run that went non-finite) ends in one line
-on stderr, `error: <what is wrong and how to fix it>`, and exit status 1. Everything else (a bug)
+on stderr, `error: <what is wrong and how to fix it>`, and exit status 1 (a message that lists
+things, such as the tensors a checkpoint lacks, has its list joined into that line). Everything else (a bug)
 keeps its traceback, and so does a known failure when HYDRA_FULL_ERROR=1 is set. The failures
 and their messages are listed in docs/training.md ("When something is wrong").
 
@@ -96,10 +97,14 @@ def _hydra_line(err: HydraException) -> str:
     return line
 
 
+MAX_DETAIL_LINES = 10  # of a multi-line message on the error line; the rest are counted (HYDRA_FULL_ERROR=1 shows all)
+
+
 def error_message(err: BaseException) -> str:
-    """`error: ...`: the message itself for config errors (ours, hydra's, omegaconf's: they name
-    the key), `error: <type>: ...` for the rest. Our multi-line messages (a list of missing keys, a
-    config diff) keep their list, indented under the first line."""
+    """`error: ...`, one line: the message itself for config errors (ours, hydra's, omegaconf's:
+    they name the key), `error: <type>: ...` for the rest. Our multi-line messages (a list of
+    mismatched tensors, a config diff) are joined into that line with "; ", the last line (the
+    fix) always kept, at most MAX_DETAIL_LINES of the list before it."""
     if isinstance(err, HydraException):
         text = _hydra_line(err)
     elif isinstance(err, OmegaConfBaseException):
@@ -108,8 +113,15 @@ def error_message(err: BaseException) -> str:
         text = str(err).strip() or type(err).__name__
     else:
         text = f"{type(err).__name__}: {str(err).strip()}"
-    first, *rest = text.splitlines()
-    return "\n".join([f"error: {first}", *(f"  {line.strip()}" for line in rest if line.strip())])
+    first, *rest = [line.strip() for line in text.splitlines() if line.strip()]
+    if not rest:
+        return f"error: {first}"
+    *details, fix = rest
+    if len(details) > MAX_DETAIL_LINES:
+        hidden = len(details) - MAX_DETAIL_LINES
+        details = [*details[:MAX_DETAIL_LINES], f"... and {hidden} more (HYDRA_FULL_ERROR=1 shows them)"]
+    joined = "; ".join([*details, fix])
+    return f"error: {first} {joined}" if first.endswith(":") else f"error: {first}; {joined}"
 
 
 def _in_sweep() -> bool:
