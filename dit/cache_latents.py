@@ -23,7 +23,7 @@ from dit.cli import config_dir
 from dit.cli.errors import reports_errors, run_program
 from dit.config import ConfigError, VAEConfig
 from dit.data import build_latent_cache, check_image_root
-from dit.repa import load_encoder
+from dit.repa import check_encoder_source, load_encoder
 
 
 @dataclass
@@ -65,6 +65,10 @@ def run(cfg: CacheLatentsConfig) -> None:
         vae_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.vae_dtype]
     except KeyError:
         raise ConfigError(f"vae_dtype={cfg.vae_dtype!r}: use float32, bfloat16 or float16") from None
+    if cfg.repa_encoder is not None:
+        check_encoder_source(cfg.repa_encoder)
+        if cfg.repa_dtype not in ("float16", "bfloat16", "float32"):
+            raise ConfigError(f"repa_dtype={cfg.repa_dtype!r}: use float16, bfloat16 or float32")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = cfg.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -266,6 +266,24 @@ def _offline_hint(name: str) -> str:
     )
 
 
+def check_encoder_source(source: str) -> None:
+    """The cheap part of `load_encoder`'s checks, for entry points to run before any weights load:
+    a path (starting with `.`, `/` or `~`, or existing) must be a save_for_hf directory."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EncoderUnavailable(
+                f"REPA encoder directory {source!r} has no config.json: write it with "
+                "timm.models.save_for_hf(model, DIR, model_args=..., safe_serialization=True)"
+            )
+    elif source.startswith((".", "/", "~")) or path.exists():
+        raise EncoderUnavailable(
+            f"REPA encoder directory {source!r} does not exist or is not a directory: pass a folder written by "
+            "timm.models.save_for_hf, a timm model id such as vit_base_patch14_dinov2.lvd142m, or a torch.hub "
+            "id such as facebookresearch/dinov2:dinov2_vitb14"
+        )
+
+
 def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
     """The frozen REPA encoder named by a local directory (timm `save_for_hf`), a torch.hub id
@@ -276,20 +294,10 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
     source = str(name_or_dir)
     path = Path(source).expanduser()
     kwargs = dict(num_classes=0, img_size=int(resolution))
+    check_encoder_source(source)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise EncoderUnavailable(
-                f"REPA encoder directory {source!r} has no config.json: write it with "
-                "timm.models.save_for_hf(model, DIR, model_args=..., safe_serialization=True)"
-            )
         net = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **kwargs)
         encoder = _timm_encoder(net, source, resolution)
-    elif source.startswith((".", "/", "~")) or path.exists():
-        raise EncoderUnavailable(
-            f"REPA encoder directory {source!r} does not exist or is not a directory: pass a folder written by "
-            "timm.models.save_for_hf, a timm model id such as vit_base_patch14_dinov2.lvd142m, or a torch.hub "
-            "id such as facebookresearch/dinov2:dinov2_vitb14"
-        )
     elif ":" in source and "/" in source.split(":")[0] and not source.startswith("hf-hub:"):
         repo, entry = source.split(":", 1)
         try:  # a cached hub repo loads without the network (no validation of the branch)

@@ -29,6 +29,7 @@ from dit.models import DiT
 from dit.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
 from dit.toy import write_toy_imagefolder
 from dit.train import run_training
+from test_cli_errors import assert_one_line, run_in_process
 from test_reliability import assert_same_training_state, config, joined, start, start_training
 
 # 4 x 4 = 16 tokens of width 32, as many as the tiny DiT's (16 px, patch 4), which is 64 wide
@@ -322,3 +323,23 @@ def test_two_gloo_ranks_train_repa_as_one_process(tmp_path, encoder_dir):
             assert rel <= 1e-5, f"{part}.{key}: {rel:.2e}"
     first = lambda run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss/repa"]
     assert math.isclose(first("one"), first("two"), rel_tol=1e-5)
+
+
+def test_cache_latents_cli_stores_the_features_and_names_a_missing_encoder_in_one_line(
+        tmp_path, encoder_dir, capsys, monkeypatch):
+    root = write_toy_imagefolder(tmp_path / "images", num_per_class=1, image_size=16, seed=0)
+    common = [f"data_root={root}", "vae=pixel", "image_size=16", "num_workers=0", "progress=false",
+              "repa_resolution=16"]
+    code, out, err = run_in_process("cache_latents", [*common, f"out_dir={tmp_path / 'c'}",
+                                                      f"repa_encoder={encoder_dir[0]}", "repa_dtype=float32"],
+                                    capsys, monkeypatch)
+    assert code == 0, err
+    ds = LatentCacheDataset(tmp_path / "c", hflip=False)
+    assert ds.use_repa_features(str(encoder_dir[0]), 16)["dim"] == 32
+    enc = load_encoder(str(encoder_dir[0]), resolution=16)
+    image = ImageFolderDataset(root, 16, hflip=False)[3][0]
+    torch.testing.assert_close(ds[3][2], enc(image[None])[0], rtol=1e-5, atol=1e-5)
+    code, _, err = run_in_process("cache_latents", [*common, f"out_dir={tmp_path / 'd'}",
+                                                    f"repa_encoder={tmp_path / 'no_encoder'}"], capsys, monkeypatch)
+    assert_one_line(code, err, "no_encoder", "save_for_hf")
+    assert not (tmp_path / "d").exists()  # refused before any work
