@@ -260,7 +260,7 @@ def _offline_hint(name: str) -> str:
     return (
         "Either fetch it on a machine with network access and copy the Hugging Face / torch hub cache "
         "(HF_HOME, TORCH_HOME), or save it there with timm: "
-        f"`timm.models.save_for_hf(timm.create_model({name!r}, pretrained=True), DIR, "
+        f"`timm.models.save_for_hf(timm.create_model({name!r}, pretrained=True, num_classes=0, img_size=224), DIR, "
         "model_args=dict(img_size=224), safe_serialization=True)` and pass the directory DIR; "
         "set HF_HUB_OFFLINE=1 to skip network attempts."
     )
