@@ -1,11 +1,16 @@
 """The toy data set (dit.toy) and its judge (dit.judge): deterministic, distinct classes,
 ImageFolder round trip, and a judge that tells real classes apart and scores samples."""
 
+import dataclasses
+import hashlib
+import json
+
 import numpy as np
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
+from dit import toy
 from dit.judge import JudgeSettings, ToyJudge
 from dit.toy import (CLASS_NAMES, NUM_CLASSES, ToyShapesDataset, class_rng, make_toy_arrays, render,
                      render_batch, to_model_range, write_toy_imagefolder)
@@ -132,3 +137,78 @@ def test_to_model_range_maps_uint8_endpoints():
     x = to_model_range(np.array([[[[0, 255, 128]]]], dtype=np.uint8))
     assert x.shape == (1, 3, 1, 1)
     torch.testing.assert_close(x.flatten(), torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+
+
+# ------------------------------------------------------------------------------ the shape-only variant
+
+
+def _nearest_mean_colour_accuracy(variant: str) -> float:
+    """Fit one mean colour per class on one seed's images, classify another seed's by the
+    nearest class mean (Euclidean, in RGB): how far mean colour alone tells classes apart."""
+    train, train_labels = make_toy_arrays(200, image_size=16, seed=11, variant=variant)
+    test, test_labels = make_toy_arrays(200, image_size=16, seed=12, variant=variant)
+
+    def colour(x):
+        return x.reshape(len(x), -1, 3).astype(np.float64).mean(1)  # (N, 3)
+
+    means = np.stack([colour(train)[train_labels == c].mean(0) for c in range(NUM_CLASSES)])
+    pred = ((colour(test)[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    return float((pred == test_labels).mean())
+
+
+def test_shape_variant_classes_are_not_told_apart_by_mean_colour():
+    # 2000 test images: chance is 10 %, its standard error 0.67 %; 13 % is 4.5 of them above.
+    assert _nearest_mean_colour_accuracy("shapes") <= 0.13
+    # The same classifier reads the colour-coded set well: the check can see a colour cue.
+    assert _nearest_mean_colour_accuracy("colours") >= 0.35
+
+
+def test_shape_variant_covers_the_same_area_in_every_class():
+    # SHAPE_AREAS re-measured from the signed distance functions on a fine grid ...
+    grid = (np.arange(768) + 0.5) / 768 * 2 - 1
+    u, v = np.meshgrid(grid, grid)
+    for c in range(NUM_CLASSES):
+        inside = toy._shape_sdf(c, u, v) < 0
+        assert inside.mean() * 4 == pytest.approx(toy.SHAPE_AREAS[c], rel=0.01), CLASS_NAMES[c]
+        assert np.hypot(u, v)[inside].max() == pytest.approx(toy.SHAPE_REACH[c], abs=0.01)
+    # ... so the rendered images' bright fraction (the shape) is the same for every class.
+    images, labels = make_toy_arrays(100, image_size=32, seed=3, variant="shapes")
+    covered = (images.max(-1) > 0.5 * 255).reshape(len(images), -1).mean(1)  # shapes >= 0.8, background <= 0.3
+    per_class = np.array([covered[labels == c].mean() for c in range(NUM_CLASSES)])
+    assert per_class.max() - per_class.min() < 0.1 * per_class.mean()
+
+
+def test_shape_variant_is_deterministic_by_seed_and_differs_from_the_colour_set():
+    a, la = make_toy_arrays(5, image_size=16, seed=3, variant="shapes")
+    b, lb = make_toy_arrays(5, image_size=16, seed=3, variant="shapes")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(la, lb)
+    assert (a != make_toy_arrays(5, image_size=16, seed=4, variant="shapes")[0]).mean() > 0.5
+    # Not the colour set: the same seed draws the same backgrounds and positions, but the shape's
+    # colour and size differ, so the shape pixels (about a quarter of the image) change.
+    assert (a != make_toy_arrays(5, image_size=16, seed=3)[0]).mean() > 0.15
+    ds = ToyShapesDataset(2, image_size=16, seed=3, variant="shapes")
+    assert ds.classes == list(toy.SHAPE_NAMES) and ds.classes[0] == "circle"
+    with pytest.raises(ValueError, match="variant"):
+        make_toy_arrays(2, variant="colour")
+
+
+@pytest.mark.slow
+def test_each_variant_has_its_own_judge(tmp_path):
+    # The colour set's judge keeps its cache name (no variant in it); the shape set's is its own file.
+    assert JudgeSettings(image_size=16).cache_name() == (
+        "toy_judge_16px_seed0_" + hashlib.sha1(json.dumps(
+            {k: v for k, v in dataclasses.asdict(JudgeSettings(image_size=16)).items() if k != "variant"},
+            sort_keys=True).encode()).hexdigest()[:10] + ".pt")
+    # Judges far shorter than the defaults (a test, not a measurement): the colour one still reads
+    # the colour set perfectly; the shape one reaches about 60 % on shapes (the default, 92 %).
+    colour_judge = ToyJudge.load_or_train(tmp_path, image_size=16, seed=0, progress=False, steps=100,
+                                          num_per_class=50)
+    shape_judge = ToyJudge.load_or_train(tmp_path, image_size=16, seed=0, progress=False, variant="shapes",
+                                         steps=300, num_per_class=100)
+    assert len(list(tmp_path.iterdir())) == 2 and shape_judge.settings.variant == "shapes"
+    images, labels = make_toy_arrays(30, image_size=16, seed=555, variant="shapes")  # 300 images
+    # Trained on colours, a judge cannot read the shape set (chance: 10 %, standard error 1.7 %);
+    # trained on shapes, it can.
+    assert (colour_judge.classify(images) == labels).mean() <= 0.2
+    assert (shape_judge.classify(images) == labels).mean() >= 0.35
