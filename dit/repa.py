@@ -242,7 +242,21 @@ class Encoder(nn.Module):
 
 
 def _timm_tokens(net, x):
-    return net.forward_features(x)[:, getattr(net, "num_prefix_tokens", 0):]  # drop class/register tokens
+    out = net.forward_features(x)
+    if out.ndim == 4:  # a convolutional net's (N, C, h, w) map: its h x w positions are the tokens
+        return out.flatten(2).transpose(1, 2)
+    return out[:, getattr(net, "num_prefix_tokens", 0):]  # a ViT's: drop class/register tokens
+
+
+def _create_timm(timm, name: str, resolution: int, **kwargs):
+    """timm.create_model with the input side set where the architecture has one (ViTs: their
+    position table is resampled to it at load); convolutional nets take any side as they are."""
+    try:
+        return timm.create_model(name, img_size=int(resolution), **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(name, **kwargs)
 
 
 def _hub_tokens(net, x):
@@ -293,10 +307,10 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
 
     source = str(name_or_dir)
     path = Path(source).expanduser()
-    kwargs = dict(num_classes=0, img_size=int(resolution))
+    kwargs = dict(num_classes=0)
     check_encoder_source(source)
     if path.is_dir():
-        net = timm.create_model(f"local-dir:{path.resolve()}", pretrained=True, **kwargs)
+        net = _create_timm(timm, f"local-dir:{path.resolve()}", resolution, pretrained=True, **kwargs)
         encoder = _timm_encoder(net, source, resolution)
     elif ":" in source and "/" in source.split(":")[0] and not source.startswith("hf-hub:"):
         repo, entry = source.split(":", 1)
@@ -324,7 +338,7 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
                 raise EncoderUnavailable(f"REPA encoder weights file {weights!r} does not exist")
             overlay = {"pretrained_cfg_overlay": dict(file=str(Path(weights).expanduser()))}
         try:
-            net = timm.create_model(source, pretrained=True, **kwargs, **overlay)
+            net = _create_timm(timm, source, resolution, pretrained=True, **kwargs, **overlay)
         except Exception as err:  # noqa: BLE001 - huggingface_hub raises several types offline
             offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
             raise EncoderUnavailable(

@@ -134,6 +134,32 @@ def test_encoder_loads_from_a_local_directory_with_its_preprocessing(encoder_dir
     torch.testing.assert_close(tokens, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_classifier_vit_and_a_convnet_load_as_encoders(tmp_path):
+    """What a user trains themselves: a ViT with its class head (dropped: its patch tokens are
+    the features) and a convolutional net (its feature map's positions are the tokens)."""
+    torch.manual_seed(0)
+    vit_args = {**ENCODER_ARGS, "num_classes": 10}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **vit_args).eval()
+    save_for_hf(vit, tmp_path / "vit", model_args=vit_args, safe_serialization=True)
+    enc = load_encoder(str(tmp_path / "vit"), resolution=16)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean = torch.tensor(vit.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(vit.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = vit.forward_features(((x + 1) / 2 - mean) / std)[:, 1:]
+    torch.testing.assert_close(enc(x), ref, rtol=1e-5, atol=1e-5)
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    save_for_hf(cnn, tmp_path / "cnn", model_args={"num_classes": 10}, safe_serialization=True)
+    enc = load_encoder(str(tmp_path / "cnn"), resolution=64)  # stride 32: a 2 x 2 map
+    mean = torch.tensor(cnn.pretrained_cfg["mean"]).view(1, 3, 1, 1)  # its own normalisation
+    std = torch.tensor(cnn.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = cnn.forward_features(F.interpolate((x + 1) / 2, size=(64, 64), mode="bicubic", align_corners=False)
+                                   .sub(mean).div(std))
+    assert enc.dim == 512
+    torch.testing.assert_close(enc(x), ref.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_encoder_errors_name_the_problem(tmp_path):
     with pytest.raises(EncoderUnavailable, match="does not exist"):
         load_encoder(str(tmp_path / "missing_encoder"))
