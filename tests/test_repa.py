@@ -286,7 +286,9 @@ def test_training_from_the_feature_cache_equals_the_encoder_on_the_fly(tmp_path,
     cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache", 16, num_workers=0,
                                dtype="float32", mean_dtype="float32", progress=False, repa_encoder=enc,
                                repa_dtype="float32")
-    common = repa_overrides(encoder_dir[0], "max_steps=2", "ckpt.every=1000", "data.hflip=true")
+    # DiT's diffusion objective here (the other tests train flow): REPA adds to either alike
+    common = [o if o != "objective=flow" else "objective=diffusion"
+              for o in repa_overrides(encoder_dir[0], "max_steps=2", "ckpt.every=1000", "data.hflip=true")]
     with single_thread():
         run_training(config(*common, "data=imagefolder", f"data.root={root}", "data.image_size=16",
                             "data.num_workers=0"), tmp_path / "fly")
