@@ -1,5 +1,7 @@
 """Bulk sampling to an ADM `.npz`: split across ranks, resumable, byte-identical for any number
-of ranks and across interruptions (see `dit.sampling.sample_blocks` for why)."""
+of ranks and across interruptions (see `dit.sampling.sample_blocks` for why), for diffusion and
+flow models alike (`diffusion` is the trained objective: a GaussianDiffusion, None, or a
+`dit.flow.FlowMatching`; the SDE's per-step noise is per sample, as DDPM's)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from typing import Callable
 import numpy as np
 
 from dit.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
-from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, rank_indices, settings_path_for,
-                          unwrap_model)
+from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, objective_kind, rank_indices,
+                          settings_path_for, unwrap_model)
 
 SHARD_SETTINGS = "settings.json"
 LOCK_FILE = ".lock"  # in the shard directory: held (flock) by the sampler writing this output
@@ -79,7 +81,9 @@ def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples:
                   label_mode: str, provenance: dict | None = None) -> dict:
     """Everything that determines the samples of a bulk file, as recorded next to it (and in
     its shard directory, to refuse resuming with other settings): `clip_denoised` as resolved for
-    this autoencoder, and (in `provenance`, from `load_for_sampling`) the diffusion chain."""
+    this autoencoder, and (in `provenance`, from `load_for_sampling`) the diffusion chain or the
+    flow objective. A flow sampler's record holds its flow knobs and `nfe` per sample (None for
+    dopri5, whose count is adaptive)."""
     record = {
         "num_samples": int(num_samples), "seed": int(seed), "labels": label_mode,
         "batch_size": int(batch_size),  # fixes which samples share a network batch (see sample_blocks)
@@ -115,7 +119,8 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
         raise ValueError(f"unknown label mode {label_mode!r}: use one of {LABEL_MODES}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    settings.check()
+    # `auto` becomes the objective's sampler before anything is recorded (a mismatch stops here).
+    settings = settings.for_objective(objective_kind(diffusion)).check()
     sync = barrier or (lambda: None)
     model = unwrap_model(model)
     out_path = Path(out_path)

@@ -1,6 +1,7 @@
 """What `sample.py` runs, from its config: a PNG grid of chosen classes, or N samples to an ADM
 `.npz` split across the ranks (the FID protocol). `eval_fid.py` generates through the same
-`generate_bulk` before scoring."""
+`generate_bulk` before scoring. Diffusion and flow checkpoints alike: the sampler family follows
+what the checkpoint was trained on (`sampler=auto`, the default, picks DDPM or SiT's SDE)."""
 
 from __future__ import annotations
 
@@ -13,18 +14,33 @@ from dit.bulk import bulk_sample
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.files import save_grid, write_json_atomic
-from dit.sampling import (NonFiniteSamplesError, default_output_name, diffusion_from_config, generate_samples,
-                          load_for_sampling, settings_path_for)
+from dit.sampling import (NonFiniteSamplesError, SamplerMismatchError, SamplerSettings, default_output_name,
+                          generate_samples, load_for_sampling, objective_kind, settings_path_for, trained_objective)
 
 
 def _load(cfg: SampleConfig, env: DistEnv):
-    """(model, autoencoder, provenance, diffusion): the diffusion is the chain the checkpoint was
-    trained on (its config's `diffusion` node; the linear 1000-step chain for release files)."""
+    """(model, autoencoder, provenance, objective): the objective is what the checkpoint was
+    trained on: the diffusion chain of its config's `diffusion` node (the linear 1000-step chain
+    for DiT's release files), or the flow objective of its `objective` node (SiT's for SiT's
+    release file), which the flow samplers integrate."""
     vae = cfg.vae
     model, autoencoder, provenance = load_for_sampling(
         cfg.checkpoint, which=cfg.which, model_name=cfg.model_name, vae=vae.name if vae is not None else None,
         vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
-    return model, autoencoder, provenance, diffusion_from_config(provenance, model.config.learn_sigma)
+    return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
+
+
+def _settings(cfg: SampleConfig, cfg_scale: float, objective, autoencoder) -> SamplerSettings:
+    """The sampler settings for this checkpoint's objective (`sampler=auto`: its default sampler),
+    `clip_denoised` resolved for the autoencoder; a sampler of the other family is refused in one
+    line naming the ones that fit."""
+    try:
+        settings = cfg.sampler_settings(cfg_scale).for_objective(objective_kind(objective)).check()
+    except SamplerMismatchError as err:
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: {err}") from None
+    except ValueError as err:  # e.g. a diffusion guidance_interval given to a flow sampler
+        raise ConfigError(f"sampler settings: {err}") from None
+    return settings.resolved(autoencoder)
 
 
 @contextlib.contextmanager
@@ -58,15 +74,17 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
     try:
         model, autoencoder, provenance, diffusion = _load(cfg, env)
         labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
-        settings = cfg.sampler_settings(cfg.grid.cfg_scale).resolved(autoencoder)
+        settings = _settings(cfg, cfg.grid.cfg_scale, diffusion, autoencoder)
         out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
         if env.is_main:
+            stats = {}
             with _naming_the_checkpoint(cfg):
                 images, _ = generate_samples(model, diffusion, autoencoder, range(len(labels)), settings, seed=cfg.seed,
-                                             labels=labels, batch_size=len(labels), progress=True)
+                                             labels=labels, batch_size=len(labels), progress=True, stats=stats)
             save_grid(images, out, nrow=cfg.grid.nrow)
+            counted = {"nfe": stats["nfe"]} if settings.is_flow else {}  # dopri5's count is only known now
             write_json_atomic(settings_path_for(out), {
-                "mode": "grid", "labels": labels, "seed": cfg.seed, **settings.to_dict(), **provenance,
+                "mode": "grid", "labels": labels, "seed": cfg.seed, **settings.to_dict(), **counted, **provenance,
                 "model_config": model.config.to_dict(), "autoencoder": autoencoder.to_dict()})
             print(f"wrote {out}; settings: {settings_path_for(out)}")
         barrier(env)
@@ -84,7 +102,7 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
     env = init_distributed(cfg.device)
     try:
         model, autoencoder, provenance, diffusion = _load(cfg, env)
-        settings = cfg.sampler_settings(cfg.bulk.cfg_scale).resolved(autoencoder)
+        settings = _settings(cfg, cfg.bulk.cfg_scale, diffusion, autoencoder)
         out = _output(cfg.bulk.out, lambda: default_output_name(provenance, settings, seed=cfg.seed,
                                                                 num_samples=cfg.bulk.num_samples), ".npz", "bulk.out")
         start = time.perf_counter()

@@ -1,12 +1,19 @@
 """What a DiT state dict's keys and shapes say: the official release files (`DiT-XL-2-256x256.pt`,
 ...) are a plain EMA state dict and nothing else, so their configuration is inferred here from
 the tensor shapes (contract 1 in docs/design.md); wrapper prefixes (DDP, torch.compile) are
-removed first."""
+removed first.
+
+SiT's release (`SiT-XL-2-256x256.pt`, served as `SiT-XL-2-256.pt`; willisma/SiT) is the same
+layout (SiT keeps DiT's model file: learned-sigma output channels, 2C, whose second half SiT
+drops), so the shapes cannot tell the two apart; what they were trained on (DDPM vs. a linear
+flow with t = 1 at the data end) is decided by the file name (`release_family`)."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -15,6 +22,16 @@ from dit.models import DIT_SIZES, arch_name
 
 # The paper's label-dropout rate, assumed for state dicts that carry no config of their own.
 RELEASE_CLASS_DROPOUT = 0.1
+# Release families by file-name prefix (case-insensitive): SiT's files are named SiT-<size>-<res>.pt.
+RELEASE_FAMILIES = {"sit-": "sit"}
+
+
+def release_family(path: str | os.PathLike) -> str:
+    """"sit" for a file named like SiT's release (`SiT-XL-2-256.pt`, `SiT-XL-2-256x256.pt`: a
+    flow model, `dit.sample_chain.RELEASE_OBJECTIVES["sit"]`), else "dit" (DDPM). A bare state
+    dict records nothing else that could tell: keep SiT's file name when copying it."""
+    name = Path(path).name.lower()
+    return next((family for prefix, family in RELEASE_FAMILIES.items() if name.startswith(prefix)), "dit")
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

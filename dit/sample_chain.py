@@ -1,10 +1,17 @@
-"""The diffusion chain a sampler walks: the one the model was trained with (read from the
-checkpoint's config), respaced to the sampler's number of steps, and DPM-Solver++ on its betas.
+"""What a sampler walks: the objective the model was trained with (read from the checkpoint's
+config): a Gaussian diffusion chain, respaced to the sampler's number of steps (DDPM / DDIM, and
+DPM-Solver++ on its betas), or a flow objective (`dit.flow.FlowMatching`) integrated by the flow
+samplers (`flow_sample`: Euler / Heun / dopri5 ODE, Euler-Maruyama SDE).
 
 A run trained with `diffusion.noise_schedule=cosine` or `diffusion.diffusion_steps=500` must be
 sampled on that chain: its network has only seen the noise levels of that schedule, at timesteps
 0..diffusion_steps-1. Our checkpoints record the training config (contract 2 in
-docs/design.md); release files record none and were trained on the linear 1000-step chain.
+docs/design.md); release files record none: DiT's were trained on the linear 1000-step chain,
+SiT's on the linear flow path with t = 1 at the data end (`RELEASE_OBJECTIVES`; which release a
+file is comes from its name, `dit.release.release_family`).
+
+A flow objective is recorded as `config.objective` (`dit.flow.config`); its absence, or kind
+"diffusion", means the diffusion chain of `config.diffusion`.
 """
 
 from __future__ import annotations
@@ -16,10 +23,49 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
+from dit.flow import FlowMatching, sample_ode, sample_sde
+from dit.flow.config import flow_from_config, is_flow
+from dit.sample_settings import SamplerSettings
 
 # What a file without a training config (a release file) was trained on: DiT's chain, which is
 # also the training schema's default (dit/config/schema.py, DiffusionConfig).
 RELEASE_CHAIN = {"noise_schedule": "linear", "diffusion_steps": 1000}
+# The objective of each release family, as `config.objective` records ours (None: diffusion,
+# RELEASE_CHAIN). SiT (willisma/SiT): linear path, velocity prediction, t in [0, 1] fed to DiT's
+# embedder as is, but t = 1 is data there: the network receives 1 - t and predicts x0 - eps.
+RELEASE_OBJECTIVES = {
+    "dit": None,
+    "sit": {"kind": "flow", "path": "linear", "prediction": "velocity", "network_time_scale": 1.0,
+            "network_time_data_at_one": True},
+}
+
+
+def objective_from_config(config: Mapping | None) -> dict | None:
+    """The flow objective record (`config.objective`) of a training config or of the provenance
+    recorded next to samples, or None for a diffusion model (no `objective` node, or kind
+    "diffusion"): what decides which sampler family fits a checkpoint."""
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"a training config must be a mapping (a checkpoint's `config`), got {type(config).__name__}")
+    objective = (config or {}).get("objective")
+    return dict(objective) if is_flow(objective) else None
+
+
+def trained_objective(config: Mapping | None, learn_sigma: bool) -> GaussianDiffusion | FlowMatching:
+    """What the model was trained on, ready to sample: the `FlowMatching` of a flow objective
+    record, else the full diffusion chain (`diffusion_from_config`)."""
+    objective = objective_from_config(config)
+    if objective is None:
+        return diffusion_from_config(config, learn_sigma)
+    try:
+        return flow_from_config(objective)
+    except ValueError as err:
+        raise ValueError(f"the checkpoint's config records objective={objective}, which this code cannot build: "
+                         f"{err}") from None
+
+
+def objective_kind(objective) -> str:
+    """"flow" for a FlowMatching, "diffusion" for a GaussianDiffusion or None (the release chain)."""
+    return "flow" if isinstance(objective, FlowMatching) else "diffusion"
 
 
 def trained_chain(config: Mapping | None) -> dict:
@@ -101,3 +147,27 @@ def dpm_solver(denoiser: Callable, diffusion: GaussianDiffusion, noise: torch.Te
         eps = denoiser(x, t_batch)[:, :channels]
         x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+def flow_sample(denoiser: Callable, flow: FlowMatching, noise: torch.Tensor, settings: SamplerSettings, *,
+                generator=None) -> tuple[torch.Tensor, int]:
+    """(x at t = 0, network evaluations) from `noise` at t = 1 with the flow sampler that
+    `settings.sampler` names (euler | heun | dopri5: ODE; sde: Euler-Maruyama), integrating the
+    velocity of `flow` (its path, prediction and network time) around `denoiser(x, t_net)`, the
+    network or its guidance wrapper. `generator`: the SDE's per-step noise (one generator, or one
+    per sample, as the diffusion samplers take it)."""
+    velocity = flow.velocity(denoiser)
+    method = settings.sampler
+    if method == "sde":
+        out = sample_sde(velocity, noise, path=flow.path, num_steps=int(settings.num_steps),
+                         diffusion_form=settings.diffusion_form, diffusion_norm=float(settings.diffusion_norm),
+                         last_step=settings.last_step, last_step_size=float(settings.last_step_size),
+                         shift=float(settings.shift), generator=generator)
+    elif method == "dopri5":
+        out = sample_ode(velocity, noise, num_steps=int(settings.num_steps), method="dopri5",
+                         rtol=float(settings.rtol), atol=float(settings.atol))
+    elif method in ("euler", "heun"):
+        out = sample_ode(velocity, noise, num_steps=int(settings.num_steps), method=method, shift=float(settings.shift))
+    else:
+        raise ValueError(f"{method!r} is not a flow sampler: use euler, heun, sde or dopri5")
+    return out.x, out.nfe

@@ -1,6 +1,7 @@
 """Sampling with classifier-free guidance: `SamplerSettings` (the one description of how to
-sample, used by every consumer), DDPM, DDIM and DPM-Solver++, and per-sample deterministic
-batches of images. Bulk `.npz` files are `dit/bulk.py`; per-sample seeds, labels
+sample, used by every consumer; dit/sample_settings.py), DDPM, DDIM and DPM-Solver++ for
+diffusion models, Euler / Heun / dopri5 ODE and Euler-Maruyama SDE for flow models (dit/flow/),
+and per-sample deterministic batches of images. Bulk `.npz` files are `dit/bulk.py`; per-sample seeds, labels
 and network batches are `dit/sample_order.py`; the chain a sampler walks (the trained one, from a
 checkpoint's config) is `dit/sample_chain.py`; the forward precision is `dit/precision.py` (all
 re-exported here).
@@ -14,19 +15,21 @@ Guidance (contract 6 in docs/design.md): the conditional and the unconditional (
 `dit.models.null_class`) passes run as one batch through `DiT.forward_with_cfg`; `cfg_scale == 1`
 skips the unconditional pass entirely, and so does any step outside the optional guidance
 interval.
+
+Which sampler family runs is decided by what the model was trained on (`trained_objective`,
+from the checkpoint's config): the `objective` argument of the samplers below is a
+GaussianDiffusion (or None: DiT's release chain) or a `dit.flow.FlowMatching`; the default
+sampler `auto` becomes that objective's default and a sampler of the other family is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import dataclasses
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,10 +38,15 @@ from tqdm.auto import tqdm
 from dit.autoencoder import autoencoder_from_spec, build_autoencoder, warn_partial_guidance
 from dit.checkpoint import load_dit_checkpoint
 from dit.diffusion import GaussianDiffusion
+from dit.flow import FlowMatching, NetworkTime
 from dit.files import to_uint8
 from dit.models import null_class, parse_guided_channels
-from dit.precision import PRECISIONS, check_precision, forward_precision
-from dit.sample_chain import RELEASE_CHAIN, diffusion_from_config, dpm_solver, sampling_chain, trained_chain
+from dit.precision import PRECISIONS, forward_precision
+from dit.release import release_family
+from dit.sample_chain import (RELEASE_CHAIN, RELEASE_OBJECTIVES, diffusion_from_config, dpm_solver, flow_sample,
+                              objective_from_config, objective_kind, sampling_chain, trained_chain, trained_objective)
+from dit.sample_settings import (AUTO, DEFAULT_SAMPLERS, DIFFUSION_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, SETTINGS_FIELDS,
+                                 SamplerMismatchError, SamplerSettings)
 from dit.sample_order import (LABEL_MODES, LABEL_STREAM, NOISE_STREAM, initial_noise, rank_indices, sample_blocks,
                               sample_generators, sample_labels, sample_seed)
 
@@ -46,12 +54,13 @@ __all__ = [  # what dit.sample_order defines is re-exported: per-sample randomne
     "LABEL_MODES", "LABEL_STREAM", "NOISE_STREAM", "initial_noise", "rank_indices", "sample_blocks",
     "sample_generators", "sample_labels", "sample_seed",
     "RELEASE_CHAIN", "diffusion_from_config", "sampling_chain", "trained_chain", "PRECISIONS",  # the same for these
-    "SAMPLERS", "SamplerSettings", "SETTINGS_FIELDS", "NonFiniteSamplesError", "check_finite_samples",
+    "RELEASE_OBJECTIVES", "objective_from_config", "objective_kind", "trained_objective", "flow_sample",
+    "SAMPLERS", "SamplerSettings", "SETTINGS_FIELDS", "AUTO", "DEFAULT_SAMPLERS", "DIFFUSION_SAMPLERS",
+    "FLOW_SAMPLERS", "SamplerMismatchError", "NonFiniteSamplesError", "check_finite_samples",
     "unwrap_model", "GuidedDenoiser", "sample_latents", "sample_images", "generate_samples",
     "DEFAULT_RELEASE_VAE", "load_for_sampling", "settings_path_for", "default_output_name",
 ]
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 log = logging.getLogger(__name__)
 
 
@@ -60,93 +69,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class SamplerSettings:
-    """Everything that decides how samples are drawn from a model, with the defaults of the
-    paper's FID protocol (DDPM-250, guidance 1.5 on 3 channels). One type for sample.py,
-    eval_fid.py, training grids, the evaluator, output names and the results table: a new
-    sampler knob is a field here and its use in the sampler (and, to set it from the command
-    line, `sampler.<field>` in conf/sampler/; the schema picks it up from this class).
-
-    `guided_channels`: "3" (the paper's evaluation) or "all"; ints are accepted from Python.
-    `guidance_interval`: [lo, hi] original timesteps; guidance only for lo <= t <= hi, the
-    conditional model alone elsewhere (Kynkäänniemi et al. 2024). None: every step.
-    `clip_denoised`: clamp each step's predicted x0 to [-1, 1] before the posterior mean (ADM's
-    pixel models do). None: automatic, on for the pixel autoencoder, off for latent VAEs
-    (`resolved(autoencoder)` decides; sample_latents alone, with no autoencoder, treats it as off).
-    `precision`: the network forward in fp32 (IEEE: TF32 forced off), tf32, or bf16 (autocast on
-    the forward only; the chain's arithmetic stays float32). See dit/precision.py.
-    """
-
-    sampler: str = "ddpm"  # ddpm (ancestral), ddim (eta=0: deterministic), dpm++ (DPM-Solver++(2M))
-    num_steps: int = 250
-    cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
-    guided_channels: str = "3"
-    guidance_interval: Optional[list[int]] = None
-    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
-    clip_denoised: Optional[bool] = None  # None: on for vae=pixel, off for latent VAEs
-    precision: str = "fp32"  # fp32 | tf32 | bf16: the network forward's arithmetic
-
-    def check(self) -> "SamplerSettings":
-        """Raise ValueError naming the field whose value cannot work; returns self. (Whether
-        `guided_channels` fits a model's channels is checked against the model when sampling.)"""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {SAMPLERS}")
-        if int(self.num_steps) < 1:
-            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
-        if self.sampler in ("ddpm", "ddim") and int(self.num_steps) < 2:
-            # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
-            raise ValueError(f"the {self.sampler} sampler needs num_steps >= 2 (a chain from t=999 to t=0), "
-                             f"got {self.num_steps}")
-        # eta > 1 asks for more noise than the step's variance holds: DDIM's sqrt(1 - a - sigma^2)
-        # becomes NaN. Non-finite values would turn every sample into NaN, then into black images.
-        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
-            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        guided = self.guided_channels_value
-        if guided != "all" and not (type(guided) is int and guided > 0):
-            raise ValueError(f"guided_channels must be a channel count or 'all' (3 reproduces the paper), "
-                             f"got {self.guided_channels!r}")
-        if self.guidance_interval is not None:
-            interval = list(self.guidance_interval)
-            if len(interval) != 2 or not 0 <= int(interval[0]) <= int(interval[1]):
-                raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, "
-                                 f"got {self.guidance_interval}")
-        if self.clip_denoised not in (None, True, False):
-            raise ValueError(f"clip_denoised must be true, false or null (automatic: on for vae=pixel), "
-                             f"got {self.clip_denoised!r}")
-        check_precision(self.precision)
-        return self
-
-    def resolved(self, autoencoder) -> "SamplerSettings":
-        """A copy with `clip_denoised` decided for `autoencoder`: as given, or (None) on for the
-        pixel autoencoder (the model works on [-1, 1] images, as ADM's pixel models) and off for a
-        latent VAE (latents are not bounded by [-1, 1])."""
-        if self.clip_denoised is not None:
-            return self
-        return dataclasses.replace(self, clip_denoised=getattr(autoencoder, "name", None) == "pixel")
-
-    @property
-    def guided_channels_value(self) -> int | str:
-        """`guided_channels` as settings files record it and the model takes it: 3 or "all"."""
-        g = self.guided_channels
-        return int(g) if isinstance(g, str) and g.isdigit() else g
-
-    def to_dict(self) -> dict:
-        """Every field, as recorded next to samples (plain JSON types; a subclass's extra fields,
-        such as a training grid's `every`, are not sampler settings and are left out)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)}
-        interval = self.guidance_interval
-        out.update(num_steps=int(self.num_steps), cfg_scale=float(self.cfg_scale), eta=float(self.eta),
-                   guided_channels=self.guided_channels_value,
-                   guidance_interval=[int(v) for v in interval] if interval is not None else None)
-        return out
-
-
-SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
+# SamplerSettings (with SAMPLERS, SETTINGS_FIELDS and the flow samplers' knobs) is dit/sample_settings.py.
 
 
 class NonFiniteSamplesError(RuntimeError):
@@ -156,7 +79,9 @@ class NonFiniteSamplesError(RuntimeError):
 
 def _describe(settings: SamplerSettings) -> str:
     d = settings.to_dict()
-    return ", ".join(f"{k}={d[k]}" for k in ("sampler", "num_steps", "cfg_scale", "eta", "guided_channels"))
+    keys = ("sampler", "num_steps", "cfg_scale", "shift") if settings.is_flow else \
+        ("sampler", "num_steps", "cfg_scale", "eta")
+    return ", ".join(f"{k}={d[k]}" for k in (*keys, "guided_channels"))
 
 
 def check_finite_samples(x: torch.Tensor, settings: SamplerSettings, what: str = "latents") -> torch.Tensor:
@@ -182,11 +107,16 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class GuidedDenoiser:
-    """fn(x (B, C, H, W), t (B,) original timesteps) -> the network output (B, C_out, H, W) with
-    classifier-free guidance applied as `settings` say. Counts network passes (`calls`) and rows
-    (`rows`): a guided step is one pass over 2B rows, an unguided one a pass over B rows."""
+    """fn(x (B, C, H, W), t (B,) the network's timestep input) -> the network output (B, C_out,
+    H, W) with classifier-free guidance applied as `settings` say. Counts network passes (`calls`)
+    and rows (`rows`): a guided step is one pass over 2B rows, an unguided one a pass over B rows.
 
-    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, settings: SamplerSettings):
+    `network_time`: None for a diffusion model (t: original DDPM timesteps, compared with the
+    guidance interval as integers); a flow model's `NetworkTime`, which maps the network's input
+    back to our flow time t in [0, 1] (t = 1 noise), the time its guidance interval is given in."""
+
+    def __init__(self, model: torch.nn.Module, labels: torch.Tensor, settings: SamplerSettings,
+                 network_time: NetworkTime | None = None):
         settings.check()
         self.model = model
         self.precision = settings.precision
@@ -207,19 +137,32 @@ class GuidedDenoiser:
         self.guided_channels = parse_guided_channels(settings.guided_channels_value, model.config.in_channels)
         if self.guided:  # "3" on a latent space other than SD's 4 channels guides an arbitrary subset
             warn_partial_guidance(settings.guided_channels_value, model.config.in_channels)
-        self.interval = (int(interval[0]), int(interval[1])) if interval is not None else None
+        self.network_time = network_time
+        if interval is None:
+            self.interval = None
+        elif network_time is None:
+            self.interval = (int(interval[0]), int(interval[1]))
+        else:
+            self.interval = (float(interval[0]), float(interval[1]))
         self.calls = self.rows = 0
 
-    def guides_at(self, t: int) -> bool:
-        """Whether the step at original timestep t is guided."""
+    def guides_at(self, t: int | float) -> bool:
+        """Whether the step at t is guided: an original timestep (diffusion) or our flow time."""
         if not self.guided:
             return False
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
+    def step_time(self, t: torch.Tensor) -> int | float:
+        """The time of a batch's step in the interval's units: DDPM time read as an integer
+        (diffusion), our flow time as a float (flow; the network may see 1 - t or 1000 t)."""
+        if self.network_time is None:
+            return int(t[0])
+        return float(self.network_time.flow_time(t[0].double()))
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **_unused) -> torch.Tensor:
         self.calls += 1
         # All samples of a batch are at the same step, so one decision serves the batch.
-        guided = self.guides_at(int(t[0]))
+        guided = self.guides_at(self.step_time(t))
         self.rows += (2 if guided else 1) * len(x)
         # bf16 autocasts the network (with forward_with_cfg's guidance mix); the chain gets float32.
         with forward_precision(self.precision, x.device):
@@ -247,21 +190,26 @@ def _eval_mode(model: torch.nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, labels, settings: SamplerSettings, *,
-                   noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching | None, labels,
+                   settings: SamplerSettings, *, noise: torch.Tensor,
+                   generator: torch.Generator | list[torch.Generator] | None = None,
                    progress: bool = False, denoiser_out: list | None = None) -> torch.Tensor:
     """Draw x_0 (N, C, H, W) from x_T = `noise` for class `labels` (N,), as `settings` say.
     Non-finite results raise `NonFiniteSamplesError` (checked once, at the end).
 
     Args:
-        diffusion: the full chain the model was trained on (`diffusion_from_config`), or one
-            already respaced to `settings.num_steps`; None: the release chain (linear, 1000
-            steps) with the model's `learn_sigma`. `settings.clip_denoised` None counts as off.
-        generator: the per-step noise of ddpm / ddim(eta>0): one generator, or a list with one
-            per sample (batch-independent results).
-        denoiser_out: if a list is given, the `GuidedDenoiser` is appended (to read its counts).
+        diffusion: what the model was trained on (`trained_objective`): the full diffusion chain
+            (`diffusion_from_config`), or one already respaced to `settings.num_steps`; None: the
+            release chain (linear, 1000 steps) with the model's `learn_sigma`; or a
+            `FlowMatching` (flow samplers). `settings.sampler` must fit it (`auto` picks the
+            objective's default; the other family raises SamplerMismatchError).
+            `settings.clip_denoised` None counts as off.
+        generator: the per-step noise of ddpm / ddim(eta>0) / sde: one generator, or a list with
+            one per sample (batch-independent results).
+        denoiser_out: if a list is given, the `GuidedDenoiser` is appended (to read its counts;
+            a flow sampler's evaluations per sample are its `calls`).
     """
-    settings.check()
+    settings = settings.for_objective(objective_kind(diffusion)).check()
     model = unwrap_model(model)
     device = noise.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -270,6 +218,13 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
     if tuple(noise.shape) != expected:
         raise ValueError(f"noise must be (N, C, H, W) = {expected} for {len(labels)} labels and this model, "
                          f"got {tuple(noise.shape)}")
+    if isinstance(diffusion, FlowMatching):
+        denoiser = GuidedDenoiser(model, labels, settings, network_time=diffusion.network_time)
+        if denoiser_out is not None:
+            denoiser_out.append(denoiser)
+        with _eval_mode(model), torch.no_grad():
+            x, _ = flow_sample(denoiser, diffusion, noise, settings, generator=generator)
+        return check_finite_samples(x, settings)
     if diffusion is None:
         diffusion = diffusion_from_config(None, cfg.learn_sigma)
     denoiser = GuidedDenoiser(model, labels, settings)
@@ -289,13 +244,15 @@ def sample_latents(model: torch.nn.Module, diffusion: GaussianDiffusion | None, 
     return check_finite_samples(x, settings)  # once per batch, not per step
 
 
-def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, autoencoder, labels,
-                  settings: SamplerSettings, *, noise: torch.Tensor, generator=None, progress: bool = False) -> np.ndarray:
-    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3), with `clip_denoised`
-    resolved for this autoencoder. Non-finite latents or decoded images raise
-    `NonFiniteSamplesError` (they would become black images)."""
-    settings = settings.resolved(autoencoder)
-    latents = sample_latents(model, diffusion, labels, settings, noise=noise, generator=generator, progress=progress)
+def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | FlowMatching | None, autoencoder, labels,
+                  settings: SamplerSettings, *, noise: torch.Tensor, generator=None, progress: bool = False,
+                  denoiser_out: list | None = None) -> np.ndarray:
+    """`sample_latents`, decoded by the autoencoder: uint8 (N, H, W, 3), with the sampler chosen
+    for the objective and `clip_denoised` resolved for this autoencoder. Non-finite latents or
+    decoded images raise `NonFiniteSamplesError` (they would become black images)."""
+    settings = settings.for_objective(objective_kind(diffusion)).resolved(autoencoder)
+    latents = sample_latents(model, diffusion, labels, settings, noise=noise, generator=generator, progress=progress,
+                             denoiser_out=denoiser_out)
     with torch.no_grad():
         return to_uint8(check_finite_samples(autoencoder.decode(latents), settings, "decoded images"))
 
@@ -303,14 +260,16 @@ def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion | None, a
 def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], settings: SamplerSettings, *, seed: int,
                      batch_size: int, label_mode: str = "uniform", labels: Sequence[int] | None = None, device=None,
                      progress: bool = False, collect: bool = True,
-                     on_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None):
+                     on_batch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                     stats: dict | None = None):
     """Samples number `indices` of a run seeded `seed`: (images uint8 (n, H, W, 3), labels int64
     (n,)), in the order of `indices`. Each sample's noise and label depend only on (seed, index);
     the network batches are the index blocks of `sample_blocks(indices, batch_size)`. `labels`
     overrides the label draw (one per index). `on_batch(indices, images, labels)` is called after
     each batch (bulk sampling writes its shards there); `collect=False` keeps nothing in memory
-    and returns empty arrays."""
-    settings.check()
+    and returns empty arrays. `stats`, if a dict, receives "nfe": the network evaluations of
+    every batch, summed (a flow sampler's count; dopri5's differs per batch)."""
+    settings = settings.for_objective(objective_kind(diffusion)).check()
     model = unwrap_model(model)
     cfg = model.config
     if device is None:
@@ -329,8 +288,11 @@ def generate_samples(model, diffusion, autoencoder, indices: Sequence[int], sett
         y = torch.tensor([label_of[int(i)] for i in idx], dtype=torch.long)
         gens = sample_generators(seed, idx)
         noise = initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size)).to(device)
+        denoisers = []
         batch = sample_images(model, diffusion, autoencoder, y.to(device), settings, noise=noise, generator=gens,
-                              progress=progress and len(blocks) == 1)  # one batch: show its steps
+                              progress=progress and len(blocks) == 1, denoiser_out=denoisers)  # one batch: show its steps
+        if stats is not None:
+            stats["nfe"] = stats.get("nfe", 0) + denoisers[0].calls
         if on_batch is not None:
             on_batch(idx, batch, y.numpy())
         if collect:
@@ -364,18 +326,22 @@ def _check_finite_weights(model: torch.nn.Module, path: Path, which: str) -> Non
 
 
 def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", model_name: str | None = None,
-                      vae: str | None = None, vae_scale_factor: float | None = None, device="cpu"):
+                      vae: str | None = None, vae_scale_factor: float | None = None, device="cpu",
+                      num_heads: int | None = None):
     """(model, autoencoder, provenance) from a checkpoint: the model configuration as stored
     (or inferred from release-file shapes), the autoencoder recorded in the checkpoint unless
     `vae` names another (its latent scale: `vae_scale_factor`, else the checkpoint's for its own
-    autoencoder, else the VAE's), and a provenance dict for the settings file, which names the
-    diffusion chain the model was trained on (`provenance["diffusion"]`, from the checkpoint's
-    config; the linear 1000-step chain for release files): `diffusion_from_config(provenance,
-    learn_sigma)` builds it."""
+    autoencoder, else the VAE's), and a provenance dict for the settings file, which names what
+    the model was trained on: the diffusion chain (`provenance["diffusion"]`, from the checkpoint's
+    config; the linear 1000-step chain for DiT's release files), or a flow model's objective
+    (`provenance["objective"]`: the checkpoint's `config.objective`, or SiT's for a file named like
+    SiT's release). `trained_objective(provenance, learn_sigma)` builds either. `num_heads`: for a
+    release-format file of a width outside the official table (heads leave no trace in shapes)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
-    model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device)
+    extra = {"num_heads": num_heads} if num_heads is not None else {}
+    model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device, **extra)
     _check_finite_weights(model, path, which)
     stored = meta.get("autoencoder") or {}
     name = vae or stored.get("name") or DEFAULT_RELEASE_VAE
@@ -391,8 +357,13 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
                     "trained on another, sample from the training checkpoint, which records it)", path,
                     RELEASE_CHAIN["diffusion_steps"])
     provenance = {"checkpoint": str(path.resolve()), "which": which if meta.get("format") == "ours" else "ema",
-                  "step": meta.get("step"), "model_name": meta.get("model_name"), "vae": name,
-                  "diffusion": trained_chain(meta.get("config"))}
+                  "step": meta.get("step"), "model_name": meta.get("model_name"), "vae": name}
+    objective = (objective_from_config(meta.get("config")) if meta.get("format") == "ours"
+                 else RELEASE_OBJECTIVES[release_family(path)])
+    if objective is None:
+        provenance["diffusion"] = trained_chain(meta.get("config"))
+    else:  # a flow model: its objective, as trained_objective(provenance, ...) rebuilds it
+        provenance["objective"] = objective
     return model, autoencoder, provenance
 
 
@@ -426,8 +397,11 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
         parts.append(settings.precision)
     if settings.clip_denoised is not None and settings.clip_denoised != (provenance.get("vae") == "pixel"):
         parts.append("clip" if settings.clip_denoised else "noclip")  # only when not the automatic choice
+    if settings.is_flow and settings.shift != 1:
+        parts.append(f"shift{settings.shift:g}")
     if settings.guidance_interval is not None:
-        parts.append(f"gi{settings.guidance_interval[0]}-{settings.guidance_interval[1]}")
+        lo, hi = settings.guidance_interval
+        parts.append(f"gi{lo:g}-{hi:g}" if settings.is_flow else f"gi{int(lo)}-{int(hi)}")
     parts.append(f"seed{seed}")
     if num_samples is not None:
         parts.append(f"n{num_samples}")

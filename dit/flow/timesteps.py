@@ -78,6 +78,12 @@ class NetworkTime:
         """Our t (B,) -> the network's timestep input (B,)."""
         return self.scale * ((1 - t) if self.data_at_one else t)
 
+    def flow_time(self, t_net: torch.Tensor | float) -> torch.Tensor | float:
+        """The inverse of `__call__`: the network's timestep input -> our t (t = 1 noise). What a
+        guidance interval in flow time is compared with when only the network's input is seen."""
+        t = t_net / self.scale
+        return (1 - t) if self.data_at_one else t
+
     @property
     def velocity_sign(self) -> float:
         """+1 when the network's time runs as ours, -1 when reversed (d/ds = -d/dt for s = 1 - t)."""

@@ -9,6 +9,10 @@ The scores go to metrics.jsonl (`eval/<metric>` keys, a line of their own) and w
 (a hard link or a copy, written atomically; keep_last prunes only `<step>.pt` files) and
 described in `checkpoints/best.json`.
 
+Flow runs (objective=flow) are evaluated the same way with a flow sampler: eval.sampler=auto
+(the default) is SiT's SDE for them and DDPM for diffusion runs; the trainer's objective (a
+FlowMatching) is what `run` samples, so its path and network time are the run's.
+
 Everything the evaluator needs (reference, extractor weights, the toy judge) is loaded when
 the trainer is built, so a bad `eval.*` key stops the run at start-up, not at the first
 evaluation. Sampling runs under `torch.random.fork_rng`: a run trains bitwise the same with
@@ -33,7 +37,8 @@ from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
 from dit.evaluate import KNOWN_METRICS, FIDEvaluator
 from dit.files import write_atomic, write_json_atomic
-from dit.sampling import LABEL_MODES, SamplerSettings
+from dit.sample_settings import FLOW_FIELDS
+from dit.sampling import LABEL_MODES, SamplerMismatchError, SamplerSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +50,28 @@ HIGHER_IS_BETTER = {"inception_score": "isc", "precision": "prc", "recall": "prc
 _SCHEDULE_KEYS = ("every", "keep_best", "best_metric", "allow_download", "feature_batch_size", "cache_dir")
 
 
-def eval_settings(cfg: TrainEvalConfig) -> SamplerSettings:
-    """The SamplerSettings part of the `eval` node (its grid-like extra keys left out)."""
-    return SamplerSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerSettings)})
+def eval_settings(cfg: TrainEvalConfig, objective: str = "diffusion") -> SamplerSettings:
+    """The SamplerSettings part of the `eval` node (its grid-like extra keys left out), for a run
+    of `objective` ("diffusion" | "flow"): eval.sampler=auto (the default) becomes that
+    objective's default sampler (DDPM, or SiT's SDE for flow); the other family raises
+    SamplerMismatchError (a ValueError)."""
+    settings = SamplerSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SamplerSettings)})
+    return settings.for_objective(objective)
 
 
-def protocol(cfg: TrainEvalConfig) -> dict:
+def protocol(cfg: TrainEvalConfig, objective: str = "diffusion") -> dict:
     """Everything that decides an evaluation's numbers: scores under another protocol are not
     compared with each other (best.json records it)."""
-    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _SCHEDULE_KEYS}
-    out.update(eval_settings(cfg).to_dict(), metrics=sorted(cfg.metrics))
+    # The flow-only knobs come back from to_dict for flow samplers only (a diffusion protocol is unchanged).
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+           if f.name not in _SCHEDULE_KEYS and f.name not in FLOW_FIELDS}
+    out.update(eval_settings(cfg, objective).to_dict(), metrics=sorted(cfg.metrics))
     return json.loads(json.dumps(out, default=str))
 
 
-def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int) -> None:
-    """What can be checked without loading anything; ConfigError naming the `eval.` key."""
+def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int, objective: str = "diffusion") -> None:
+    """What can be checked without loading anything; ConfigError naming the `eval.` key.
+    `objective`: the run's objective kind, which the sampler must fit."""
     if cfg.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0: no evaluation during training), got {cfg.every}")
     if cfg.reference is None:
@@ -82,7 +94,9 @@ def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int) -> N
     if cfg.labels not in LABEL_MODES:
         raise ConfigError(f"eval.labels must be one of {LABEL_MODES}, got {cfg.labels!r}")
     try:
-        eval_settings(cfg).check()
+        eval_settings(cfg, objective).check()
+    except SamplerMismatchError as err:
+        raise ConfigError(f"eval.sampler: {err}") from None
     except ValueError as err:
         raise ConfigError(f"eval sampler settings: {err}") from None
     if cfg.keep_best:
@@ -105,20 +119,20 @@ class TrainingEvaluator:
     `saved(step, path)` after a checkpoint. Built with `build_training_evaluator`."""
 
     def __init__(self, cfg: TrainEvalConfig, env: DistEnv, ckpt_dir: Path, max_steps: int, autoencoder,
-                 input_size: int):
+                 input_size: int, objective: str = "diffusion"):
         self.cfg, self.env, self.ckpt_dir, self.max_steps = cfg, env, Path(ckpt_dir), max_steps
         self.autoencoder = autoencoder  # decodes the samples
         cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
         # The cache layout of eval_fid.py: the same reference statistics and judge files.
         self.evaluator = FIDEvaluator(
-            cfg.reference, eval_settings(cfg), feature_extractor=cfg.feature_extractor,
+            cfg.reference, eval_settings(cfg, objective), feature_extractor=cfg.feature_extractor,
             feature_extractor_weights=cfg.feature_extractor_weights, allow_download=cfg.allow_download,
             num_samples=cfg.num_samples, label_mode=cfg.labels, seed=cfg.seed, batch_size=cfg.batch_size,
             cache_dir=cache / "ref_stats" if cache else None, judge_cache_dir=str(cache) if cache else None,
             metrics=cfg.metrics, device=str(env.device), feature_precision=cfg.feature_precision,
             pr_arithmetic=cfg.pr_arithmetic, feature_batch_size=cfg.feature_batch_size, judge_seed=cfg.judge_seed)
         self._prepare(input_size * autoencoder.downsample_factor)
-        self.protocol = protocol(cfg)
+        self.protocol = protocol(cfg, objective)
         self.best = self._read_best() if env.is_main else None
         self.pending: Optional[tuple[int, dict]] = None  # a new best waiting for its checkpoint
 
@@ -228,10 +242,7 @@ def build_training_evaluator(cfg, env: DistEnv, ckpt_dir: Path, parallel: str, l
     a latents cache left it out), `input_size` the model's latent side."""
     if not cfg.eval.every:
         return None
-    check_eval_config(cfg.eval, parallel, env.world_size)
     objective = getattr(getattr(cfg, "objective", None), "kind", "diffusion")
-    if objective != "diffusion":
-        raise ConfigError(f"eval.every samples with the diffusion samplers; objective={objective} is not supported "
-                          "yet: set eval.every=0 and score its checkpoints with eval_fid.py")
+    check_eval_config(cfg.eval, parallel, env.world_size, objective)
     autoencoder = latents.autoencoder or autoencoder_from_spec(latents.spec, device=env.device)
-    return TrainingEvaluator(cfg.eval, env, ckpt_dir, cfg.max_steps, autoencoder, input_size)
+    return TrainingEvaluator(cfg.eval, env, ckpt_dir, cfg.max_steps, autoencoder, input_size, objective)

@@ -1,0 +1,237 @@
+"""`SamplerSettings`: how samples are drawn, the one type every consumer takes (sample.py,
+eval_fid.py, training grids, the evaluator, output names, the results table). Re-exported by
+`dit.sampling`, which runs them.
+
+Two families of samplers share it: the diffusion samplers (ddpm, ddim, dpm++) walk a Gaussian
+diffusion chain in DDPM time (t in 0..999, 999 noise); the flow samplers (euler, heun, sde,
+dopri5; dit/flow/) integrate a flow model in continuous time t in [0, 1], t = 1 noise. Which
+family a checkpoint needs is decided by what it was trained with (`dit.sample_chain`): the
+default sampler, `auto`, becomes that objective's default (`DEFAULT_SAMPLERS`: DDPM for
+diffusion models, SiT's SDE for flow models), and a sampler of the other family is refused
+(`SamplerMismatchError`) before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from dit.flow import DIFFUSION_FORMS, LAST_STEPS
+from dit.precision import check_precision
+
+__all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
+           "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS"]
+
+AUTO = "auto"  # the trained objective's default sampler
+DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
+FLOW_SAMPLERS = ("euler", "heun", "sde", "dopri5")
+SAMPLERS = (AUTO,) + DIFFUSION_SAMPLERS + FLOW_SAMPLERS
+# What `auto` becomes, by the objective the checkpoint was trained with. Diffusion: DiT's FID
+# protocol (DDPM-250). Flow: SiT's FID protocol (Euler-Maruyama SDE, 250 steps, diffusion form
+# "sigma", "mean" last step at 0.04: the sampler behind SiT-XL/2's FID 2.06), which also spends
+# the same 250 network evaluations per sample as DDPM-250.
+DEFAULT_SAMPLERS = {"diffusion": "ddpm", "flow": "sde"}
+# Fields that only the flow samplers read; recorded only for them, so a diffusion sampler's
+# settings record (and a diffusion bulk file's resume check) is what it was before flow existed.
+FLOW_FIELDS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "rtol", "atol")
+
+
+class SamplerMismatchError(ValueError):
+    """A sampler of one family asked of a model trained with the other objective (a DDPM sampler
+    for a flow model, or the reverse). Entry points turn it into a one-line ConfigError."""
+
+
+@dataclass
+class SamplerSettings:
+    """Everything that decides how samples are drawn from a model, with the defaults of the
+    paper's FID protocol (DDPM-250, guidance 1.5 on 3 channels; for a flow model `auto` picks
+    SiT's SDE-250). One type for sample.py, eval_fid.py, training grids, the evaluator, output
+    names and the results table: a new sampler knob is a field here and its use in the sampler
+    (and, to set it from the command line, `sampler.<field>` in conf/sampler/; the schema picks
+    it up from this class).
+
+    `sampler`: auto (the objective's default, `DEFAULT_SAMPLERS`), a diffusion sampler or a flow
+    sampler; `for_objective` turns auto into a real one and refuses the wrong family.
+    `guided_channels`: "3" (the paper's evaluation) or "all"; ints are accepted from Python.
+    `guidance_interval`: [lo, hi]; guidance only for lo <= t <= hi, the conditional model alone
+    elsewhere (Kynkäänniemi et al. 2024). None: every step. Diffusion samplers: original DDPM
+    timesteps (integers, 999 = noise). Flow samplers: our continuous time t in [0, 1] (t = 1
+    noise, dit/flow), the time the sampler is at when it calls the network (REPA's
+    `guidance_low/high` as they are, e.g. [0, 0.7]).
+    `clip_denoised`: clamp each step's predicted x0 to [-1, 1] before the posterior mean (ADM's
+    pixel models do). None: automatic, on for the pixel autoencoder, off for latent VAEs
+    (`resolved(autoencoder)` decides; sample_latents alone, with no autoencoder, treats it as off).
+    Diffusion samplers only: a flow sampler leaves it None.
+    `precision`: the network forward in fp32 (IEEE: TF32 forced off), tf32, or bf16 (autocast on
+    the forward only; the chain's arithmetic stays float32). See dit/precision.py.
+
+    Flow samplers only (docs/flow.md): `shift` (SD3 / LightningDiT timestep shift of the grid,
+    1 = none; > 1 spends more steps near noise), the SDE's `diffusion_form`, `diffusion_norm`,
+    `last_step` (mean | euler | tweedie | null) and `last_step_size` (SiT's defaults: sigma, 1,
+    mean, 0.04), and dopri5's `rtol` / `atol` (SiT's 1e-3 / 1e-6).
+    """
+
+    sampler: str = AUTO  # auto | ddpm | ddim | dpm++ (diffusion models) | euler | heun | sde | dopri5 (flow models)
+    num_steps: int = 250
+    cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
+    guided_channels: str = "3"
+    guidance_interval: Optional[list[float]] = None
+    eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
+    clip_denoised: Optional[bool] = None  # None: on for vae=pixel, off for latent VAEs
+    precision: str = "fp32"  # fp32 | tf32 | bf16: the network forward's arithmetic
+    shift: float = 1.0  # flow: timestep shift of the grid (1 = none)
+    diffusion_form: str = "sigma"  # sde: SiT's diffusion coefficient D(t)
+    diffusion_norm: float = 1.0  # sde: D's magnitude
+    last_step: Optional[str] = "mean"  # sde: the noiseless last step (mean | euler | tweedie | null)
+    last_step_size: float = 0.04  # sde: where the noisy steps stop
+    rtol: float = 1e-3  # dopri5
+    atol: float = 1e-6  # dopri5
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this is a flow sampler (needs a flow model) rather than a diffusion one."""
+        return self.sampler in FLOW_SAMPLERS
+
+    def for_objective(self, kind: str) -> "SamplerSettings":
+        """These settings for a model trained with objective `kind` ("diffusion" | "flow"):
+        `auto` becomes the objective's default sampler; a sampler of the other family raises
+        SamplerMismatchError naming the samplers that fit. Returns self when nothing changes."""
+        if kind not in DEFAULT_SAMPLERS:
+            raise ValueError(f"unknown objective kind {kind!r}: expected one of {tuple(DEFAULT_SAMPLERS)}")
+        if self.sampler == AUTO:
+            return dataclasses.replace(self, sampler=DEFAULT_SAMPLERS[kind])
+        fits = FLOW_SAMPLERS if kind == "flow" else DIFFUSION_SAMPLERS
+        if self.sampler not in fits:
+            family = "flow" if self.is_flow else "diffusion"
+            raise SamplerMismatchError(
+                f"unknown sampler {self.sampler!r} for a model trained with objective={kind}: {self.sampler} is a "
+                f"{family} sampler; use sampler={'|'.join(fits)} (or sampler=auto: {DEFAULT_SAMPLERS[kind]})")
+        return self
+
+    def check(self) -> "SamplerSettings":
+        """Raise ValueError naming the field whose value cannot work; returns self. (Whether
+        `guided_channels` fits a model's channels is checked against the model when sampling.)"""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {SAMPLERS}")
+        if int(self.num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.sampler in ("ddpm", "ddim", "sde") and int(self.num_steps) < 2:
+            # A respaced chain needs both ends (t = 999 and t = 0); one step has no posterior to walk.
+            # The SDE's grid needs its first point and the last step's.
+            raise ValueError(f"the {self.sampler} sampler needs num_steps >= 2 (a chain from noise to data), "
+                             f"got {self.num_steps}")
+        # eta > 1 asks for more noise than the step's variance holds: DDIM's sqrt(1 - a - sigma^2)
+        # becomes NaN. Non-finite values would turn every sample into NaN, then into black images.
+        if not (math.isfinite(self.eta) and 0 <= self.eta <= 1):
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        guided = self.guided_channels_value
+        if guided != "all" and not (type(guided) is int and guided > 0):
+            raise ValueError(f"guided_channels must be a channel count or 'all' (3 reproduces the paper), "
+                             f"got {self.guided_channels!r}")
+        if self.guidance_interval is not None:
+            self._check_interval()
+        if self.clip_denoised not in (None, True, False):
+            raise ValueError(f"clip_denoised must be true, false or null (automatic: on for vae=pixel), "
+                             f"got {self.clip_denoised!r}")
+        check_precision(self.precision)
+        self._check_flow_fields()
+        return self
+
+    def _check_interval(self) -> None:
+        interval = list(self.guidance_interval)
+        if len(interval) != 2 or not all(math.isfinite(float(v)) for v in interval):
+            raise ValueError(f"guidance_interval must be [lo, hi], got {self.guidance_interval}")
+        lo, hi = (float(v) for v in interval)
+        if self.is_flow:
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval for the flow sampler {self.sampler} is [lo, hi] in flow time with "
+                                 f"0 <= lo <= hi <= 1 (t = 1 is noise), got {self.guidance_interval}")
+        elif self.sampler == AUTO:
+            if not 0 <= lo <= hi:  # its units follow the objective: checked again once resolved
+                raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_interval}")
+        elif lo != int(lo) or hi != int(hi) or not 0 <= int(lo) <= int(hi):
+            raise ValueError(f"guidance_interval must be [lo, hi] timesteps with 0 <= lo <= hi, "
+                             f"got {self.guidance_interval}")
+
+    def _check_flow_fields(self) -> None:
+        if not self.is_flow:
+            if self.sampler != AUTO and self.shift != 1:
+                raise ValueError(f"shift={self.shift} is a flow sampler's timestep shift: the {self.sampler} sampler "
+                                 f"has none (use shift=1, or a flow sampler: {FLOW_SAMPLERS})")
+            return
+        if self.clip_denoised:
+            raise ValueError(f"clip_denoised applies to the diffusion samplers {DIFFUSION_SAMPLERS}: the flow sampler "
+                             f"{self.sampler} has no x0 to clip (set clip_denoised=null)")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise ValueError(f"shift must be > 0 (1 = no shift), got {self.shift}")
+        if self.sampler == "dopri5" and self.shift != 1:
+            raise ValueError("shift moves a fixed grid: the adaptive dopri5 solver picks its own steps (use shift=1)")
+        if self.diffusion_form not in DIFFUSION_FORMS:
+            raise ValueError(f"unknown diffusion_form {self.diffusion_form!r}: use one of {DIFFUSION_FORMS}")
+        if self.diffusion_form == "SBDM" and self.sampler == "sde":
+            raise ValueError("diffusion_form=SBDM is infinite at t = 1 and our SDE starts there: use sigma (SiT's default)")
+        if self.last_step not in LAST_STEPS:
+            raise ValueError(f"unknown last_step {self.last_step!r}: use one of {LAST_STEPS}")
+        if not (math.isfinite(self.diffusion_norm) and self.diffusion_norm >= 0):
+            raise ValueError(f"diffusion_norm must be >= 0, got {self.diffusion_norm}")
+        if not 0 <= self.last_step_size < 1 or (self.last_step is not None and self.last_step_size == 0):
+            raise ValueError(f"last_step_size must be in (0, 1) (0 only with last_step=null), got {self.last_step_size}")
+        if not (self.rtol > 0 and self.atol > 0):
+            raise ValueError(f"rtol and atol must be > 0, got rtol={self.rtol}, atol={self.atol}")
+
+    @property
+    def nfe(self) -> int | None:
+        """Network evaluations per sample of a flow sampler (a guided one is one pass over both
+        halves): euler N, heun 2N (the corrector on every step), sde N - 1 noisy steps plus the
+        last step (N - 1 with last_step=null); None for dopri5 (adaptive: counted per batch) and
+        the diffusion samplers (their count is num_steps)."""
+        n = int(self.num_steps)
+        if self.sampler == "euler":
+            return n
+        if self.sampler == "heun":
+            return 2 * n
+        if self.sampler == "sde":
+            return n if self.last_step is not None else n - 1
+        return None
+
+    def resolved(self, autoencoder) -> "SamplerSettings":
+        """A copy with `clip_denoised` decided for `autoencoder`: as given, or (None) on for the
+        pixel autoencoder (the model works on [-1, 1] images, as ADM's pixel models) and off for a
+        latent VAE (latents are not bounded by [-1, 1]). Flow samplers keep None. Resolve `auto`
+        first (`for_objective`): auto is treated as its diffusion default here."""
+        if self.clip_denoised is not None or self.is_flow:
+            return self
+        return dataclasses.replace(self, clip_denoised=getattr(autoencoder, "name", None) == "pixel")
+
+    @property
+    def guided_channels_value(self) -> int | str:
+        """`guided_channels` as settings files record it and the model takes it: 3 or "all"."""
+        g = self.guided_channels
+        return int(g) if isinstance(g, str) and g.isdigit() else g
+
+    def to_dict(self) -> dict:
+        """Every field, as recorded next to samples (plain JSON types; a subclass's extra fields,
+        such as a training grid's `every`, are not sampler settings and are left out). The
+        flow-only fields and `nfe` are recorded for flow samplers only, so a diffusion record is
+        what it was before flow sampling existed."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)
+               if self.is_flow or f.name not in FLOW_FIELDS}
+        interval = self.guidance_interval
+        if interval is not None:
+            interval = [float(v) for v in interval] if self.is_flow else [int(v) for v in interval]
+        out.update(num_steps=int(self.num_steps), cfg_scale=float(self.cfg_scale), eta=float(self.eta),
+                   guided_channels=self.guided_channels_value, guidance_interval=interval)
+        if self.is_flow:
+            out.update(shift=float(self.shift), diffusion_norm=float(self.diffusion_norm),
+                       last_step_size=float(self.last_step_size), rtol=float(self.rtol), atol=float(self.atol),
+                       nfe=self.nfe)
+        return out
+
+
+SETTINGS_FIELDS = tuple(f.name for f in dataclasses.fields(SamplerSettings))
