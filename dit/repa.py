@@ -11,13 +11,17 @@ The interface the trainer uses (docs/repa.md has the user's guide):
     feats = encoder(images)               # (N, T', E) from images in [-1, 1]; or from the cache
     loss = main_loss + coeff * head(feats)   # head(feats) == head.loss(feats): a scalar
     ...
-    checkpoint["aux"] = {"repa": head.state_dict()}   # contract 8: never in the model's state dict
+    checkpoint["repa"] = {"head": head.state_dict(), ...}   # contract 8: never in the model's state dict
     head.detach()                         # removes the hook (sampling/export never see the head)
 
+In training, `RepaTerm` bundles the head, its own AdamW, the weight and the encoder (None when
+the features come from a latents cache) for `dit.train.step.train_step`; the trainer builds it
+(`dit.train.trainer.build_repa`).
+
 - `head(features)` is the mean over batch and tokens of -cos(projector(h), feature), h the
-  captured tokens. Its parameters go into the model's optimizer. Under DDP, wrap the head in its
-  own `DistributedDataParallel` (calling it runs `forward`, so DDP averages its gradients) or
-  all-reduce its gradients: the model's DDP wrapper does not know about it.
+  captured tokens. Its parameters have their own optimizer (`RepaTerm.opt`): the model's
+  optimizer state is keyed by the model's parameter names. Under DDP the model's wrapper does
+  not know the head: `RepaTerm.sync_gradients` averages its gradients over ranks once per step.
 - The hook sits on the plain model: `attach` looks through DDP's `.module` and torch.compile's
   `._orig_mod`; attach before compiling. With gradient checkpointing the block runs again in
   the backward pass and the hook captures again: harmless, the loss was taken already.
