@@ -391,7 +391,10 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
     parts = [stem, provenance.get("which", "ema")]
     if step is not None and str(step) not in stem:
         parts.append(f"step{step}")
-    parts += [f"{settings.sampler}{settings.num_steps}", f"cfg{settings.cfg_scale:g}",
+    # dopri5 picks its own steps: its tolerance names it instead of the unused num_steps
+    method = (f"dopri5-rtol{settings.rtol:g}" if settings.sampler == "dopri5"
+              else f"{settings.sampler}{settings.num_steps}")
+    parts += [method, f"cfg{settings.cfg_scale:g}",
               f"g{settings.guided_channels_value}"]
     if settings.precision != "fp32":
         parts.append(settings.precision)

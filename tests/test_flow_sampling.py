@@ -282,6 +282,10 @@ def test_sample_py_on_a_flow_checkpoint_defaults_to_the_sde_and_refuses_diffusio
     dopri = generate_grid(compose_config("sample", [*common, "sampler=dopri5", "grid.labels=[0,1]",
                                                     f"grid.out={tmp_path / 'd.png'}"]))
     assert json.loads(S.settings_path_for(dopri).read_text())["nfe"] >= 6  # counted, not a formula
+    provenance = {"checkpoint": str(ckpt), "step": 11, "which": "ema"}
+    assert "-dopri5-rtol0.001-cfg" in S.default_output_name(provenance, S.SamplerSettings(sampler="dopri5"), seed=0)
+    assert "-euler20-cfg1.5-g3-shift3-gi0.1-0.7-" in S.default_output_name(
+        provenance, S.SamplerSettings(sampler="euler", num_steps=20, shift=3.0, guidance_interval=[0.1, 0.7]), seed=0)
     with pytest.raises(ConfigError, match=r"flow\.pt: unknown sampler 'ddim'.*use sampler=euler\|heun\|sde\|dopri5"):
         generate_bulk(compose_config("sample", [*common, "sampler=ddim", "mode=bulk", "bulk.num_samples=2",
                                                 f"bulk.out={tmp_path / 'x.npz'}"]))
