@@ -90,7 +90,7 @@ def train_stage(stage: int, label: str, overrides: list[str], out: Path) -> Path
     if final.is_file():
         _progress(stage, f"{label}: reusing {final}")
         return final
-    _progress(stage, f"{label}: training {cfg.max_steps} steps into {run_dir} ...")
+    _progress(stage, f"{label}: training {cfg.max_steps} step{'s' * (cfg.max_steps != 1)} into {run_dir} ...")
     start = time.perf_counter()
     result = run_training(cfg, run_dir)
     _progress(stage, f"{label}: done in {time.perf_counter() - start:.0f} s, loss {result['loss']:.4g}: {result['checkpoint']}")
