@@ -6,9 +6,9 @@ network evaluations each one spends, measured in the same run.
         --json benchmarks/results/sampler_quality.json | tee benchmarks/results/sampler_quality.txt
     python benchmarks/bench_sampler_quality.py --num-samples 200 --configs ddim-20 dpm++-10   # quick look
 
-Needs the quickstart checkpoint and the real reference images (docs/quickstart.md):
-    python train.py experiment=quickstart
-    python -m dit.toy outputs/toy_real16 --image-size 16
+Needs the quickstart checkpoint and the real reference images (docs/quickstart.md), which
+`python -m dit.quickstart` writes (or, step by step, `python train.py experiment=quickstart` and
+`python -m dit.toy outputs/toy_real16 --image-size 16`).
 
 Every configuration samples the same `--num-samples` images: sample i has the initial noise (and,
 for DDPM, the per-step noise) of `dit.sampling.sample_generators(seed, [i])` and the balanced
@@ -28,9 +28,10 @@ conditional pass alone elsewhere), `dpm++-10/o3` (DPM-Solver++ of order 3, built
 diffusers' scheduler; the library's `dpm++` is order 2). The first configuration is the baseline
 and must be ddpm-250.
 
-Noise: `--noise-seeds` repeats the baseline with other seeds (fresh noise and per-step noise);
-their spread is the seed-to-seed noise of FD at this N. Each row also gives a bootstrap standard
-deviation of FD (generated features resampled, reference fixed).
+Noise: `--noise-seeds` repeats the baseline with other seeds (fresh noise and per-step noise;
+default seed 1, `--noise-seeds` with no value: none); their spread is the seed-to-seed noise of
+FD at this N. Each row also gives a bootstrap standard deviation of FD (generated features
+resampled, reference fixed).
 
 Prints a table (config, NFE, rows/img, FD, FD / FD(ddpm-250), accuracy, sampling seconds) and
 then the chosen configuration: the fewest NFE (<= `--max-nfe`) whose FD is at most
