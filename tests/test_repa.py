@@ -371,3 +371,27 @@ def test_cache_latents_cli_stores_the_features_and_names_a_missing_encoder_in_on
                                                     f"repa_encoder={tmp_path / 'no_encoder'}"], capsys, monkeypatch)
     assert_one_line(code, err, "no_encoder", "save_for_hf")
     assert not (tmp_path / "d").exists()  # refused before any work
+
+
+def test_gradient_accumulation_gives_the_update_of_the_whole_batch(tmp_path, encoder_dir):
+    """Each micro-batch aligns its own rows' features: two micro-batches update the projector
+    and the model as one batch does (up to float rounding)."""
+    common = [*repa_overrides(encoder_dir[0]), "max_steps=2", "ckpt.every=1000", "optim.lr=1e-3"]
+    with single_thread():
+        one = torch.load(run_training(config(*common), tmp_path / "one")["checkpoint"], weights_only=True)
+        two = torch.load(run_training(config(*common, "optim.grad_accum_steps=2"), tmp_path / "two")["checkpoint"],
+                         weights_only=True)
+    for part, a, b in (("model", one["model"], two["model"]), ("repa", one["repa"]["head"], two["repa"]["head"])):
+        for key, ref in a.items():
+            rel = (b[key] - ref).norm() / ref.norm().clamp_min(1e-12)
+            assert rel <= 1e-5, f"{part}.{key}: {rel:.2e}"
+    assert not torch.equal(one["repa"]["head"]["projector.0.weight"],
+                           load_initial_projector(encoder_dir[0], tmp_path))  # it did train
+
+
+def load_initial_projector(encoder: Path, tmp_path: Path) -> torch.Tensor:
+    """The projector's first weight at step 0 (a run's checkpoint after 0 updates: lr 0)."""
+    with single_thread():
+        state = torch.load(run_training(config(*repa_overrides(encoder), "max_steps=1", "optim.lr=0"),
+                                        tmp_path / "init")["checkpoint"], weights_only=True)
+    return state["repa"]["head"]["projector.0.weight"]
