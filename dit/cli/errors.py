@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
@@ -36,11 +37,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dit.autoencoder import AutoencoderUnavailable
 from dit.bulk import BulkOutputBusyError
-from dit.config import ConfigError
+from dit.cli import config_dir
+from dit.config import ConfigError, flatten_model_overrides, register_configs
 from dit.data.images import BadImageError
 from dit.data.latents import LatentCacheMismatch
 from dit.files import CheckpointError, FileWriteError
 from dit.inception import FeatureExtractorUnavailable
+from dit.runtime import tune_host_allocator
 from dit.sampling import NonFiniteSamplesError
 
 # Our own error types: whatever they say is meant for the user. OSError covers the user's paths
@@ -170,3 +173,35 @@ def run_program(main: Callable[[], Any], *extra: type[BaseException]) -> Any:
         else:
             os.environ["HYDRA_FULL_ERROR"] = before
         _user_full_error = None
+
+
+def hydra_program(config_name: str, task: Callable[[Any], Any], *extra: type[BaseException],
+                  setup: Callable[[], None] | None = None) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """`(main, run)` of a program that composes conf/<config_name>.yaml and calls `task(cfg)`:
+    `main` is the `@hydra.main` entry (its known failures in one line, `extra`: the program's own
+    error types), `run` what the console script and the top-level script call: the host
+    allocator tuned before anything is allocated, `setup()`, the `model=DiT-XL/2` overrides
+    rewritten to the option files' names, then `main` through `run_program`. The schemas are
+    registered now, so that hydra finds them however `main` is reached.
+
+    hydra names the job after the module of `task` (it looks through the decorators), so a
+    program passes a function of its own module: `sample`, `eval_fid`, as before."""
+    register_configs()
+
+    @hydra.main(config_path=config_dir(), config_name=config_name, version_base=None)
+    @reports_errors(*extra)
+    @functools.wraps(task)
+    def main(cfg: Any) -> Any:
+        return task(cfg)
+
+    def program() -> None:
+        tune_host_allocator()  # reuse freed host memory: no page faults per batch (dit/runtime.py)
+        if setup is not None:
+            setup()
+        sys.argv = flatten_model_overrides(sys.argv)
+        main()
+
+    def run() -> None:
+        run_program(program, *extra)
+
+    return main, run
