@@ -258,7 +258,7 @@ def test_sample_and_eval_overrides_map_to_one_sampler_settings(compose):
     assert defaults.sampler_settings(defaults.grid.cfg_scale).cfg_scale == 4.0 and defaults.mode is SampleMode.grid
     assert to_eval_config(compose("eval", ["reference=r.npz"])).mode is SampleMode.bulk
     with pytest.raises(ConfigError, match="sampler settings.*unknown sampler"):
-        to_sample_config(compose("sample", ["checkpoint=c.pt", "sampler.name=euler"]))
+        to_sample_config(compose("sample", ["checkpoint=c.pt", "sampler.name=rk4"]))
     with pytest.raises(ConfigError, match=r"checkpoint=\.\.\."):
         to_sample_config(compose("sample", []))
     with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as err:
