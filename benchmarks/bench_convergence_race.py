@@ -1,0 +1,351 @@
+"""The convergence race (issue 14): DiT against its successors on the same backbone, the same
+training budget and the same sampler budget, on two built-in data sets.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_convergence_race.py            # the race (~30 min, 1 core)
+    OMP_NUM_THREADS=1 python benchmarks/bench_convergence_race.py --quick    # plumbing only (seconds)
+
+Recipes (each trained by the real trainer, `dit.train.run_training`, from experiment=quickstart:
+the same 4-block, width-128 model on 16x16 pixels, batch 32, lr 2e-3, EMA 0.995, seed 0):
+
+- `dit`: the DiT recipe: diffusion, learned sigma, hybrid loss; sampled with DDIM, 20 steps (20 NFE).
+- `sit`: SiT: objective=flow (linear path, velocity, uniform t); the Heun ODE, 10 steps (20 NFE).
+- `sit_lightning`: SiT plus the LightningDiT options that exist here: RMSNorm, SwiGLU, 2-D RoPE,
+  qk-norm, logit-normal timesteps, the velocity-direction (cosine) loss; Heun, 10 steps.
+- `sit_repa`: SiT plus REPA: block 2's tokens aligned to a frozen encoder's patch features. No
+  pretrained encoder can be downloaded here, so the encoder is a tiny timm ViT (patch 2, 8x8 tokens)
+  trained by this script as a classifier on images of a data seed that neither the DiT nor the
+  judge ever sees, saved with timm's `save_for_hf` into the output directory and given to the
+  trainer as `repa.encoder=<dir>`.
+
+Data sets: `colours` (the quickstart's toy set, data=toy: each class has its own colour) and
+`shapes` (the shape-only variant, dit.toy variant="shapes": colours random, areas equal), written
+as an ImageFolder and trained through data=imagefolder (the trainer's toy reader has no variant key).
+
+Each run writes a checkpoint every `eval_every` steps; each checkpoint's EMA weights draw
+`num_samples` class-balanced samples without guidance (cfg 1: one network pass per step), from the
+same noise for every recipe, scored by that data set's judge (dit.judge, trained on real images of
+its own seed): class accuracy and the judge Fréchet distance to real images of another seed.
+Results: benchmarks/results/convergence_race.json and a plot, docs/assets/convergence_race.png
+(drawn with PIL: matplotlib is not among the project's dependencies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from hydra import compose as hydra_compose  # noqa: E402
+from hydra import initialize_config_dir  # noqa: E402
+
+from common import machine_info  # noqa: E402
+from dit.config import flatten_model_overrides, register_configs, to_train_config  # noqa: E402
+from dit.files import write_json_atomic  # noqa: E402
+from dit.flow.config import flow_from_config, is_flow  # noqa: E402
+from dit.frechet import feature_statistics, frechet_distance  # noqa: E402
+from dit.judge import ToyJudge  # noqa: E402
+from dit.sampling import SamplerSettings, generate_samples, load_for_sampling  # noqa: E402
+from dit.sample_order import initial_noise, sample_generators  # noqa: E402
+from dit.toy import NUM_CLASSES, make_toy_arrays, to_model_range, write_toy_imagefolder  # noqa: E402
+from dit.train import run_training  # noqa: E402
+from dit.train.report import flow_grid_images  # noqa: E402
+
+DATASETS = ("colours", "shapes")
+IMAGE_SIZE = 16
+NFE = 20  # network evaluations per sample, for every recipe
+DDIM_STEPS = NFE  # DDIM: one evaluation per step
+HEUN_STEPS = NFE // 2  # Heun: two evaluations per step (the corrector on every step)
+SAMPLE_SEED = 0
+REAL_SEED = 1  # the reference images (training uses data seed 0, the judge its own seeds)
+ENCODER_SEED = 2_000_003  # the REPA encoder's training images: a seed no other part uses
+REPA_DEPTH = 2  # of 4 blocks: the paper's k = 8 of 28 is the first third
+
+LIGHTNING = ["model.norm=rmsnorm", "model.mlp=swiglu", "model.rope=true", "model.qk_norm=true",
+             "objective.time_sampling=logit_normal", "objective.cosine_weight=1.0"]
+RECIPES = {
+    "dit": [],
+    "sit": ["objective=flow"],
+    "sit_lightning": ["objective=flow", *LIGHTNING],
+    "sit_repa": ["objective=flow", f"repa.depth={REPA_DEPTH}", "repa.coeff=0.5", f"repa.resolution={IMAGE_SIZE}",
+                 "repa.projector_dim=256"],  # + repa.encoder=<dir>, added once the encoder is trained
+}
+SAMPLER = {"dit": f"DDIM {DDIM_STEPS} steps", "flow": f"Heun ODE {HEUN_STEPS} steps"}
+
+
+def train_config(overrides: list[str]):
+    """The TrainConfig that `python train.py <overrides>` runs with."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return to_train_config(hydra_compose("train", overrides=flatten_model_overrides(list(overrides))))
+
+
+# ------------------------------------------------------------------------------ the REPA encoder
+
+
+def train_encoder(out_dir: Path, variant: str, steps: int) -> tuple[Path, dict]:
+    """A tiny ViT (timm) trained as a classifier on toy images of ENCODER_SEED, saved with
+    timm's save_for_hf: REPA's frozen encoder, independent of the judge and of the DiT's data."""
+    import timm  # optional heavy dependency, needed by this recipe only
+
+    args = dict(img_size=IMAGE_SIZE, patch_size=2, embed_dim=64, depth=4, num_heads=4, num_classes=NUM_CLASSES,
+                global_pool="avg", class_token=False)
+    images, labels = make_toy_arrays(300, IMAGE_SIZE, ENCODER_SEED, variant)
+    held, held_labels = make_toy_arrays(30, IMAGE_SIZE, ENCODER_SEED + 1, variant)
+    x_all, y_all = to_model_range(images), torch.from_numpy(labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ENCODER_SEED)
+        net = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+        net.train()
+        for _ in range(steps):
+            idx = torch.randint(len(y_all), (64,))
+            x = x_all[idx]
+            x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(-1), x)
+            loss = F.cross_entropy(net(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = float((net(to_model_range(held)).argmax(1).numpy() == held_labels).mean())
+    path = out_dir / f"encoder_{variant}"
+    # The REPA encoder normalises with its pretrained config's mean/std: ours sees [-1, 1] inputs
+    # mapped by (x + 1) / 2 then (x - 0.5) / 0.5, i.e. unchanged.
+    net.pretrained_cfg = {**net.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    timm.models.save_for_hf(net, str(path), model_args=args, safe_serialization=True)
+    return path, {"steps": steps, "heldout_accuracy": accuracy, "final_loss": float(loss.detach())}
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def sample_checkpoint(path: Path, num_samples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """`num_samples` class-balanced samples of a checkpoint's EMA weights, no guidance, NFE
+    network evaluations each: DDIM for diffusion checkpoints, the Heun ODE for flow ones. Sample
+    i's noise comes from (SAMPLE_SEED, i), the same for every recipe."""
+    model, autoencoder, _ = load_for_sampling(path, which="ema")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    objective = (blob.get("config") or {}).get("objective")
+    labels = np.arange(num_samples) % NUM_CLASSES
+    if not is_flow(objective):
+        settings = SamplerSettings(sampler="ddim", num_steps=DDIM_STEPS, cfg_scale=1.0, guided_channels="all")
+        images, labels = generate_samples(model, None, autoencoder, np.arange(num_samples), settings,
+                                          seed=SAMPLE_SEED, batch_size=batch_size, labels=labels)
+        return images, labels, SAMPLER["dit"]
+    flow = flow_from_config(objective)
+    settings = SamplerSettings(sampler="heun", num_steps=HEUN_STEPS, cfg_scale=1.0, guided_channels="all")
+    shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
+    out = []
+    for start in range(0, num_samples, batch_size):
+        idx = np.arange(start, min(start + batch_size, num_samples))
+        noise = initial_noise(sample_generators(SAMPLE_SEED, idx), shape)
+        out.append(flow_grid_images(model, flow, autoencoder, torch.from_numpy(labels[idx]), settings, noise=noise))
+    return np.concatenate(out), labels, SAMPLER["flow"]
+
+
+def score(images: np.ndarray, labels: np.ndarray, judge: ToyJudge, real_stats) -> dict:
+    mu, sigma = feature_statistics(judge.features(images))
+    return {"class_accuracy": float((judge.classify(images) == labels).mean()),
+            "judge_fd": float(frechet_distance(mu, sigma, *real_stats))}
+
+
+# ------------------------------------------------------------------------------ the race
+
+
+def run_race(args) -> dict:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    recipes = args.recipes or list(RECIPES)
+    results = {"machine": machine_info("cpu"), "protocol": {
+        "steps": args.steps, "eval_every": args.eval_every, "num_samples": args.num_samples, "nfe": NFE,
+        "cfg_scale": 1.0, "samplers": SAMPLER, "image_size": IMAGE_SIZE, "num_real": args.num_real,
+        "recipes": {k: RECIPES[k] for k in recipes}, "base": "experiment=quickstart"}, "datasets": {}}
+    for variant in args.datasets:
+        t0 = time.time()
+        judge = ToyJudge.load_or_train(out / "judges", image_size=IMAGE_SIZE, seed=0, progress=False, variant=variant,
+                                       **args.judge_overrides)
+        real, _ = make_toy_arrays(args.num_real // NUM_CLASSES, IMAGE_SIZE, REAL_SEED, variant)
+        real_stats = feature_statistics(judge.features(real))
+        entry = {"judge": {"heldout_accuracy": judge.stats.get("heldout_accuracy")}, "runs": {}}
+        if variant == "colours":
+            data = ["data=toy"]
+        else:
+            root = write_toy_imagefolder(out / "data_shapes", 500, IMAGE_SIZE, seed=0, variant="shapes")
+            data = ["data=imagefolder", f"data.root={root}", f"data.image_size={IMAGE_SIZE}", "data.num_workers=0"]
+        for recipe in recipes:
+            overrides = ["experiment=quickstart", *data, *RECIPES[recipe], f"name=race_{variant}_{recipe}",
+                         f"max_steps={args.steps}", f"ckpt.every={args.eval_every}", "ckpt.keep_last=null",
+                         "ckpt.every_minutes=null", "log.samples.every=0", f"log.every={args.eval_every}"]
+            run_info = {}
+            if recipe == "sit_repa":
+                encoder, run_info["encoder"] = train_encoder(out, variant, args.encoder_steps)
+                overrides.append(f"repa.encoder={encoder}")
+            cfg = train_config(overrides)
+            run_dir = out / "runs" / f"{variant}_{recipe}"
+            start = time.time()
+            run_training(cfg, run_dir)
+            run_info["train_seconds"] = time.time() - start
+            run_info["steps_per_second"] = args.steps / run_info["train_seconds"]
+            curve = []
+            for step in range(args.eval_every, args.steps + 1, args.eval_every):
+                images, labels, sampler = sample_checkpoint(run_dir / "checkpoints" / f"{step:07d}.pt",
+                                                            args.num_samples, args.batch_size)
+                curve.append({"step": step, **score(images, labels, judge, real_stats)})
+                print(f"{variant:8s} {recipe:14s} step {step:5d}  acc {curve[-1]['class_accuracy']:.3f}  "
+                      f"FD {curve[-1]['judge_fd']:.1f}", flush=True)
+            run_info.update(sampler=sampler, curve=curve, overrides=overrides)
+            entry["runs"][recipe] = run_info
+        entry["seconds"] = time.time() - t0
+        results["datasets"][variant] = entry
+    results["goal"] = goal_summary(results)
+    return results
+
+
+def goal_summary(results: dict) -> dict:
+    """The issue's goal per data set: the first step at which each recipe's judge FD is at or
+    below the DiT baseline's final FD, as a fraction of the baseline's steps."""
+    summary = {}
+    for variant, entry in results["datasets"].items():
+        runs = entry["runs"]
+        if "dit" not in runs:
+            continue
+        final = runs["dit"]["curve"][-1]
+        target, steps = final["judge_fd"], final["step"]
+        reach = {}
+        for recipe, run in runs.items():
+            hit = next((p["step"] for p in run["curve"] if p["judge_fd"] <= target), None)
+            reach[recipe] = {"first_step": hit, "fraction_of_baseline": None if hit is None else hit / steps}
+        best = min((r for r in reach if r != "dit" and reach[r]["first_step"] is not None),
+                   key=lambda r: reach[r]["first_step"], default=None)
+        summary[variant] = {"baseline_final_fd": target, "baseline_steps": steps, "reach": reach, "best": best,
+                            "goal_met": best is not None and reach[best]["fraction_of_baseline"] <= 0.25}
+    return summary
+
+
+COLOURS = {"dit": (31, 119, 180), "sit": (255, 127, 14), "sit_lightning": (44, 160, 44), "sit_repa": (214, 39, 40)}
+
+
+def _panel(draw, box, title, curves, log_y, y_label, hline=None, vline=None):
+    """One chart in `box` (x0, y0, x1, y1): `curves` {name: [(step, value)]}, x linear in steps,
+    y linear or log10. Drawn with PIL (matplotlib is not a dependency of the project)."""
+    x0, y0, x1, y1 = box
+    left, right, top, bottom = x0 + 60, x1 - 10, y0 + 28, y1 - 36
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text((left, y0 + 6), title, fill=(0, 0, 0))
+    points = [p for c in curves.values() for p in c]
+    if not points:
+        return
+    xs = [p[0] for p in points] + ([vline] if vline else [])
+    ys = [p[1] for p in points] + ([hline] if hline else [])
+    f = (lambda v: np.log10(max(v, 1e-6))) if log_y else (lambda v: v)
+    xmin, xmax = 0, max(xs)
+    ymin, ymax = min(f(v) for v in ys), max(f(v) for v in ys)
+    pad = 0.05 * (ymax - ymin or 1.0)
+    ymin, ymax = ymin - pad, ymax + pad
+    sx = lambda v: left + (right - left) * (v - xmin) / (xmax - xmin or 1)  # noqa: E731
+    sy = lambda v: bottom - (bottom - top) * (f(v) - ymin) / (ymax - ymin)  # noqa: E731
+    for k in range(5):  # axis ticks
+        xv = xmin + (xmax - xmin) * k / 4
+        draw.text((sx(xv) - 12, bottom + 4), f"{xv:.0f}", fill=(0, 0, 0))
+        yv = ymin + (ymax - ymin) * k / 4
+        label = 10 ** yv if log_y else yv
+        draw.text((x0 + 4, bottom - (bottom - top) * k / 4 - 6), f"{label:.3g}", fill=(0, 0, 0))
+    draw.text(((left + right) // 2 - 40, bottom + 18), "training steps", fill=(0, 0, 0))
+    draw.text((left + 4, top + 4), y_label, fill=(90, 90, 90))
+    if hline is not None:
+        draw.line([left, sy(hline), right, sy(hline)], fill=(150, 150, 150), width=1)
+    if vline is not None:
+        draw.line([sx(vline), top, sx(vline), bottom], fill=(150, 150, 150), width=1)
+    for row, (name, curve) in enumerate(curves.items()):
+        colour = COLOURS.get(name, (0, 0, 0))
+        pts = [(sx(s), sy(v)) for s, v in curve]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        for px, py in pts:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((right - 110, top + 6 + 14 * row), name, fill=colour)
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Judge FD (log scale, top) and class accuracy (bottom) vs training steps: one line per
+    recipe, one column per data set; grey lines: DiT's final FD and a quarter of its steps."""
+    from PIL import Image, ImageDraw
+
+    variants = list(results["datasets"])
+    w, h = 520, 300
+    image = Image.new("RGB", (w * len(variants), 2 * h + 30), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), f"Convergence race: {results['protocol']['nfe']} NFE per sample, no guidance "
+                       f"(DiT: {SAMPLER['dit']}; flow: {SAMPLER['flow']})", fill=(0, 0, 0))
+    for col, variant in enumerate(variants):
+        runs = results["datasets"][variant]["runs"]
+        goal = results["goal"].get(variant) or {}
+        fd = {r: [(p["step"], p["judge_fd"]) for p in run["curve"]] for r, run in runs.items()}
+        acc = {r: [(p["step"], 100 * p["class_accuracy"]) for p in run["curve"]] for r, run in runs.items()}
+        quarter = goal.get("baseline_steps", 0) / 4 or None
+        _panel(draw, (col * w, 30, (col + 1) * w, 30 + h), f"{variant} toy set: judge Frechet distance (log)",
+               fd, True, "FD, lower is better", goal.get("baseline_final_fd"), quarter)
+        _panel(draw, (col * w, 30 + h, (col + 1) * w, 30 + 2 * h), f"{variant} toy set: class accuracy",
+               acc, False, "% (chance 10)", None, quarter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a plumbing check: a few steps, few samples")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--num-real", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--encoder-steps", type=int, default=600)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--recipes", nargs="+", default=None, choices=list(RECIPES))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "convergence_race"))
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "convergence_race.json"))
+    parser.add_argument("--plot", default=str(REPO / "docs" / "assets" / "convergence_race.png"))
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine the results files of runs on separate data sets (e.g. two processes, one "
+                             "per data set) into --json and --plot, training nothing")
+    args = parser.parse_args(argv)
+    args.judge_overrides = {}
+    if args.quick:
+        args.steps, args.eval_every, args.num_samples, args.num_real, args.encoder_steps = 4, 2, 20, 100, 5
+        args.batch_size = 20
+        args.judge_overrides = {"steps": 20, "num_per_class": 20}  # a judge that runs, not one that judges
+    if args.steps % args.eval_every:
+        parser.error(f"--steps {args.steps} must be a multiple of --eval-every {args.eval_every}")
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        results = {**parts[0], "datasets": {k: v for part in parts for k, v in part["datasets"].items()},
+                   "machines": [part["machine"] for part in parts]}
+        results["goal"] = goal_summary(results)
+    else:
+        results = run_race(args)
+    write_json_atomic(Path(args.json), results)
+    if args.plot:
+        plot(results, Path(args.plot))
+    for variant, goal in results["goal"].items():
+        print(f"{variant}: DiT's final FD {goal['baseline_final_fd']:.1f} at {goal['baseline_steps']} steps; "
+              f"best {goal['best']}: {goal['reach'].get(goal['best'])}; goal met: {goal['goal_met']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
