@@ -129,9 +129,8 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     """Score `samples` against `cfg.reference`; print, write JSON, append to the results table and
     log to wandb when enabled. Returns the record written."""
     cfg = to_eval_config(cfg)
+    check_metric_names(cfg.metrics)
     wanted = set(cfg.metrics)
-    if wanted - set(KNOWN_METRICS):
-        raise ValueError(f"unknown metrics {sorted(wanted - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
     samples = Path(samples).expanduser()
     images, labels = open_images(samples)  # headers only: the images are read batch by batch when scored
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
@@ -198,14 +197,28 @@ def scoring_record(extractor: FeatureExtractor, pr_arithmetic: str | None, prc_k
             "pr_arithmetic": pr_arithmetic, "prc_k": prc_k if pr_arithmetic else None}
 
 
+def check_metric_names(metrics: Iterable[str]) -> None:
+    """ConfigError naming the unknown entries of `metrics=[...]`."""
+    unknown = sorted(set(metrics) - set(KNOWN_METRICS))
+    if unknown:
+        raise ConfigError(f"metrics: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+
+
+def check_samples_path(samples: str | os.PathLike) -> None:
+    """ConfigError unless `samples=` is an existing file or folder (what it holds is checked
+    when it is opened, from its header)."""
+    path = Path(samples).expanduser()
+    if not path.exists():
+        raise ConfigError(f"samples={samples} does not exist: pass an ADM .npz or a folder of images, or leave "
+                          "samples out and give checkpoint=PATH to generate them first")
+
+
 def check_scoring_inputs(cfg: EvalConfig) -> None:
     """What scoring needs, checked in seconds before generating samples for it (which can take
     hours): known metric names and feature extractor, the Inception weights file (found, or
     downloaded now when allowed), a reference that exists and can be read. ConfigError or
     FeatureExtractorUnavailable naming the key and the fix."""
-    unknown = sorted(set(cfg.metrics) - set(KNOWN_METRICS))
-    if unknown:
-        raise ConfigError(f"metrics: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
+    check_metric_names(cfg.metrics)
     if cfg.feature_extractor not in ("inception", "toy_judge"):
         raise ConfigError(f"feature_extractor={cfg.feature_extractor!r}: use inception or toy_judge")
     if cfg.feature_extractor == "inception":
@@ -230,14 +243,17 @@ def check_scoring_inputs(cfg: EvalConfig) -> None:
 def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
     """eval_fid.py: score `cfg.samples`, or first generate them from `cfg.checkpoint` with the
     sampling keys (every rank samples, rank 0 scores and returns the record; others None). What
-    scoring needs is checked before generating (`check_scoring_inputs`)."""
+    scoring needs is checked first, in seconds (`check_scoring_inputs`): before generating, and
+    before a reference's features are computed for samples that are not there."""
     cfg = to_eval_config(cfg)
     samples = cfg.samples
+    if samples is None and cfg.checkpoint is None:
+        raise ConfigError("give samples=PATH (an ADM .npz or a folder of images), or checkpoint=PATH to generate "
+                          "them first with the sampling settings of conf/sample.yaml")
+    if samples is not None:
+        check_samples_path(samples)
+    check_scoring_inputs(cfg)
     if samples is None:
-        if cfg.checkpoint is None:
-            raise ConfigError("give samples=PATH (an ADM .npz or a folder of images), or checkpoint=PATH to generate "
-                              "them first with the sampling settings of conf/sample.yaml")
-        check_scoring_inputs(cfg)
         samples = generate_bulk(cfg)  # the same code path as `python sample.py mode=bulk`
         if env_rank() != 0:
             return None
