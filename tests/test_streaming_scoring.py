@@ -247,8 +247,8 @@ def test_eval_fid_with_the_toy_judge_streams_and_equals_the_in_memory_numbers(tm
 
 @pytest.mark.slow
 def test_inception_features_of_a_stream_equal_the_in_memory_path(tmp_path, random_inception):
-    extractor = InceptionFeatures(random_inception, device="cpu", batch_size=4, allow_download=False)
-    samples, real = _images(10, seed=10), _images(9, seed=11)
+    extractor = InceptionFeatures(random_inception, device="cpu", batch_size=3, allow_download=False)
+    samples, real = _images(7, seed=10), _images(6, seed=11)  # batches of 3, 3 and 1
     path = F.write_samples_npz(tmp_path / "samples.npz", samples)
     reference = M.load_reference(F.write_samples_npz(tmp_path / "ref.npz", real), extractor)
     with torch.no_grad():
