@@ -389,8 +389,16 @@ def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path)
     ckpt = _pixel_checkpoint(tmp_path, in_channels=4)
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     sample = _run_cli("sample.py", [f"checkpoint={ckpt}", "vae=sd-mse", "device=cpu"], tmp_path, **offline)
-    evaluate = _run_cli("eval_fid.py", [f"checkpoint={ckpt}", "vae=sd-mse", "reference=nowhere.npz",
-                                        "bulk.num_samples=2", "device=cpu"], tmp_path, **offline)
+    from PIL import Image
+
+    # eval_fid checks what scoring needs before sampling (dit/evaluate.py check_scoring_inputs): give it a
+    # reference that exists and the toy judge (no Inception weights), so the autoencoder is what fails.
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(reference / "0.png")
+    evaluate = _run_cli("eval_fid.py", [f"checkpoint={ckpt}", "vae=sd-mse", f"reference={reference}",
+                                        "feature_extractor=toy_judge", "bulk.num_samples=2", "device=cpu"],
+                        tmp_path, **offline)
     for proc in (sample, evaluate):
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0

@@ -78,7 +78,7 @@ class SampleConfig:
     mode: SampleMode = SampleMode.grid
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # chosen with sampler=ddpm|ddim|dpm++
     guided_channels: str = SamplerSettings.guided_channels  # 3: the paper's; all: every channel
-    guidance_interval: Optional[list[int]] = None  # [lo, hi] original timesteps (0..999); None: always
+    guidance_interval: Optional[list[float]] = None  # [lo, hi]: DDPM timesteps (0..999) or flow time (0..1); None: always
     grid: GridConfig = field(default_factory=GridConfig)
     bulk: BulkConfig = field(default_factory=BulkConfig)
 
