@@ -12,6 +12,7 @@ The failures and their messages are listed in docs/training.md ("When something 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -39,6 +40,16 @@ PROGRAMS = {"train.py": train_cli.run, "sample.py": sample_cli.run, "eval_fid.py
             "cache_latents": cache_cli.run}
 TINY_TRAIN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
               "max_steps=1", "global_batch_size=2", "log.samples.every=0"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """hydra configures logging for its job (a handler on the captured stdout): put it back after
+    each test, so that later tests do not log into a closed capture stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(scope="module")
