@@ -216,9 +216,10 @@ def load_state(path: str | os.PathLike) -> Any:
                 "trust the file, re-save its tensors as a plain dict (or safetensors) in a separate, "
                 "trusted process."
             ) from None
+        reason = f" ({detail[:200]})" if detail.strip() else ""
         raise CheckpointError(
-            f"{str(path)!r} is not a PyTorch checkpoint that can be read safely ({detail[:200]}); it may be "
-            "truncated or a different kind of file"
+            f"{str(path)!r} is not a PyTorch checkpoint that can be read safely{reason}; it may be truncated or "
+            "a different kind of file: give a checkpoint written by train.py or torch.save (a state dict)"
         ) from None
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(

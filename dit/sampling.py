@@ -339,7 +339,8 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     release-format file of a width outside the official table (heads leave no trace in shapes)."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist")
+        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist: give a training checkpoint "
+                                "(<run>/checkpoints/NNNNNNN.pt) or a release file such as DiT-XL-2-256x256.pt")
     extra = {"num_heads": num_heads} if num_heads is not None else {}
     model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device, **extra)
     _check_finite_weights(model, path, which)
