@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -162,6 +163,19 @@ def score(images: np.ndarray, labels: np.ndarray, judge: ToyJudge, real_stats) -
             "judge_fd": float(frechet_distance(mu, sigma, *real_stats))}
 
 
+def anchors(judge: ToyJudge, real_stats, variant: str, num_samples: int) -> dict:
+    """Two fixed points of the FD scale, from the same judge and reference: other real images
+    (the floor at this sample count) and uniform noise images. An untrained flow model's ODE
+    does not move its input (adaLN-Zero: velocity 0), so its samples are clamped Gaussian noise:
+    `gaussian_noise` is that model's distance."""
+    other, other_labels = make_toy_arrays(num_samples // NUM_CLASSES, IMAGE_SIZE, REAL_SEED + 1, variant)
+    gens = sample_generators(SAMPLE_SEED, np.arange(len(other)))
+    noise = initial_noise(gens, (3, IMAGE_SIZE, IMAGE_SIZE))  # (N, 3, H, W): what a flow sampler starts from
+    noise = torch.clamp(127.5 * noise + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return {"real_images": score(other, other_labels, judge, real_stats),
+            "gaussian_noise": score(noise, other_labels, judge, real_stats)}
+
+
 # ------------------------------------------------------------------------------ the race
 
 
@@ -170,7 +184,7 @@ def run_race(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     recipes = args.recipes or list(RECIPES)
     results = {"machine": machine_info("cpu"), "protocol": {
-        "steps": args.steps, "eval_every": args.eval_every, "num_samples": args.num_samples, "nfe": NFE,
+        "steps": args.steps, "eval_steps": args.eval_steps, "num_samples": args.num_samples, "nfe": NFE,
         "cfg_scale": 1.0, "samplers": SAMPLER, "image_size": IMAGE_SIZE, "num_real": args.num_real,
         "recipes": {k: RECIPES[k] for k in recipes}, "base": "experiment=quickstart"}, "datasets": {}}
     for variant in args.datasets:
@@ -179,7 +193,8 @@ def run_race(args) -> dict:
                                        **args.judge_overrides)
         real, _ = make_toy_arrays(args.num_real // NUM_CLASSES, IMAGE_SIZE, REAL_SEED, variant)
         real_stats = feature_statistics(judge.features(real))
-        entry = {"judge": {"heldout_accuracy": judge.stats.get("heldout_accuracy")}, "runs": {}}
+        entry = {"judge": {"heldout_accuracy": judge.stats.get("heldout_accuracy")}, "runs": {},
+                 "anchors": anchors(judge, real_stats, variant, args.num_samples)}
         if variant == "colours":
             data = ["data=toy"]
         else:
@@ -195,12 +210,17 @@ def run_race(args) -> dict:
                 overrides.append(f"repa.encoder={encoder}")
             cfg = train_config(overrides)
             run_dir = out / "runs" / f"{variant}_{recipe}"
-            start = time.time()
-            run_training(cfg, run_dir)
-            run_info["train_seconds"] = time.time() - start
-            run_info["steps_per_second"] = args.steps / run_info["train_seconds"]
+            info_path = run_dir / "race_run.json"
+            if info_path.is_file():  # trained by an earlier, interrupted invocation: reuse its checkpoints
+                run_info.update(json.loads(info_path.read_text()))
+            else:
+                start = time.time()
+                run_training(cfg, run_dir)
+                run_info["train_seconds"] = time.time() - start
+                run_info["steps_per_second"] = args.steps / run_info["train_seconds"]
+                write_json_atomic(info_path, run_info)
             curve = []
-            for step in range(args.eval_every, args.steps + 1, args.eval_every):
+            for step in args.eval_steps:
                 images, labels, sampler = sample_checkpoint(run_dir / "checkpoints" / f"{step:07d}.pt",
                                                             args.num_samples, args.batch_size)
                 curve.append({"step": step, **score(images, labels, judge, real_stats)})
@@ -215,8 +235,9 @@ def run_race(args) -> dict:
 
 
 def goal_summary(results: dict) -> dict:
-    """The issue's goal per data set: the first step at which each recipe's judge FD is at or
-    below the DiT baseline's final FD, as a fraction of the baseline's steps."""
+    """The issue's goal per data set: the first scored step at which each recipe's judge FD is at
+    or below the DiT baseline's final FD, as a fraction of the baseline's steps (and the class
+    accuracy there: an FD reached while the samples are still near noise is no win)."""
     summary = {}
     for variant, entry in results["datasets"].items():
         runs = entry["runs"]
@@ -226,8 +247,11 @@ def goal_summary(results: dict) -> dict:
         target, steps = final["judge_fd"], final["step"]
         reach = {}
         for recipe, run in runs.items():
-            hit = next((p["step"] for p in run["curve"] if p["judge_fd"] <= target), None)
-            reach[recipe] = {"first_step": hit, "fraction_of_baseline": None if hit is None else hit / steps}
+            hit = next((p for p in run["curve"] if p["judge_fd"] <= target), None)
+            reach[recipe] = {"first_step": None if hit is None else hit["step"],
+                             "fraction_of_baseline": None if hit is None else hit["step"] / steps,
+                             # an FD reached by near-noise samples is no win: read it beside the accuracy
+                             "class_accuracy_then": None if hit is None else hit["class_accuracy"]}
         best = min((r for r in reach if r != "dit" and reach[r]["first_step"] is not None),
                    key=lambda r: reach[r]["first_step"], default=None)
         summary[variant] = {"baseline_final_fd": target, "baseline_steps": steps, "reach": reach, "best": best,
@@ -282,8 +306,6 @@ def _panel(draw, box, title, curves, log_y, y_label, hline=None, vline=None):
 def plot(results: dict, path: Path) -> Path:
     """Judge FD (log scale, top) and class accuracy (bottom) vs training steps: one line per
     recipe, one column per data set; grey lines: DiT's final FD and a quarter of its steps."""
-    from PIL import Image, ImageDraw
-
     variants = list(results["datasets"])
     w, h = 520, 300
     image = Image.new("RGB", (w * len(variants), 2 * h + 30), (255, 255, 255))
@@ -305,13 +327,38 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def markdown_table(results: dict) -> str:
+    """The README's table: accuracy / judge FD per recipe (rows) and scored step (columns), per data set."""
+    lines = []
+    for variant, entry in results["datasets"].items():
+        runs = entry["runs"]
+        steps = [p["step"] for p in next(iter(runs.values()))["curve"]]
+        lines += [f"**{variant}** (judge: {100 * entry['judge']['heldout_accuracy']:.0f} % on held-out real images)", "",
+                  "| recipe | sampler (20 NFE) | " + " | ".join(f"step {s}" for s in steps) + " | steps/s |",
+                  "| --- | --- | " + " | ".join("---:" for _ in steps) + " | ---: |"]
+        for recipe, run in runs.items():
+            cells = [f"{100 * p['class_accuracy']:.1f} % / {p['judge_fd']:.0f}" for p in run["curve"]]
+            lines.append(f"| {recipe} | {run['sampler']} | " + " | ".join(cells) + f" | {run['steps_per_second']:.2f} |")
+        a = entry.get("anchors")
+        if a:
+            rest = " |" * len(steps)  # the other step columns and steps/s stay empty
+            lines.append(f"| *other real images* | | {100 * a['real_images']['class_accuracy']:.1f} % / "
+                         f"{a['real_images']['judge_fd']:.1f} |{rest}")
+            lines.append(f"| *Gaussian noise (an untrained flow model)* | | "
+                         f"{100 * a['gaussian_noise']['class_accuracy']:.1f} % / {a['gaussian_noise']['judge_fd']:.0f} |{rest}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a plumbing check: a few steps, few samples")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--num-samples", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between checkpoints")
+    parser.add_argument("--eval-steps", type=int, nargs="+", default=[50, 100, 200, 400],
+                        help="the checkpoints scored (sampling 250 images costs about as much as 50 training steps)")
+    parser.add_argument("--num-samples", type=int, default=250)
     parser.add_argument("--num-real", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--encoder-steps", type=int, default=600)
@@ -327,20 +374,29 @@ def main(argv=None) -> dict:
     args.judge_overrides = {}
     if args.quick:
         args.steps, args.eval_every, args.num_samples, args.num_real, args.encoder_steps = 4, 2, 20, 100, 5
-        args.batch_size = 20
+        args.batch_size, args.eval_steps = 20, [2, 4]
         args.judge_overrides = {"steps": 20, "num_per_class": 20}  # a judge that runs, not one that judges
-    if args.steps % args.eval_every:
-        parser.error(f"--steps {args.steps} must be a multiple of --eval-every {args.eval_every}")
+    if args.steps % args.eval_every or any(s % args.eval_every or not 0 < s <= args.steps for s in args.eval_steps):
+        parser.error(f"--steps {args.steps} and every --eval-steps {args.eval_steps} must be multiples of "
+                     f"--eval-every {args.eval_every} (checkpoints are written there), at most --steps")
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         results = {**parts[0], "datasets": {k: v for part in parts for k, v in part["datasets"].items()},
                    "machines": [part["machine"] for part in parts]}
+        for variant, entry in results["datasets"].items():  # files written before anchors existed
+            if "anchors" not in entry:
+                judge = ToyJudge.load_or_train(Path(args.out) / "judges", image_size=IMAGE_SIZE, seed=0,
+                                               progress=False, variant=variant)
+                real, _ = make_toy_arrays(args.num_real // NUM_CLASSES, IMAGE_SIZE, REAL_SEED, variant)
+                entry["anchors"] = anchors(judge, feature_statistics(judge.features(real)), variant,
+                                           results["protocol"]["num_samples"])
         results["goal"] = goal_summary(results)
     else:
         results = run_race(args)
     write_json_atomic(Path(args.json), results)
     if args.plot:
         plot(results, Path(args.plot))
+    print(markdown_table(results))
     for variant, goal in results["goal"].items():
         print(f"{variant}: DiT's final FD {goal['baseline_final_fd']:.1f} at {goal['baseline_steps']} steps; "
               f"best {goal['best']}: {goal['reach'].get(goal['best'])}; goal met: {goal['goal_met']}")

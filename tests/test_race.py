@@ -51,8 +51,9 @@ def test_goal_is_the_first_step_at_or_below_the_baselines_final_distance():
     }}}}
     goal = race.goal_summary(results)["colours"]
     assert goal["baseline_final_fd"] == 100.0 and goal["baseline_steps"] == 400
-    assert goal["reach"]["sit"] == {"first_step": 200, "fraction_of_baseline": 0.5}
-    assert goal["reach"]["sit_lightning"] == {"first_step": None, "fraction_of_baseline": None}
+    assert goal["reach"]["sit"] == {"first_step": 200, "fraction_of_baseline": 0.5, "class_accuracy_then": 0.5}
+    assert goal["reach"]["sit_lightning"] == {"first_step": None, "fraction_of_baseline": None,
+                                              "class_accuracy_then": None}
     assert goal["best"] == "sit_repa" and goal["goal_met"] is True
     results["datasets"]["colours"]["runs"].pop("sit_repa")
     goal = race.goal_summary(results)["colours"]
