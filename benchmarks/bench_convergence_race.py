@@ -1,7 +1,7 @@
 """The convergence race (issue 14): DiT against its successors on the same backbone, the same
 training budget and the same sampler budget, on two built-in data sets.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_convergence_race.py            # the race (~30 min, 1 core)
+    OMP_NUM_THREADS=1 python benchmarks/bench_convergence_race.py            # the race (~40 min on 2 busy cores)
     OMP_NUM_THREADS=1 python benchmarks/bench_convergence_race.py --quick    # plumbing only (seconds)
 
 Recipes (each trained by the real trainer, `dit.train.run_training`, from experiment=quickstart:
@@ -21,10 +21,11 @@ Data sets: `colours` (the quickstart's toy set, data=toy: each class has its own
 `shapes` (the shape-only variant, dit.toy variant="shapes": colours random, areas equal), written
 as an ImageFolder and trained through data=imagefolder (the trainer's toy reader has no variant key).
 
-Each run writes a checkpoint every `eval_every` steps; each checkpoint's EMA weights draw
-`num_samples` class-balanced samples without guidance (cfg 1: one network pass per step), from the
-same noise for every recipe, scored by that data set's judge (dit.judge, trained on real images of
+Each run writes a checkpoint every `--eval-every` steps; the EMA weights of those at `--eval-steps`
+draw `--num-samples` class-balanced samples without guidance (cfg 1: one network pass per
+evaluation), from the same noise for every recipe, scored by that data set's judge (dit.judge, trained on real images of
 its own seed): class accuracy and the judge Fréchet distance to real images of another seed.
+An interrupted race resumes: a run directory with its `race_run.json` is not trained again.
 Results: benchmarks/results/convergence_race.json and a plot, docs/assets/convergence_race.png
 (drawn with PIL: matplotlib is not among the project's dependencies).
 """
