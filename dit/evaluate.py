@@ -21,9 +21,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from dit.checkpoint import load_state
 from dit.config import ConfigError, EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
-from dit.files import FileWriteError, atomic_target, image_files, write_text_atomic
+from dit.files import CheckpointError, FileWriteError, atomic_target, image_files, write_text_atomic
 from dit.generate import generate_bulk
 from dit.image_stream import open_images
 from dit.inception import InceptionFeatures, check_feature_precision, resolve_inception_weights
@@ -40,16 +41,17 @@ KNOWN_METRICS = ("fid", "sfid", "isc", "prc", "kid")
 def build_feature_extractor(name: str = "inception", *, weights: str | None = None, device: str | None = "auto",
                             batch_size: int = 64, allow_download: bool = True, image_size: int | None = None,
                             judge_cache_dir: str | None = None, judge_seed: int = 0,
-                            precision: str = "fp32") -> FeatureExtractor:
+                            precision: str = "fp32", judge_variant: str = "colours") -> FeatureExtractor:
     """`"inception"` (FID protocol; `precision` fp32 or tf32) or `"toy_judge"` (quickstart; needs
-    `image_size`, trained once and cached in `judge_cache_dir`)."""
+    `image_size`, trained once per `judge_variant` (dit.toy.VARIANTS) and cached in `judge_cache_dir`)."""
     if name == "inception":
         return InceptionFeatures(weights, device=device, batch_size=batch_size, allow_download=allow_download,
                                  precision=precision)
     if name == "toy_judge":
         if image_size is None:
             raise ValueError("feature_extractor=toy_judge needs the image size of the samples")
-        return JudgeFeatures(ToyJudge.load_or_train(judge_cache_dir, image_size=image_size, seed=judge_seed))
+        return JudgeFeatures(ToyJudge.load_or_train(judge_cache_dir, image_size=image_size, seed=judge_seed,
+                                                    variant=judge_variant))
     raise ValueError(f"unknown feature_extractor {name!r}: use 'inception' or 'toy_judge'")
 
 
@@ -134,11 +136,16 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     samples = Path(samples).expanduser()
     images, labels = open_images(samples)  # headers only: the images are read batch by batch when scored
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+    sidecar = settings_path_for(samples) if samples.is_file() else None
+    settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
+    if settings.get("mode") == "grid":  # a grid's settings from before grids had their own file (X.png.json)
+        settings = {}
+    judge_variant = resolve_judge_variant(cfg, settings) if cfg.feature_extractor == "toy_judge" else None
     extractor = build_feature_extractor(
         cfg.feature_extractor, weights=cfg.feature_extractor_weights, device=cfg.device,
         batch_size=cfg.feature_batch_size, allow_download=cfg.allow_download, image_size=images.shape[1],
         judge_cache_dir=str(cache_dir) if cache_dir else None, judge_seed=cfg.judge_seed,
-        precision=cfg.feature_precision)
+        precision=cfg.feature_precision, judge_variant=judge_variant or "colours")
     reference = load_reference(cfg.reference, extractor, cache_dir=cache_dir / "ref_stats" if cache_dir else None,
                                need_features=bool(wanted & {"prc", "kid"}), progress=True)
     metrics = compute_metrics(
@@ -148,17 +155,14 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
         kid_subset_size=cfg.kid_subset_size)
     images.close()
 
-    sidecar = settings_path_for(samples) if samples.is_file() else None
-    settings = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else {}
-    if settings.get("mode") == "grid":  # a grid's settings from before grids had their own file (X.png.json)
-        settings = {}
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "samples": str(samples),
         "reference": str(cfg.reference),
         "feature_extractor": extractor.identity,
         "metrics": metrics,
-        "scoring": scoring_record(extractor, cfg.pr_arithmetic if "prc" in wanted else None, cfg.prc_k),
+        "scoring": scoring_record(extractor, cfg.pr_arithmetic if "prc" in wanted else None, cfg.prc_k,
+                                  judge_variant),
         "reference_usage": reference_usage(reference, metrics),  # which reference data each metric used
         "sampling": settings,  # what sample.py recorded next to the samples (empty for other sources)
     }
@@ -188,13 +192,49 @@ def evaluate_samples(cfg: EvalConfig | Any, samples: str | os.PathLike) -> dict:
     return record
 
 
-def scoring_record(extractor: FeatureExtractor, pr_arithmetic: str | None, prc_k: int) -> dict:
+def scoring_record(extractor: FeatureExtractor, pr_arithmetic: str | None, prc_k: int,
+                   judge_variant: str | None = None) -> dict:
     """How the scores were computed, for the results JSON: the feature precision asked for and
     torch's flags seen during the (last) extraction (None for extractors without the switch),
-    precision/recall's arithmetic (None when not computed) and k."""
-    return {"feature_precision": getattr(extractor, "precision", None),
-            "backend_flags_during_extraction": getattr(extractor, "backend_flags", None),
-            "pr_arithmetic": pr_arithmetic, "prc_k": prc_k if pr_arithmetic else None}
+    precision/recall's arithmetic (None when not computed) and k, and for the toy judge which
+    toy variant's judge scored (`judge_variant`; the key is absent for other extractors)."""
+    record = {"feature_precision": getattr(extractor, "precision", None),
+              "backend_flags_during_extraction": getattr(extractor, "backend_flags", None),
+              "pr_arithmetic": pr_arithmetic, "prc_k": prc_k if pr_arithmetic else None}
+    if judge_variant is not None:
+        record["judge_variant"] = judge_variant
+    return record
+
+
+def trained_toy_variant(checkpoint: str | os.PathLike | None) -> str | None:
+    """The toy variant a training checkpoint was trained on (its config's data.variant, "colours"
+    for toy runs from before variants), or None: no such file, not our training checkpoint, or
+    not trained on the toy set. Reads the file (weights_only): call it for toy-sized models only."""
+    if checkpoint is None or not Path(checkpoint).expanduser().is_file():
+        return None
+    try:
+        state = load_state(Path(checkpoint).expanduser())
+    except (OSError, CheckpointError):  # unreadable or not a torch file: nothing to learn from it
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or data.get("kind") != "toy":
+        return None
+    return str(data.get("variant", "colours"))
+
+
+def resolve_judge_variant(cfg: EvalConfig, settings: dict | None = None) -> str:
+    """eval_fid.py's toy judge variant: `judge_variant` when given; otherwise the toy variant the
+    model was trained on (the `checkpoint=` being sampled, else the checkpoint the samples'
+    settings file names), so shape-only samples meet the shapes judge without a flag; "colours"
+    when neither is a toy-set training checkpoint (samples from elsewhere, release files)."""
+    if cfg.judge_variant is not None:
+        return cfg.judge_variant
+    for checkpoint in (cfg.checkpoint, (settings or {}).get("checkpoint")):
+        variant = trained_toy_variant(checkpoint)
+        if variant is not None:
+            return variant
+    return "colours"
 
 
 def check_metric_names(metrics: Iterable[str]) -> None:
@@ -281,7 +321,7 @@ class FIDEvaluator:
                  batch_size: int = 32, cache_dir: str | os.PathLike | None = None, judge_cache_dir: str | None = None,
                  metrics: Iterable[str] = ("fid", "isc", "prc"), device: str | None = "auto",
                  feature_precision: str = "fp32", pr_arithmetic: str = "fp32", feature_batch_size: int = 64,
-                 judge_seed: int = 0, prc_k: int = 3):
+                 judge_seed: int = 0, prc_k: int = 3, judge_variant: str = "colours"):
         if num_samples < 2:
             raise ValueError(f"num_samples must be at least 2 for a covariance, got {num_samples}")
         self.reference_source = reference
@@ -297,6 +337,7 @@ class FIDEvaluator:
             raise ValueError(f"unknown metrics {sorted(self.metrics - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
         self.device = device
         self.feature_batch_size, self.judge_seed, self.prc_k = int(feature_batch_size), int(judge_seed), int(prc_k)
+        self.judge_variant = judge_variant  # toy_judge: which toy variant's judge scores
         # checked now, not after the first round of sampling
         self.feature_precision = check_feature_precision(feature_precision)
         self.pr_arithmetic = check_pr_arithmetic(pr_arithmetic)
@@ -313,7 +354,7 @@ class FIDEvaluator:
                     self.feature_extractor, weights=self.feature_extractor_weights, device=self.device,
                     batch_size=self.feature_batch_size, allow_download=self.allow_download, image_size=image_size,
                     judge_cache_dir=self.judge_cache_dir, judge_seed=self.judge_seed,
-                    precision=self.feature_precision)
+                    precision=self.feature_precision, judge_variant=self.judge_variant)
             else:
                 self._extractor = self.feature_extractor
         if not reference:

@@ -17,6 +17,7 @@ from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, Train
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
 from dit.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch
+from dit.toy import VARIANTS as TOY_VARIANTS
 
 OBJECTIVES = ("diffusion", "flow")
 
@@ -162,11 +163,21 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
                 "`python -m dit.cache_latents ...`, or rerun that command to finish an interrupted build"
             )
     elif data.kind in ("imagefolder", "toy"):
+        if data.kind == "toy":
+            check_toy_variant(data.variant, "data.variant")
         factor = known_downsample_factor(cfg.vae.name)
         if factor is not None:
             check_resolution(data.image_size, factor, arch["patch_size"])
     else:
         raise ConfigError(f"data.kind={data.kind!r} is not one of imagefolder, latents, toy")
+
+
+def check_toy_variant(variant: Any, key: str) -> str:
+    """ConfigError unless `variant` is one of the toy set's variants; `key` names the config key."""
+    if variant not in TOY_VARIANTS:
+        raise ConfigError(f"{key}={variant!r} is not a toy variant: use one of {', '.join(TOY_VARIANTS)} (colours: "
+                          "a colour per class; shapes: random hues, equal areas, the classes differ by shape only)")
+    return variant
 
 
 def check_repa(cfg: TrainConfig, model_depth: int, world_size: int = 1) -> None:

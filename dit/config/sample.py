@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
 
+from dit.config.checks import check_toy_variant
 from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
 from dit.inception import check_feature_precision
 from dit.precision_recall import check_pr_arithmetic
@@ -122,6 +123,10 @@ class EvalConfig(SampleConfig):
     feature_batch_size: int = 64
     feature_precision: str = "fp32"  # Inception features in IEEE fp32 (TF32 forced off) | tf32 (allowed)
     judge_seed: int = 0  # toy_judge: which judge (trained once, cached in cache_dir)
+    # toy_judge: which toy variant's judge (dit.toy.VARIANTS: colours | shapes). None: the variant the
+    # checkpoint was trained on (checkpoint=, or the one the samples' settings file names) when
+    # that is a toy-set run, else "colours".
+    judge_variant: Optional[str] = None
     cache_dir: Optional[str] = "~/.cache/dit"  # reference statistics and the toy judge
     metrics: list[str] = field(default_factory=lambda: ["fid", "sfid", "isc", "prc"])  # + kid
     prc_k: int = 3  # precision/recall neighbourhood (ADM: 3)
@@ -140,6 +145,8 @@ class EvalConfig(SampleConfig):
                 check(getattr(self, key))
             except ValueError as err:
                 raise ConfigError(str(err)) from None
+        if self.judge_variant is not None:
+            check_toy_variant(self.judge_variant, "judge_variant")
 
 
 def _to_object(cfg: Any, schema: type, hints: dict[str, str]):

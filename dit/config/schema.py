@@ -109,9 +109,12 @@ class LatentsDataConfig(DataConfig):
 
 @dataclass
 class ToyDataConfig(DataConfig):
-    """The built-in toy set (`dit/toy.py`): ten classes of coloured shapes drawn from `seed`."""
+    """The built-in toy set (`dit/toy.py`): ten classes of coloured shapes drawn from `seed`.
+    `variant`: "colours" (a colour per class) or "shapes" (random hues, equal areas: the classes
+    differ by shape only; `data=toy_shapes`)."""
 
     kind: str = "toy"
+    variant: str = "colours"  # dit.toy.VARIANTS
     num_per_class: int = 100
     image_size: int = 32
     seed: int = 0  # which images; the training seed (`seed`) fixes the order and the flips
@@ -271,6 +274,9 @@ class TrainEvalConfig(SamplerSettings):
     seed: int = 0  # sample i: noise and label from (seed, i); the same samples at every evaluation
     batch_size: int = 32  # per network batch; fixes which samples share a batch, as bulk.batch_size
     judge_seed: int = 0
+    # toy_judge: which toy variant's judge (dit.toy.VARIANTS); None: the run's own (data.variant
+    # when data.kind=toy, else "colours").
+    judge_variant: Optional[str] = None
     cache_dir: Optional[str] = "~/.cache/dit"  # reference statistics (ref_stats/) and the toy judge
     # Keep a copy of the checkpoint with the best `best_metric` as checkpoints/best.pt (+ best.json);
     # a new best writes this step's checkpoint if none was due. keep_last never deletes it.

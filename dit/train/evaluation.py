@@ -13,6 +13,10 @@ Flow runs (objective=flow) are evaluated the same way with a flow sampler: eval.
 (the default) is SiT's SDE for them and DDPM for diffusion runs; the trainer's objective (a
 FlowMatching) is what `run` samples, so its path and network time are the run's.
 
+With eval.feature_extractor=toy_judge, `eval.judge_variant` picks which toy variant's judge
+scores (dit.toy.VARIANTS); left at null it is the run's own: data.variant for a toy-set run
+(data=toy_shapes is scored by the shapes judge), "colours" for any other data.
+
 Everything the evaluator needs (reference, extractor weights, the toy judge) is loaded when
 the trainer is built, so a bad `eval.*` key stops the run at start-up, not at the first
 evaluation. Sampling runs under `torch.random.fork_rng`: a run trains bitwise the same with
@@ -33,6 +37,7 @@ from typing import Optional
 import torch
 
 from dit.autoencoder import autoencoder_from_spec
+from dit.config.checks import check_toy_variant
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
 from dit.evaluate import KNOWN_METRICS, FIDEvaluator
@@ -64,7 +69,11 @@ def protocol(cfg: TrainEvalConfig, objective: str = "diffusion") -> dict:
     compared with each other (best.json records it)."""
     # The flow-only knobs come back from to_dict for flow samplers only (a diffusion protocol is unchanged).
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-           if f.name not in _SCHEDULE_KEYS and f.name not in FLOW_FIELDS}
+           if f.name not in _SCHEDULE_KEYS and f.name not in FLOW_FIELDS and f.name != "judge_variant"}
+    # The judge variant only where it is not the colour judge: best.json files written before
+    # variants existed keep matching the protocol of the same settings.
+    if cfg.feature_extractor == "toy_judge" and cfg.judge_variant not in (None, "colours"):
+        out["judge_variant"] = cfg.judge_variant
     out.update(eval_settings(cfg, objective).to_dict(), metrics=sorted(cfg.metrics))
     return json.loads(json.dumps(out, default=str))
 
@@ -81,6 +90,8 @@ def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int, obje
         raise ConfigError(f"eval.reference={cfg.reference} does not exist: give an existing reference file or folder")
     if cfg.feature_extractor not in ("inception", "toy_judge"):
         raise ConfigError(f"eval.feature_extractor must be inception or toy_judge, got {cfg.feature_extractor!r}")
+    if cfg.judge_variant is not None:
+        check_toy_variant(cfg.judge_variant, "eval.judge_variant")
     weights = cfg.feature_extractor_weights
     if weights is not None and not Path(weights).expanduser().is_file():
         raise ConfigError(f"eval.feature_extractor_weights={weights} does not exist: give torch-fidelity's Inception "
@@ -130,7 +141,8 @@ class TrainingEvaluator:
             num_samples=cfg.num_samples, label_mode=cfg.labels, seed=cfg.seed, batch_size=cfg.batch_size,
             cache_dir=cache / "ref_stats" if cache else None, judge_cache_dir=str(cache) if cache else None,
             metrics=cfg.metrics, device=str(env.device), feature_precision=cfg.feature_precision,
-            pr_arithmetic=cfg.pr_arithmetic, feature_batch_size=cfg.feature_batch_size, judge_seed=cfg.judge_seed)
+            pr_arithmetic=cfg.pr_arithmetic, feature_batch_size=cfg.feature_batch_size, judge_seed=cfg.judge_seed,
+            judge_variant=cfg.judge_variant or "colours")
         self._prepare(input_size * autoencoder.downsample_factor)
         self.protocol = protocol(cfg, objective)
         self.best = self._read_best() if env.is_main else None
@@ -235,6 +247,15 @@ def _link_or_copy_atomic(src: Path, dst: Path) -> None:
     write_atomic(dst, write)
 
 
+def run_judge_variant(cfg) -> str:
+    """The toy judge variant of a run's evaluation: eval.judge_variant when set, else the run's
+    own toy variant (data.variant) when it trains on the toy set, else "colours"."""
+    if cfg.eval.judge_variant is not None:
+        return cfg.eval.judge_variant
+    data = cfg.data
+    return getattr(data, "variant", "colours") if getattr(data, "kind", None) == "toy" else "colours"
+
+
 def build_training_evaluator(cfg, env: DistEnv, ckpt_dir: Path, parallel: str, latents,
                              input_size: int) -> Optional[TrainingEvaluator]:
     """The run's evaluator (None when eval.every is 0), checked and loaded now: at start-up.
@@ -244,5 +265,6 @@ def build_training_evaluator(cfg, env: DistEnv, ckpt_dir: Path, parallel: str, l
         return None
     objective = getattr(getattr(cfg, "objective", None), "kind", "diffusion")
     check_eval_config(cfg.eval, parallel, env.world_size, objective)
+    eval_cfg = dataclasses.replace(cfg.eval, judge_variant=run_judge_variant(cfg))  # resolved: protocol and judge
     autoencoder = latents.autoencoder or autoencoder_from_spec(latents.spec, device=env.device)
-    return TrainingEvaluator(cfg.eval, env, ckpt_dir, cfg.max_steps, autoencoder, input_size, objective)
+    return TrainingEvaluator(eval_cfg, env, ckpt_dir, cfg.max_steps, autoencoder, input_size, objective)

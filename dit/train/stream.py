@@ -96,8 +96,11 @@ def build_data(cfg: TrainConfig, identify: bool = True) -> TrainData:
     `identity` (an ImageFolder's costs a stat of every file: `identify=False` skips it there)."""
     d = cfg.data
     if d.kind == "toy":
-        ds = ToyShapesDataset(d.num_per_class, d.image_size, seed=d.seed, hflip=d.hflip)
-        identity = data_identity("toy", ds, num_per_class=d.num_per_class, image_size=d.image_size, seed=d.seed)
+        ds = ToyShapesDataset(d.num_per_class, d.image_size, seed=d.seed, hflip=d.hflip, variant=d.variant)
+        params = dict(num_per_class=d.num_per_class, image_size=d.image_size, seed=d.seed)
+        if d.variant != "colours":  # the colour set keeps the identity it had before variants: its runs resume
+            params["variant"] = d.variant
+        identity = data_identity("toy", ds, **params)
         return TrainData(ItemSeeded(ds, cfg.seed), TOY_CLASSES, False, d.image_size, identity=identity)
     if d.kind == "imagefolder":
         ds = ImageFolderDataset(d.root, d.image_size, hflip=d.hflip, skip_bad=d.skip_bad, seed=cfg.seed)
