@@ -64,12 +64,13 @@ def test_default_toy_identity_is_the_one_from_before_variants():
 
 
 def test_a_colour_run_from_before_variants_resumes(tmp_path):
-    """A checkpoint whose config has no data.variant (written before it existed) resumes."""
+    """A checkpoint whose config has no data.variant / eval.judge_variant (written before they
+    existed) resumes."""
     run = tmp_path / "run"
     with single_thread():
         first = run_training(train_config([*TINY, "max_steps=2", "ckpt.every=2"]), run)
     state = torch.load(first["checkpoint"], weights_only=True)
-    del state["config"]["data"]["variant"]
+    del state["config"]["data"]["variant"], state["config"]["eval"]["judge_variant"]  # the keys are new
     save_atomic(with_checksum({k: v for k, v in state.items() if k != "checksum"}), first["checkpoint"])
     with single_thread():
         second = run_training(train_config(TINY), run)  # max_steps=3
