@@ -13,6 +13,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -275,3 +276,25 @@ def assert_same_parameters(reference: dict, ckpt: dict, rtol: float = 1e-6) -> N
             rel = (ckpt[part][key] - ref).norm() / ref.norm().clamp_min(1e-12)
             assert rel <= rtol, f"{part}.{key}: relative difference {rel:.2e}"
     assert reference["model"]["final_layer.linear.weight"].abs().max() > 0  # it trained
+
+
+def threads_as_ranks(world_size, fn):
+    """Run fn(rank, world_size, barrier) for every rank at once in threads (a gloo-free stand-in
+    for torchrun: real concurrency, a real barrier)."""
+    barrier = threading.Barrier(world_size, timeout=120)
+    errors = []
+
+    def run(rank):
+        try:
+            fn(rank, world_size, barrier.wait)
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -22,7 +22,7 @@ from dit.config import ConfigError
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.release import release_family
 
-from conftest import compose_config, single_thread, tiny_dit
+from conftest import compose_config, single_thread, threads_as_ranks, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_RECORD = {"kind": "flow", "path": "linear", "prediction": "velocity", "time_sampling": "uniform",
@@ -210,32 +210,10 @@ def _flow_bulk(model, out, **kw):
     return bulk_sample(model, FlowMatching("linear"), SquashAE(), out, settings, **args)
 
 
-def _threads_as_ranks(world_size, fn):
-    import threading
-
-    barrier = threading.Barrier(world_size, timeout=120)
-    errors = []
-
-    def run(rank):
-        try:
-            fn(rank, world_size, barrier.wait)
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def test_flow_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption(tmp_path):
     model = tiny_dit()
     a = _flow_bulk(model, tmp_path / "a.npz", batch_size=3)
-    _threads_as_ranks(2, lambda r, w, sync: _flow_bulk(model, tmp_path / "b.npz", batch_size=3, rank=r,
+    threads_as_ranks(2, lambda r, w, sync: _flow_bulk(model, tmp_path / "b.npz", batch_size=3, rank=r,
                                                        world_size=w, barrier=sync))
 
     class Killed(Exception):
@@ -247,7 +225,7 @@ def test_flow_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interru
     with pytest.raises(Killed):
         _flow_bulk(model, tmp_path / "c.npz", batch_size=3, on_shard_written=kill)
     written = []
-    _threads_as_ranks(2, lambda r, w, sync: _flow_bulk(model, tmp_path / "c.npz", batch_size=3, rank=r,
+    threads_as_ranks(2, lambda r, w, sync: _flow_bulk(model, tmp_path / "c.npz", batch_size=3, rank=r,
                                                        world_size=w, barrier=sync, on_shard_written=written.append))
     assert sum(written) == 7 - 3
     b, c = tmp_path / "b.npz", tmp_path / "c.npz"

@@ -101,7 +101,9 @@ def test_pip_install_then_the_console_scripts_run_from_another_directory(tmp_pat
         assert (conf / path.relative_to(REPO / "conf")).read_bytes() == path.read_bytes(), path
     for name, config in SCRIPTS.items():  # hydra's --help: the program's config groups, from the package
         assert f"{config} is powered by Hydra" in out[name] and "== Configuration groups ==" in out[name], name
-    assert "experiment: DiT-XL-2-256, DiT-XL-2-512, quickstart" in out["dit-train"]
+    experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))  # the packaged recipes
+    assert "quickstart" in experiments and "DiT-XL-2-256" in experiments
+    assert f"experiment: {', '.join(experiments)}" in out["dit-train"]
     assert "sampler: ddim, ddpm, dpm++" in out["dit-sample"]
     installed = {".".join(p.parent.relative_to(module.parent.parent).parts) for p in module.parent.rglob("__init__.py")}
     assert installed >= {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "dit").rglob("__init__.py")}

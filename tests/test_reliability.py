@@ -103,9 +103,17 @@ def temp_files(run_dir: Path) -> list[str]:
 def start(fn, *args):
     """fn(*args) in a forked child process. Its exit code: 0, 1 (exception), -9 (SIGKILL), or the
     code of a SystemExit (TrainingPreempted: fault.preempt_exit_code)."""
-    proc = FORK.Process(target=fn, args=args)
+    proc = FORK.Process(target=_one_thread_child, args=(fn, *args))
     proc.start()
     return proc
+
+
+def _one_thread_child(fn, *args):
+    # One intra-op thread in the child, as the references are computed (`single_thread`). It also
+    # keeps the child out of the OpenMP thread team a multi-threaded op of the parent may have
+    # started: libgomp's team does not survive fork, and the child's first parallel op would hang.
+    torch.set_num_threads(1)
+    fn(*args)
 
 
 def start_training(cfg, run_dir, before=None):
@@ -136,6 +144,23 @@ def joined(proc, timeout=120.0) -> int:
         proc.join()
         raise AssertionError("the child did not finish in time")
     return proc.exitcode
+
+
+def train_on_two_gloo_ranks(cfg, run_dir: Path, step: int) -> dict:
+    """Train `cfg` on two forked gloo ranks (rank environment set as torchrun does) into
+    `run_dir`; returns the checkpoint of `step`, loaded weights-only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def rank(r):
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        run_training(cfg, run_dir)
+
+    ranks = [start(rank, r) for r in range(2)]
+    assert [joined(p) for p in ranks] == [0, 0]
+    return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -30,7 +28,7 @@ from dit.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
 from dit.toy import write_toy_imagefolder
 from dit.train import run_training
 from test_cli_errors import assert_one_line, run_in_process
-from test_reliability import assert_same_training_state, config, joined, start, start_training
+from test_reliability import assert_same_training_state, config, joined, start_training, train_on_two_gloo_ranks
 
 # 4 x 4 = 16 tokens of width 32, as many as the tiny DiT's (16 px, patch 4), which is 64 wide
 ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
@@ -40,7 +38,7 @@ ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=
 def encoder_dir(tmp_path_factory):
     """A tiny random timm ViT written as timm's save_for_hf does (config.json + model.safetensors)."""
     path = tmp_path_factory.mktemp("encoder")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), single_thread():  # no OpenMP team in the parent of forked runs
         torch.manual_seed(1)
         net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **ENCODER_ARGS)
     save_for_hf(net, path, model_args=ENCODER_ARGS, safe_serialization=True)
@@ -333,18 +331,7 @@ def test_two_gloo_ranks_train_repa_as_one_process(tmp_path, encoder_dir):
     common = [*repa_overrides(encoder_dir[0]), "max_steps=3", "ckpt.every=1000"]
     with single_thread():
         single = torch.load(run_training(config(*common), tmp_path / "one")["checkpoint"], weights_only=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def rank(r):
-        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        run_training(config(*common), tmp_path / "two")
-
-    ranks = [start(rank, r) for r in range(2)]
-    assert [joined(p) for p in ranks] == [0, 0]
-    two = torch.load(tmp_path / "two" / "checkpoints" / "0000003.pt", weights_only=True)
+    two = train_on_two_gloo_ranks(config(*common), tmp_path / "two", step=3)
     for part, a, b in (("model", single["model"], two["model"]), ("repa", single["repa"]["head"], two["repa"]["head"])):
         for key, ref in a.items():
             rel = (b[key] - ref).norm() / ref.norm().clamp_min(1e-12)

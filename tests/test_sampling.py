@@ -20,7 +20,7 @@ from dit import sampling as S
 from dit.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
-from conftest import tiny_dit
+from conftest import single_thread, threads_as_ranks, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,34 +232,10 @@ def _bulk(model, out, **kw):
     return bulk_sample(model, None, SquashAE(), out, S.SamplerSettings(**settings), **args)
 
 
-def _threads_as_ranks(world_size, fn):
-    """Run fn(rank, world_size, barrier) for every rank at once in threads (a gloo-free stand-in
-    for torchrun: real concurrency, a real barrier)."""
-    import threading
-
-    barrier = threading.Barrier(world_size, timeout=120)
-    errors = []
-
-    def run(rank):
-        try:
-            fn(rank, world_size, barrier.wait)
-        except BaseException as err:  # noqa: BLE001 - re-raised below
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption(tmp_path):
     model = tiny_dit()
     a = _bulk(model, tmp_path / "a.npz", batch_size=3)
-    _threads_as_ranks(2, lambda r, w, sync: _bulk(model, tmp_path / "b.npz", batch_size=3, rank=r, world_size=w,
+    threads_as_ranks(2, lambda r, w, sync: _bulk(model, tmp_path / "b.npz", batch_size=3, rank=r, world_size=w,
                                                   barrier=sync))
     b = tmp_path / "b.npz"
 
@@ -277,7 +253,7 @@ def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption
     with pytest.raises(ValueError, match="different settings.*batch_size"):  # regrouping would change bits
         _bulk(model, tmp_path / "c.npz", batch_size=4)
     written = []  # resumed on two ranks
-    _threads_as_ranks(2, lambda r, w, sync: _bulk(model, tmp_path / "c.npz", batch_size=3, rank=r, world_size=w,
+    threads_as_ranks(2, lambda r, w, sync: _bulk(model, tmp_path / "c.npz", batch_size=3, rank=r, world_size=w,
                                                   barrier=sync, on_shard_written=written.append))
     c = tmp_path / "c.npz"
     assert sum(written) == 7 - 3  # only the missing blocks were sampled
@@ -373,8 +349,9 @@ def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_d
     common = [f"checkpoint={ckpt}", "grid.labels=[1,2,3]", "sampler=ddim", "sampler.num_steps=2", "device=cpu"]
     proc = _run_cli("sample.py", [*common, f"vae={tiny_vae_dir}", f"grid.out={tmp_path / 'dir.png'}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    local = generate_grid(compose("sample", [*common, "vae=local", f"vae.name={tiny_vae_dir}",
-                                             f"grid.out={tmp_path / 'local.png'}"]))
+    with single_thread():  # as the subprocess (OMP_NUM_THREADS=1): the same float reductions, the same bytes
+        local = generate_grid(compose("sample", [*common, "vae=local", f"vae.name={tiny_vae_dir}",
+                                                 f"grid.out={tmp_path / 'local.png'}"]))
     with Image.open(tmp_path / "dir.png") as im:
         assert im.size == (3 * (16 + 2) + 2, 16 + 2 + 2)  # 8x8 latents, decoded x2 by the tiny VAE
     assert (tmp_path / "dir.png").read_bytes() == local.read_bytes()

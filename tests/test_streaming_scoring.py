@@ -76,6 +76,8 @@ def test_npz_images_checks_the_header_before_reading_and_never_unpickles(tmp_pat
     np.savez(tmp_path / "evil.npz", arr_0=np.array([Evil()], dtype=object))
     with pytest.raises(ValueError, match="without unpickling"):
         S.NpzImages(tmp_path / "evil.npz")
+    with pytest.raises(ValueError, match="without unpickling"):  # the whole-file reader alike
+        F.read_samples_npz(tmp_path / "evil.npz")
     assert not marker.exists()
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(TypeError, match="must be uint8"):

@@ -4,7 +4,6 @@ runs and every architecture option lower the loss, and a flow run with all optio
 bitwise after kill -9. Tiny DiT, toy images in pixel space, CPU."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ from dit.train.step import drop_labels, train_step
 from dit.train.trainer import build_model, build_objective, official_name
 
 from conftest import TINY_DIT, single_thread, tiny_dit, train_config
-from test_reliability import STEPS, assert_same_training_state, config, final_state, joined, start, start_training
+from test_reliability import (STEPS, assert_same_training_state, config, final_state, joined, start_training,
+                              train_on_two_gloo_ranks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons: one thread everywhere
 
@@ -225,20 +225,7 @@ def test_two_gloo_ranks_train_flow_as_one_process(tmp_path):
     common = [*FLOW, "objective.time_sampling=logit_normal", "max_steps=3", "ckpt.every=1000"]
     with single_thread():
         single = torch.load(run_training(config(*common), tmp_path / "one")["checkpoint"], weights_only=True)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def rank(r):
-        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        run_training(config(*common), tmp_path / "two")
-
-    ranks = [start(rank, r) for r in range(2)]
-    assert [joined(p) for p in ranks] == [0, 0]
-    two = torch.load(tmp_path / "two" / "checkpoints" / "0000003.pt", weights_only=True)
+    two = train_on_two_gloo_ranks(config(*common), tmp_path / "two", step=3)
     for part in ("model", "ema"):
         for key, ref in single[part].items():
             rel = (two[part][key] - ref).norm() / ref.norm().clamp_min(1e-12)
