@@ -74,3 +74,9 @@ def test_each_paper_recipe_composes_with_both_data_groups(experiment, data, tmp_
     assert cfg.optim.lr == pytest.approx(want["lr"]) and cfg.global_batch_size == want["batch"]
     assert cfg.max_steps == want["steps"]
     assert (cfg.model.norm, cfg.model.mlp, cfg.model.rope) == (want["norm"], want["mlp"], want["rope"])
+
+
+def test_quickstart_on_the_shape_only_set_keeps_the_recipes_data_size():
+    cfg = train_config(["experiment=quickstart", "data=toy_shapes"])
+    assert (cfg.data.variant, cfg.data.num_per_class, cfg.data.image_size) == ("shapes", 500, 16)
+    assert train_config(["experiment=quickstart"]).data.variant == "colours"
