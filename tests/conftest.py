@@ -298,3 +298,15 @@ def threads_as_ranks(world_size, fn):
         t.join()
     if errors:
         raise errors[0]
+
+
+def torchrun_bulk_sample(overrides: list[str], out: Path) -> Path:
+    """`torchrun --standalone --nproc_per_node=2 sample.py <overrides> bulk.out=<out>` (gloo, CPU,
+    one thread a rank); asserts it ran on 2 ranks and returns `out`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "sample.py"), *overrides, f"bulk.out={out}"]
+    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout
+    return out

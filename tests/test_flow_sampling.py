@@ -7,9 +7,6 @@ SiT's reversed time. The diffusion path is pinned to the values it gave before f
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +19,8 @@ from dit.config import ConfigError
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.release import release_family
 
-from conftest import compose_config, single_thread, threads_as_ranks, tiny_dit
+from conftest import compose_config, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
-REPO = Path(__file__).resolve().parents[1]
 FLOW_RECORD = {"kind": "flow", "path": "linear", "prediction": "velocity", "time_sampling": "uniform",
                "logit_mean": 0.0, "logit_std": 1.0, "cosine_weight": 0.0, "network_time_scale": 1.0}
 
@@ -284,15 +280,10 @@ def test_torchrun_two_ranks_write_the_same_flow_npz_as_one_process(tmp_path):
     ckpt = _flow_checkpoint(tmp_path)
     common = [f"checkpoint={ckpt}", "mode=bulk", "bulk.num_samples=5", "bulk.batch_size=2", "sampler=sde",
               "sampler.num_steps=3", "seed=5", "device=cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "sample.py"), *common, f"bulk.out={tmp_path / 'two.npz'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 2 rank(s)" in proc.stdout
+    two = torchrun_bulk_sample(common, tmp_path / "two.npz")
     with single_thread():
         one = generate_bulk(compose_config("sample", [*common, f"bulk.out={tmp_path / 'one.npz'}"]))
-    assert one.read_bytes() == (tmp_path / "two.npz").read_bytes()
+    assert one.read_bytes() == two.read_bytes()
 
 
 # ------------------------------------------------------------------------------ SiT's release layout

@@ -20,7 +20,7 @@ from dit import sampling as S
 from dit.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
-from conftest import single_thread, threads_as_ranks, tiny_dit
+from conftest import single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -301,17 +301,11 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path, compose)
     ckpt = _pixel_checkpoint(tmp_path)
     common = [f"checkpoint={ckpt}", "mode=bulk", "bulk.num_samples=7", "bulk.batch_size=2", "sampler=ddim",
               "sampler.num_steps=3", "seed=5", "device=cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "sample.py"), *common, f"bulk.out={tmp_path / 'two.npz'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "on 2 rank(s)" in proc.stdout
+    two = torchrun_bulk_sample(common, tmp_path / "two.npz")
 
     from dit.generate import generate_bulk  # one process, what sample.py runs
 
     one = generate_bulk(compose("sample", [*common, f"bulk.out={tmp_path / 'one.npz'}"]))
-    two = tmp_path / "two.npz"
     assert one.read_bytes() == two.read_bytes()
     images = np.load(two)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (7, 8, 8, 3)
