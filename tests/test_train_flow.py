@@ -180,6 +180,32 @@ def test_flow_grid_is_the_heun_ode_of_the_model_velocity():
     assert nfe == 8 and images.shape == (3, 8, 8, 3) and (images == expected).all()
 
 
+def test_a_flow_grid_runs_the_configured_flow_sampler_with_its_shift():
+    """log.samples.sampler=euler with a shift is what the grid runs (`auto`, or a diffusion name,
+    falls back to Heun, as above)."""
+    model = tiny_dit(in_channels=3)
+    flow = FlowMatching("linear")
+    labels, noise = torch.tensor([0, 1, 2]), torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    class Identity:
+        name = "pixel"
+
+        @staticmethod
+        def decode(x):
+            return x.clamp(-1, 1)
+
+    settings = config("log.samples.cfg_scale=1", "log.samples.num_steps=3", "log.samples.sampler=euler",
+                      "log.samples.shift=3").log.samples
+    images = flow_grid_images(model, flow, Identity, labels, settings, noise=noise)
+    with torch.no_grad():
+        x, nfe = sample_ode(flow.velocity(lambda x, t: model(x, t, labels)), noise, num_steps=3, method="euler",
+                            shift=3.0)
+        plain, _ = sample_ode(flow.velocity(lambda x, t: model(x, t, labels)), noise, num_steps=3, method="euler")
+    expected = torch.clamp(127.5 * x.clamp(-1, 1) + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert nfe == 3 and (images == expected).all()
+    assert not torch.equal(x, plain)  # the shift matters, so the grid honoured it
+
+
 # ------------------------------------------------------------------ training
 
 

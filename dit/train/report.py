@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
-from dit.files import save_grid, to_uint8, write_text_atomic
-from dit.flow import FlowMatching, ODE_METHODS, sample_ode
-from dit.sampling import GuidedDenoiser, check_finite_samples, sample_images, unwrap_model
+from dit.files import save_grid, write_text_atomic
+from dit.flow import FlowMatching
+from dit.sampling import sample_images
 from dit.train.randomness import GRID_STREAM
 
 log = logging.getLogger(__name__)
@@ -153,36 +153,28 @@ class GridSampler:
         if not (self.env.is_main or self.parallel == "fsdp"):
             return None
         device = self.env.device
-        if isinstance(diffusion, FlowMatching):
-            images = flow_grid_images(ema_module, diffusion, autoencoder, self.labels.to(device), self.settings,
-                                      noise=self.noise.to(device))
-        else:
-            images = sample_images(
-                ema_module, diffusion, autoencoder, self.labels.to(device), self.settings,
-                noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
-            )  # uint8 (N, H, W, 3)
+        settings = flow_grid_settings(self.settings) if isinstance(diffusion, FlowMatching) else self.settings
+        images = sample_images(
+            ema_module, diffusion, autoencoder, self.labels.to(device), settings,
+            noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
+        )  # uint8 (N, H, W, 3)
         reshard(ema_module)  # FSDP: back to shards, as the EMA update expects
         if not self.env.is_main:
             return None
         return save_grid(images, self.out_dir / "samples" / f"{step:07d}.png", nrow=int(math.ceil(len(images) ** 0.5)))
 
 
+def flow_grid_settings(settings):
+    """A flow run's grid settings: its flow sampler as configured (euler | heun | sde | dopri5,
+    with its shift and guidance interval in flow time), or the Heun ODE with the grid's
+    `num_steps` when `log.samples.sampler` is `auto` or names a diffusion sampler (the grid keys
+    are shared with diffusion runs, whose default is DDPM; a grid never stops a run)."""
+    return settings if settings.is_flow else dataclasses.replace(settings, sampler="heun")
+
+
 def flow_grid_images(model: nn.Module, flow: FlowMatching, autoencoder, labels: torch.Tensor, settings, *,
-                     noise: torch.Tensor):
-    """A flow model's grid: the fixed-step ODE from `noise` (t = 1) to data, with the grid's
-    guidance (cfg_scale, guided_channels), decoded to uint8 (N, H, W, 3). The ODE method is
-    `settings.sampler` when it names one (euler, heun), else Heun (the grid's default sampler
-    name, ddpm, is a diffusion sampler); `settings.num_steps` steps. Written here rather than
-    through dit/sampling.py, whose sampler choice is the diffusion chain's."""
-    method = settings.sampler if settings.sampler in ODE_METHODS and settings.sampler != "dopri5" else "heun"
-    model = unwrap_model(model)
-    denoiser = GuidedDenoiser(model, labels, dataclasses.replace(settings, sampler="ddpm", guidance_interval=None))
-    was_training = model.training
-    model.eval()  # no label dropout
-    try:
-        with torch.no_grad():
-            x = sample_ode(flow.velocity(denoiser), noise, num_steps=int(settings.num_steps), method=method).x
-            x = check_finite_samples(x, settings)
-            return to_uint8(check_finite_samples(autoencoder.decode(x), settings, "decoded images"))
-    finally:
-        model.train(was_training)
+                     noise: torch.Tensor, generator=None):
+    """A flow model's grid, uint8 (N, H, W, 3): `sample_images` (the sampler path of sample.py)
+    with `flow_grid_settings(settings)`, from `noise` at t = 1."""
+    return sample_images(model, flow, autoencoder, labels, flow_grid_settings(settings), noise=noise,
+                         generator=generator)
