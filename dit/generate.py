@@ -26,7 +26,8 @@ def _load(cfg: SampleConfig, env: DistEnv):
     vae = cfg.vae
     model, autoencoder, provenance = load_for_sampling(
         cfg.checkpoint, which=cfg.which, model_name=cfg.model_name, vae=vae.name if vae is not None else None,
-        vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device)
+        vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device,
+        release_format=cfg.release_format)
     return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
 
 

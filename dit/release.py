@@ -24,12 +24,18 @@ from dit.models import DIT_SIZES, arch_name
 RELEASE_CLASS_DROPOUT = 0.1
 # Release families by file-name prefix (case-insensitive): SiT's files are named SiT-<size>-<res>.pt.
 RELEASE_FAMILIES = {"sit-": "sit"}
+RELEASE_FORMATS = ("dit", "sit")  # what `release_format=` may name
 
 
-def release_family(path: str | os.PathLike) -> str:
+def release_family(path: str | os.PathLike, release_format: str | None = None) -> str:
     """"sit" for a file named like SiT's release (`SiT-XL-2-256.pt`, `SiT-XL-2-256x256.pt`: a
     flow model, `dit.sample_chain.RELEASE_OBJECTIVES["sit"]`), else "dit" (DDPM). A bare state
-    dict records nothing else that could tell: keep SiT's file name when copying it."""
+    dict records nothing else that could tell: keep SiT's file name when copying it, or say it
+    (`release_format`, which wins over the name)."""
+    if release_format is not None:
+        if release_format not in RELEASE_FORMATS:
+            raise ValueError(f"release_format={release_format!r}: use one of {list(RELEASE_FORMATS)}")
+        return release_format
     name = Path(path).name.lower()
     return next((family for prefix, family in RELEASE_FAMILIES.items() if name.startswith(prefix)), "dit")
 

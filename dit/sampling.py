@@ -327,7 +327,7 @@ def _check_finite_weights(model: torch.nn.Module, path: Path, which: str) -> Non
 
 def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", model_name: str | None = None,
                       vae: str | None = None, vae_scale_factor: float | None = None, device="cpu",
-                      num_heads: int | None = None):
+                      num_heads: int | None = None, release_format: str | None = None):
     """(model, autoencoder, provenance) from a checkpoint: the model configuration as stored
     (or inferred from release-file shapes), the autoencoder recorded in the checkpoint unless
     `vae` names another (its latent scale: `vae_scale_factor`, else the checkpoint's for its own
@@ -336,7 +336,9 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     config; the linear 1000-step chain for DiT's release files), or a flow model's objective
     (`provenance["objective"]`: the checkpoint's `config.objective`, or SiT's for a file named like
     SiT's release). `trained_objective(provenance, learn_sigma)` builds either. `num_heads`: for a
-    release-format file of a width outside the official table (heads leave no trace in shapes)."""
+    release-format file of a width outside the official table (heads leave no trace in shapes).
+    `release_format`: "dit" | "sit", how a release-format file was trained (None: by its name,
+    `dit.release.release_family`); our checkpoints record their objective and ignore it."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist: give a training checkpoint "
@@ -360,7 +362,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     provenance = {"checkpoint": str(path.resolve()), "which": which if meta.get("format") == "ours" else "ema",
                   "step": meta.get("step"), "model_name": meta.get("model_name"), "vae": name}
     objective = (objective_from_config(meta.get("config")) if meta.get("format") == "ours"
-                 else RELEASE_OBJECTIVES[release_family(path)])
+                 else RELEASE_OBJECTIVES[release_family(path, release_format)])
     if objective is None:
         provenance["diffusion"] = trained_chain(meta.get("config"))
     else:  # a flow model: its objective, as trained_objective(provenance, ...) rebuilds it

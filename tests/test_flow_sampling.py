@@ -15,7 +15,7 @@ import torch
 
 import dit.sampling as S
 from dit.bulk import bulk_sample
-from dit.config import ConfigError
+from dit.config import ConfigError, to_sample_config
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.release import release_family
 
@@ -316,6 +316,18 @@ def test_sit_release_layout_loads_as_a_flow_model_whose_network_receives_one_min
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     with pytest.raises(S.SamplerMismatchError, match="objective=flow"):
         S.sample_latents(loaded, objective, labels, S.SamplerSettings(sampler="ddpm"), noise=noise)
+
+
+def test_release_format_reads_a_renamed_sit_file_as_sit_and_a_bad_value_is_refused(tmp_path, tiny_vae_dir, compose):
+    renamed = tmp_path / "my_flow_model.pt"  # SiT's weights under a name that says nothing
+    torch.save(tiny_dit(learn_sigma=True).state_dict(), renamed)
+    _, _, by_name = S.load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2)
+    _, _, said = S.load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2, release_format="sit")
+    assert "objective" not in by_name and said["objective"] == S.RELEASE_OBJECTIVES["sit"]
+    assert release_family(tmp_path / "SiT-XL-2-256.pt", "dit") == "dit"  # said wins over the name
+    assert to_sample_config(compose("sample", [f"checkpoint={renamed}", "release_format=sit"])).release_format == "sit"
+    with pytest.raises(ConfigError, match="release_format='sitt'"):
+        to_sample_config(compose("sample", [f"checkpoint={renamed}", "release_format=sitt"]))
 
 
 # ------------------------------------------------------------------------------ scoring flow runs

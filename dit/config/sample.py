@@ -23,6 +23,7 @@ from dit.config.checks import check_toy_variant
 from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
 from dit.inception import check_feature_precision
 from dit.precision_recall import check_pr_arithmetic
+from dit.release import RELEASE_FORMATS
 from dit.sampling import LABEL_MODES, SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
@@ -72,6 +73,9 @@ class SampleConfig:
     checkpoint: str = MISSING  # ours (.pt / .safetensors) or an official release file
     which: str = "ema"  # ema | model: which weights of our checkpoints (release files are EMA)
     model_name: Optional[str] = None  # e.g. DiT-XL/2: fixes the architecture when the shapes cannot tell
+    # How a release-format file (a bare state dict) was trained: dit (DDPM) | sit (SiT's flow);
+    # None: by its file name (SiT-*.pt is SiT's). Our checkpoints record it and ignore this key.
+    release_format: Optional[str] = None
     # vae=pixel|sd-ema|sd-mse|DIR|hub id (conf/vae/); none chosen: the checkpoint's, else sd-ema
     vae: Optional[AutoencoderConfig] = None
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
@@ -91,6 +95,9 @@ class SampleConfig:
 
     def check(self) -> None:
         """Values whose type is right but which cannot work; ConfigError naming the key."""
+        if self.release_format not in (None, *RELEASE_FORMATS):
+            raise ConfigError(f"release_format={self.release_format!r}: use one of {list(RELEASE_FORMATS)} "
+                              "(or leave it out: a file named SiT-*.pt is read as SiT's, any other as DiT's)")
         for key, settings in (("grid", self.sampler_settings(self.grid.cfg_scale)),
                               ("bulk", self.sampler_settings(self.bulk.cfg_scale))):
             try:
