@@ -351,6 +351,16 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def repo_relative(value):
+    """`value` with this checkout's absolute path removed from every string (the recorded
+    overrides name the encoder and data folders under it): results files carry no machine paths."""
+    if isinstance(value, dict):
+        return {k: repo_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [repo_relative(v) for v in value]
+    return value.replace(str(REPO) + os.sep, "") if isinstance(value, str) else value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,7 +404,7 @@ def main(argv=None) -> dict:
         results["goal"] = goal_summary(results)
     else:
         results = run_race(args)
-    write_json_atomic(Path(args.json), results)
+    write_json_atomic(Path(args.json), repo_relative(results))
     if args.plot:
         plot(results, Path(args.plot))
     print(markdown_table(results))
