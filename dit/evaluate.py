@@ -333,8 +333,7 @@ class FIDEvaluator:
         self.label_mode, self.seed, self.batch_size = label_mode, int(seed), int(batch_size)
         self.cache_dir, self.judge_cache_dir = cache_dir, judge_cache_dir
         self.metrics = set(metrics)
-        if self.metrics - set(KNOWN_METRICS):
-            raise ValueError(f"unknown metrics {sorted(self.metrics - set(KNOWN_METRICS))}: choose from {KNOWN_METRICS}")
+        check_metric_names(self.metrics)
         self.device = device
         self.feature_batch_size, self.judge_seed, self.prc_k = int(feature_batch_size), int(judge_seed), int(prc_k)
         self.judge_variant = judge_variant  # toy_judge: which toy variant's judge scores

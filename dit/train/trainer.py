@@ -13,9 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from dit.config import TrainConfig, check_static, resolve_architecture
+from dit.config import ConfigError, TrainConfig, check_static, resolve_architecture
 from dit.diffusion import create_diffusion
-from dit.config import ConfigError
 from dit.data import LatentCacheMismatch
 from dit.distributed import (
     DistEnv, all_reduce_sum, broadcast_object, cleanup, full_optimizer_state, init_distributed,
