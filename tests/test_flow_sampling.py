@@ -5,7 +5,6 @@ interruption, `eval.every` and `eval_fid.py` on a flow run, and SiT's release la
 SiT's reversed time. The diffusion path is pinned to the values it gave before flow sampling.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -40,30 +39,42 @@ class SquashAE(torch.nn.Module):
 # ------------------------------------------------------------------------------ diffusion unchanged
 
 # sample_latents of tiny_dit(learn_sigma=True), labels [0, 3, 4], per-sample generators of seed 7,
-# computed with the code of commit 25839c4 (before flow sampling; one CPU thread):
-# (sha256 of the float32 bytes, the first six values).
+# computed with the code of commit 25839c4 (before flow sampling; one CPU thread): the first six
+# values, and every value in tests/sampling/legacy/before_flow_latents.npz (recomputed on another
+# CPU: equal to the recorded six to 4.4e-7 relative). Different CPUs run float32 kernels in
+# different orders (AVX2 vs AVX-512 blocking), so across machines the comparison has a tolerance:
+# float32 rounding (1.2e-7) grown through 10 steps of the chain measured 4.4e-7 of the largest
+# value; 1e-5 of it bounds that 20x, while any change to a sampler's arithmetic (a step, a
+# coefficient, the guidance mix) moves values by far more than 1e-3 of it.
 BEFORE_FLOW = {
-    "ddpm": ("54f9e5558fa3f3eeb83c50e31afd5a3bce2b00865b8f2a1b58ed81f257d7faad",
-             [-63.05643844604492, 278.13885498046875, -274.6177978515625, -296.81085205078125, -3.479745864868164,
-              -170.76156616210938]),
-    "ddim": ("5f673dd4bc8c0af98c353407a4297867a5abcfd4460671590924be77613ac1dd",
-             [-25.03042984008789, 241.52297973632812, -250.61219787597656, -314.62481689453125, 48.95417022705078,
-              -184.0247344970703]),
+    "ddpm": [-63.05643844604492, 278.13885498046875, -274.6177978515625, -296.81085205078125, -3.479745864868164,
+             -170.76156616210938],
+    "ddim": [-25.03042984008789, 241.52297973632812, -250.61219787597656, -314.62481689453125, 48.95417022705078,
+             -184.0247344970703],
 }
+BEFORE_FLOW_VALUES = Path(__file__).resolve().parent / "sampling" / "legacy" / "before_flow_latents.npz"
+CROSS_CPU_TOLERANCE = 1e-5  # of the largest |value|: see above
+
+
+def assert_close_across_cpus(x: torch.Tensor, reference) -> None:
+    reference = torch.as_tensor(np.asarray(reference, dtype=np.float32))
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(x, reference.reshape(x.shape), rtol=0, atol=CROSS_CPU_TOLERANCE * scale)
+
+
 BEFORE_FLOW_SETTINGS = {"ddpm": dict(sampler="ddpm", num_steps=10, cfg_scale=1.5, guidance_interval=[200, 800]),
                         "ddim": dict(sampler="ddim", num_steps=10, cfg_scale=2.0, eta=0.5)}
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
-def test_diffusion_samples_are_bitwise_the_values_from_before_flow_sampling(name, one_thread):
+def test_diffusion_samples_are_the_values_from_before_flow_sampling_on_any_cpu(name, one_thread):
     model = tiny_dit(learn_sigma=True)
     gens = S.sample_generators(7, [0, 1, 2])
     noise = S.initial_noise(gens, (4, 8, 8))
     x = S.sample_latents(model, None, torch.tensor([0, 3, 4]), S.SamplerSettings(**BEFORE_FLOW_SETTINGS[name]),
                          noise=noise, generator=gens)
-    digest, first = BEFORE_FLOW[name]
-    assert x.flatten()[:6].tolist() == first
-    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == digest
+    assert_close_across_cpus(x.flatten()[:6], BEFORE_FLOW[name])
+    assert_close_across_cpus(x, np.load(BEFORE_FLOW_VALUES)[name])
     # `auto` on a diffusion model is DDPM itself, bit for bit
     if name == "ddpm":
         auto = dict(BEFORE_FLOW_SETTINGS[name], sampler="auto")
