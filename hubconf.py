@@ -15,7 +15,7 @@ Models come back in eval mode.
 dependencies = ["torch", "timm", "safetensors"]
 
 # Private names: torch.hub.list() shows every public callable here as an entry point.
-from dit.checkpoint import load_dit_checkpoint as _load_dit_checkpoint  # noqa: E402
+from dit.io.checkpoint import load_dit_checkpoint as _load_dit_checkpoint  # noqa: E402
 from dit.models import DiT_models as _DiT_models  # noqa: E402
 
 # The official release files (facebookresearch/DiT): EMA state dicts of DiT-XL/2.

@@ -6,7 +6,7 @@
     python sample.py checkpoint=... vae=sd-mse                            # or vae=/path/to/vae_dir
 
 Every option, its type and its default: dit/config/sample.py (SampleConfig); conf/sample.yaml
-chooses the groups. The work is done by dit/generate.py.
+chooses the groups. The work is done by dit/sampling/generate.py.
 """
 
 # The program lives in dit/cli/sample.py (also the installed console script); this file keeps

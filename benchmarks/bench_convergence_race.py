@@ -18,12 +18,12 @@ the same 4-block, width-128 model on 16x16 pixels, batch 32, lr 2e-3, EMA 0.995,
   trainer as `repa.encoder=<dir>`.
 
 Data sets: `colours` (the quickstart's toy set, data=toy: each class has its own colour) and
-`shapes` (the shape-only variant, dit.toy variant="shapes": colours random, areas equal), written
+`shapes` (the shape-only variant, dit.data.toy variant="shapes": colours random, areas equal), written
 as an ImageFolder and trained through data=imagefolder (the trainer's toy reader has no variant key).
 
 Each run writes a checkpoint every `--eval-every` steps; the EMA weights of those at `--eval-steps`
 draw `--num-samples` class-balanced samples without guidance (cfg 1: one network pass per
-evaluation), from the same noise for every recipe, scored by that data set's judge (dit.judge, trained on real images of
+evaluation), from the same noise for every recipe, scored by that data set's judge (dit.scoring.judge, trained on real images of
 its own seed): class accuracy and the judge Fréchet distance to real images of another seed.
 An interrupted race resumes: a run directory with its `race_run.json` is not trained again.
 Results: benchmarks/results/convergence_race.json and a plot, docs/assets/convergence_race.png
@@ -53,13 +53,13 @@ from hydra import initialize_config_dir  # noqa: E402
 
 from common import machine_info  # noqa: E402
 from dit.config import flatten_model_overrides, register_configs, to_train_config  # noqa: E402
-from dit.files import write_json_atomic  # noqa: E402
+from dit.io.files import write_json_atomic  # noqa: E402
 from dit.flow.config import flow_from_config, is_flow  # noqa: E402
-from dit.frechet import feature_statistics, frechet_distance  # noqa: E402
-from dit.judge import ToyJudge  # noqa: E402
+from dit.scoring.frechet import feature_statistics, frechet_distance  # noqa: E402
+from dit.scoring.judge import ToyJudge  # noqa: E402
 from dit.sampling import SamplerSettings, generate_samples, load_for_sampling  # noqa: E402
-from dit.sample_order import initial_noise, sample_generators  # noqa: E402
-from dit.toy import NUM_CLASSES, make_toy_arrays, to_model_range, write_toy_imagefolder  # noqa: E402
+from dit.sampling.order import initial_noise, sample_generators  # noqa: E402
+from dit.data.toy import NUM_CLASSES, make_toy_arrays, to_model_range, write_toy_imagefolder  # noqa: E402
 from dit.train import run_training  # noqa: E402
 from dit.train.report import flow_grid_images  # noqa: E402
 

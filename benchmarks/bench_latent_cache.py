@@ -53,7 +53,7 @@ from dit.data import (  # noqa: E402
 from dit.config import OptimConfig  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
-from dit.runtime import tune_host_allocator  # noqa: E402
+from dit.cli.runtime import tune_host_allocator  # noqa: E402
 from dit.train import EMA, build_optimizer, train_step  # noqa: E402
 from dit.train.randomness import step_randomness  # noqa: E402
 from dit.train.step import take_over_label_dropout  # noqa: E402

@@ -19,8 +19,8 @@ was trained on. Samples go through
 `dit.sampling.sample_latents`, whose `denoiser_out` hook gives the exact number of network
 passes (NFE, per sample: a guided pass over the cond + null rows counts once) and of rows the
 network processed (2 per guided pass, 1 per unguided one). They are scored as
-`eval_fid.py feature_extractor=toy_judge` scores them (`dit.metrics` with the toy judge of
-`dit.evaluate.build_feature_extractor` against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
+`eval_fid.py feature_extractor=toy_judge` scores them (`dit.scoring.metrics` with the toy judge of
+`dit.scoring.evaluate.build_feature_extractor` against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
 
 Configurations (`--configs`, default below) are written SAMPLER-STEPS[@LO-HI][/oORDER]:
 `ddpm-250`, `ddim-20`, `dpm++-10`, `dpm++-10@0-700` (guidance only at timesteps 0..700, the
@@ -56,9 +56,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit import metrics as M  # noqa: E402
+from dit.scoring import metrics as M  # noqa: E402
 from dit import sampling as S  # noqa: E402
-from dit.evaluate import build_feature_extractor  # noqa: E402
+from dit.scoring.evaluate import build_feature_extractor  # noqa: E402
 
 DEFAULT_CONFIGS = [
     "ddpm-250",
@@ -93,7 +93,7 @@ def dpm_solver_order(denoiser: S.GuidedDenoiser, diffusion, noise: torch.Tensor,
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas, algorithm_type="dpmsolver++",
         solver_order=order, prediction_type="epsilon", lower_order_final=True,
-        thresholding=clip_denoised, sample_max_value=1.0)  # x0 clamped to [-1, 1], as dit.sample_chain
+        thresholding=clip_denoised, sample_max_value=1.0)  # x0 clamped to [-1, 1], as dit.sampling.trained
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     channels = noise.shape[1]

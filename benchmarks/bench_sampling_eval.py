@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit import sampling as S  # noqa: E402
-from dit.inception import InceptionFeatures  # noqa: E402
+from dit.scoring.inception import InceptionFeatures  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
 

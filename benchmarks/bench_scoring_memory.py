@@ -1,4 +1,4 @@
-"""Peak memory of scoring an ADM `.npz` (FID only): the streamed path (`dit.image_stream.NpzImages`
+"""Peak memory of scoring an ADM `.npz` (FID only): the streamed path (`dit.scoring.images.NpzImages`
 read batch by batch, statistics accumulated on the fly) against the in-memory path of before
 (the whole `arr_0` read by `read_samples_npz`, every image's features extracted and kept, then
 `np.cov`), each in a fresh subprocess.
@@ -7,7 +7,7 @@ read batch by batch, statistics accumulated on the fly) against the in-memory pa
     python benchmarks/bench_scoring_memory.py --extractor inception --num-images 1000 --weights W.pth
     python benchmarks/bench_scoring_memory.py --json benchmarks/results/scoring_memory_cpu.json
 
-Each child sets the host allocator as eval_fid.py does (`dit.runtime.tune_host_allocator`: freed
+Each child sets the host allocator as eval_fid.py does (`dit.cli.runtime.tune_host_allocator`: freed
 memory stays in the heap for the next batch), builds the extractor, loads the reference statistics and runs one warm-up batch (so the
 network's activation memory is in place), then resets the kernel's resident-set high-water mark
 (`/proc/self/clear_refs`, VmHWM in /proc/self/status) and takes the current RSS as the baseline,
@@ -42,11 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's dit and benchmarks packages
 
 from benchmarks.common import machine_info  # noqa: E402
-from dit import metrics as M  # noqa: E402
-from dit.evaluate import build_feature_extractor  # noqa: E402
-from dit.files import StreamedArray, read_samples_npz, write_npz_atomic  # noqa: E402
-from dit.image_stream import open_images  # noqa: E402
-from dit.runtime import tune_host_allocator  # noqa: E402
+from dit.scoring import metrics as M  # noqa: E402
+from dit.scoring.evaluate import build_feature_extractor  # noqa: E402
+from dit.io.files import StreamedArray, read_samples_npz, write_npz_atomic  # noqa: E402
+from dit.scoring.images import open_images  # noqa: E402
+from dit.cli.runtime import tune_host_allocator  # noqa: E402
 
 
 def _status_bytes(field: str) -> int:

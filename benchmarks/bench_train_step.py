@@ -19,7 +19,7 @@ forward, DiT's hybrid loss, backward, AdamW, EMA):
   --compile adds `ours+compile` (`model.compile()`, train.py's compile=true; compilation happens in
   the first warm-up step, whose time is printed).
   --extra adds `diffusers+ours` (the peer model with our step) and `ours, default malloc` (our
-  step without `dit.runtime.tune_host_allocator`), to separate model, recipe and process setup.
+  step without `dit.cli.runtime.tune_host_allocator`), to separate model, recipe and process setup.
 
 Each variant lives in its own worker process, set up as its entry point would set it up: ours
 with `tune_host_allocator()` as train.py calls it, the reference recipes with glibc's defaults as
@@ -163,7 +163,7 @@ def example_batch(args, device: torch.device) -> tuple:
 def worker(conn, name: str, kind: str, recipe: str, tuned: bool, args) -> None:
     """One variant in its own process: build it, then run a step whenever the parent asks."""
     if tuned:
-        from dit.runtime import tune_host_allocator
+        from dit.cli.runtime import tune_host_allocator
 
         tune_host_allocator()
     if args.threads > 0:

@@ -205,7 +205,7 @@ def write_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Pa
     through the 90-odd layers, so the statistics are well scaled."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from dit.checkpoint import save_atomic
+    from dit.io.checkpoint import save_atomic
 
     class _RandomInception(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
@@ -245,8 +245,8 @@ def judge_report(samples_uint8, labels, real_uint8, judge) -> dict:
     conditioned on; real_uint8: (M, H, W, 3) real toy images.
     Returns {"class_accuracy", "per_class_accuracy", "frechet_distance", "num_samples", "num_real"}.
     """
-    from dit.metrics import feature_statistics, frechet_distance
-    from dit.toy import NUM_CLASSES
+    from dit.scoring.metrics import feature_statistics, frechet_distance
+    from dit.data.toy import NUM_CLASSES
 
     samples = samples_uint8.numpy() if isinstance(samples_uint8, torch.Tensor) else np.asarray(samples_uint8)
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)

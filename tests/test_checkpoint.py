@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dit.checkpoint import (
+from dit.io.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     UnsafeCheckpointError,
@@ -18,7 +18,7 @@ from dit.checkpoint import (
     save_weights_safetensors,
 )
 from dit.models import DiT
-from dit.release import infer_dit_config, strip_wrapper_prefixes
+from dit.io.release import infer_dit_config, strip_wrapper_prefixes
 
 from conftest import tiny_dit
 

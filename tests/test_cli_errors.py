@@ -24,15 +24,15 @@ import pytest
 import torch
 from PIL import Image
 
-import dit.evaluate
-from dit.checkpoint import save_atomic
+import dit.scoring.evaluate
+from dit.io.checkpoint import save_atomic
 from dit.cli import cache_latents as cache_cli
 from dit.cli import eval_fid as eval_cli
 from dit.cli import sample as sample_cli
 from dit.cli import train as train_cli
 from dit.cli.errors import MAX_DETAIL_LINES, error_message
 from dit.config import ConfigError
-from dit.files import write_samples_npz
+from dit.io.files import write_samples_npz
 
 from conftest import REPO, tiny_dit
 
@@ -180,7 +180,7 @@ def test_eval_checks_everything_scoring_needs_before_sampling(files, tmp_path, c
     """Missing Inception weights, a missing or unreadable reference, an unknown metric: refused
     before one sample is generated (generating can take hours; the check takes seconds)."""
     calls = []
-    monkeypatch.setattr(dit.evaluate, "generate_bulk", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(dit.scoring.evaluate, "generate_bulk", lambda cfg: calls.append(cfg))
     monkeypatch.chdir(tmp_path)
     common = [f"checkpoint={files['ckpt']}", "bulk.num_samples=2", "device=cpu"]
     for args in ([f"reference={files['samples']}", "allow_download=false",

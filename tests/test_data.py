@@ -346,12 +346,12 @@ def test_latent_cache_compatibility_with_the_trainers_settings(image_folder, tin
 
 
 def test_cache_latents_checks_the_data_root_before_loading_the_autoencoder(tmp_path, monkeypatch):
-    import dit.cache_latents as cli
+    import dit.cli.cache_latents as cli
 
     monkeypatch.setattr(cli, "build_autoencoder", lambda *a, **k: pytest.fail("autoencoder loaded first"))
     cfg = cli.CacheLatentsConfig(data_root=str(tmp_path / "nope"), out_dir=str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="nope does not exist"):
-        cli.run(cfg)
+        cli.cache_latents(cfg)
     assert not (tmp_path / "out").exists()
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import train_config
 from dit.config import ConfigError, check_static, resolve_architecture
 from dit.config.checks import check_objective, check_optim_schedule, check_repa
-from dit.toy import write_toy_imagefolder
+from dit.data.toy import write_toy_imagefolder
 from dit.train import run_training
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO, tiny_dit
 
-from dit.checkpoint import load_dit_checkpoint, save_atomic
+from dit.io.checkpoint import load_dit_checkpoint, save_atomic
 from dit.diffusion import create_diffusion, named_betas
-from dit.export import (export_diffusers, load_diffusers_pipeline, load_diffusers_transformer, load_pretrained,
+from dit.io.export import (export_diffusers, load_diffusers_pipeline, load_diffusers_transformer, load_pretrained,
                         main, save_pretrained)
 from dit.models import DIT_SIZES, DiT_models
 
@@ -138,7 +138,7 @@ def test_save_pretrained_round_trip_and_release_license(tmp_path, release_file):
 
 
 def test_exports_are_atomic_and_refuse_what_diffusers_cannot_hold(tmp_path, monkeypatch, capsys):
-    import dit.export as export
+    import dit.io.export as export
 
     write_run_checkpoint(tmp_path / "run.pt", {}, CONFIGS["sigma_p2"]["diffusion"])
     save_pretrained(tmp_path / "run.pt", tmp_path / "out")
@@ -227,6 +227,6 @@ def test_hubconf_imports_only_the_model_and_checkpoint_modules():
     tree = ast.parse((REPO / "hubconf.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert imported == {"dit.checkpoint", "dit.models", "torch"}
+    assert imported == {"dit.io.checkpoint", "dit.models", "torch"}
     dependencies = next(n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "dependencies")
     assert {"torch", "timm"} <= set(ast.literal_eval(dependencies))

@@ -13,7 +13,7 @@ import signal
 
 import pytest
 import torch
-from dit.checkpoint import save_weights_safetensors
+from dit.io.checkpoint import save_weights_safetensors
 from dit.config import ConfigError
 from dit.models import DiT, sincos_pos_embed_2d
 from dit.train import run_training

@@ -21,9 +21,9 @@ import pytest
 import torch
 from scipy import stats
 
-from dit.flow import (DIFFUSION_FORMS, SIT_TIME, FlowMatching, NetworkTime, get_path, model_velocity,
-                      sample_logit_normal, sample_ode, sample_sde, shift_time, time_grid)
-from dit.flow.samplers import diffusion_coefficient
+from dit.flow import (SIT_TIME, FlowMatching, NetworkTime, get_path, model_velocity, sample_logit_normal,
+                      shift_time, time_grid)
+from dit.sampling.flow import DIFFUSION_FORMS, diffusion_coefficient, sample_ode, sample_sde
 
 F64 = torch.float64
 MU = torch.tensor([1.5, -0.7], dtype=F64)  # data mean per dimension

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import dit.sampling as S
-from dit.bulk import bulk_sample
+from dit.sampling.bulk import bulk_sample
 from dit.config import ConfigError, to_sample_config
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
-from dit.release import release_family
+from dit.io.release import release_family
 
 from conftest import compose_config, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
@@ -141,7 +141,7 @@ def test_a_sit_convention_network_samples_the_right_distribution_and_a_wrong_con
     x, nfe = S.flow_sample(sit_network, FlowMatching("linear", network_time=SIT_TIME), noise, heun)
     assert nfe == heun.nfe == 100
     assert abs(x.mean().item() - MU) < 1e-3 and abs(x.std(0).mean().item() - STD) < 1e-3
-    # SiT's record (dit.sample_chain.RELEASE_OBJECTIVES) builds the same conversion
+    # SiT's record (dit.sampling.trained.RELEASE_OBJECTIVES) builds the same conversion
     sit = S.trained_objective({"objective": S.RELEASE_OBJECTIVES["sit"]}, learn_sigma=True)
     assert sit.network_time == SIT_TIME
     assert torch.equal(S.flow_sample(sit_network, sit, noise, heun)[0], x)
@@ -245,7 +245,7 @@ def test_flow_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interru
 
 def _flow_checkpoint(tmp_path: Path, objective=FLOW_RECORD, name: str = "flow.pt") -> Path:
     """A tiny pixel-space DiT in our checkpoint format whose training config records a flow objective."""
-    from dit.checkpoint import save_atomic
+    from dit.io.checkpoint import save_atomic
 
     model = tiny_dit(in_channels=3, num_classes=5, input_size=8)
     path = tmp_path / name
@@ -256,7 +256,7 @@ def _flow_checkpoint(tmp_path: Path, objective=FLOW_RECORD, name: str = "flow.pt
 
 
 def test_sample_py_on_a_flow_checkpoint_defaults_to_the_sde_and_refuses_diffusion_samplers(tmp_path):
-    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling.generate import generate_bulk, generate_grid
 
     ckpt = _flow_checkpoint(tmp_path)
     common = [f"checkpoint={ckpt}", "device=cpu", "sampler.num_steps=3"]
@@ -286,7 +286,7 @@ def test_sample_py_on_a_flow_checkpoint_defaults_to_the_sde_and_refuses_diffusio
 def test_torchrun_two_ranks_write_the_same_flow_npz_as_one_process(tmp_path):
     """`torchrun --nproc_per_node=2 sample.py` (gloo, CPU) on a flow checkpoint, SDE sampler
     (per-step noise), against one process."""
-    from dit.generate import generate_bulk
+    from dit.sampling.generate import generate_bulk
 
     ckpt = _flow_checkpoint(tmp_path)
     common = [f"checkpoint={ckpt}", "mode=bulk", "bulk.num_samples=5", "bulk.batch_size=2", "sampler=sde",
@@ -352,9 +352,9 @@ SAMPLING = {"sampler": "euler", "num_steps": 4, "cfg_scale": 2.0}
 
 @pytest.mark.slow
 def test_eval_every_on_a_flow_run_equals_eval_fid_on_its_checkpoint(tmp_path):
-    from dit.evaluate import generate_and_evaluate
-    from dit.files import write_samples_npz
-    from dit.toy import make_toy_arrays
+    from dit.scoring.evaluate import generate_and_evaluate
+    from dit.io.files import write_samples_npz
+    from dit.data.toy import make_toy_arrays
     from dit.train import run_training
 
     from conftest import train_config

@@ -20,10 +20,10 @@ from dit.autoencoder import (
     guided_channels_warning,
     latent_stats,
 )
-from dit.checkpoint import save_atomic
+from dit.io.checkpoint import save_atomic
 from dit.config import known_downsample_factor
 from dit.data import LatentCacheDataset, build_latent_cache
-from dit.latent_stats import measure_cache, measure_images
+from dit.cli.latent_stats import measure_cache, measure_images
 from dit.sampling import GuidedDenoiser, SamplerSettings, load_for_sampling
 
 

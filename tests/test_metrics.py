@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy import linalg
 
-from dit import files as F
-from dit import inception as I
-from dit import metrics as M
-from dit.evaluate import build_feature_extractor
+from dit.io import files as F
+from dit.scoring import inception as I
+from dit.scoring import metrics as M
+from dit.scoring.evaluate import build_feature_extractor
 
 
 # ------------------------------------------------------------------------------ Fréchet distance
@@ -295,7 +295,7 @@ def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loa
 @pytest.mark.slow
 def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_path, random_inception, capsys,
                                                                            compose):
-    from dit.evaluate import evaluate_samples as evaluate  # what eval_fid.py runs
+    from dit.scoring.evaluate import evaluate_samples as evaluate  # what eval_fid.py runs
     from dit.sampling import settings_path_for
 
     real, fake = _toy_sets(n=6, seed=1)
@@ -325,7 +325,7 @@ def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_p
 
 
 def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
-    from dit.judge import JudgeFeatures, JudgeNet, JudgeSettings, ToyJudge
+    from dit.scoring.judge import JudgeFeatures, JudgeNet, JudgeSettings, ToyJudge
 
     torch.manual_seed(0)
     judge = ToyJudge(JudgeNet(width=4), JudgeSettings(image_size=8, width=4))  # untrained: plumbing only
@@ -348,7 +348,7 @@ def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
 def test_a_results_table_from_before_a_new_column_is_migrated_not_refused(tmp_path):
     import csv
 
-    from dit.evaluate import RESULTS_COLUMNS, append_results_row
+    from dit.scoring.evaluate import RESULTS_COLUMNS, append_results_row
 
     old_columns = [c for c in RESULTS_COLUMNS if c != "eta"]  # the table as written before `eta` was a column
     table = tmp_path / "results.csv"

@@ -24,9 +24,9 @@ from test_models import (
     tiny_cfg,
 )
 
-from dit.checkpoint import load_dit_checkpoint, save_atomic, save_weights_safetensors, with_checksum
+from dit.io.checkpoint import load_dit_checkpoint, save_atomic, save_weights_safetensors, with_checksum
 from dit.diffusion import create_diffusion
-from dit.layers import adaln_norm, apply_rope, make_attention, make_mlp, rope_table, swiglu_hidden
+from dit.models.layers import adaln_norm, apply_rope, make_attention, make_mlp, rope_table, swiglu_hidden
 from dit.models import DiT, DiTConfig, describe, param_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only contend
@@ -401,7 +401,7 @@ def test_describe_names_the_model_its_options_and_its_parameter_count():
 
 @pytest.mark.parametrize("option", [{"rope": True}, {"norm": "rmsnorm"}, {"mlp": "swiglu"}])
 def test_diffusers_export_refuses_a_model_with_options(option):
-    from dit.export import diffusers_config
+    from dit.io.export import diffusers_config
 
     assert diffusers_config(DiTConfig(**TINY_DIT))["num_layers"] == 2
     with pytest.raises(ValueError, match="architecture options.*save_pretrained still works"):
@@ -411,7 +411,7 @@ def test_diffusers_export_refuses_a_model_with_options(option):
 def test_qk_rmsnorm_under_bf16_autocast_normalises_in_float32_without_warning():
     import warnings
 
-    from dit.layers import qk_norm_layer
+    from dit.models.layers import qk_norm_layer
 
     layer = qk_norm_layer("rmsnorm")(16)
     with torch.no_grad():

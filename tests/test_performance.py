@@ -103,7 +103,7 @@ def test_allocator_tuning_stops_page_faults_per_step_and_yields_to_user_settings
     # Straight libc calls keep Python's and torch's small allocations out of the heap layout.
     probe = """
 import ctypes, resource
-from dit.runtime import tune_host_allocator
+from dit.cli.runtime import tune_host_allocator
 applied = TUNE and tune_host_allocator()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]

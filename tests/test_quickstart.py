@@ -7,9 +7,9 @@ learned the *class-conditional* distribution by margins a broken pipeline cannot
   (or no learning at all) leaves the samples as far from the data as the untrained model's.
 
 It goes through the real code: hydra composes conf/experiment/quickstart.yaml, `run_training`
-trains and checkpoints, `dit.sampling` loads the checkpoint and samples, the toy judge (`dit.judge`) scores.
+trains and checkpoints, `dit.sampling` loads the checkpoint and samples, the toy judge (`dit.scoring.judge`) scores.
 
-The one command (`python -m dit.quickstart`, dit/quickstart.py) is run end to end, shortened: both
+The one command (`python -m dit.quickstart`, dit/cli/quickstart.py) is run end to end, shortened: both
 rows printed and written, and a relaunch reuses the finished steps.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dit.judge import ToyJudge
-from dit.quickstart import main as quickstart_main
+from dit.scoring.judge import ToyJudge
+from dit.cli.quickstart import main as quickstart_main
 from dit.sampling import SamplerSettings, generate_samples, load_for_sampling
-from dit.toy import NUM_CLASSES, make_toy_arrays
+from dit.data.toy import NUM_CLASSES, make_toy_arrays
 from dit.train import run_training
 
 from conftest import train_config

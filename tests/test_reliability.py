@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dit.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_dit_checkpoint
+from dit.io.checkpoint import CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_dit_checkpoint
 from dit.config import ConfigError
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError, named_tensors
@@ -214,7 +214,7 @@ def test_kill9_at_random_points_then_relaunch_ends_bitwise_equal(tmp_path, refer
 
 
 def _tiny_pixel_checkpoint(path: Path) -> Path:
-    from dit.checkpoint import save_atomic
+    from dit.io.checkpoint import save_atomic
 
     model = tiny_dit(in_channels=3)  # pixels; weights off the adaLN-Zero init, so samples depend on them
     save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "step": 1, "model_name": None,
@@ -229,7 +229,7 @@ def sample_config(*overrides):
 
 @pytest.mark.slow
 def test_bulk_sampling_killed_at_random_points_resumes_to_the_same_npz(tmp_path):
-    from dit.generate import generate_bulk  # what `python sample.py mode=bulk` runs
+    from dit.sampling.generate import generate_bulk  # what `python sample.py mode=bulk` runs
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
     common = [f"checkpoint={ckpt}", "mode=bulk", "bulk.num_samples=40", "bulk.batch_size=2", "sampler=ddim",
@@ -281,13 +281,13 @@ def test_a_corrupt_newest_checkpoint_is_detected_and_the_previous_one_used(tmp_p
 
 
 def test_a_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tmp_path, reference, monkeypatch):
-    import dit.checkpoint
+    import dit.io.checkpoint
 
     def open_on_a_full_disk(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
         return FullDisk(f, room=4096) if ".0000004.pt." in str(path) else f  # the temp file of step 4's save
 
-    monkeypatch.setattr(dit.checkpoint, "open", open_on_a_full_disk, raising=False)
+    monkeypatch.setattr(dit.io.checkpoint, "open", open_on_a_full_disk, raising=False)
     run = tmp_path / "run"
     common = ["ckpt.every=2", "ckpt.keep_last=1"]
     with pytest.raises(CheckpointWriteError) as failed:
@@ -399,7 +399,7 @@ def test_nonfinite_steps_are_skipped_and_counted_and_k_in_a_row_stop_the_run(tmp
 
 
 def _image_folder(root: Path) -> Path:
-    from dit.toy import write_toy_imagefolder
+    from dit.data.toy import write_toy_imagefolder
 
     return write_toy_imagefolder(root, num_per_class=1, image_size=16, seed=0)  # 10 classes, 1 image each
 
@@ -491,11 +491,11 @@ class _NoFeatures:
 
 
 def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_nothing(tmp_path):
-    import dit.metrics as M
+    import dit.scoring.metrics as M
     import dit.sampling as S
     from dit.autoencoder import build_autoencoder
-    from dit.bulk import bulk_sample
-    from dit.files import write_samples_npz
+    from dit.sampling.bulk import bulk_sample
+    from dit.io.files import write_samples_npz
     from dit.sampling import SamplerSettings
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
@@ -564,10 +564,10 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     """The load paths not already covered elsewhere (ours and release files through
     load_dit_checkpoint: test_checkpoint.py; latents cache shards: test_data.py; sample files
     and Inception weights: test_metrics.py)."""
-    import dit.metrics as M
+    import dit.scoring.metrics as M
     import dit.sampling as S
     from dit.autoencoder import build_autoencoder
-    from dit.bulk import bulk_sample
+    from dit.sampling.bulk import bulk_sample
 
     marker = tmp_path / "pwned"
     payload = _RunsCodeOnLoad(marker)

@@ -43,7 +43,7 @@ def inception_weights(tmp_path_factory) -> Path:
 def test_inception_weights_swapped_after_the_safe_check_never_run_code(tmp_path, inception_weights, monkeypatch):
     """A real swap (os.replace of a payload onto the path) right after the first load of the file
     returns, i.e. between the weights-only check and the moment torch-fidelity would reopen it."""
-    from dit import inception as I
+    from dit.scoring import inception as I
 
     marker = tmp_path / "pwned"
     path = tmp_path / "weights.pth"
@@ -88,7 +88,7 @@ def test_inception_weights_swapped_after_the_safe_check_never_run_code(tmp_path,
 
 def _pixel_checkpoint(path: Path, nan_in_ema: bool = False) -> Path:
     """A tiny DiT on 8x8 pixels in our checkpoint format, recording the pixel autoencoder."""
-    from dit.checkpoint import save_atomic
+    from dit.io.checkpoint import save_atomic
 
     model = tiny_dit(in_channels=3)
     ema = {k: v.clone() for k, v in model.state_dict().items()}
@@ -107,7 +107,7 @@ def _sample(*overrides):
 
 def test_nonfinite_sampling_fails_naming_the_checkpoint_and_settings_and_writes_nothing(tmp_path):
     from dit.config import ConfigError
-    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling.generate import generate_bulk, generate_grid
     from dit.sampling import NonFiniteSamplesError, SamplerSettings, sample_images
 
     ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
@@ -159,7 +159,7 @@ def test_a_16_bit_greyscale_png_reads_as_its_8_bit_values_in_training_data_and_f
     from PIL import Image
 
     from dit.data.images import ImageFolderDataset, load_rgb
-    from dit.files import read_image_folder
+    from dit.io.files import read_image_folder
 
     grey8 = (np.arange(256).reshape(16, 16)).astype(np.uint8)  # every 8-bit level
     root = tmp_path / "data"
@@ -259,9 +259,9 @@ class _PoolingFeatures:
 
 def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that_is_not_psd(tmp_path,
                                                                                          inception_weights):
-    import dit.metrics as M
-    from dit.evaluate import evaluate_samples
-    from dit.files import write_npz_atomic, write_samples_npz
+    import dit.scoring.metrics as M
+    from dit.scoring.evaluate import evaluate_samples
+    from dit.io.files import write_npz_atomic, write_samples_npz
 
     rng = np.random.default_rng(0)
     samples16 = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
@@ -318,10 +318,10 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
 
 def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk_files_keep_their_own(tmp_path):
     from dit.autoencoder import build_autoencoder
-    from dit.bulk import bulk_sample
-    from dit.checkpoint import load_dit_checkpoint
+    from dit.sampling.bulk import bulk_sample
+    from dit.io.checkpoint import load_dit_checkpoint
     from dit.config import ConfigError
-    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling.generate import generate_bulk, generate_grid
     from dit.sampling import SamplerSettings, settings_path_for
 
     ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
@@ -356,8 +356,8 @@ def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holde
     import signal
     import time
 
-    from dit.bulk import BulkOutputBusyError
-    from dit.generate import generate_bulk
+    from dit.sampling.bulk import BulkOutputBusyError
+    from dit.sampling.generate import generate_bulk
 
     ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
     out = tmp_path / "b.npz"
@@ -400,8 +400,8 @@ def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holde
 
 
 def test_atomic_writes_go_through_a_symlink_and_never_replace_what_is_not_a_regular_file(tmp_path):
-    from dit.evaluate import append_results_row
-    from dit.files import write_npz_atomic, write_text_atomic
+    from dit.scoring.evaluate import append_results_row
+    from dit.io.files import write_npz_atomic, write_text_atomic
 
     bigger_disk = tmp_path / "bigger_disk"
     bigger_disk.mkdir()
@@ -448,15 +448,15 @@ def _open_on_a_full_disk(match: str, room: int = 64):
 
 def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, monkeypatch):
     import dit.data.cache
-    import dit.evaluate
-    import dit.files
+    import dit.scoring.evaluate
+    import dit.io.files
     from PIL import Image
 
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache
     from dit.data.latents import LatentCacheDataset
-    from dit.evaluate import append_results_row
-    from dit.files import FileWriteError, write_samples_npz
+    from dit.scoring.evaluate import append_results_row
+    from dit.io.files import FileWriteError, write_samples_npz
 
     def assert_names(err, path):
         message = str(err.value)
@@ -491,7 +491,7 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
 
     # A sample file (bulk assembly, shards, statistics: all written by write_npz_atomic).
     out = tmp_path / "samples.npz"
-    monkeypatch.setattr(dit.files, "open", _open_on_a_full_disk("samples.npz"), raising=False)
+    monkeypatch.setattr(dit.io.files, "open", _open_on_a_full_disk("samples.npz"), raising=False)
     with pytest.raises(FileWriteError) as err:
         write_samples_npz(out, np.zeros((4, 8, 8, 3), np.uint8))
     assert_names(err, out)
@@ -501,7 +501,7 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
     # The results table.
     table = tmp_path / "results.csv"
     append_results_row(table, {"fid": 1.0})
-    monkeypatch.setattr(dit.evaluate, "open", _open_on_a_full_disk("results.csv", room=0), raising=False)
+    monkeypatch.setattr(dit.scoring.evaluate, "open", _open_on_a_full_disk("results.csv", room=0), raising=False)
     with pytest.raises(FileWriteError) as err:
         append_results_row(table, {"fid": 2.0})
     assert_names(err, table)

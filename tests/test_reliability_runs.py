@@ -224,7 +224,7 @@ def test_resuming_on_a_different_data_set_is_refused_unless_allowed(tmp_path, ca
     import shutil
 
     from dit.config import ConfigError
-    from dit.toy import write_toy_imagefolder
+    from dit.data.toy import write_toy_imagefolder
 
     data = write_toy_imagefolder(tmp_path / "data", num_per_class=1, image_size=16, seed=0)  # 10 classes
     same_size = write_toy_imagefolder(tmp_path / "same_size", num_per_class=1, image_size=16, seed=1)

@@ -1,4 +1,4 @@
-"""REPA (dit/repa.py): the alignment loss against an independent computation, where its gradient
+"""REPA (dit/models/repa.py): the alignment loss against an independent computation, where its gradient
 goes, the frozen encoder loaded from a local timm directory, the feature cache next to the
 latents (the same views as the latents, read back by the latents dataset), and REPA training:
 the loss falls, the projector stays out of the model's state dict, training from the cache
@@ -24,8 +24,8 @@ from dit.autoencoder import build_autoencoder
 from dit.config import ConfigError, check_static
 from dit.data import ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, build_latent_cache
 from dit.models import DiT
-from dit.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
-from dit.toy import write_toy_imagefolder
+from dit.models.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
+from dit.data.toy import write_toy_imagefolder
 from dit.train import run_training
 from test_cli_errors import assert_one_line, run_in_process
 from test_reliability import assert_same_training_state, config, joined, start_training, train_on_two_gloo_ranks

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dit import sampling as S
-from dit.bulk import bulk_sample
+from dit.sampling.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
 from conftest import single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
@@ -277,7 +277,7 @@ def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption
 def _pixel_checkpoint(tmp_path: Path, num_classes: int = 5, in_channels: int = 3, name: str = "pix.pt") -> Path:
     """A tiny DiT in our checkpoint format (contract 2) that records the pixel autoencoder (with
     in_channels=4 it needs another one: vae=...)."""
-    from dit.checkpoint import save_atomic
+    from dit.io.checkpoint import save_atomic
 
     model = tiny_dit(in_channels=in_channels, num_classes=num_classes, input_size=8)
     path = tmp_path / name
@@ -303,7 +303,7 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path, compose)
               "sampler.num_steps=3", "seed=5", "device=cpu"]
     two = torchrun_bulk_sample(common, tmp_path / "two.npz")
 
-    from dit.generate import generate_bulk  # one process, what sample.py runs
+    from dit.sampling.generate import generate_bulk  # one process, what sample.py runs
 
     one = generate_bulk(compose("sample", [*common, f"bulk.out={tmp_path / 'one.npz'}"]))
     assert one.read_bytes() == two.read_bytes()
@@ -317,7 +317,7 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path, compose)
 def test_grid_mode_writes_a_png_and_its_settings(tmp_path, compose):
     from PIL import Image
 
-    from dit.generate import generate_grid
+    from dit.sampling.generate import generate_grid
 
     ckpt = _pixel_checkpoint(tmp_path, num_classes=10)
     out = generate_grid(compose("sample", [f"checkpoint={ckpt}", "grid.labels=[1,2,3,4,5]", "grid.nrow=3",
@@ -337,7 +337,7 @@ def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_d
     saved AutoencoderKL and decode with it; the checkpoint's own (pixel) autoencoder is not used."""
     from PIL import Image
 
-    from dit.generate import generate_grid
+    from dit.sampling.generate import generate_grid
 
     ckpt = _pixel_checkpoint(tmp_path, in_channels=4)  # 4 latent channels: pixel cannot decode it
     common = [f"checkpoint={ckpt}", "grid.labels=[1,2,3]", "sampler=ddim", "sampler.num_steps=2", "device=cpu"]
@@ -362,7 +362,7 @@ def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path)
     sample = _run_cli("sample.py", [f"checkpoint={ckpt}", "vae=sd-mse", "device=cpu"], tmp_path, **offline)
     from PIL import Image
 
-    # eval_fid checks what scoring needs before sampling (dit/evaluate.py check_scoring_inputs): give it a
+    # eval_fid checks what scoring needs before sampling (dit/scoring/evaluate.py check_scoring_inputs): give it a
     # reference that exists and the toy judge (no Inception weights), so the autoencoder is what fails.
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -405,8 +405,8 @@ class PixelStatsExtractor:
 
 
 def test_fid_evaluator_computes_the_reference_once_and_is_deterministic(tmp_path):
-    from dit.evaluate import FIDEvaluator
-    from dit.files import write_samples_npz
+    from dit.scoring.evaluate import FIDEvaluator
+    from dit.io.files import write_samples_npz
 
     rng = np.random.default_rng(0)
     write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dit import sampling as S
-from dit.checkpoint import save_atomic
+from dit.io.checkpoint import save_atomic
 from dit.diffusion import create_diffusion, linear_betas, named_betas, space_timesteps
 from dit.train.resume import plain_config
 
@@ -59,7 +59,7 @@ class ChainSpy:
 @pytest.mark.parametrize("schedule, steps", [("cosine", 1000), ("linear", 500)])
 def test_sample_py_samples_a_checkpoint_with_the_chain_it_was_trained_on(tmp_path, compose, monkeypatch,
                                                                           schedule, steps):
-    from dit.generate import generate_bulk, generate_grid
+    from dit.sampling.generate import generate_bulk, generate_grid
 
     ckpt = our_checkpoint(tmp_path / "run.pt",
                           [f"diffusion.noise_schedule={schedule}", f"diffusion.diffusion_steps={steps}"])

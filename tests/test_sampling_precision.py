@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dit import sampling as S
-from dit.checkpoint import save_atomic
+from dit.io.checkpoint import save_atomic
 from dit.diffusion import GaussianDiffusion, create_diffusion, linear_betas
 
 from conftest import tiny_dit
@@ -165,7 +165,7 @@ def test_bf16_samples_differ_from_fp32_but_stay_close_and_float32():
 
 
 def test_sample_py_records_precision_and_the_resolved_clip(tmp_path, compose, monkeypatch):
-    from dit.generate import generate_grid
+    from dit.sampling.generate import generate_grid
 
     monkeypatch.chdir(tmp_path)  # the default output name goes to samples/ here
     model = tiny_dit(in_channels=3)

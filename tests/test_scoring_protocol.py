@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from dit import files as F
-from dit import inception as I
-from dit import metrics as M
-from dit import precision_recall as PR
+from dit.io import files as F
+from dit.scoring import inception as I
+from dit.scoring import metrics as M
+from dit.scoring import precision_recall as PR
 from dit.config import ConfigError, to_eval_config
-from dit.precision import backend_flags
+from dit.sampling.precision import backend_flags
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_inception_features_run_in_ieee_fp32_even_with_tf32_on_globally_and_the_
 @pytest.mark.slow
 def test_eval_fid_records_precision_flags_arithmetic_and_what_each_metric_used(tmp_path, random_inception, compose,
                                                                              tf32_globally_on):
-    from dit.evaluate import RESULTS_COLUMNS, evaluate_samples
+    from dit.scoring.evaluate import RESULTS_COLUMNS, evaluate_samples
 
     rng = np.random.default_rng(1)
     real, fake = (rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8) for _ in range(2))
@@ -242,7 +242,7 @@ def test_each_metric_reports_the_reference_data_it_used(tmp_path):
 
 
 def test_a_results_table_from_before_the_scoring_columns_keeps_its_rows(tmp_path):
-    from dit.evaluate import RESULTS_COLUMNS, SETTINGS_COLUMNS, append_results_row
+    from dit.scoring.evaluate import RESULTS_COLUMNS, SETTINGS_COLUMNS, append_results_row
     from dit.sampling import SETTINGS_FIELDS
 
     # The header this code wrote before issue 12.

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import dit.image_stream as S
-from dit import files as F
-from dit import metrics as M
-from dit.evaluate import evaluate_samples
-from dit.frechet import RunningMoments
-from dit.inception import InceptionFeatures
-from dit.judge import JudgeFeatures, ToyJudge
+import dit.scoring.images as S
+from dit.io import files as F
+from dit.scoring import metrics as M
+from dit.scoring.evaluate import evaluate_samples
+from dit.scoring.frechet import RunningMoments
+from dit.scoring.inception import InceptionFeatures
+from dit.scoring.judge import JudgeFeatures, ToyJudge
 
 
 class PixelExtractor:

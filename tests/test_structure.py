@@ -1,6 +1,6 @@
 """The layout's rules as tests (docs/design.md, "Module map"): imports between the modules of
-`dit/` form no circle (module-level and function-local imports both count), `dit/models.py`
-imports nothing else of `dit` but its option modules `dit/layers.py` (which import nothing of
+`dit/` form no circle (module-level and function-local imports both count), `dit/models/dit.py`
+imports nothing else of `dit` but its option modules `dit/models/layers.py` (which import nothing of
 `dit`), no entry point imports another, and no file points to a design
 document outside the repository."""
 
@@ -102,11 +102,11 @@ def test_the_circle_check_finds_a_circle_hidden_in_a_function(tmp_path):
 
 
 def test_the_model_file_imports_nothing_else_of_the_library():
-    """The model is `dit/models.py` plus its option modules `dit/layers.py` (docs/design.md): the
+    """The model is `dit/models/dit.py` plus its option modules `dit/models/layers.py` (docs/design.md): the
     pair imports nothing else of `dit`, so the two files can be copied out alone."""
     known = set(package_modules(REPO / "dit"))
-    assert imported_modules(REPO / "dit" / "models.py", known) <= {"dit.layers"}
-    assert imported_modules(REPO / "dit" / "layers.py", known) == set()
+    assert imported_modules(REPO / "dit" / "models" / "dit.py", known) <= {"dit.models.layers"}
+    assert imported_modules(REPO / "dit" / "models" / "layers.py", known) == set()
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS)

@@ -1,4 +1,4 @@
-"""The toy data set (dit.toy) and its judge (dit.judge): deterministic, distinct classes,
+"""The toy data set (dit.data.toy) and its judge (dit.scoring.judge): deterministic, distinct classes,
 ImageFolder round trip, and a judge that tells real classes apart and scores samples."""
 
 import dataclasses
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
-from dit import toy
-from dit.judge import JudgeSettings, ToyJudge
-from dit.toy import (CLASS_NAMES, NUM_CLASSES, ToyShapesDataset, class_rng, make_toy_arrays, render,
+from dit.data import toy
+from dit.scoring.judge import JudgeSettings, ToyJudge
+from dit.data.toy import (CLASS_NAMES, NUM_CLASSES, ToyShapesDataset, class_rng, make_toy_arrays, render,
                      render_batch, to_model_range, write_toy_imagefolder)
 
 

@@ -1,4 +1,4 @@
-"""The shape-only toy set through the entry points: `data=toy_shapes` trains on dit.toy's shapes
+"""The shape-only toy set through the entry points: `data=toy_shapes` trains on dit.data.toy's shapes
 images (and the colour set's data identity is what it was before variants, so its runs resume);
 `judge_variant` / `eval.judge_variant` reach `ToyJudge.load_or_train(variant=...)`, defaulting to
 the variant the model was trained on, and the metrics JSON names it; bad variants fail in one line.
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dit.checkpoint import save_atomic, with_checksum
+from dit.io.checkpoint import save_atomic, with_checksum
 from dit.config import ConfigError, check_static, to_eval_config
-from dit.evaluate import evaluate_samples, resolve_judge_variant
-from dit.files import write_samples_npz
-from dit.judge import JudgeNet, JudgeSettings, ToyJudge
+from dit.scoring.evaluate import evaluate_samples, resolve_judge_variant
+from dit.io.files import write_samples_npz
+from dit.scoring.judge import JudgeNet, JudgeSettings, ToyJudge
 from dit.sampling import settings_path_for
-from dit.toy import ToyShapesDataset, make_toy_arrays, to_model_range
+from dit.data.toy import ToyShapesDataset, make_toy_arrays, to_model_range
 from dit.train import run_training
 from dit.train.evaluation import protocol
 from dit.train.stream import build_data, data_identity

@@ -84,7 +84,7 @@ def test_step_randomness_does_not_depend_on_the_number_of_ranks():
 
 
 def test_item_seeded_augmentation_depends_only_on_seed_epoch_and_index():
-    from dit.toy import ToyShapesDataset
+    from dit.data.toy import ToyShapesDataset
 
     ds = ItemSeeded(ToyShapesDataset(2, image_size=16, seed=0, hflip=True), seed=5)
     first = [ds[i][0] for i in range(len(ds))]
@@ -112,7 +112,7 @@ def test_prune_keeps_the_newest_and_the_milestones(tmp_path):
 
 
 def test_checkpoint_follows_the_contract_and_loads_as_a_dit(tmp_path):
-    from dit.checkpoint import load_dit_checkpoint
+    from dit.io.checkpoint import load_dit_checkpoint
 
     cfg = make_config([*TINY, *TOY, "name=c", "global_batch_size=8", "max_steps=3", "ckpt.every=2",
                        "ckpt.keep_last=1", "log.every=1"])
@@ -182,7 +182,7 @@ def _falls(losses):
 
 @pytest.mark.slow
 def test_loss_falls_in_pixel_space_on_an_imagefolder(tmp_path):
-    from dit.toy import write_toy_imagefolder
+    from dit.data.toy import write_toy_imagefolder
 
     root = write_toy_imagefolder(tmp_path / "images", num_per_class=8, image_size=16, seed=0)
     cfg = make_config([*TINY, *LEARN, "data=imagefolder", f"data.root={root}", "name=px"])
@@ -234,7 +234,7 @@ def wandb_history(run_dir):
 def test_loss_falls_on_cached_latents_and_wandb_offline_records_loss_and_grids(tmp_path, tiny_vae_dir):
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache
-    from dit.toy import write_toy_imagefolder
+    from dit.data.toy import write_toy_imagefolder
 
     vae = tiny_vae_dir
     images = write_toy_imagefolder(tmp_path / "images", num_per_class=8, image_size=16, seed=0)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from dit.config import ConfigError
-from dit.evaluate import generate_and_evaluate
-from dit.files import write_samples_npz
-from dit.toy import make_toy_arrays
+from dit.scoring.evaluate import generate_and_evaluate
+from dit.io.files import write_samples_npz
+from dit.data.toy import make_toy_arrays
 from dit.train import run_training
 
 from conftest import compose_config, single_thread, train_config

@@ -11,7 +11,8 @@ import torch
 from dit.config import ConfigError, check_static
 from dit.data import item_seed
 from dit.diffusion import GaussianDiffusion
-from dit.flow import FlowMatching, sample_ode
+from dit.flow import FlowMatching
+from dit.sampling.flow import sample_ode
 from dit.flow.config import OBJECTIVE_KEYS, flow_from_config
 from dit.models import DiT
 from dit.train import run_training

@@ -36,14 +36,14 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from dit.autoencoder import AutoencoderUnavailable
-from dit.bulk import BulkOutputBusyError
+from dit.sampling.bulk import BulkOutputBusyError
 from dit.cli import config_dir
 from dit.config import ConfigError, flatten_model_overrides, register_configs
 from dit.data.images import BadImageError
 from dit.data.latents import LatentCacheMismatch
-from dit.files import CheckpointError, FileWriteError
-from dit.inception import FeatureExtractorUnavailable
-from dit.runtime import tune_host_allocator
+from dit.io.files import CheckpointError, FileWriteError
+from dit.scoring.inception import FeatureExtractorUnavailable
+from dit.cli.runtime import tune_host_allocator
 from dit.sampling import NonFiniteSamplesError
 
 # Our own error types: whatever they say is meant for the user. OSError covers the user's paths
@@ -195,7 +195,7 @@ def hydra_program(config_name: str, task: Callable[[Any], Any], *extra: type[Bas
         return task(cfg)
 
     def program() -> None:
-        tune_host_allocator()  # reuse freed host memory: no page faults per batch (dit/runtime.py)
+        tune_host_allocator()  # reuse freed host memory: no page faults per batch (dit/cli/runtime.py)
         if setup is not None:
             setup()
         sys.argv = flatten_model_overrides(sys.argv)

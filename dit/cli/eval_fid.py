@@ -1,5 +1,5 @@
 """`dit-eval` and `python eval_fid.py`: compose the scoring config, run
-`dit.evaluate.generate_and_evaluate`.
+`dit.scoring.evaluate.generate_and_evaluate`.
 
 The docstring of the repository's eval_fid.py has the commands; this module is what they run.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from dit.cli.errors import hydra_program
-from dit.evaluate import generate_and_evaluate
+from dit.scoring.evaluate import generate_and_evaluate
 
 
 def eval_fid(cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""`dit-sample` and `python sample.py`: compose the sampling config, run `dit.generate.generate`.
+"""`dit-sample` and `python sample.py`: compose the sampling config, run `dit.sampling.generate.generate`.
 
 The docstring of the repository's sample.py has the commands; this module is what they run.
 """
@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from dit.cli.errors import hydra_program
-from dit.generate import generate
+from dit.sampling.generate import generate
 
 
 def sample(cfg: DictConfig) -> None:

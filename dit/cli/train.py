@@ -16,8 +16,8 @@ from dit.cli import config_dir
 from dit.cli.errors import reports_errors, run_program
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
-from dit.files import write_text_atomic
-from dit.runtime import tune_host_allocator
+from dit.io.files import write_text_atomic
+from dit.cli.runtime import tune_host_allocator
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import RunDirectoryBusy
@@ -50,7 +50,7 @@ def run() -> None:
 
 
 def _program() -> None:
-    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/runtime.py)
+    tune_host_allocator()  # reuse freed host memory: no page faults per step (dit/cli/runtime.py)
     register_configs()
     sys.argv = flatten_model_overrides(sys.argv)
     if env_rank() != 0:

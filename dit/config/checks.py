@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
 from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
-from dit.layers import check_options, check_rope_head_dim
+from dit.models.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch
-from dit.toy import VARIANTS as TOY_VARIANTS
+from dit.data.toy import VARIANTS as TOY_VARIANTS
 
 OBJECTIVES = ("diffusion", "flow")
 
@@ -181,7 +181,7 @@ def check_toy_variant(variant: Any, key: str) -> str:
 
 
 def check_repa(cfg: TrainConfig, model_depth: int, world_size: int = 1) -> None:
-    """The `repa.*` keys (dit/repa.py), only when REPA is on (repa.encoder set)."""
+    """The `repa.*` keys (dit/models/repa.py), only when REPA is on (repa.encoder set)."""
     r = cfg.repa
     if r.encoder is None:
         return

@@ -21,9 +21,9 @@ from omegaconf import MISSING, OmegaConf
 
 from dit.config.checks import check_toy_variant
 from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
-from dit.inception import check_feature_precision
-from dit.precision_recall import check_pr_arithmetic
-from dit.release import RELEASE_FORMATS
+from dit.scoring.inception import check_feature_precision
+from dit.scoring.precision_recall import check_pr_arithmetic
+from dit.io.release import RELEASE_FORMATS
 from dit.sampling import LABEL_MODES, SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
@@ -130,7 +130,7 @@ class EvalConfig(SampleConfig):
     feature_batch_size: int = 64
     feature_precision: str = "fp32"  # Inception features in IEEE fp32 (TF32 forced off) | tf32 (allowed)
     judge_seed: int = 0  # toy_judge: which judge (trained once, cached in cache_dir)
-    # toy_judge: which toy variant's judge (dit.toy.VARIANTS: colours | shapes). None: the variant the
+    # toy_judge: which toy variant's judge (dit.data.toy.VARIANTS: colours | shapes). None: the variant the
     # checkpoint was trained on (checkpoint=, or the one the samples' settings file names) when
     # that is a toy-set run, else "colours".
     judge_variant: Optional[str] = None

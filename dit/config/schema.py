@@ -51,7 +51,7 @@ class WandbMode(enum.Enum):
 @dataclass
 class ModelConfig:
     """A DiT. `name` is an official name (`DiT-XL/2`); the four architecture fields default to
-    that model's values (the table in `dit/models.py`) and can be set one by one
+    that model's values (the table in `dit/models/dit.py`) and can be set one by one
     (`model.depth=6`) for small experiments. With `name: null` all four must be set."""
 
     name: Optional[str] = "DiT-XL/2"
@@ -62,7 +62,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (the paper's 0.1)
     learn_sigma: bool = True  # predict the variance too (DiT's hybrid loss)
-    # Architecture options (LightningDiT's; dit/layers.py); the defaults are the official DiT.
+    # Architecture options (LightningDiT's; dit/models/layers.py); the defaults are the official DiT.
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu (tanh GELU) | swiglu
     rope: bool = False  # 2-D rotary embedding on q and k
@@ -109,12 +109,12 @@ class LatentsDataConfig(DataConfig):
 
 @dataclass
 class ToyDataConfig(DataConfig):
-    """The built-in toy set (`dit/toy.py`): ten classes of coloured shapes drawn from `seed`.
+    """The built-in toy set (`dit/data/toy.py`): ten classes of coloured shapes drawn from `seed`.
     `variant`: "colours" (a colour per class) or "shapes" (random hues, equal areas: the classes
     differ by shape only; `data=toy_shapes`)."""
 
     kind: str = "toy"
-    variant: str = "colours"  # dit.toy.VARIANTS
+    variant: str = "colours"  # dit.data.toy.VARIANTS
     num_per_class: int = 100
     image_size: int = 32
     seed: int = 0  # which images; the training seed (`seed`) fixes the order and the flips
@@ -172,7 +172,7 @@ class DiffusionConfig:
 
 @dataclass
 class RepaConfig:
-    """REPA (dit/repa.py, docs/repa.md): align the tokens after block `depth` to a frozen encoder's
+    """REPA (dit/models/repa.py, docs/repa.md): align the tokens after block `depth` to a frozen encoder's
     patch features through a projector MLP, loss weight `coeff`. Off while `encoder` is null.
     Defaults: the paper's for SiT-XL/2 (k = 8, lambda = 0.5, DINOv2-B/14 at 224 px)."""
 
@@ -274,7 +274,7 @@ class TrainEvalConfig(SamplerSettings):
     seed: int = 0  # sample i: noise and label from (seed, i); the same samples at every evaluation
     batch_size: int = 32  # per network batch; fixes which samples share a batch, as bulk.batch_size
     judge_seed: int = 0
-    # toy_judge: which toy variant's judge (dit.toy.VARIANTS); None: the run's own (data.variant
+    # toy_judge: which toy variant's judge (dit.data.toy.VARIANTS); None: the run's own (data.variant
     # when data.kind=toy, else "colours").
     judge_variant: Optional[str] = None
     cache_dir: Optional[str] = "~/.cache/dit"  # reference statistics (ref_stats/) and the toy judge

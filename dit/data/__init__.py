@@ -16,7 +16,7 @@ Where things are:
     sampler.py   DistributedResumableSampler: the data order across ranks, resumable mid-epoch
     latents.py   the latents cache format and its reader, LatentCacheDataset (check_compatible)
     cache.py     build_latent_cache: the cache builder (`python -m dit.cache_latents`)
-The built-in toy set is dit/toy.py.
+The built-in toy set is dit/data/toy.py.
 """
 
 from dit.data.cache import build_latent_cache

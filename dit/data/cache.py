@@ -4,7 +4,7 @@ described in dit/data/latents.py (which also holds the reader, `LatentCacheDatas
 
     build_latent_cache("imagenet/train", build_autoencoder("sd-ema"), "cache/in256", 256)
 
-The command line is `python -m dit.cache_latents` (dit/cache_latents.py).
+The command line is `python -m dit.cache_latents` (dit/cli/cache_latents.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dit.files import RecordingFile, read_json_file, write_atomic, write_text_atomic
+from dit.io.files import RecordingFile, read_json_file, write_atomic, write_text_atomic
 from dit.data.images import BadImageError, ImageFolderDataset
 from dit.data.latents import (
     BUILD_FILE,
@@ -121,7 +121,7 @@ def build_latent_cache(
     relative rounding (at most 2**-11) is harmless. `mean_dtype="float16"` gives the format of
     caches written before this option (whose meta.json has no `mean_dtype`: their mean is in `dtype`).
 
-    REPA features: with `repa_encoder` (a `dit.repa.Encoder`), each shard also holds that encoder's
+    REPA features: with `repa_encoder` (a `dit.models.repa.Encoder`), each shard also holds that encoder's
     patch tokens of the same views (the image and, with `flip`, its mirror: the encoder is not
     mirror-symmetric either), in `repa_dtype`, so training from the cache needs no encoder.
     Size: T' x E x V values per image (DINOv2-B at 224 px with flips: 256 x 768 x 2, 768 KiB in

@@ -1,5 +1,5 @@
 """Flow matching (SiT, REPA, LightningDiT objectives): interpolants, targets, timestep sampling,
-the loss, and ODE / SDE samplers. Contract 7 in docs/design.md; the user's guide is docs/flow.md.
+and the loss; the samplers that integrate a flow model are in dit/sampling/flow.py. Contract 7 in docs/design.md; the user's guide is docs/flow.md.
 
 Time convention, once for the whole package: t in [0, 1], t = 0 is data and t = 1 is noise,
 
@@ -23,15 +23,11 @@ wrapper that binds the labels) into the `velocity(x, t)` every sampler here take
 
 from .objective import FlowMatching, model_velocity, prediction_channels
 from .paths import PATHS, PREDICTIONS, GVPPath, LinearPath, Path, expand_time, get_path
-from .samplers import (DIFFUSION_FORMS, LAST_STEPS, ODE_METHODS, FlowSample, diffusion_coefficient, sample_ode,
-                       sample_ode_adaptive, sample_sde)
 from .timesteps import (SIT_TIME, TIMESTEP_SAMPLING, NetworkTime, sample_logit_normal, sample_uniform, shift_time,
                         time_grid)
 
 __all__ = [
     "FlowMatching", "model_velocity", "prediction_channels",
     "PATHS", "PREDICTIONS", "Path", "LinearPath", "GVPPath", "get_path", "expand_time",
-    "FlowSample", "ODE_METHODS", "DIFFUSION_FORMS", "LAST_STEPS", "diffusion_coefficient",
-    "sample_ode", "sample_ode_adaptive", "sample_sde",
     "NetworkTime", "SIT_TIME", "TIMESTEP_SAMPLING", "sample_uniform", "sample_logit_normal", "shift_time", "time_grid",
 ]

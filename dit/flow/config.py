@@ -7,7 +7,7 @@ checkpoints keep as `config.objective` (contract 7 in docs/design.md). Training 
      network_time_scale: 1 | 1000, network_time_data_at_one: false | true}
 
 `network_time_data_at_one` (absent in training configs, whose networks learn our time) marks
-weights trained with t = 1 at the data end: SiT's release file (`dit.sample_chain.RELEASE_OBJECTIVES`).
+weights trained with t = 1 at the data end: SiT's release file (`dit.sampling.trained.RELEASE_OBJECTIVES`).
 
 A record without `kind` (or with kind "diffusion") is not a flow objective.
 """

@@ -3,7 +3,7 @@
 Every `eval.every` steps, and at `max_steps`, the EMA weights sample `eval.num_samples` images
 with the `eval.*` sampler settings, each rank its share of the sample indices (sample i from
 (eval.seed, i) alone, so the numbers do not depend on the number of ranks); rank 0 scores them
-with `dit.evaluate.FIDEvaluator`, which computes what `eval_fid.py` computes from the same keys.
+with `dit.scoring.evaluate.FIDEvaluator`, which computes what `eval_fid.py` computes from the same keys.
 The scores go to metrics.jsonl (`eval/<metric>` keys, a line of their own) and wandb. With
 `eval.keep_best`, the checkpoint of the best score so far is kept as `checkpoints/best.pt`
 (a hard link or a copy, written atomically; keep_last prunes only `<step>.pt` files) and
@@ -14,7 +14,7 @@ Flow runs (objective=flow) are evaluated the same way with a flow sampler: eval.
 FlowMatching) is what `run` samples, so its path and network time are the run's.
 
 With eval.feature_extractor=toy_judge, `eval.judge_variant` picks which toy variant's judge
-scores (dit.toy.VARIANTS); left at null it is the run's own: data.variant for a toy-set run
+scores (dit.data.toy.VARIANTS); left at null it is the run's own: data.variant for a toy-set run
 (data=toy_shapes is scored by the shapes judge), "colours" for any other data.
 
 Everything the evaluator needs (reference, extractor weights, the toy judge) is loaded when
@@ -40,9 +40,9 @@ from dit.autoencoder import autoencoder_from_spec
 from dit.config.checks import check_toy_variant
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
-from dit.evaluate import KNOWN_METRICS, FIDEvaluator
-from dit.files import write_atomic, write_json_atomic
-from dit.sample_settings import FLOW_FIELDS
+from dit.scoring.evaluate import KNOWN_METRICS, FIDEvaluator
+from dit.io.files import write_atomic, write_json_atomic
+from dit.sampling.settings import FLOW_FIELDS
 from dit.sampling import LABEL_MODES, SamplerMismatchError, SamplerSettings
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from typing import Optional
 
 import torch
 
-from dit.checkpoint import load_state, read_safetensors_metadata
+from dit.io.checkpoint import load_state, read_safetensors_metadata
 from dit.config import ConfigError, TrainConfig
 from dit.distributed import DistEnv, on_rank_zero
 from dit.models import DiT, DiTConfig
-from dit.release import strip_wrapper_prefixes
+from dit.io.release import strip_wrapper_prefixes
 from dit.train.resume import resolve_resume_path
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _source_labels(rows: int, config: Optional[dict]) -> tuple[int, Optional[int
     """(number of classes, index of the null row or None) of a label table with `rows` rows.
     With the file's own config: its `num_classes`, and a null row at that index when it trained
     with label dropout. Without (a release file): the release convention, `rows - 1` classes and
-    the null row last (as `dit.release.infer_dit_config` assumes)."""
+    the null row last (as `dit.io.release.infer_dit_config` assumes)."""
     if config is None:
         return rows - 1, rows - 1
     classes = int(config.get("num_classes", rows))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
-from dit.files import save_grid, write_text_atomic
+from dit.io.files import save_grid, write_text_atomic
 from dit.flow import FlowMatching
 from dit.sampling import sample_images
 from dit.train.randomness import GRID_STREAM

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from dit.checkpoint import (CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic,
+from dit.io.checkpoint import (CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic,
                             with_checksum)
 from dit.config import ConfigError, TrainConfig, config_mismatches, schema_defaults
 from dit.distributed import (
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
 _CKPT_NAME = re.compile(r"^(\d+)\.pt$")
-# Temp files of `dit.checkpoint.save_atomic` (".0000100.pt.<pid>.<hex>.tmp"), left behind when a
+# Temp files of `dit.io.checkpoint.save_atomic` (".0000100.pt.<pid>.<hex>.tmp"), left behind when a
 # write was killed: never loaded (the name pattern above excludes them), removed at the next start.
 _CKPT_TEMP = re.compile(r"^\.\d+\.pt\..*\.tmp$")
 _REQUIRED_KEYS = ("model", "ema", "opt", "step")

@@ -17,7 +17,7 @@ consecutive rows, slicing the step's randomness with them: the timesteps, noise 
 mask of each sample are the ones of the whole batch, so K micro-batches give the update of one
 batch (up to float rounding). fp16 training passes a `LossScaler`.
 
-REPA (dit/repa.py) comes in as a `RepaTerm`: per micro-batch the encoder's features of the items
+REPA (dit/models/repa.py) comes in as a `RepaTerm`: per micro-batch the encoder's features of the items
 (images, before they become latents) or the cached `features` rows of the batch, the REPA loss
 on the tokens its hook captured in the forward, `coeff` x that added to the objective's loss;
 the projector's own optimizer is stepped with the model's (and skipped with it).
@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from dit.distributed import full_tensor
 from dit.models import null_class
-from dit.repa import RepaTerm
+from dit.models.repa import RepaTerm
 from dit.train.ema import EMA
 from dit.train.faults import NO_FAULTS, Faults
 from dit.train.randomness import StepRandomness

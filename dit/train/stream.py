@@ -19,8 +19,8 @@ from dit.autoencoder import autoencoder_from_config, autoencoder_from_spec
 from dit.config import ConfigError, TrainConfig, check_resolution
 from dit.data import DistributedResumableSampler, ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, item_seed
 from dit.distributed import DistEnv
-from dit.toy import NUM_CLASSES as TOY_CLASSES
-from dit.toy import ToyShapesDataset
+from dit.data.toy import NUM_CLASSES as TOY_CLASSES
+from dit.data.toy import ToyShapesDataset
 from dit.train.faults import ignore_signals
 from dit.train.randomness import LOADER_STREAM, StepRandomness
 

@@ -22,7 +22,7 @@ from dit.distributed import (
 )
 from dit.flow.config import flow_from_config
 from dit.models import DiT, arch_name, describe
-from dit.repa import RepaHead, RepaTerm, load_encoder
+from dit.models.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
 from dit.train.evaluation import build_training_evaluator
 from dit.train.faults import (
@@ -77,7 +77,7 @@ def build_objective(cfg: TrainConfig):
 
 
 def build_repa(cfg: TrainConfig, model: DiT, data, device: torch.device) -> Optional[RepaTerm]:
-    """REPA's term (dit/repa.py) when `repa.encoder` is set, its head hooked on block `repa.depth`
+    """REPA's term (dit/models/repa.py) when `repa.encoder` is set, its head hooked on block `repa.depth`
     of `model` (before any compile or DDP wrapper): features from the cache when the data is a
     latents cache (which must hold the encoder's features), else from the encoder on the fly.
     The head's optimizer is added by the trainer. None when REPA is off."""

@@ -15,8 +15,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .paths import Path, get_path
-from .timesteps import shift_time, time_grid
+from dit.flow.paths import Path, get_path
+from dit.flow.timesteps import shift_time, time_grid
 
 __all__ = ["FlowSample", "ODE_METHODS", "DIFFUSION_FORMS", "LAST_STEPS", "diffusion_coefficient", "sample_ode",
            "sample_ode_adaptive", "sample_sde"]
@@ -75,7 +75,7 @@ def sample_ode_adaptive(velocity: Callable, noise: torch.Tensor, *, rtol: float 
     """SiT's default ODE sampler (dopri5, rtol 1e-3, atol 1e-6) through scipy.integrate.solve_ivp's
     RK45 (the same Dormand-Prince 5(4) pair). torchdiffeq, which SiT uses, is not a dependency of
     ours; scipy is, and maintained. The whole batch is one system, so step sizes depend on the
-    batch (fixed per block by dit.sample_order), and every step moves the state through float64
+    batch (fixed per block by dit.sampling.order), and every step moves the state through float64
     numpy on the CPU: a reference solver, not a fast one."""
     from scipy.integrate import solve_ivp  # scipy is only needed for this solver
 

@@ -5,7 +5,7 @@ eval_fid.py, training grids, the evaluator, output names, the results table). Re
 Two families of samplers share it: the diffusion samplers (ddpm, ddim, dpm++) walk a Gaussian
 diffusion chain in DDPM time (t in 0..999, 999 noise); the flow samplers (euler, heun, sde,
 dopri5; dit/flow/) integrate a flow model in continuous time t in [0, 1], t = 1 noise. Which
-family a checkpoint needs is decided by what it was trained with (`dit.sample_chain`): the
+family a checkpoint needs is decided by what it was trained with (`dit.sampling.trained`): the
 default sampler, `auto`, becomes that objective's default (`DEFAULT_SAMPLERS`: DDPM for
 diffusion models, SiT's SDE for flow models), and a sampler of the other family is refused
 (`SamplerMismatchError`) before any work.
@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dit.flow import DIFFUSION_FORMS, LAST_STEPS
-from dit.precision import check_precision
+from dit.sampling.flow import DIFFUSION_FORMS, LAST_STEPS
+from dit.sampling.precision import check_precision
 
 __all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
            "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS"]
@@ -65,7 +65,7 @@ class SamplerSettings:
     (`resolved(autoencoder)` decides; sample_latents alone, with no autoencoder, treats it as off).
     Diffusion samplers only: a flow sampler leaves it None.
     `precision`: the network forward in fp32 (IEEE: TF32 forced off), tf32, or bf16 (autocast on
-    the forward only; the chain's arithmetic stays float32). See dit/precision.py.
+    the forward only; the chain's arithmetic stays float32). See dit/sampling/precision.py.
 
     Flow samplers only (docs/flow.md): `shift` (SD3 / LightningDiT timestep shift of the grid,
     1 = none; > 1 spends more steps near noise), the SDE's `diffusion_form`, `diffusion_norm`,

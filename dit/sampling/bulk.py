@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from dit.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
+from dit.io.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
 from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, objective_kind, rank_indices,
                           settings_path_for, unwrap_model)
 

@@ -1,9 +1,9 @@
 """Sampling with classifier-free guidance: `SamplerSettings` (the one description of how to
-sample, used by every consumer; dit/sample_settings.py), DDPM, DDIM and DPM-Solver++ for
+sample, used by every consumer; dit/sampling/settings.py), DDPM, DDIM and DPM-Solver++ for
 diffusion models, Euler / Heun / dopri5 ODE and Euler-Maruyama SDE for flow models (dit/flow/),
-and per-sample deterministic batches of images. Bulk `.npz` files are `dit/bulk.py`; per-sample seeds, labels
-and network batches are `dit/sample_order.py`; the chain a sampler walks (the trained one, from a
-checkpoint's config) is `dit/sample_chain.py`; the forward precision is `dit/precision.py` (all
+and per-sample deterministic batches of images. Bulk `.npz` files are `dit/sampling/bulk.py`; per-sample seeds, labels
+and network batches are `dit/sampling/order.py`; the chain a sampler walks (the trained one, from a
+checkpoint's config) is `dit/sampling/trained.py`; the forward precision is `dit/sampling/precision.py` (all
 re-exported here).
 
 Determinism is per sample: sample i's initial noise, its per-step noise and its label come from
@@ -36,21 +36,21 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.autoencoder import autoencoder_from_spec, build_autoencoder, warn_partial_guidance
-from dit.checkpoint import load_dit_checkpoint
+from dit.io.checkpoint import load_dit_checkpoint
 from dit.diffusion import GaussianDiffusion
 from dit.flow import FlowMatching, NetworkTime
-from dit.files import to_uint8
+from dit.io.files import to_uint8
 from dit.models import null_class, parse_guided_channels
-from dit.precision import PRECISIONS, forward_precision
-from dit.release import release_family
-from dit.sample_chain import (RELEASE_CHAIN, RELEASE_OBJECTIVES, diffusion_from_config, dpm_solver, flow_sample,
+from dit.sampling.precision import PRECISIONS, forward_precision
+from dit.io.release import release_family
+from dit.sampling.trained import (RELEASE_CHAIN, RELEASE_OBJECTIVES, diffusion_from_config, dpm_solver, flow_sample,
                               objective_from_config, objective_kind, sampling_chain, trained_chain, trained_objective)
-from dit.sample_settings import (AUTO, DEFAULT_SAMPLERS, DIFFUSION_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, SETTINGS_FIELDS,
+from dit.sampling.settings import (AUTO, DEFAULT_SAMPLERS, DIFFUSION_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, SETTINGS_FIELDS,
                                  SamplerMismatchError, SamplerSettings)
-from dit.sample_order import (LABEL_MODES, LABEL_STREAM, NOISE_STREAM, initial_noise, rank_indices, sample_blocks,
+from dit.sampling.order import (LABEL_MODES, LABEL_STREAM, NOISE_STREAM, initial_noise, rank_indices, sample_blocks,
                               sample_generators, sample_labels, sample_seed)
 
-__all__ = [  # what dit.sample_order defines is re-exported: per-sample randomness belongs to sampling
+__all__ = [  # what dit.sampling.order defines is re-exported: per-sample randomness belongs to sampling
     "LABEL_MODES", "LABEL_STREAM", "NOISE_STREAM", "initial_noise", "rank_indices", "sample_blocks",
     "sample_generators", "sample_labels", "sample_seed",
     "RELEASE_CHAIN", "diffusion_from_config", "sampling_chain", "trained_chain", "PRECISIONS",  # the same for these
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------
 
 
-# SamplerSettings (with SAMPLERS, SETTINGS_FIELDS and the flow samplers' knobs) is dit/sample_settings.py.
+# SamplerSettings (with SAMPLERS, SETTINGS_FIELDS and the flow samplers' knobs) is dit/sampling/settings.py.
 
 
 class NonFiniteSamplesError(RuntimeError):
@@ -338,7 +338,7 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     SiT's release). `trained_objective(provenance, learn_sigma)` builds either. `num_heads`: for a
     release-format file of a width outside the official table (heads leave no trace in shapes).
     `release_format`: "dit" | "sit", how a release-format file was trained (None: by its name,
-    `dit.release.release_family`); our checkpoints record their objective and ignore it."""
+    `dit.io.release.release_family`); our checkpoints record their objective and ignore it."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} does not exist: give a training checkpoint "

@@ -5,7 +5,7 @@ downloaded; it is read once, with a weights-only load, and torch-fidelity gets t
 the path (which it would reopen and unpickle fully).
 
 We use torch-fidelity's network and metric kernels but not its top-level API, for reasons
-documented in its source (the statistics are ours, in `dit.metrics`):
+documented in its source (the statistics are ours, in `dit.scoring.metrics`):
 
 - its FID asserts that `mu` and `sigma` share a dtype, yet it builds `mu` as float32 and `sigma`
   as float64, and ADM reference files store both as float64: we keep everything float64;
@@ -17,7 +17,7 @@ Features are computed in IEEE float32 by default (`precision="fp32"`): torch run
 convolutions in TF32 on Ampere/Hopper GPUs unless told otherwise, and FID against ADM's fixed
 reference statistics moves with the feature precision. `precision="tf32"` allows TF32 (faster,
 not the protocol); it is part of the extractor's identity, so cached statistics never mix them.
-The flags are set around each extraction (`dit.precision.tf32_flags`) and restored after.
+The flags are set around each extraction (`dit.sampling.precision.tf32_flags`) and restored after.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.files import check_images
-from dit.precision import backend_flags, tf32_flags
+from dit.io.files import check_images
+from dit.sampling.precision import backend_flags, tf32_flags
 
 # torch-fidelity's InceptionV3 weights, converted from the TF 2015-12-05 graph that FID uses.
 INCEPTION_WEIGHTS_URL = (

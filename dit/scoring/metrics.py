@@ -3,8 +3,8 @@ precision/recall on a feature extractor's outputs against reference statistics (
 Nichol's `evaluator.py` protocol, ADM reference batches), plus KID.
 
 The statistics and metrics are computed here, in float64, on the features of any extractor
-with `extract(images) -> {"pool", ...}`: torch-fidelity's InceptionV3 (`dit.inception`, the
-real protocol), the quickstart's toy judge (`dit.judge`), or a stand-in. `dit.evaluate` picks
+with `extract(images) -> {"pool", ...}`: torch-fidelity's InceptionV3 (`dit.scoring.inception`, the
+real protocol), the quickstart's toy judge (`dit.scoring.judge`), or a stand-in. `dit.scoring.evaluate` picks
 the extractor by name. Reference statistics are cached on disk under a key that includes the
 extractor's identity (its weights digest), the file identity and N.
 
@@ -24,12 +24,12 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dit.feature_stream import StreamedFeatures, stream_features
-from dit.frechet import (PSD_TOLERANCE, SYMMETRY_TOLERANCE, _as_stats, _psd_factor,  # noqa: F401 - part of this API
+from dit.scoring.features import StreamedFeatures, stream_features
+from dit.scoring.frechet import (PSD_TOLERANCE, SYMMETRY_TOLERANCE, _as_stats, _psd_factor,  # noqa: F401 - part of this API
                           feature_statistics, frechet_distance)
-from dit.files import check_images, image_files, npz_array_shape, open_npz, read_npz_array, write_npz_atomic
-from dit.image_stream import ArrayImages, ImageSource, open_images
-from dit.precision_recall import check_pr_arithmetic, precision_recall  # noqa: F401 - part of this module's API
+from dit.io.files import check_images, image_files, npz_array_shape, open_npz, read_npz_array, write_npz_atomic
+from dit.scoring.images import ArrayImages, ImageSource, open_images
+from dit.scoring.precision_recall import check_pr_arithmetic, precision_recall  # noqa: F401 - part of this module's API
 
 STATS_FORMAT_VERSION = 1
 
@@ -172,7 +172,7 @@ def load_reference(source: str | os.PathLike, extractor: FeatureExtractor, *, ca
     source = Path(source).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"reference {source} does not exist: pass an ADM reference batch .npz, a folder of "
-                                "images, or a statistics .npz written by dit.metrics.save_stats")
+                                "images, or a statistics .npz written by dit.scoring.metrics.save_stats")
     stored, has_images = (None, True) if source.is_dir() else _read_stats_npz(source, extractor)
     if stored is not None and (stored.pool is not None or not need_features or not has_images):
         return stored
@@ -293,7 +293,7 @@ def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats,
     precision/recall without reference features, class accuracy without labels or a classifier)
     are left out, not faked. `image_size` (H, W) of the samples is checked against the
     reference's, where known; a reference whose covariances are not symmetric PSD is refused.
-    `pr_arithmetic`: "fp32" or "adm" (dit.precision_recall). Besides the metrics: `num_samples`,
+    `pr_arithmetic`: "fp32" or "adm" (dit.scoring.precision_recall). Besides the metrics: `num_samples`,
     `num_reference` (images in the reference file), `num_reference_fid` (images behind the FID
     statistics, where known: not for ADM batches) and `num_reference_pr` (reference images whose
     features gave precision/recall and KID); `reference_usage` says the same in words."""
@@ -365,7 +365,7 @@ def reference_usage(reference: FeatureStats, metrics: dict) -> dict:
 
 def compute_metrics(images: np.ndarray | ImageSource, reference: FeatureStats, extractor: FeatureExtractor, *,
                     labels: np.ndarray | None = None, progress: bool = False, **options) -> dict[str, float]:
-    """Score generated uint8 images (an array, or an `ImageSource` such as `dit.image_stream.NpzImages`,
+    """Score generated uint8 images (an array, or an `ImageSource` such as `dit.scoring.images.NpzImages`,
     read batch by batch) against reference statistics; `options` as in `metrics_from_features`
     (fid, sfid, isc, prc, kid, prc_k, pr_arithmetic, ...). Memory: O(D^2) for FID and sFID (their
     statistics are accumulated on the fly); per-image pool features only when precision/recall or

@@ -1,4 +1,4 @@
-"""An offline quality judge for the toy data set (`dit.toy`): a small CNN classifier.
+"""An offline quality judge for the toy data set (`dit.data.toy`): a small CNN classifier.
 
 Inception features and ImageNet reference statistics need downloads and say little about 32x32
 coloured shapes, so the quickstart is scored by a classifier the project trains itself on real
@@ -6,12 +6,12 @@ toy images, in seconds on a CPU. It answers two questions about generated sample
 
 - class accuracy: is a sample conditioned on class y classified as y? (chance is 10 %)
 - Frechet distance in its feature space (the globally pooled last convolution) between
-  generated and real images: FID's formula (`dit.metrics.frechet_distance`) with this judge in
+  generated and real images: FID's formula (`dit.scoring.metrics.frechet_distance`) with this judge in
   place of Inception (`JudgeFeatures`, used by `eval_fid.py feature_extractor=toy_judge`).
 
 The trained weights are cached in a file keyed by every setting that affects them, so the
 judge is trained once per machine and identical across runs with the same seed. Each toy variant
-(`dit.toy.VARIANTS`) has its own judge (`variant=`): one trained on the colour-coded set has learnt
+(`dit.data.toy.VARIANTS`) has its own judge (`variant=`): one trained on the colour-coded set has learnt
 colours, and cannot judge the shape-only set, whose colours say nothing about the class.
 """
 
@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dit.checkpoint import save_atomic
-from dit.files import check_images
-from dit.toy import DATA_VERSION, NUM_CLASSES, check_variant, make_toy_arrays, to_model_range
+from dit.io.checkpoint import save_atomic
+from dit.io.files import check_images
+from dit.data.toy import DATA_VERSION, NUM_CLASSES, check_variant, make_toy_arrays, to_model_range
 
 FORMAT_VERSION = 1
 # The judge trains on its own images: a data seed far from the ones a training run uses, so
@@ -58,7 +58,7 @@ class JudgeSettings:
     noise_std: float = 0.15  # max std of the additive noise augmentation, in [-1, 1] units
     version: int = FORMAT_VERSION
     data_version: int = DATA_VERSION  # the toy images it learns from
-    variant: str = "colours"  # which toy set (dit.toy.VARIANTS) it learns and judges
+    variant: str = "colours"  # which toy set (dit.data.toy.VARIANTS) it learns and judges
 
     def record(self) -> dict:
         """The settings as stored in a cache file and hashed into its name. The default variant
@@ -215,12 +215,12 @@ class ToyJudge:
 
 
 class JudgeFeatures:
-    """The judge as a feature extractor for `dit.metrics`: its pooled features stand in for
+    """The judge as a feature extractor for `dit.scoring.metrics`: its pooled features stand in for
     Inception's, its logits give an Inception-Score analogue, and `classify` gives the class
     accuracy of conditional samples."""
 
     name = "toy_judge"
-    batch_size = BATCH_SIZE  # `dit.feature_stream` reads images in these batches: the same passes as here
+    batch_size = BATCH_SIZE  # `dit.scoring.features` reads images in these batches: the same passes as here
 
     def __init__(self, judge: ToyJudge):
         self.judge = judge

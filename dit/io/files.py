@@ -1,6 +1,6 @@
 """File formats below sampling and metrics: atomic writes, ADM `.npz` sample files (written
 streaming, read without unpickling), folders of images, PNG grids, the pixel conversion, and
-the errors of checkpoint files that cannot be read or written (raised by dit.checkpoint).
+the errors of checkpoint files that cannot be read or written (raised by dit.io.checkpoint).
 
 Images everywhere are uint8 (N, H, W, 3) numpy arrays (contract 3 in docs/design.md).
 

@@ -3,7 +3,7 @@
 Two file formats hold DiT weights:
 
 * the official release (`DiT-XL-2-256x256.pt`, ...): a plain EMA state dict in the official
-  layout, nothing else; the configuration is inferred from the tensor shapes (dit/release.py);
+  layout, nothing else; the configuration is inferred from the tensor shapes (dit/io/release.py);
 * ours (contract 2 in docs/design.md): a dict with `model`, `ema` (both official layout), `opt`,
   `step`, `model_name`, `model_config`, `autoencoder`, `config`, ... written by `save_atomic`.
 
@@ -11,7 +11,7 @@ Either may also be a `.safetensors` file (weights only; `save_weights_safetensor
 `model_name` / `model_config` in its string metadata).
 
 Reading never unpickles arbitrary objects: `torch.load(..., weights_only=True)` or safetensors.
-Writing goes through `dit.files.write_atomic` (temp file, fsync, rename), so a crash leaves
+Writing goes through `dit.io.files.write_atomic` (temp file, fsync, rename), so a crash leaves
 either the old file or the new one, never half of one.
 """
 
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from dit.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, RecordingFile,
+from dit.io.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, RecordingFile,
                        UnsafeCheckpointError, write_atomic)
 from dit.models import DiT, DiTConfig, arch_name, canonical_model_name, model_arch
-from dit.release import describe_state_dict, infer_dit_config, strip_wrapper_prefixes
+from dit.io.release import describe_state_dict, infer_dit_config, strip_wrapper_prefixes
 
 __all__ = [
     "CheckpointError",

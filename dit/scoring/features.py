@@ -18,8 +18,8 @@ from typing import Iterable
 import numpy as np
 from tqdm.auto import tqdm
 
-from dit.frechet import RunningMoments
-from dit.image_stream import ArrayImages, ImageSource
+from dit.scoring.frechet import RunningMoments
+from dit.scoring.images import ArrayImages, ImageSource
 
 DEFAULT_BATCH_SIZE = 256  # images per call for extractors that do not say their batch size
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dit.files import CheckpointError
+from dit.io.files import CheckpointError
 from dit.models import DIT_SIZES, arch_name
 
 # The paper's label-dropout rate, assumed for state dicts that carry no config of their own.
@@ -29,7 +29,7 @@ RELEASE_FORMATS = ("dit", "sit")  # what `release_format=` may name
 
 def release_family(path: str | os.PathLike, release_format: str | None = None) -> str:
     """"sit" for a file named like SiT's release (`SiT-XL-2-256.pt`, `SiT-XL-2-256x256.pt`: a
-    flow model, `dit.sample_chain.RELEASE_OBJECTIVES["sit"]`), else "dit" (DDPM). A bare state
+    flow model, `dit.sampling.trained.RELEASE_OBJECTIVES["sit"]`), else "dit" (DDPM). A bare state
     dict records nothing else that could tell: keep SiT's file name when copying it, or say it
     (`release_format`, which wins over the name)."""
     if release_format is not None:

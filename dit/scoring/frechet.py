@@ -1,7 +1,7 @@
 """The Fréchet distance between two Gaussians fitted to features (FID, sFID, the toy judge's
 distance) and the statistics it takes: mean and covariance of a whole (N, D) array
 (`feature_statistics`), or of batches arriving one at a time (`RunningMoments`, what scoring a
-stream of images uses: O(D^2) memory for any N). Both float64. Re-exported by `dit.metrics`.
+stream of images uses: O(D^2) memory for any N). Both float64. Re-exported by `dit.scoring.metrics`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class RunningMoments:
         self.n += b
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mu (D,), sigma (D, D)), as `dit.metrics.feature_statistics` of all the rows seen."""
+        """(mu (D,), sigma (D, D)), as `dit.scoring.metrics.feature_statistics` of all the rows seen."""
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 images, got {self.n}")
         upper = np.triu(self._m2)

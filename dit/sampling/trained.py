@@ -8,7 +8,7 @@ sampled on that chain: its network has only seen the noise levels of that schedu
 0..diffusion_steps-1. Our checkpoints record the training config (contract 2 in
 docs/design.md); release files record none: DiT's were trained on the linear 1000-step chain,
 SiT's on the linear flow path with t = 1 at the data end (`RELEASE_OBJECTIVES`; which release a
-file is comes from its name, `dit.release.release_family`).
+file is comes from its name, `dit.io.release.release_family`).
 
 A flow objective is recorded as `config.objective` (`dit.flow.config`); its absence, or kind
 "diffusion", means the diffusion chain of `config.diffusion`.
@@ -23,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dit.diffusion import GaussianDiffusion, MeanType, create_diffusion, space_timesteps
-from dit.flow import FlowMatching, sample_ode, sample_sde
+from dit.flow import FlowMatching
+from dit.sampling.flow import sample_ode, sample_sde
 from dit.flow.config import flow_from_config, is_flow
-from dit.sample_settings import SamplerSettings
+from dit.sampling.settings import SamplerSettings
 
 # What a file without a training config (a release file) was trained on: DiT's chain, which is
 # also the training schema's default (dit/config/schema.py, DiffusionConfig).

@@ -8,7 +8,7 @@ regressed from `c = t_emb + y_emb` and initialised to zero.
 
 LightningDiT's architecture options (RMSNorm, SwiGLU, 2-D RoPE, qk-norm, shift-free modulation)
 are `DiTConfig` keys whose defaults are the official layout; their modules live in
-`dit/layers.py`, the one other file of `dit/` this one imports (it imports nothing of `dit/`).
+`dit/models/layers.py`, the one other file of `dit/` this one imports (it imports nothing of `dit/`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from dit.layers import (
+from dit.models.layers import (
     ARCH_OPTIONS,
     adaln_norm,
     check_options,
@@ -132,7 +132,7 @@ class DiTBlock(nn.Module):
 
     Each residual branch is multiplied by a gate regressed from `c`; the regression layer is
     zero at init, so every block starts as the identity. `norm`, `mlp`, `qk_norm`, `rope` and
-    `modulation` are the architecture options of `DiTConfig` (see dit/layers.py).
+    `modulation` are the architecture options of `DiTConfig` (see dit/models/layers.py).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",

@@ -21,17 +21,17 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from dit.checkpoint import load_state
+from dit.io.checkpoint import load_state
 from dit.config import ConfigError, EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
-from dit.files import CheckpointError, FileWriteError, atomic_target, image_files, write_text_atomic
-from dit.generate import generate_bulk
-from dit.image_stream import open_images
-from dit.inception import InceptionFeatures, check_feature_precision, resolve_inception_weights
-from dit.judge import JudgeFeatures, ToyJudge
-from dit.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
+from dit.io.files import CheckpointError, FileWriteError, atomic_target, image_files, write_text_atomic
+from dit.sampling.generate import generate_bulk
+from dit.scoring.images import open_images
+from dit.scoring.inception import InceptionFeatures, check_feature_precision, resolve_inception_weights
+from dit.scoring.judge import JudgeFeatures, ToyJudge
+from dit.scoring.metrics import (FeatureExtractor, FeatureStats, check_reference, compute_metrics, load_reference,
                          metrics_from_features, reference_usage, sample_features)
-from dit.precision_recall import check_pr_arithmetic
+from dit.scoring.precision_recall import check_pr_arithmetic
 from dit.sampling import (SETTINGS_FIELDS, SamplerSettings, generate_samples, rank_indices, settings_path_for,
                           unwrap_model)
 
@@ -43,7 +43,7 @@ def build_feature_extractor(name: str = "inception", *, weights: str | None = No
                             judge_cache_dir: str | None = None, judge_seed: int = 0,
                             precision: str = "fp32", judge_variant: str = "colours") -> FeatureExtractor:
     """`"inception"` (FID protocol; `precision` fp32 or tf32) or `"toy_judge"` (quickstart; needs
-    `image_size`, trained once per `judge_variant` (dit.toy.VARIANTS) and cached in `judge_cache_dir`)."""
+    `image_size`, trained once per `judge_variant` (dit.data.toy.VARIANTS) and cached in `judge_cache_dir`)."""
     if name == "inception":
         return InceptionFeatures(weights, device=device, batch_size=batch_size, allow_download=allow_download,
                                  precision=precision)
@@ -264,7 +264,7 @@ def check_scoring_inputs(cfg: EvalConfig) -> None:
     if cfg.feature_extractor == "inception":
         resolve_inception_weights(cfg.feature_extractor_weights, allow_download=cfg.allow_download)
     ref = Path(cfg.reference).expanduser()
-    fix = "pass an ADM reference batch .npz, a folder of images, or a statistics .npz (dit.metrics.save_stats)"
+    fix = "pass an ADM reference batch .npz, a folder of images, or a statistics .npz (dit.scoring.metrics.save_stats)"
     if ref.is_dir():
         if not image_files(ref):
             raise ConfigError(f"reference={cfg.reference} is a folder without images: {fix}")

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dit.bulk import bulk_sample
+from dit.sampling.bulk import bulk_sample
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
-from dit.files import save_grid, write_json_atomic
+from dit.io.files import save_grid, write_json_atomic
 from dit.sampling import (NonFiniteSamplesError, SamplerMismatchError, SamplerSettings, default_output_name,
                           generate_samples, load_for_sampling, objective_kind, settings_path_for, trained_objective)
 

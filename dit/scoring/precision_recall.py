@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dit.precision import tf32_flags
+from dit.sampling.precision import tf32_flags
 
 PR_ARITHMETICS = ("fp32", "adm")
 ADM_BLOCK = 10_000  # ADM's row and column batch of pairwise distances

@@ -1,0 +1,438 @@
+"""Export DiT weights for other tools: a diffusers model/pipeline folder, a hub-style folder of our
+own format (`save_pretrained` / `load_pretrained`), and the upload of either (`push_to_hub`).
+
+    python -m dit.export diffusers  CKPT OUT [--which model] [--vae DIR_OR_ID] [--scheduler ddim|dpm]
+    python -m dit.export pretrained CKPT OUT
+    python -m dit.export push --folder OUT --repo-id USER/NAME [--private]
+
+CKPT is a release file (`DiT-XL-2-256x256.pt`), one of our checkpoints, a `.safetensors` file
+or a folder written by `save_pretrained`. Every folder is written into a temporary sibling and
+renamed into place, so a crash never leaves half an export under OUT.
+
+diffusers' `DiTTransformer2DModel` holds the same tensors as our `DiT` (mapping below), with one
+numeric difference that its config cannot express: its timestep features use the frequencies
+`exp(-ln(10000) i / (half - 1))` (`downscale_freq_shift=1`, hard-coded in
+`CombinedTimestepLabelEmbeddings`) where DiT uses `/ half`. `load_diffusers_transformer` and
+`load_diffusers_pipeline` load the folder and set the shift back to 0; a plain `from_pretrained`
+loads it too, with slightly different outputs (docs/export.md has the measured sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dit.autoencoder import KNOWN_VAES
+from dit.io.checkpoint import CONFIG_FIELDS, CheckpointError, load_dit_checkpoint, save_weights_safetensors
+from dit.diffusion import named_betas
+from dit.models import DiT, DiTConfig, arch_name
+
+WEIGHTS_NAME = "model.safetensors"  # our folder: official-layout weights
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+RELEASE_LICENSE = "cc-by-nc-4.0"  # the official DiT weights
+
+
+# --------------------------------------------------------------------------------------
+# Reading a source
+# --------------------------------------------------------------------------------------
+
+
+def load_source(path: str | os.PathLike, use_ema: bool = True) -> tuple[DiT, dict]:
+    """(model, meta) of a checkpoint file or a `save_pretrained` folder. meta is
+    `load_dit_checkpoint`'s, plus `diffusion` ({noise_schedule, diffusion_steps}: the training
+    chain, linear/1000 for release files) and `license` (the release's, else None)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_pretrained(path)
+    model, meta = load_dit_checkpoint(path, which="ema" if use_ema else "model")
+    trained = (meta.get("config") or {}).get("diffusion") or {}
+    meta["diffusion"] = {"noise_schedule": str(trained.get("noise_schedule", "linear")),
+                         "diffusion_steps": int(trained.get("diffusion_steps", 1000))}
+    meta["license"] = RELEASE_LICENSE if meta["format"] == "official" else None
+    meta["weights"] = "ema" if use_ema or meta["format"] == "official" else "model"
+    return model, meta
+
+
+# --------------------------------------------------------------------------------------
+# Folders: staged in a temporary sibling, renamed into place
+# --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out_dir`; on success it becomes `out_dir` by a
+    rename (an existing `out_dir` is replaced only with `overwrite`), on failure it is deleted."""
+    out = Path(out_dir)
+    if out.exists() and not (overwrite and out.is_dir()):
+        what = "a folder" if out.is_dir() else "not a folder"
+        raise FileExistsError(f"{out} exists ({what}): choose another output folder"
+                              + (" or pass overwrite=True (--overwrite)" if out.is_dir() else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        # mkdtemp's (and some writers') owner-only modes would hide a shared export from others
+        os.chmod(tmp, 0o755)
+        for sub, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(Path(sub, name), 0o755)
+            for name in files:
+                os.chmod(Path(sub, name), 0o644)
+        if out.exists():  # two renames: the old folder is gone only once the new one is in place
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------
+# Our own hub-style folder
+# --------------------------------------------------------------------------------------
+
+
+def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
+                    overwrite: bool = False, license: str | None = None) -> Path:
+    """Write `out_dir/{model.safetensors, config.json, README.md}`: the weights in the official
+    layout, the `DiT` config with what the run recorded (step, autoencoder, diffusion chain),
+    and a model card. `load_pretrained(out_dir)` (or `load_dit_checkpoint` on the weights file)
+    reads it back."""
+    model, meta = load_source(source, use_ema)
+    record = {
+        "format": "dit", "model_name": arch_name(model.config.depth, model.config.hidden_size,
+                                                 model.config.num_heads, model.config.patch_size),
+        "model_config": model.config.to_dict(), "step": meta.get("step"), "weights": meta.get("weights"),
+        "autoencoder": meta.get("autoencoder"), "diffusion": meta["diffusion"],
+        "license": license or meta.get("license"),
+    }
+    with staged_folder(out_dir, overwrite) as tmp:
+        save_weights_safetensors(model.state_dict(), tmp / WEIGHTS_NAME,
+                                 {"model_name": record["model_name"], "model_config": record["model_config"]})
+        _write_json(tmp / CONFIG_NAME, record)
+        (tmp / CARD_NAME).write_text(model_card(record, kind="dit"), encoding="utf-8")
+    return Path(out_dir)
+
+
+def load_pretrained(folder_or_repo: str | os.PathLike, device: str | torch.device = "cpu",
+                    **hub_kwargs: Any) -> tuple[DiT, dict]:
+    """(model in eval mode, meta) from a `save_pretrained` folder, or from a hub repo id of one
+    (downloaded with huggingface_hub's `snapshot_download(repo_id, **hub_kwargs)`)."""
+    folder = Path(folder_or_repo)
+    if not folder.is_dir():
+        if folder.exists() or str(folder_or_repo).count("/") != 1:
+            raise FileNotFoundError(f"{folder} is neither a save_pretrained folder nor a hub repo id (user/name)")
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(folder_or_repo), **hub_kwargs))
+    config_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not config_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME} and {WEIGHTS_NAME}: it is not a folder written by "
+                                "dit.io.export.save_pretrained (a diffusers folder loads with load_diffusers_transformer)")
+    record = json.loads(config_file.read_text(encoding="utf-8"))
+    if record.get("format") != "dit":
+        raise ValueError(f"{config_file} is not a dit config (format {record.get('format')!r})")
+    fields = {k: v for k, v in record["model_config"].items() if k in CONFIG_FIELDS}
+    model, meta = load_dit_checkpoint(weights, device=device, **fields)
+    meta.update(step=record.get("step"), autoencoder=record.get("autoencoder"), license=record.get("license"),
+                diffusion=record.get("diffusion") or {"noise_schedule": "linear", "diffusion_steps": 1000},
+                weights=record.get("weights"))
+    return model, meta
+
+
+# --------------------------------------------------------------------------------------
+# diffusers
+# --------------------------------------------------------------------------------------
+
+
+def diffusers_config(config: DiTConfig) -> dict:
+    """`DiTTransformer2DModel` arguments for a `DiT` of `config`. Raises ValueError for what the
+    diffusers model cannot express (an MLP ratio other than 4)."""
+    if config.mlp_ratio != 4.0:
+        raise ValueError(f"diffusers' DiTTransformer2DModel has a fixed MLP ratio of 4; this model has "
+                         f"{config.mlp_ratio}: it cannot be exported to diffusers (save_pretrained still works)")
+    if config.options():  # same shapes for rope / rmsnorm: diffusers would load them and compute something else
+        raise ValueError(f"diffusers' DiTTransformer2DModel is the official DiT layout; this model has the architecture "
+                         f"options {config.options()}: it cannot be exported to diffusers (save_pretrained still works)")
+    return {
+        "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
+        "in_channels": config.in_channels, "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
+        "num_layers": config.depth, "sample_size": config.input_size, "patch_size": config.patch_size,
+        "num_embeds_ada_norm": config.num_classes, "activation_fn": "gelu-approximate",
+        "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,  # DiT's LayerNorms; diffusers' default 1e-5 would apply to the MLP's norm
+    }
+
+
+def to_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
+    """Our (official-layout) tensors under `DiTTransformer2DModel`'s names.
+
+    diffusers keeps a copy of the timestep and label embedders in every block (block 0's serves
+    the final layer), splits the fused qkv projection into q, k, v, and has one label row more
+    than a model trained without label dropout: that (never trained) null row is zeros."""
+    sd = dict(state_dict)
+    table = sd["y_embedder.embedding_table.weight"]
+    if table.shape[0] == config.num_classes:
+        table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    embed = {
+        "norm1.emb.timestep_embedder.linear_1.weight": sd["t_embedder.mlp.0.weight"],
+        "norm1.emb.timestep_embedder.linear_1.bias": sd["t_embedder.mlp.0.bias"],
+        "norm1.emb.timestep_embedder.linear_2.weight": sd["t_embedder.mlp.2.weight"],
+        "norm1.emb.timestep_embedder.linear_2.bias": sd["t_embedder.mlp.2.bias"],
+        "norm1.emb.class_embedder.embedding_table.weight": table,
+    }
+    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"]}
+    for i in range(config.depth):
+        ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+        out.update({theirs + k: v for k, v in embed.items()})
+        for part in ("weight", "bias"):
+            q, k, v = sd[f"{ours}attn.qkv.{part}"].chunk(3, dim=0)  # qkv rows: all q, then all k, then all v
+            out |= {f"{theirs}attn1.to_q.{part}": q, f"{theirs}attn1.to_k.{part}": k,
+                    f"{theirs}attn1.to_v.{part}": v}
+            out[f"{theirs}attn1.to_out.0.{part}"] = sd[f"{ours}attn.proj.{part}"]
+            out[f"{theirs}norm1.linear.{part}"] = sd[f"{ours}adaLN_modulation.1.{part}"]
+            out[f"{theirs}ff.net.0.proj.{part}"] = sd[f"{ours}mlp.fc1.{part}"]
+            out[f"{theirs}ff.net.2.{part}"] = sd[f"{ours}mlp.fc2.{part}"]
+    for part in ("weight", "bias"):
+        out[f"proj_out_1.{part}"] = sd[f"final_layer.adaLN_modulation.1.{part}"]
+        out[f"proj_out_2.{part}"] = sd[f"final_layer.linear.{part}"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def use_dit_timestep_features(transformer: torch.nn.Module) -> int:
+    """Set every timestep projection of a diffusers DiT to DiT's frequencies (shift 0; the
+    `[cos, sin]` order already matches). Returns how many were changed; raises if there is none
+    (not a `DiTTransformer2DModel`). diffusers' config cannot carry this, so call it after every
+    `from_pretrained` (the loaders below do)."""
+    from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings
+
+    found = [m for m in transformer.modules() if isinstance(m, CombinedTimestepLabelEmbeddings)]
+    if not found:
+        raise TypeError(f"{type(transformer).__name__} has no CombinedTimestepLabelEmbeddings: not a diffusers DiT")
+    for m in found:
+        if not m.time_proj.flip_sin_to_cos:
+            raise ValueError("this diffusers DiT computes [sin, cos] timestep features; DiT's are [cos, sin]")
+        m.time_proj.downscale_freq_shift = 0
+    return len(found)
+
+
+def to_diffusers(model: DiT):
+    """A `DiTTransformer2DModel` (eval mode, DiT's timestep frequencies) computing what `model` does."""
+    from diffusers import DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(**diffusers_config(model.config))
+    transformer.load_state_dict(to_diffusers_state_dict(model.state_dict(), model.config), strict=True)
+    use_dit_timestep_features(transformer)
+    return transformer.eval()
+
+
+def load_diffusers_transformer(folder: str | os.PathLike, **kwargs: Any):
+    """`DiTTransformer2DModel.from_pretrained(folder, **kwargs)` with DiT's timestep frequencies.
+    `folder` is the model folder (`OUT/transformer`) or the pipeline folder `OUT`."""
+    from diffusers import DiTTransformer2DModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() and (folder / "transformer").is_dir():
+        kwargs.setdefault("subfolder", "transformer")
+    transformer = DiTTransformer2DModel.from_pretrained(str(folder), **kwargs)
+    use_dit_timestep_features(transformer)
+    return transformer
+
+
+def load_diffusers_pipeline(folder: str | os.PathLike, **kwargs: Any):
+    """`DiTPipeline.from_pretrained(folder, **kwargs)` with DiT's timestep frequencies. A folder
+    exported without a VAE needs `vae=AutoencoderKL.from_pretrained(...)` (its model card says which)."""
+    from diffusers import DiTPipeline
+
+    folder = Path(folder)
+    if "vae" not in kwargs and not (folder / "vae").is_dir() and (folder / "model_index.json").is_file():
+        record = folder / "dit_export.json"
+        ae = (json.loads(record.read_text(encoding="utf-8")).get("autoencoder") if record.is_file() else None) or {}
+        raise ValueError(f"{folder} was exported without its VAE: pass vae=AutoencoderKL.from_pretrained(...) "
+                         f"(this model was trained with {ae.get('name') or 'an autoencoder not recorded'})")
+    pipe = DiTPipeline.from_pretrained(str(folder), **kwargs)
+    use_dit_timestep_features(pipe.transformer)
+    return pipe
+
+
+def diffusers_scheduler(diffusion: dict, kind: str = "ddim"):
+    """A diffusers scheduler on the training chain's betas (`trained_betas`, float64 from
+    `dit.diffusion`), predicting epsilon, never clipping (latents are not in [-1, 1])."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    steps = int(diffusion["diffusion_steps"])
+    betas = named_betas(diffusion["noise_schedule"], steps).tolist()
+    if kind == "ddim":
+        # "leading" spacing with offset 0 visits 0, s, 2s, ...: our "ddimN" respacing.
+        return DDIMScheduler(num_train_timesteps=steps, trained_betas=betas, clip_sample=False,
+                             set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+                             prediction_type="epsilon")
+    if kind == "dpm":  # as dit.sampling's dpm++ sampler
+        return DPMSolverMultistepScheduler(num_train_timesteps=steps, trained_betas=betas, algorithm_type="dpmsolver++",
+                                           solver_order=2, prediction_type="epsilon", lower_order_final=True)
+    raise ValueError(f"scheduler must be 'ddim' or 'dpm', got {kind!r}")
+
+
+def _load_vae(vae: Any):
+    if vae is None or not isinstance(vae, (str, os.PathLike)):
+        return vae
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(KNOWN_VAES.get(str(vae), str(vae)))
+
+
+def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
+                     vae: Any = None, scheduler: str = "ddim", id2label: dict | None = None,
+                     overwrite: bool = False, license: str | None = None) -> Path:
+    """Write a `DiTPipeline` folder: `transformer/` (safetensors + config.json), `scheduler/`
+    (DDIM or DPM-Solver++ on the training chain's betas), `vae/` when `vae` is given (an
+    `AutoencoderKL`, a local folder, a hub id or "sd-ema"/"sd-mse"; without it the pipeline is
+    loaded with `vae=...`), `model_index.json` (with `id2label` when given) and a model card.
+
+    `DiTTransformer2DModel.from_pretrained(out_dir, subfolder="transformer")` loads it offline;
+    `load_diffusers_transformer(out_dir)` also restores DiT's timestep frequencies."""
+    from diffusers import DiTPipeline
+
+    model, meta = load_source(source, use_ema)
+    transformer = to_diffusers(model)
+    pipe = DiTPipeline(transformer=transformer, vae=_load_vae(vae), scheduler=diffusers_scheduler(meta["diffusion"], scheduler),
+                       id2label={int(k): str(v) for k, v in id2label.items()} if id2label else None)
+    record = {
+        "model_name": arch_name(model.config.depth, model.config.hidden_size, model.config.num_heads,
+                                model.config.patch_size),
+        "model_config": model.config.to_dict(), "step": meta.get("step"), "weights": meta.get("weights"),
+        "autoencoder": meta.get("autoencoder"), "diffusion": meta["diffusion"], "scheduler": scheduler,
+        "license": license or meta.get("license"), "vae_included": pipe.vae is not None,
+    }
+    with staged_folder(out_dir, overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if id2label:  # DiTPipeline does not record id2label itself; from_pretrained passes it back
+            index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+            _write_json(tmp / "model_index.json", index | {"id2label": {str(k): str(v) for k, v in id2label.items()}})
+        _write_json(tmp / "dit_export.json", record)
+        (tmp / CARD_NAME).write_text(model_card(record, kind="diffusers"), encoding="utf-8")
+    return Path(out_dir)
+
+
+# --------------------------------------------------------------------------------------
+# Model card and upload
+# --------------------------------------------------------------------------------------
+
+
+def model_card(record: dict, kind: str) -> str:
+    """README.md for a folder of `kind` "dit" or "diffusers": what it is, config, steps, loading, license."""
+    name = record.get("model_name") or "a custom-size DiT"
+    licence = record.get("license") or "other"
+    ae = record.get("autoencoder") or {}
+    ae_name = ae.get("name") or "not recorded (the release used stabilityai/sd-vae-ft-ema or -mse)"
+    step = record.get("step")
+    lines = ["---", f"license: {licence}", f"library_name: {'diffusers' if kind == 'diffusers' else 'pytorch'}",
+             "tags:", "- dit", "- class-conditional", "- image-generation", "---", "",
+             f"# {name} (class-conditional diffusion transformer)", "",
+             "A DiT (Peebles & Xie, 2023) that denoises latents of class-conditional images: epsilon "
+             + ("and the learned variance interpolation" if record["model_config"]["learn_sigma"] else "only") + ".", "",
+             f"- weights: {record.get('weights') or 'ema'}, training steps: {step if step is not None else 'not recorded'}",
+             f"- autoencoder: {ae_name} (latent scale {ae.get('scale_factor', 0.18215)})",
+             f"- diffusion chain: {record['diffusion']['noise_schedule']}, {record['diffusion']['diffusion_steps']} steps",
+             "- config: `" + json.dumps(record["model_config"], sort_keys=True) + "`", "", "## Loading", "", "```python"]
+    if kind == "diffusers":
+        vae = "" if record.get("vae_included") else ', vae=AutoencoderKL.from_pretrained("<the autoencoder above>")'
+        lines += ["from dit.io.export import load_diffusers_pipeline  # sets DiT's timestep frequencies",
+                  f"pipe = load_diffusers_pipeline(\"<this folder or repo>\"{vae})",
+                  "# plain diffusers: DiTPipeline.from_pretrained(...) loads too, but its timestep features use",
+                  "# downscale_freq_shift=1: set pipe.transformer.transformer_blocks[i].norm1.emb.time_proj",
+                  "# .downscale_freq_shift = 0 for every block i to get this model's outputs."]
+    else:
+        lines += ["from dit.io.export import load_pretrained", "model, meta = load_pretrained(\"<this folder or repo>\")"]
+    lines += ["```", "", "## License", "",
+              f"These weights follow the license of their source ({licence}): the official DiT release is "
+              "CC-BY-NC 4.0; weights trained with this code follow the terms of their training data.", ""]
+    if kind == "diffusers":
+        lines += ["## Differences from this repository's sampler", "",
+                  "`DiTPipeline` guides all latent channels (ours: the first 3 by default, as the paper), ignores the "
+                  "learned variance (it steps with its scheduler's variance), uses null class 1000 (guidance needs "
+                  "1000 classes) and draws one noise tensor per batch from one generator. See docs/export.md.", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str = "Upload DiT weights", api: Any = None) -> Any:
+    """Create (if needed) the model repo `repo_id` and upload `folder` with huggingface_hub.
+    Returns `upload_folder`'s result. `api` defaults to `huggingface_hub.HfApi(token=token)`."""
+    folder = Path(folder)
+    if not (folder / CARD_NAME).is_file() or not ((folder / WEIGHTS_NAME).is_file() or (folder / "model_index.json").is_file()):
+        raise FileNotFoundError(f"{folder} is not an export folder (no {CARD_NAME} with {WEIGHTS_NAME} or "
+                                "model_index.json): write it with `python -m dit.export pretrained|diffusers` first")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo id must be 'user/name' or 'org/name', got {repo_id!r}")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit.export", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for cmd, helptext in (("diffusers", "a diffusers DiTPipeline folder"), ("pretrained", "a folder of our format")):
+        p = sub.add_parser(cmd, help=helptext)
+        p.add_argument("source", help="release file, our checkpoint, .safetensors or a save_pretrained folder")
+        p.add_argument("out", help="output folder (written atomically)")
+        p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of our checkpoints")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--license", default=None, help="license id for the model card (release files: cc-by-nc-4.0)")
+        if cmd == "diffusers":
+            p.add_argument("--vae", default=None, help="AutoencoderKL to include: sd-ema, sd-mse, hub id or folder")
+            p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
+            p.add_argument("--id2label", default=None, help="JSON file {class id: name} for pipe.get_label_ids")
+    p = sub.add_parser("push", help="upload an export folder to the Hugging Face hub")
+    p.add_argument("--folder", required=True)
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--message", default="Upload DiT weights")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "push":
+            push_to_hub(args.folder, args.repo_id, private=args.private, commit_message=args.message)
+            print(f"uploaded {args.folder} to https://huggingface.co/{args.repo_id}")
+        elif args.command == "pretrained":
+            print(save_pretrained(args.source, args.out, use_ema=args.which == "ema", overwrite=args.overwrite,
+                                  license=args.license))
+        else:
+            labels = json.loads(Path(args.id2label).read_text(encoding="utf-8")) if args.id2label else None
+            print(export_diffusers(args.source, args.out, use_ema=args.which == "ema", vae=args.vae,
+                                   scheduler=args.scheduler, id2label=labels, overwrite=args.overwrite,
+                                   license=args.license))
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
