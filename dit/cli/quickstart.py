@@ -48,7 +48,7 @@ from dit.cli.runtime import tune_host_allocator
 from dit.data.toy import NUM_CLASSES, imagefolder_class_dirs, write_toy_imagefolder
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
-from dit.train.resume import RunDirectoryBusy
+from dit.train.lock import RunDirectoryBusy
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dit.io.files import write_text_atomic
 from dit.cli.runtime import tune_host_allocator
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
-from dit.train.resume import RunDirectoryBusy
+from dit.train.lock import RunDirectoryBusy
 
 TRAINING_ERRORS = (RunDirectoryBusy, NonFiniteTrainingError)  # beside dit.cli.errors.KNOWN_ERRORS
 

@@ -4,6 +4,7 @@
 - `ema`, `optimizer`: the EMA of the weights, AdamW;
 - `randomness`: the per-step and per-rank random streams, RNG states;
 - `stream`: the data set, this rank's batches from any step, the latent space;
+- `lock`: one training run per run directory;
 - `resume`: run-directory checkpoints and exact resume;
 - `faults`: preemption, non-finite steps, fault injection;
 - `report`: metrics file, wandb, progress bar, sample grids;

@@ -29,12 +29,13 @@ from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
 )
 from dit.train.init_from import apply_init_from, read_init_from
+from dit.train.lock import run_directory_lock
 from dit.train.optimizer import apply_hyperparameters, build_optimizer, learning_rate, set_learning_rate
 from dit.train.randomness import seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
 from dit.train.resume import (
     CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, check_same_data, latest_checkpoint, load_start_state,
-    plain_config, run_directory_lock, save_checkpoint,
+    plain_config, save_checkpoint,
 )
 from dit.train.step import LossScaler, take_over_label_dropout, train_step
 from dit.train.stream import DataStream, build_data, build_latent_space
