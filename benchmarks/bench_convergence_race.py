@@ -53,7 +53,7 @@ from hydra import initialize_config_dir  # noqa: E402
 
 from common import machine_info  # noqa: E402
 from dit.config import flatten_model_overrides, register_configs, to_train_config  # noqa: E402
-from dit.io.files import write_json_atomic  # noqa: E402
+from dit.io.atomic import write_json_atomic  # noqa: E402
 from dit.flow.config import flow_from_config, is_flow  # noqa: E402
 from dit.scoring.frechet import feature_statistics, frechet_distance  # noqa: E402
 from dit.scoring.judge import ToyJudge  # noqa: E402

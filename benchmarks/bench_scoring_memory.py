@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's d
 from benchmarks.common import machine_info  # noqa: E402
 from dit.scoring import metrics as M  # noqa: E402
 from dit.scoring.evaluate import build_feature_extractor  # noqa: E402
-from dit.io.files import StreamedArray, read_samples_npz, write_npz_atomic  # noqa: E402
+from dit.io.npz import StreamedArray, read_samples_npz, write_npz_atomic  # noqa: E402
 from dit.scoring.images import open_images  # noqa: E402
 from dit.cli.runtime import tune_host_allocator  # noqa: E402
 

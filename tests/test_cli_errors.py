@@ -32,7 +32,7 @@ from dit.cli import sample as sample_cli
 from dit.cli import train as train_cli
 from dit.cli.errors import MAX_DETAIL_LINES, error_message
 from dit.config import ConfigError
-from dit.io.files import write_samples_npz
+from dit.io.npz import write_samples_npz
 
 from conftest import REPO, tiny_dit
 

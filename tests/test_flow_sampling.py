@@ -353,7 +353,7 @@ SAMPLING = {"sampler": "euler", "num_steps": 4, "cfg_scale": 2.0}
 @pytest.mark.slow
 def test_eval_every_on_a_flow_run_equals_eval_fid_on_its_checkpoint(tmp_path):
     from dit.scoring.evaluate import generate_and_evaluate
-    from dit.io.files import write_samples_npz
+    from dit.io.npz import write_samples_npz
     from dit.data.toy import make_toy_arrays
     from dit.train import run_training
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from dit.io import files as F
+from dit.io.images import check_images
+from dit.io.npz import StreamedArray, read_samples_npz, write_npz_atomic, write_samples_npz
 from dit.scoring import inception as I
 from dit.scoring import metrics as M
 from dit.scoring.evaluate import build_feature_extractor
@@ -85,20 +86,20 @@ def test_samples_npz_is_the_adm_format_and_byte_reproducible(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
     labels = np.array([3, 1, 4, 1, 5])
-    path = F.write_samples_npz(tmp_path / "s.npz", images, labels)
+    path = write_samples_npz(tmp_path / "s.npz", images, labels)
     with np.load(path) as data:  # what ADM's evaluator reads
         assert sorted(data.files) == ["arr_0", "arr_1"]
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 6, 7, 3)
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_array_equal(data["arr_1"], labels)
     first = path.read_bytes()
-    F.write_samples_npz(tmp_path / "s.npz", images, torch.tensor(labels))
+    write_samples_npz(tmp_path / "s.npz", images, torch.tensor(labels))
     assert path.read_bytes() == first  # no timestamps inside
-    back, back_labels = F.read_samples_npz(path)
+    back, back_labels = read_samples_npz(path)
     np.testing.assert_array_equal(back, images)
     np.testing.assert_array_equal(back_labels, labels)
     # Streaming the same array in chunks writes the same bytes.
-    F.write_npz_atomic(tmp_path / "t.npz", {"arr_0": F.StreamedArray(images.shape, np.dtype(np.uint8),
+    write_npz_atomic(tmp_path / "t.npz", {"arr_0": StreamedArray(images.shape, np.dtype(np.uint8),
                                                                      [images[:2], images[2:]]),
                                             "arr_1": labels.astype(np.int64)})
     assert (tmp_path / "t.npz").read_bytes() == first
@@ -107,17 +108,17 @@ def test_samples_npz_is_the_adm_format_and_byte_reproducible(tmp_path):
 
 def test_bad_sample_files_fail_with_clear_messages(tmp_path):
     with pytest.raises(TypeError, match="uint8"):
-        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
+        write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="channels last"):
-        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 3, 4, 4), np.uint8))
+        write_samples_npz(tmp_path / "f.npz", np.zeros((2, 3, 4, 4), np.uint8))
     with pytest.raises(ValueError, match="one label per image"):
-        F.write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.uint8), [1, 2, 3])
+        write_samples_npz(tmp_path / "f.npz", np.zeros((2, 4, 4, 3), np.uint8), [1, 2, 3])
     np.savez(tmp_path / "nope.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="arr_0"):
-        F.read_samples_npz(tmp_path / "nope.npz")
+        read_samples_npz(tmp_path / "nope.npz")
     (tmp_path / "trunc.npz").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(ValueError, match="truncated or not an .npz"):
-        F.read_samples_npz(tmp_path / "trunc.npz")
+        read_samples_npz(tmp_path / "trunc.npz")
 
 
 # ------------------------------------------------------------------------------ IS, precision/recall, KID
@@ -166,13 +167,13 @@ class CountingExtractor:
 
     def extract(self, images, progress=False):
         self.calls += 1
-        x = torch.from_numpy(F.check_images(images)).float().permute(0, 3, 1, 2) / 255.0
+        x = torch.from_numpy(check_images(images)).float().permute(0, 3, 1, 2) / 255.0
         return {"pool": torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).double().numpy()}
 
 
 def test_reference_statistics_cache_is_keyed_by_extractor_and_file(tmp_path):
     rng = np.random.default_rng(5)
-    ref = F.write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
+    ref = write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8))
     cache = tmp_path / "cache"
     ex = CountingExtractor()
     first = M.load_reference(ref, ex, cache_dir=cache)
@@ -183,7 +184,7 @@ def test_reference_statistics_cache_is_keyed_by_extractor_and_file(tmp_path):
     other = CountingExtractor("pixels-v2")  # other weights: never the cached statistics
     M.load_reference(ref, other, cache_dir=cache)
     assert other.calls == 1
-    F.write_samples_npz(ref, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))  # same name, new N
+    write_samples_npz(ref, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))  # same name, new N
     assert M.load_reference(ref, ex, cache_dir=cache).num_images == 20 and ex.calls == 2
 
 
@@ -195,7 +196,7 @@ def test_statistics_from_another_extractor_are_not_used(tmp_path):
     with pytest.raises(ValueError, match="no mu/sigma usable with the B extractor"):
         M.load_reference(tmp_path / "a_only.npz", CountingExtractor("B"))
     # With images in the file, B recomputes its own statistics from them.
-    F.write_npz_atomic(tmp_path / "both.npz", {"arr_0": images, "mu": stats.mu, "sigma": stats.sigma,
+    write_npz_atomic(tmp_path / "both.npz", {"arr_0": images, "mu": stats.mu, "sigma": stats.sigma,
                                                "meta": np.array(json.dumps({"extractor": "A"}))})
     b = CountingExtractor("B")
     assert M.load_reference(tmp_path / "both.npz", b).extractor == "B" and b.calls == 1
@@ -207,7 +208,7 @@ def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_p
     rng = np.random.default_rng(8)
     images = rng.integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
     stored_mu, stored_sigma = np.full(12, 0.5), 2.0 * np.eye(12)  # deliberately not the images' statistics
-    F.write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": images, "mu": stored_mu, "sigma": stored_sigma})
+    write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": images, "mu": stored_mu, "sigma": stored_sigma})
     inception_like = CountingExtractor()
     inception_like.name = "inception"
     ref = M.load_reference(tmp_path / "VIRTUAL_ref.npz", inception_like)
@@ -216,7 +217,7 @@ def test_an_adm_reference_batch_gives_its_stored_statistics_and_its_images_for_p
     assert ref.pool.shape == (10, 12) and ref.num_images == 10 and inception_like.calls == 1
     stats_only = M.load_reference(tmp_path / "VIRTUAL_ref.npz", CountingExtractor(), need_features=False)
     assert not np.array_equal(stats_only.mu, stored_mu)  # another extractor: recomputed from the images
-    F.write_npz_atomic(tmp_path / "stats_only.npz", {"mu": stored_mu, "sigma": stored_sigma})
+    write_npz_atomic(tmp_path / "stats_only.npz", {"mu": stored_mu, "sigma": stored_sigma})
     ref = M.load_reference(tmp_path / "stats_only.npz", inception_like)
     with pytest.warns(UserWarning, match="need reference images"):
         out = M.compute_metrics(images, ref, inception_like)
@@ -244,9 +245,9 @@ def test_fid_against_adm_statistics_equals_fid_against_the_same_reference_as_ima
     assert feats["spatial"].shape == (5, 17 * 17 * 7)  # ADM's sFID features
     assert np.isfinite(feats["pool"]).all() and feats["pool"].std() > 1e-3
 
-    as_images = M.load_reference(F.write_samples_npz(tmp_path / "ref_images.npz", real), extractor)
+    as_images = M.load_reference(write_samples_npz(tmp_path / "ref_images.npz", real), extractor)
     # An ADM reference batch: mu/sigma (float64) and mu_s/sigma_s, no metadata, no images.
-    F.write_npz_atomic(tmp_path / "ref_stats.npz", {"mu": as_images.mu, "sigma": as_images.sigma,
+    write_npz_atomic(tmp_path / "ref_stats.npz", {"mu": as_images.mu, "sigma": as_images.sigma,
                                                     "mu_s": as_images.mu_s, "sigma_s": as_images.sigma_s})
     as_stats = M.load_reference(tmp_path / "ref_stats.npz", extractor, need_features=False)
     folder = tmp_path / "ref_folder"
@@ -299,8 +300,8 @@ def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_p
     from dit.sampling import settings_path_for
 
     real, fake = _toy_sets(n=6, seed=1)
-    ref = F.write_samples_npz(tmp_path / "ref.npz", real)
-    samples = F.write_samples_npz(tmp_path / "samples.npz", fake, labels=np.arange(6) % 3)
+    ref = write_samples_npz(tmp_path / "ref.npz", real)
+    samples = write_samples_npz(tmp_path / "samples.npz", fake, labels=np.arange(6) % 3)
     settings_path_for(samples).write_text(json.dumps({"checkpoint": "/runs/x/0400000.pt", "step": 400000,
                                                       "sampler": "ddpm", "num_steps": 250, "cfg_scale": 1.5}))
     table = tmp_path / "results.csv"

@@ -495,7 +495,7 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
     import dit.sampling as S
     from dit.autoencoder import build_autoencoder
     from dit.sampling.bulk import bulk_sample
-    from dit.io.files import write_samples_npz
+    from dit.io.npz import write_samples_npz
     from dit.sampling import SamplerSettings
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")

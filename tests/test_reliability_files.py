@@ -159,7 +159,7 @@ def test_a_16_bit_greyscale_png_reads_as_its_8_bit_values_in_training_data_and_f
     from PIL import Image
 
     from dit.data.images import ImageFolderDataset, load_rgb
-    from dit.io.files import read_image_folder
+    from dit.io.images import read_image_folder
 
     grey8 = (np.arange(256).reshape(16, 16)).astype(np.uint8)  # every 8-bit level
     root = tmp_path / "data"
@@ -261,7 +261,7 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
                                                                                          inception_weights):
     import dit.scoring.metrics as M
     from dit.scoring.evaluate import evaluate_samples
-    from dit.io.files import write_npz_atomic, write_samples_npz
+    from dit.io.npz import write_npz_atomic, write_samples_npz
 
     rng = np.random.default_rng(0)
     samples16 = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
@@ -401,7 +401,8 @@ def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holde
 
 def test_atomic_writes_go_through_a_symlink_and_never_replace_what_is_not_a_regular_file(tmp_path):
     from dit.scoring.evaluate import append_results_row
-    from dit.io.files import write_npz_atomic, write_text_atomic
+    from dit.io.atomic import write_text_atomic
+    from dit.io.npz import write_npz_atomic
 
     bigger_disk = tmp_path / "bigger_disk"
     bigger_disk.mkdir()
@@ -449,14 +450,15 @@ def _open_on_a_full_disk(match: str, room: int = 64):
 def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, monkeypatch):
     import dit.data.cache
     import dit.scoring.evaluate
-    import dit.io.files
+    import dit.io.npz
     from PIL import Image
 
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache
     from dit.data.latents import LatentCacheDataset
     from dit.scoring.evaluate import append_results_row
-    from dit.io.files import FileWriteError, write_samples_npz
+    from dit.io.atomic import FileWriteError
+    from dit.io.npz import write_samples_npz
 
     def assert_names(err, path):
         message = str(err.value)
@@ -491,7 +493,7 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
 
     # A sample file (bulk assembly, shards, statistics: all written by write_npz_atomic).
     out = tmp_path / "samples.npz"
-    monkeypatch.setattr(dit.io.files, "open", _open_on_a_full_disk("samples.npz"), raising=False)
+    monkeypatch.setattr(dit.io.npz, "open", _open_on_a_full_disk("samples.npz"), raising=False)
     with pytest.raises(FileWriteError) as err:
         write_samples_npz(out, np.zeros((4, 8, 8, 3), np.uint8))
     assert_names(err, out)

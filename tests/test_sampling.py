@@ -406,7 +406,7 @@ class PixelStatsExtractor:
 
 def test_fid_evaluator_computes_the_reference_once_and_is_deterministic(tmp_path):
     from dit.scoring.evaluate import FIDEvaluator
-    from dit.io.files import write_samples_npz
+    from dit.io.npz import write_samples_npz
 
     rng = np.random.default_rng(0)
     write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))

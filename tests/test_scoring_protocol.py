@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit.io import files as F
+from dit.io.images import check_images
+from dit.io.npz import write_npz_atomic, write_samples_npz
 from dit.scoring import inception as I
 from dit.scoring import metrics as M
 from dit.scoring import precision_recall as PR
@@ -78,9 +79,9 @@ def test_eval_fid_records_precision_flags_arithmetic_and_what_each_metric_used(t
     rng = np.random.default_rng(1)
     real, fake = (rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8) for _ in range(2))
     # An ADM reference batch: its images, and mu/sigma over some other, larger set (N not recorded).
-    ref = F.write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": real, "mu": np.zeros(2048),
+    ref = write_npz_atomic(tmp_path / "VIRTUAL_ref.npz", {"arr_0": real, "mu": np.zeros(2048),
                                                             "sigma": 0.01 * np.eye(2048)})
-    samples = F.write_samples_npz(tmp_path / "samples.npz", fake)
+    samples = write_samples_npz(tmp_path / "samples.npz", fake)
     table = tmp_path / "results.csv"
     cfg = compose("eval", [f"samples={samples}", f"reference={ref}", f"feature_extractor_weights={random_inception}",
                            "allow_download=false", f"cache_dir={tmp_path / 'cache'}", f"results_table={table}",
@@ -207,7 +208,7 @@ class PixelFeatures:
     identity = "pixels-as-inception"
 
     def extract(self, images, progress=False):
-        x = torch.from_numpy(F.check_images(images)).float().permute(0, 3, 1, 2) / 255.0
+        x = torch.from_numpy(check_images(images)).float().permute(0, 3, 1, 2) / 255.0
         return {"pool": torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1).double().numpy()}
 
 
@@ -217,7 +218,7 @@ def test_each_metric_reports_the_reference_data_it_used(tmp_path):
     ex = PixelFeatures()
     feats = M.sample_features(fake, ex)
     stored_mu, stored_sigma = np.full(12, 0.5), np.eye(12) * 0.01  # "the whole data set": not these 10 images
-    adm = F.write_npz_atomic(tmp_path / "adm.npz", {"arr_0": real, "mu": stored_mu, "sigma": stored_sigma})
+    adm = write_npz_atomic(tmp_path / "adm.npz", {"arr_0": real, "mu": stored_mu, "sigma": stored_sigma})
     ref = M.load_reference(adm, ex)
     out = M.metrics_from_features(feats, ref, ex.identity, isc=False, sfid=False)
     assert out["num_reference"] == 10 and out["num_reference_pr"] == 10 and "num_reference_fid" not in out
@@ -228,7 +229,7 @@ def test_each_metric_reports_the_reference_data_it_used(tmp_path):
                                  "precision_recall": "features of 10 reference images"}
     assert (usage["num_reference_images"], usage["num_reference_fid"], usage["num_reference_pr"]) == (10, None, 10)
 
-    images_only = M.load_reference(F.write_samples_npz(tmp_path / "images.npz", real), ex)  # computed here
+    images_only = M.load_reference(write_samples_npz(tmp_path / "images.npz", real), ex)  # computed here
     out = M.metrics_from_features(feats, images_only, ex.identity, isc=False, prc=False)
     assert out["num_reference_fid"] == 10 and "num_reference_pr" not in out
     assert M.reference_usage(images_only, out)["used_for"] == {"fid": "mu/sigma computed from 10 reference images"}

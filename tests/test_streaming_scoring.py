@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import dit.scoring.images as S
-from dit.io import files as F
+from dit.io.images import check_images, read_image_folder
+from dit.io.npz import read_samples_npz, write_samples_npz
 from dit.scoring import metrics as M
 from dit.scoring.evaluate import evaluate_samples
 from dit.scoring.frechet import RunningMoments
@@ -30,7 +31,7 @@ class PixelExtractor:
         self.batch_size = batch_size
 
     def extract(self, images, progress=False):
-        x = F.check_images(images).astype(np.float32) / 255.0
+        x = check_images(images).astype(np.float32) / 255.0
         n, h, w, _ = x.shape
         pooled = x.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4)).reshape(n, 48)
         pool = np.tanh(3 * pooled - 1.0).astype(np.float32)
@@ -43,7 +44,7 @@ def _images(n, size=16, seed=0):
 
 def test_npz_images_reads_exactly_the_asked_slice_from_stored_and_compressed_files(tmp_path, monkeypatch):
     images = _images(23, size=8)
-    stored = F.write_samples_npz(tmp_path / "ours.npz", images)
+    stored = write_samples_npz(tmp_path / "ours.npz", images)
     np.savez(tmp_path / "numpy.npz", arr_0=images)  # numpy's own writer (zip64 extra fields)
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
     read_bytes = []
@@ -62,7 +63,7 @@ def test_npz_images_reads_exactly_the_asked_slice_from_stored_and_compressed_fil
             np.testing.assert_array_equal(source[-4:], images[-4:])
             with pytest.raises(IndexError, match="out of range"):
                 source.read(20, 24)
-    source, labels = S.open_images(F.write_samples_npz(tmp_path / "l.npz", images, np.arange(23) % 5))
+    source, labels = S.open_images(write_samples_npz(tmp_path / "l.npz", images, np.arange(23) % 5))
     np.testing.assert_array_equal(labels, np.arange(23) % 5)
 
 
@@ -77,7 +78,7 @@ def test_npz_images_checks_the_header_before_reading_and_never_unpickles(tmp_pat
     with pytest.raises(ValueError, match="without unpickling"):
         S.NpzImages(tmp_path / "evil.npz")
     with pytest.raises(ValueError, match="without unpickling"):  # the whole-file reader alike
-        F.read_samples_npz(tmp_path / "evil.npz")
+        read_samples_npz(tmp_path / "evil.npz")
     assert not marker.exists()
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     with pytest.raises(TypeError, match="must be uint8"):
@@ -127,8 +128,8 @@ def _in_memory_metrics(samples, reference_images, extractor, labels=None, **opti
 
 def test_streamed_scoring_equals_the_in_memory_path_and_reads_one_batch_at_a_time(tmp_path, monkeypatch):
     samples, real = _images(203, seed=2), _images(150, seed=3)
-    path = F.write_samples_npz(tmp_path / "samples.npz", samples)
-    ref_path = F.write_samples_npz(tmp_path / "ref.npz", real)
+    path = write_samples_npz(tmp_path / "samples.npz", samples)
+    ref_path = write_samples_npz(tmp_path / "ref.npz", real)
     largest = []
     real_read = S.NpzImages.read
     monkeypatch.setattr(S.NpzImages, "read", lambda self, a, b: (largest.append(b - a), real_read(self, a, b))[1])
@@ -154,7 +155,7 @@ def test_streamed_scoring_equals_the_in_memory_path_and_reads_one_batch_at_a_tim
 
 def test_fid_of_a_stream_holds_about_one_batch_in_memory_not_the_array(tmp_path):
     samples = _images(6000, seed=4)  # 4.6 MB of pixels
-    path = F.write_samples_npz(tmp_path / "samples.npz", samples)
+    path = write_samples_npz(tmp_path / "samples.npz", samples)
     del samples
     extractor = PixelExtractor(batch_size=25)
     reference = M.compute_stats(_images(100, seed=5), extractor)
@@ -170,7 +171,7 @@ def test_fid_of_a_stream_holds_about_one_batch_in_memory_not_the_array(tmp_path)
 
     streamed = peak(lambda: M.compute_metrics(S.open_images(path)[0], reference, extractor, sfid=False, isc=False,
                                               prc=False))
-    whole = peak(lambda: M.compute_metrics(F.read_samples_npz(path)[0], reference, extractor, sfid=False,
+    whole = peak(lambda: M.compute_metrics(read_samples_npz(path)[0], reference, extractor, sfid=False,
                                            isc=False, prc=False))
     assert whole > array_bytes  # the in-memory path holds every image
     assert streamed < array_bytes / 16, (streamed, array_bytes)  # a batch and its float copies: about 1/40
@@ -179,7 +180,7 @@ def test_fid_of_a_stream_holds_about_one_batch_in_memory_not_the_array(tmp_path)
 def _write_source(kind: str, images: np.ndarray, where: Path) -> Path:
     """The same images as an uncompressed .npz (ours), a compressed one (numpy's), or a PNG folder."""
     if kind == "stored":
-        return F.write_samples_npz(where / "stored.npz", images)
+        return write_samples_npz(where / "stored.npz", images)
     if kind == "compressed":
         np.savez_compressed(where / "compressed.npz", arr_0=images)
         return where / "compressed.npz"
@@ -219,7 +220,7 @@ def test_folder_images_stream_the_files_and_match_read_image_folder(tmp_path, mo
         Image.fromarray(image).save(tmp_path / f"c{k % 2}" / f"{k}.png")
     source, labels = S.open_images(tmp_path)
     assert labels is None and source.shape == (7, 8, 8, 3)
-    np.testing.assert_array_equal(np.concatenate(list(source.batches(3))), F.read_image_folder(tmp_path))
+    np.testing.assert_array_equal(np.concatenate(list(source.batches(3))), read_image_folder(tmp_path))
     Image.fromarray(_images(1, size=4)[0]).save(tmp_path / "c1" / "odd.png")
     with pytest.raises(ValueError, match="resize/crop the folder"):
         list(S.open_images(tmp_path)[0].batches(3))
@@ -228,8 +229,8 @@ def test_folder_images_stream_the_files_and_match_read_image_folder(tmp_path, mo
 def test_eval_fid_with_the_toy_judge_streams_and_equals_the_in_memory_numbers(tmp_path, compose):
     rng = np.random.default_rng(7)
     samples, real, labels = _images(1037, seed=8), _images(300, seed=9), rng.integers(0, 10, 1037)
-    path = F.write_samples_npz(tmp_path / "samples.npz", samples, labels)
-    ref = F.write_samples_npz(tmp_path / "ref.npz", real)
+    path = write_samples_npz(tmp_path / "samples.npz", samples, labels)
+    ref = write_samples_npz(tmp_path / "ref.npz", real)
     cfg = compose("eval", overrides=[f"samples={path}", f"reference={ref}", "feature_extractor=toy_judge",
                                      f"cache_dir={tmp_path / 'cache'}", "results_table=null", "device=cpu",
                                      "metrics=[fid,isc,prc]", "isc_split_size=500"])
@@ -251,8 +252,8 @@ def test_eval_fid_with_the_toy_judge_streams_and_equals_the_in_memory_numbers(tm
 def test_inception_features_of_a_stream_equal_the_in_memory_path(tmp_path, random_inception):
     extractor = InceptionFeatures(random_inception, device="cpu", batch_size=3, allow_download=False)
     samples, real = _images(7, seed=10), _images(6, seed=11)  # batches of 3, 3 and 1
-    path = F.write_samples_npz(tmp_path / "samples.npz", samples)
-    reference = M.load_reference(F.write_samples_npz(tmp_path / "ref.npz", real), extractor)
+    path = write_samples_npz(tmp_path / "samples.npz", samples)
+    reference = M.load_reference(write_samples_npz(tmp_path / "ref.npz", real), extractor)
     with torch.no_grad():
         streamed = M.compute_metrics(S.open_images(path)[0], reference, extractor, fid=True, sfid=True, isc=True,
                                      prc=True, isc_split_size=5)

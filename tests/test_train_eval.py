@@ -12,7 +12,7 @@ import pytest
 import torch
 from dit.config import ConfigError
 from dit.scoring.evaluate import generate_and_evaluate
-from dit.io.files import write_samples_npz
+from dit.io.npz import write_samples_npz
 from dit.data.toy import make_toy_arrays
 from dit.train import run_training
 

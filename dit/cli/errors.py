@@ -41,7 +41,8 @@ from dit.cli import config_dir
 from dit.config import ConfigError, flatten_model_overrides, register_configs
 from dit.data.images import BadImageError
 from dit.data.latents import LatentCacheMismatch
-from dit.io.files import CheckpointError, FileWriteError
+from dit.io.atomic import FileWriteError
+from dit.io.checkpoint import CheckpointError
 from dit.scoring.inception import FeatureExtractorUnavailable
 from dit.cli.runtime import tune_host_allocator
 from dit.sampling import NonFiniteSamplesError

@@ -43,7 +43,7 @@ from dit.cli import config_dir
 from dit.cli.errors import run_program
 from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
 from dit.scoring.evaluate import generate_and_evaluate
-from dit.io.files import write_text_atomic
+from dit.io.atomic import write_text_atomic
 from dit.cli.runtime import tune_host_allocator
 from dit.data.toy import NUM_CLASSES, imagefolder_class_dirs, write_toy_imagefolder
 from dit.train import run_training

@@ -16,7 +16,7 @@ from dit.cli import config_dir
 from dit.cli.errors import reports_errors, run_program
 from dit.config import flatten_model_overrides, register_configs, to_train_config
 from dit.distributed import env_rank
-from dit.io.files import write_text_atomic
+from dit.io.atomic import write_text_atomic
 from dit.cli.runtime import tune_host_allocator
 from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dit.io.files import RecordingFile, read_json_file, write_atomic, write_text_atomic
+from dit.io.atomic import RecordingFile, read_json_file, write_atomic, write_text_atomic
 from dit.data.images import BadImageError, ImageFolderDataset
 from dit.data.latents import (
     BUILD_FILE,

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dit.data.seeds import draw_flip, item_generator
-from dit.io.files import image_to_rgb
+from dit.io.images import image_to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB (`dit.io.files.image_to_rgb`: 16-bit greyscale is
+    """Open and fully decode an image as 8-bit RGB (`dit.io.images.image_to_rgb`: 16-bit greyscale is
     scaled, not clipped); any failure becomes a BadImageError naming the file.
     (PIL decodes lazily, so `convert` is what surfaces a truncated file.)"""
     try:

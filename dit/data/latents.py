@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dit.autoencoder import LatentTransform
 from dit.data.seeds import draw_flip, item_generator
-from dit.io.files import read_json_file
+from dit.io.atomic import read_json_file
 
 # --------------------------------------------------------------------------------------
 # The format. Layout of a cache directory:

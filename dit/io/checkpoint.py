@@ -11,7 +11,7 @@ Either may also be a `.safetensors` file (weights only; `save_weights_safetensor
 `model_name` / `model_config` in its string metadata).
 
 Reading never unpickles arbitrary objects: `torch.load(..., weights_only=True)` or safetensors.
-Writing goes through `dit.io.files.write_atomic` (temp file, fsync, rename), so a crash leaves
+Writing goes through `dit.io.atomic.write_atomic` (temp file, fsync, rename), so a crash leaves
 either the old file or the new one, never half of one.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from dit.io.files import (CheckpointError, CheckpointMismatchError, CheckpointWriteError, RecordingFile,
-                       UnsafeCheckpointError, write_atomic)
+from dit.io.atomic import RecordingFile, write_atomic
+from dit.io.errors import CheckpointError, CheckpointMismatchError, CheckpointWriteError, UnsafeCheckpointError
 from dit.models import DiT, DiTConfig, arch_name, canonical_model_name, model_arch
 from dit.io.release import describe_state_dict, infer_dit_config, strip_wrapper_prefixes
 

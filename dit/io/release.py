@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dit.io.files import CheckpointError
+from dit.io.errors import CheckpointError
 from dit.models import DIT_SIZES, arch_name
 
 # The paper's label-dropout rate, assumed for state dicts that carry no config of their own.

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from dit.distributed import DistEnv, all_reduce_sum
-from dit.io.files import write_atomic
+from dit.io.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
