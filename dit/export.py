@@ -1,8 +1,8 @@
-"""`python -m dit.export ...`: the program lives in dit/io/export.py (`main`)."""
+"""`python -m dit.export ...`: the program lives in dit/cli/export.py (`main`)."""
 
 import sys
 
-from dit.io.export import main
+from dit.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,9 @@ from conftest import REPO, tiny_dit
 
 from dit.io.checkpoint import load_dit_checkpoint, save_atomic
 from dit.diffusion import create_diffusion, named_betas
+from dit.cli.export import main
 from dit.io.export import (export_diffusers, load_diffusers_pipeline, load_diffusers_transformer, load_pretrained,
-                        main, save_pretrained)
+                           save_pretrained)
 from dit.models import DIT_SIZES, DiT_models
 
 # Two configurations: learned sigma with patch 2 and label dropout; no sigma, patch 4, no null row

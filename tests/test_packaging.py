@@ -45,7 +45,7 @@ def test_console_scripts_name_the_programs_the_top_level_scripts_run():
     for script in ("train", "sample", "eval_fid"):  # the checkout's scripts call the same run()
         assert f"from dit.cli.{script} import main, run" in (REPO / f"{script}.py").read_text()
     if (REPO / "dit" / "export.py").is_file():
-        assert scripts.get("dit-export", "").startswith("dit.io.export:")
+        assert scripts.get("dit-export", "").startswith("dit.cli.export:")
 
 
 def test_a_checkout_reads_its_own_conf_directory():

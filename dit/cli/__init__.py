@@ -5,6 +5,7 @@ a console script (`dit-train`, ...) and the repository's top-level script (`pyth
     sample.py         dit-sample          dit/cli/sample.py
     eval_fid.py       dit-eval            dit/cli/eval_fid.py
     python -m dit.cache_latents   dit-cache-latents   dit/cli/cache_latents.py
+    python -m dit.export          dit-export          dit/cli/export.py  (argparse: main() returns the exit status)
 
 Where hydra finds the configs (`config_dir`): the YAML files are written and edited in the
 repository's top-level `conf/`. `pip install .` copies that folder into the installed package as

@@ -7,7 +7,8 @@ own format (`save_pretrained` / `load_pretrained`), and the upload of either (`p
 
 CKPT is a release file (`DiT-XL-2-256x256.pt`), one of our checkpoints, a `.safetensors` file
 or a folder written by `save_pretrained`. Every folder is written into a temporary sibling and
-renamed into place, so a crash never leaves half an export under OUT.
+renamed into place, so a crash never leaves half an export under OUT. The program (its argument
+parsing) is dit/cli/export.py.
 
 diffusers' `DiTTransformer2DModel` holds the same tensors as our `DiT` (mapping below), with one
 numeric difference that its config cannot express: its timestep features use the frequencies
@@ -19,11 +20,9 @@ loads it too, with slightly different outputs (docs/export.md has the measured s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from dit.autoencoder import KNOWN_VAES
-from dit.io.checkpoint import CONFIG_FIELDS, CheckpointError, load_dit_checkpoint, save_weights_safetensors
+from dit.io.checkpoint import CONFIG_FIELDS, load_dit_checkpoint, save_weights_safetensors
 from dit.diffusion import named_betas
 from dit.models import DiT, DiTConfig, arch_name
 
@@ -389,50 +388,3 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=commit_message)
-
-
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dit.export", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for cmd, helptext in (("diffusers", "a diffusers DiTPipeline folder"), ("pretrained", "a folder of our format")):
-        p = sub.add_parser(cmd, help=helptext)
-        p.add_argument("source", help="release file, our checkpoint, .safetensors or a save_pretrained folder")
-        p.add_argument("out", help="output folder (written atomically)")
-        p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of our checkpoints")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-        p.add_argument("--license", default=None, help="license id for the model card (release files: cc-by-nc-4.0)")
-        if cmd == "diffusers":
-            p.add_argument("--vae", default=None, help="AutoencoderKL to include: sd-ema, sd-mse, hub id or folder")
-            p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
-            p.add_argument("--id2label", default=None, help="JSON file {class id: name} for pipe.get_label_ids")
-    p = sub.add_parser("push", help="upload an export folder to the Hugging Face hub")
-    p.add_argument("--folder", required=True)
-    p.add_argument("--repo-id", required=True)
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--message", default="Upload DiT weights")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "push":
-            push_to_hub(args.folder, args.repo_id, private=args.private, commit_message=args.message)
-            print(f"uploaded {args.folder} to https://huggingface.co/{args.repo_id}")
-        elif args.command == "pretrained":
-            print(save_pretrained(args.source, args.out, use_ema=args.which == "ema", overwrite=args.overwrite,
-                                  license=args.license))
-        else:
-            labels = json.loads(Path(args.id2label).read_text(encoding="utf-8")) if args.id2label else None
-            print(export_diffusers(args.source, args.out, use_ema=args.which == "ema", vae=args.vae,
-                                   scheduler=args.scheduler, id2label=labels, overwrite=args.overwrite,
-                                   license=args.license))
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
