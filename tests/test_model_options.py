@@ -227,7 +227,7 @@ def test_swiglu_matches_its_formula_and_keeps_the_gelu_parameter_count():
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_qk_norm_attention_matches_its_formula(norm):
     d, heads, n_tok = 32, 2, 9
-    attn = make_attention(d, heads, norm=norm, qk_norm=True).double().eval()
+    attn = make_attention(d, heads, norm=norm, qk_norm=True, rope=False).double().eval()
     with torch.no_grad():  # non-trivial affine weights, so that they are seen to act
         for p in (*attn.q_norm.parameters(), *attn.k_norm.parameters()):
             p.copy_(1 + 0.5 * torch.randn_like(p))

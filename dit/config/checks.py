@@ -16,7 +16,7 @@ from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
 from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
 from dit.models.layers import check_options, check_rope_head_dim
-from dit.models import canonical_model_name, model_arch
+from dit.models import canonical_model_name, model_arch, option_values
 from dit.data.toy import VARIANTS as TOY_VARIANTS
 
 OBJECTIVES = ("diffusion", "flow")
@@ -103,7 +103,7 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
     m = cfg.model
     try:
-        check_options(norm=m.norm, mlp=m.mlp, rope=m.rope, qk_norm=m.qk_norm, modulation=m.modulation)
+        check_options(option_values(m))
     except ValueError as err:
         raise ConfigError(f"model.{str(err).removeprefix('model option ')}") from None
     if m.rope:

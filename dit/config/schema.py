@@ -9,6 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from dit.models import DiTConfig
 from dit.sampling import SamplerSettings
 
 
@@ -59,15 +60,16 @@ class ModelConfig:
     hidden_size: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
-    mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (the paper's 0.1)
-    learn_sigma: bool = True  # predict the variance too (DiT's hybrid loss)
+    # The defaults below are DiTConfig's (dit/models/dit.py), where they are written once.
+    mlp_ratio: float = DiTConfig.mlp_ratio
+    class_dropout_prob: float = DiTConfig.class_dropout_prob  # label dropout for classifier-free guidance (the paper's 0.1)
+    learn_sigma: bool = DiTConfig.learn_sigma  # predict the variance too (DiT's hybrid loss)
     # Architecture options (LightningDiT's; dit/models/layers.py); the defaults are the official DiT.
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu (tanh GELU) | swiglu
-    rope: bool = False  # 2-D rotary embedding on q and k
-    qk_norm: bool = False  # per-head norm of q and k
-    modulation: str = "shift_scale_gate"  # | scale_gate (LightningDiT's shift-free adaLN)
+    norm: str = DiTConfig.norm  # layernorm | rmsnorm
+    mlp: str = DiTConfig.mlp  # gelu (tanh GELU) | swiglu
+    rope: bool = DiTConfig.rope  # 2-D rotary embedding on q and k
+    qk_norm: bool = DiTConfig.qk_norm  # per-head norm of q and k
+    modulation: str = DiTConfig.modulation  # | scale_gate (LightningDiT's shift-free adaLN)
 
 
 @dataclass

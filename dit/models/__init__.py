@@ -6,12 +6,14 @@ The names below are the model's public surface; `from dit.models import DiT` is 
 the project (and hubconf.py) reaches them.
 """
 
-from .dit import (DIT_SIZES, DiT, DiTBlock, DiTConfig, DiT_models, FinalLayer, LabelEmbedder, TimestepEmbedder,
-                  arch_name, canonical_model_name, describe, model_arch, modulate, null_class, param_counts,
-                  parse_guided_channels, sincos_pos_embed_1d, sincos_pos_embed_2d, timestep_features)
+from .dit import (DIT_SIZES, OPTION_DEFAULTS, DiT, DiTBlock, DiTConfig, DiT_models, FinalLayer, LabelEmbedder,
+                  TimestepEmbedder, arch_name, canonical_model_name, describe, model_arch, modulate, null_class,
+                  param_counts, parse_guided_channels, sincos_pos_embed_1d, sincos_pos_embed_2d, timestep_features)
+from .layers import OPTIONS, option_values
 
 __all__ = [
-    "DIT_SIZES", "DiT", "DiTBlock", "DiTConfig", "DiT_models", "FinalLayer", "LabelEmbedder", "TimestepEmbedder",
-    "arch_name", "canonical_model_name", "describe", "model_arch", "modulate", "null_class", "param_counts",
-    "parse_guided_channels", "sincos_pos_embed_1d", "sincos_pos_embed_2d", "timestep_features",
+    "DIT_SIZES", "DiT", "DiTBlock", "DiTConfig", "DiT_models", "FinalLayer", "LabelEmbedder", "OPTIONS",
+    "OPTION_DEFAULTS", "TimestepEmbedder", "arch_name", "canonical_model_name", "describe", "model_arch", "modulate",
+    "null_class", "option_values", "param_counts", "parse_guided_channels", "sincos_pos_embed_1d",
+    "sincos_pos_embed_2d", "timestep_features",
 ]

@@ -21,15 +21,8 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
 
-from dit.models.layers import (
-    ARCH_OPTIONS,
-    adaln_norm,
-    check_options,
-    check_rope_head_dim,
-    make_attention,
-    make_mlp,
-    rope_table,
-)
+from dit.models.layers import (OPTIONS, adaln_norm, check_options, check_rope_head_dim, make_attention, make_mlp,
+                               option_values, rope_table)
 
 
 # --------------------------------------------------------------------------------------
@@ -135,9 +128,8 @@ class DiTBlock(nn.Module):
     `modulation` are the architecture options of `DiTConfig` (see dit/models/layers.py).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
-                 mlp: str = "gelu", qk_norm: bool = False, rope: bool = False,
-                 modulation: str = "shift_scale_gate"):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, norm: str, mlp: str, qk_norm: bool,
+                 rope: bool, modulation: str):
         super().__init__()
         self.norm1 = adaln_norm(norm, hidden_size)
         # F.scaled_dot_product_attention (fused kernels); warns when timm's fused attention is off.
@@ -164,7 +156,7 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Modulated LayerNorm then a linear map from each token to its patch of output channels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str):
         super().__init__()
         self.norm_final = adaln_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
@@ -182,7 +174,9 @@ class FinalLayer(nn.Module):
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Constructor arguments of `DiT`; stored in our checkpoints as a plain dict."""
+    """Constructor arguments of `DiT`; stored in our checkpoints as a plain dict. Its defaults are
+    the one place the model's defaults are written: the blocks take every value from it, and the
+    training schema (dit/config/schema.py) reads them."""
 
     input_size: int = 32
     patch_size: int = 2
@@ -202,20 +196,24 @@ class DiTConfig:
     modulation: str = "shift_scale_gate"  # | "scale_gate" (LightningDiT's shift-free adaLN)
 
     def __post_init__(self):
-        check_options(**{k: getattr(self, k) for k in ARCH_OPTIONS})
+        check_options(option_values(self))
 
     def options(self) -> dict:
         """The architecture options that differ from the official layout ({} for DiT itself)."""
-        return {k: getattr(self, k) for k, default in ARCH_OPTIONS.items() if getattr(self, k) != default}
+        return {k: v for k, v in option_values(self).items() if v != OPTION_DEFAULTS[k]}
 
     def to_dict(self) -> dict:
         """All fields, except architecture options left at their defaults: the official model's
         record is what it always was, and a record without them reads as the official layout."""
         d = asdict(self)
-        for k, default in ARCH_OPTIONS.items():
+        for k, default in OPTION_DEFAULTS.items():
             if d[k] == default:
                 del d[k]
         return d
+
+
+# The architecture options' defaults (the official DiT layout), as DiTConfig declares them.
+OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DiTConfig) if f.name in OPTIONS}
 
 
 class DiT(nn.Module):
@@ -231,7 +229,7 @@ class DiT(nn.Module):
         self.config = c
         input_size, patch_size, in_channels, hidden_size = c.input_size, c.patch_size, c.in_channels, c.hidden_size
         depth, num_heads, mlp_ratio, num_classes, learn_sigma = c.depth, c.num_heads, c.mlp_ratio, c.num_classes, c.learn_sigma
-        options = dict(norm=c.norm, mlp=c.mlp, qk_norm=c.qk_norm, rope=c.rope, modulation=c.modulation)
+        options = option_values(c)
         if input_size % patch_size:
             raise ValueError(
                 f"input_size {input_size} is not divisible by patch_size {patch_size}: "

@@ -38,21 +38,30 @@ MLPS = ("gelu", "swiglu")
 # either way, as in LightningDiT.
 MODULATIONS = ("shift_scale_gate", "scale_gate")
 
-# The architecture options and their defaults: the official DiT layout.
-ARCH_OPTIONS = {"norm": "layernorm", "mlp": "gelu", "rope": False, "qk_norm": False, "modulation": "shift_scale_gate"}
+# The architecture options, each with the values it takes (bool: true or false), in the order
+# records and logs list them. Their defaults are `DiTConfig`'s (dit/models/dit.py): written once.
+OPTION_CHOICES = {"norm": NORMS, "mlp": MLPS, "rope": bool, "qk_norm": bool, "modulation": MODULATIONS}
+OPTIONS = tuple(OPTION_CHOICES)
 
 ADALN_EPS = 1e-6  # DiT's LayerNorm eps, kept for RMSNorm
 ROPE_THETA = 10000.0
 
 
-def check_options(norm: str, mlp: str, rope: bool, qk_norm: bool, modulation: str) -> None:
-    """Raise ValueError naming the option and its choices for a value that is not one of them."""
-    for name, value, choices in (("norm", norm, NORMS), ("mlp", mlp, MLPS), ("modulation", modulation, MODULATIONS)):
-        if value not in choices:
-            raise ValueError(f"model option {name} must be one of {', '.join(choices)}; got {value!r}")
-    for name, value in (("rope", rope), ("qk_norm", qk_norm)):
-        if not isinstance(value, bool):
-            raise ValueError(f"model option {name} must be true or false, got {value!r}")
+def option_values(source) -> dict:
+    """{option: value} of every architecture option of `source` (a `DiTConfig`, the training
+    config's `model`, anything with the options as attributes)."""
+    return {name: getattr(source, name) for name in OPTIONS}
+
+
+def check_options(options: dict) -> None:
+    """Raise ValueError naming the option and its choices for a value that is not one of them
+    (the named choices are checked before the true/false flags)."""
+    for name, choices in OPTION_CHOICES.items():
+        if choices is not bool and options[name] not in choices:
+            raise ValueError(f"model option {name} must be one of {', '.join(choices)}; got {options[name]!r}")
+    for name, choices in OPTION_CHOICES.items():
+        if choices is bool and not isinstance(options[name], bool):
+            raise ValueError(f"model option {name} must be true or false, got {options[name]!r}")
 
 
 def adaln_norm(kind: str, dim: int) -> nn.Module:
@@ -105,8 +114,7 @@ def make_mlp(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
     raise ValueError(f"mlp must be one of {MLPS}, got {kind!r}")
 
 
-def make_attention(dim: int, num_heads: int, norm: str = "layernorm", qk_norm: bool = False,
-                   rope: bool = False) -> nn.Module:
+def make_attention(dim: int, num_heads: int, *, norm: str, qk_norm: bool, rope: bool) -> nn.Module:
     """Multi-head self-attention with a fused qkv projection (`qkv.*`, `proj.*`, and
     `q_norm.*` / `k_norm.*` with qk-norm). Both timm classes call
     F.scaled_dot_product_attention (flash kernels on GPU) unless timm's fused attention is off.

@@ -21,7 +21,7 @@ from dit.distributed import (
     load_full_optimizer_state, shard_model, wrap_model,
 )
 from dit.flow.config import flow_from_config
-from dit.models import DiT, arch_name, describe
+from dit.models import DiT, arch_name, describe, option_values
 from dit.models.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
 from dit.train.evaluation import build_training_evaluator
@@ -56,14 +56,8 @@ def build_model(cfg: TrainConfig, input_size: int, in_channels: int, num_classes
     return DiT(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         mlp_ratio=cfg.model.mlp_ratio, class_dropout_prob=cfg.model.class_dropout_prob,
-        learn_sigma=cfg.model.learn_sigma, **arch, **architecture_options(cfg),
+        learn_sigma=cfg.model.learn_sigma, **arch, **option_values(cfg.model),
     )
-
-
-def architecture_options(cfg: TrainConfig) -> dict:
-    """The model config's architecture options (norm, mlp, rope, qk_norm, modulation)."""
-    m = cfg.model
-    return dict(norm=m.norm, mlp=m.mlp, rope=m.rope, qk_norm=m.qk_norm, modulation=m.modulation)
 
 
 def build_objective(cfg: TrainConfig):
