@@ -57,7 +57,11 @@ from dit.io.atomic import write_json_atomic  # noqa: E402
 from dit.flow.config import flow_from_config, is_flow  # noqa: E402
 from dit.scoring.frechet import feature_statistics, frechet_distance  # noqa: E402
 from dit.scoring.judge import ToyJudge  # noqa: E402
-from dit.sampling import SamplerSettings, generate_samples, load_for_sampling  # noqa: E402
+from dit.sampling.images import SampleOrder, generate_samples
+from dit.sampling.samplers import build_sampler
+from dit.sampling.loading import load_for_sampling
+from dit.sampling.settings import SamplerSettings
+from dit.sampling.trained import diffusion_from_config
 from dit.sampling.order import initial_noise, sample_generators  # noqa: E402
 from dit.data.toy import NUM_CLASSES, make_toy_arrays, to_model_range, write_toy_imagefolder  # noqa: E402
 from dit.train import run_training  # noqa: E402
@@ -144,8 +148,9 @@ def sample_checkpoint(path: Path, num_samples: int, batch_size: int) -> tuple[np
     labels = np.arange(num_samples) % NUM_CLASSES
     if not is_flow(objective):
         settings = SamplerSettings(sampler="ddim", num_steps=DDIM_STEPS, cfg_scale=1.0, guided_channels="all")
-        images, labels = generate_samples(model, None, autoencoder, np.arange(num_samples), settings,
-                                          seed=SAMPLE_SEED, batch_size=batch_size, labels=labels)
+        sampler = build_sampler(settings, diffusion_from_config(None, model.config.learn_sigma), autoencoder)
+        images, labels = generate_samples(model, sampler, autoencoder, np.arange(num_samples),
+                                          SampleOrder(seed=SAMPLE_SEED, batch_size=batch_size, labels=labels))
         return images, labels, SAMPLER["dit"]
     flow = flow_from_config(objective)
     settings = SamplerSettings(sampler="heun", num_steps=HEUN_STEPS, cfg_scale=1.0, guided_channels="all")

@@ -20,7 +20,7 @@ was trained on. Samples go through
 passes (NFE, per sample: a guided pass over the cond + null rows counts once) and of rows the
 network processed (2 per guided pass, 1 per unguided one). They are scored as
 `eval_fid.py feature_extractor=toy_judge` scores them (`dit.scoring.metrics` with the toy judge of
-`dit.scoring.evaluate.build_feature_extractor` against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
+`dit.scoring.extractors.build_feature_extractor` against `--reference`): the judge Fréchet distance (FD) and the class accuracy.
 
 Configurations (`--configs`, default below) are written SAMPLER-STEPS[@LO-HI][/oORDER]:
 `ddpm-250`, `ddim-20`, `dpm++-10`, `dpm++-10@0-700` (guidance only at timesteps 0..700, the
@@ -57,8 +57,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.scoring import metrics as M  # noqa: E402
-from dit import sampling as S  # noqa: E402
-from dit.scoring.evaluate import build_feature_extractor  # noqa: E402
+from dit.io.files import to_uint8
+from dit.sampling.guidance import GuidedDenoiser
+from dit.sampling.images import sample_latents
+from dit.sampling.loading import load_for_sampling
+from dit.sampling.order import initial_noise, sample_blocks, sample_generators, sample_labels
+from dit.sampling.settings import SamplerSettings
+from dit.sampling.trained import diffusion_from_config
+from dit.scoring.extractors import build_feature_extractor  # noqa: E402
 
 DEFAULT_CONFIGS = [
     "ddpm-250",
@@ -83,7 +89,7 @@ def parse_config(spec: str) -> dict:
             "order": None if order is None else int(order)}
 
 
-def dpm_solver_order(denoiser: S.GuidedDenoiser, diffusion, noise: torch.Tensor, num_steps: int,
+def dpm_solver_order(denoiser: GuidedDenoiser, diffusion, noise: torch.Tensor, num_steps: int,
                      order: int, clip_denoised: bool) -> torch.Tensor:
     """Multistep DPM-Solver++ of the given order on the training beta schedule (diffusers'
     scheduler), fed the epsilon channels of the guided output: `dit.sampling`'s dpm++ with the
@@ -106,29 +112,29 @@ def dpm_solver_order(denoiser: S.GuidedDenoiser, diffusion, noise: torch.Tensor,
 def generate(model, autoencoder, diffusion, config: dict, args, seed: int):
     """uint8 images (N, H, W, 3), labels (N,), NFE per sample, rows per sample, seconds."""
     cfg = model.config
-    labels_all = S.sample_labels(seed, range(args.num_samples), cfg.num_classes, "balanced")
+    labels_all = sample_labels(seed, range(args.num_samples), cfg.num_classes, "balanced")
     images, calls, rows = [], set(), 0
     start = time.perf_counter()
-    for idx in S.sample_blocks(range(args.num_samples), args.batch_size):
+    for idx in sample_blocks(range(args.num_samples), args.batch_size):
         y = labels_all[torch.as_tensor(idx)]
-        gens = S.sample_generators(seed, idx)  # fresh per config: same x_T and per-step noise for all
-        noise = S.initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
+        gens = sample_generators(seed, idx)  # fresh per config: same x_T and per-step noise for all
+        noise = initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
         counter: list = []
-        settings = S.SamplerSettings(sampler=config["sampler"], num_steps=config["num_steps"],
+        settings = SamplerSettings(sampler=config["sampler"], num_steps=config["num_steps"],
                                      cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
                                      guidance_interval=config["guidance_interval"],
                                      clip_denoised=CLIP_CHOICES[args.clip_denoised]).resolved(autoencoder)
         if config["order"] in (None, 2) or config["sampler"] != "dpm++":
-            latents = S.sample_latents(model, diffusion, y, settings, noise=noise, generator=gens, denoiser_out=counter)
+            latents = sample_latents(model, diffusion, y, settings, noise=noise, generator=gens, denoiser_out=counter)
             den = counter[0]
         else:
-            den = S.GuidedDenoiser(model, y, settings)
+            den = GuidedDenoiser(model, y, settings)
             model.eval()
             with torch.no_grad():
                 latents = dpm_solver_order(den, diffusion, noise, config["num_steps"], config["order"],
                                            settings.clip_denoised)
         with torch.no_grad():
-            images.append(S.to_uint8(autoencoder.decode(latents)))
+            images.append(to_uint8(autoencoder.decode(latents)))
         calls.add(den.calls)
         rows += den.rows
     seconds = time.perf_counter() - start
@@ -145,7 +151,8 @@ def _fd(pool, reference) -> float:
 def score(images, labels, reference, extractor, bootstrap: int, seed: int, base_pool=None):
     """({"fd", "accuracy", bootstrap sds, "fd_to_baseline"}, pooled judge features (N, D))."""
     feats = M.sample_features(images, extractor, labels)
-    out = M.metrics_from_features(feats, reference, extractor.identity, fid=True, sfid=False, isc=False, prc=False)
+    out = M.metrics_from_features(feats, reference, extractor.identity,
+                                  M.MetricOptions(fid=True, sfid=False, isc=False, prc=False))
     pool = feats["pool"]
     result = {"fd": out["fid"], "accuracy": out["class_accuracy"]}
     if base_pool is not None:  # distance to the baseline's own samples (same noise, same labels)
@@ -198,9 +205,9 @@ def main() -> None:
         p.error("the first config is the baseline and must be ddpm (ddpm-250 for the real run)")
     wall_start = time.perf_counter()
 
-    model, autoencoder, provenance = S.load_for_sampling(args.checkpoint, which=args.which)
+    model, autoencoder, provenance = load_for_sampling(args.checkpoint, which=args.which)
     model.eval()
-    diffusion = S.diffusion_from_config(provenance, model.config.learn_sigma)  # the chain it was trained on
+    diffusion = diffusion_from_config(provenance, model.config.learn_sigma)  # the chain it was trained on
     cache = Path(args.judge_cache).expanduser() if args.judge_cache else None
     image_size = model.config.input_size * autoencoder.downsample_factor
     extractor = build_feature_extractor("toy_judge", image_size=image_size,

@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit import sampling as S  # noqa: E402
+from dit.sampling.images import sample_latents
+from dit.sampling.order import initial_noise, sample_generators
+from dit.sampling.settings import SamplerSettings
 from dit.scoring.inception import InceptionFeatures  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
@@ -77,18 +79,18 @@ def main() -> None:
     model = model.to(device).eval()
     diffusion = create_diffusion("")
     labels = torch.arange(args.batch_size, device=device) % 1000
-    gens = S.sample_generators(0, range(args.batch_size))
-    noise = S.initial_noise(gens, (args.in_channels, args.input_size, args.input_size)).to(device)
+    gens = sample_generators(0, range(args.batch_size))
+    noise = initial_noise(gens, (args.in_channels, args.input_size, args.input_size)).to(device)
 
     def run(sampler, steps, interval):
         counter: list = []
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        settings = S.SamplerSettings(sampler=sampler, num_steps=steps, cfg_scale=args.cfg_scale,
+        settings = SamplerSettings(sampler=sampler, num_steps=steps, cfg_scale=args.cfg_scale,
                                      guidance_interval=interval)
-        S.sample_latents(model, diffusion, labels, settings, noise=noise,
-                         generator=S.sample_generators(0, range(len(labels))), denoiser_out=counter)
+        sample_latents(model, diffusion, labels, settings, noise=noise,
+                         generator=sample_generators(0, range(len(labels))), denoiser_out=counter)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start, counter[0]

@@ -100,6 +100,28 @@ def run_program(program: str, args: list[str], capsys, monkeypatch) -> tuple[int
     return code, out, err
 
 
+# ------------------------------------------------------------------------------ sampling
+
+
+def bulk_sample_with(model, objective, autoencoder, out, settings, *, num_samples: int, seed: int, batch_size: int,
+                     label_mode: str = "uniform", rank: int = 0, world_size: int = 1, barrier=None,
+                     **options):
+    """`dit.sampling.bulk.bulk_sample` from settings and an objective (None: the release chain
+    with the model's learned sigma), as sample.py builds its arguments: the sampler built once
+    for the autoencoder, the job and the ranks. `options`: provenance, keep_shards, progress,
+    on_shard_written."""
+    from dit.sampling.bulk import BulkJob, Ranks, bulk_sample
+    from dit.sampling.samplers import build_sampler
+    from dit.sampling.trained import diffusion_from_config
+
+    if objective is None:
+        objective = diffusion_from_config(None, getattr(model, "module", model).config.learn_sigma)
+    job = BulkJob(num_samples=num_samples, seed=seed, batch_size=batch_size, label_mode=label_mode,
+                  keep_shards=options.pop("keep_shards", False))
+    sampler = build_sampler(settings, objective, autoencoder)
+    return bulk_sample(model, sampler, autoencoder, out, job, ranks=Ranks(rank, world_size, barrier), **options)
+
+
 # ------------------------------------------------------------------------------ faults
 
 

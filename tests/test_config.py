@@ -240,7 +240,7 @@ def test_vae_takes_an_option_a_directory_or_a_hub_id_in_every_cli(image_root, tm
 
 def test_sample_and_eval_overrides_map_to_one_sampler_settings(compose):
     from dit.config import SampleMode, to_eval_config, to_sample_config
-    from dit.sampling import SamplerSettings
+    from dit.sampling.settings import SamplerSettings
 
     overrides = ["checkpoint=c.pt", "sampler=ddim", "sampler.num_steps=20", "sampler.eta=0.5", "guided_channels=all",
                  "guidance_interval=[100,700]", "grid.cfg_scale=3.0", "bulk.cfg_scale=2.0", "bulk.num_samples=10",
@@ -267,7 +267,7 @@ def test_sample_and_eval_overrides_map_to_one_sampler_settings(compose):
 
 
 def test_log_samples_are_sampler_settings_with_grid_defaults(image_root):
-    from dit.sampling import SamplerSettings
+    from dit.sampling.settings import SamplerSettings
 
     cfg = train_config([f"data.root={image_root}", "log.samples.sampler=ddim", "log.samples.eta=0.3"])
     assert isinstance(cfg.log.samples, SamplerSettings)

@@ -12,13 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-import dit.sampling as S
+from dit.sampling.guidance import GuidedDenoiser
+from dit.sampling.images import sample_latents
+from dit.sampling.loading import default_output_name, load_for_sampling, settings_path_for
+from dit.sampling.order import initial_noise, sample_generators
+from dit.sampling.samplers import build_sampler
+from dit.sampling.settings import SamplerMismatchError, SamplerSettings
+from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, trained_objective
 from dit.sampling.bulk import bulk_sample
 from dit.config import ConfigError, to_sample_config
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.io.release import release_family
 
-from conftest import compose_config, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+from conftest import bulk_sample_with, compose_config, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+
+
+def flow_sample(denoiser, flow, noise, settings, generator=None):
+    """(x, nfe) of the flow sampler `settings` name, through the one sampler interface."""
+    return build_sampler(settings, flow).sample(denoiser, noise, generator=generator)
 
 FLOW_RECORD = {"kind": "flow", "path": "linear", "prediction": "velocity", "time_sampling": "uniform",
                "logit_mean": 0.0, "logit_std": 1.0, "cosine_weight": 0.0, "network_time_scale": 1.0}
@@ -69,44 +80,44 @@ BEFORE_FLOW_SETTINGS = {"ddpm": dict(sampler="ddpm", num_steps=10, cfg_scale=1.5
 @pytest.mark.parametrize("name", ["ddpm", "ddim"])
 def test_diffusion_samples_are_the_values_from_before_flow_sampling_on_any_cpu(name, one_thread):
     model = tiny_dit(learn_sigma=True)
-    gens = S.sample_generators(7, [0, 1, 2])
-    noise = S.initial_noise(gens, (4, 8, 8))
-    x = S.sample_latents(model, None, torch.tensor([0, 3, 4]), S.SamplerSettings(**BEFORE_FLOW_SETTINGS[name]),
+    gens = sample_generators(7, [0, 1, 2])
+    noise = initial_noise(gens, (4, 8, 8))
+    x = sample_latents(model, None, torch.tensor([0, 3, 4]), SamplerSettings(**BEFORE_FLOW_SETTINGS[name]),
                          noise=noise, generator=gens)
     assert_close_across_cpus(x.flatten()[:6], BEFORE_FLOW[name])
     assert_close_across_cpus(x, np.load(BEFORE_FLOW_VALUES)[name])
     # `auto` on a diffusion model is DDPM itself, bit for bit
     if name == "ddpm":
         auto = dict(BEFORE_FLOW_SETTINGS[name], sampler="auto")
-        gens = S.sample_generators(7, [0, 1, 2])
-        noise = S.initial_noise(gens, (4, 8, 8))
-        y = S.sample_latents(model, None, torch.tensor([0, 3, 4]), S.SamplerSettings(**auto), noise=noise,
+        gens = sample_generators(7, [0, 1, 2])
+        noise = initial_noise(gens, (4, 8, 8))
+        y = sample_latents(model, None, torch.tensor([0, 3, 4]), SamplerSettings(**auto), noise=noise,
                              generator=gens)
         assert torch.equal(x, y)
 
 
 def test_auto_is_the_objectives_default_and_the_other_family_is_refused_naming_the_right_samplers():
-    assert S.SamplerSettings().for_objective("diffusion").sampler == "ddpm"
-    assert S.SamplerSettings().for_objective("flow").sampler == "sde"
-    heun = S.SamplerSettings(sampler="heun")
+    assert SamplerSettings().for_objective("diffusion").sampler == "ddpm"
+    assert SamplerSettings().for_objective("flow").sampler == "sde"
+    heun = SamplerSettings(sampler="heun")
     assert heun.for_objective("flow") is heun
-    with pytest.raises(S.SamplerMismatchError, match=r"objective=flow.*use sampler=euler\|heun\|sde\|dopri5"):
-        S.SamplerSettings(sampler="ddpm").for_objective("flow")
-    with pytest.raises(S.SamplerMismatchError, match=r"objective=diffusion.*use sampler=ddpm\|ddim\|dpm\+\+"):
+    with pytest.raises(SamplerMismatchError, match=r"objective=flow.*use sampler=euler\|heun\|sde\|dopri5"):
+        SamplerSettings(sampler="ddpm").for_objective("flow")
+    with pytest.raises(SamplerMismatchError, match=r"objective=diffusion.*use sampler=ddpm\|ddim\|dpm\+\+"):
         heun.for_objective("diffusion")
     model, noise = tiny_dit(), torch.randn(2, 4, 8, 8)
-    with pytest.raises(S.SamplerMismatchError, match="flow"):
-        S.sample_latents(model, FlowMatching(), torch.tensor([0, 1]), S.SamplerSettings(sampler="ddim"), noise=noise)
+    with pytest.raises(SamplerMismatchError, match="flow"):
+        sample_latents(model, FlowMatching(), torch.tensor([0, 1]), SamplerSettings(sampler="ddim"), noise=noise)
     # flow-only knobs are refused on diffusion samplers, diffusion time on flow samplers
     with pytest.raises(ValueError, match="shift=3.0 is a flow sampler's timestep shift"):
-        S.SamplerSettings(sampler="ddpm", shift=3.0).check()
+        SamplerSettings(sampler="ddpm", shift=3.0).check()
     with pytest.raises(ValueError, match="flow time with 0 <= lo <= hi <= 1"):
-        S.SamplerSettings(sampler="euler", guidance_interval=[100, 700]).check()
+        SamplerSettings(sampler="euler", guidance_interval=[100, 700]).check()
     with pytest.raises(ValueError, match="no x0 to clip"):
-        S.SamplerSettings(sampler="heun", clip_denoised=True).check()
+        SamplerSettings(sampler="heun", clip_denoised=True).check()
     # a diffusion record holds no flow knobs (as before); a flow record holds them and its NFE
-    assert "shift" not in S.SamplerSettings(sampler="ddpm").to_dict()
-    assert S.SamplerSettings(sampler="heun", num_steps=7).to_dict()["nfe"] == 14
+    assert "shift" not in SamplerSettings(sampler="ddpm").to_dict()
+    assert SamplerSettings(sampler="heun", num_steps=7).to_dict()["nfe"] == 14
 
 
 # ------------------------------------------------------------------------------ time conventions
@@ -137,30 +148,30 @@ def _standard_noise(n: int, d: int = 4) -> torch.Tensor:
 
 def test_a_sit_convention_network_samples_the_right_distribution_and_a_wrong_conversion_does_not():
     noise = _standard_noise(4000)
-    heun = S.SamplerSettings(sampler="heun", num_steps=50)
-    x, nfe = S.flow_sample(sit_network, FlowMatching("linear", network_time=SIT_TIME), noise, heun)
+    heun = SamplerSettings(sampler="heun", num_steps=50)
+    x, nfe = flow_sample(sit_network, FlowMatching("linear", network_time=SIT_TIME), noise, heun)
     assert nfe == heun.nfe == 100
     assert abs(x.mean().item() - MU) < 1e-3 and abs(x.std(0).mean().item() - STD) < 1e-3
     # SiT's record (dit.sampling.trained.RELEASE_OBJECTIVES) builds the same conversion
-    sit = S.trained_objective({"objective": S.RELEASE_OBJECTIVES["sit"]}, learn_sigma=True)
+    sit = trained_objective({"objective": RELEASE_OBJECTIVES["sit"]}, learn_sigma=True)
     assert sit.network_time == SIT_TIME
-    assert torch.equal(S.flow_sample(sit_network, sit, noise, heun)[0], x)
+    assert torch.equal(flow_sample(sit_network, sit, noise, heun)[0], x)
     # the SDE reaches it too (per-sample noise), and the time shift only moves the grid
-    sde = S.SamplerSettings(sampler="sde", num_steps=250)
-    xs, nfe = S.flow_sample(sit_network, sit, noise, sde, generator=torch.Generator().manual_seed(1))
+    sde = SamplerSettings(sampler="sde", num_steps=250)
+    xs, nfe = flow_sample(sit_network, sit, noise, sde, generator=torch.Generator().manual_seed(1))
     assert nfe == sde.nfe == 250
     assert abs(xs.mean().item() - MU) < 2e-2 and abs(xs.std(0).mean().item() - STD) < 2e-2
-    shifted = S.flow_sample(sit_network, sit, noise, S.SamplerSettings(sampler="heun", num_steps=50, shift=3.0))[0]
+    shifted = flow_sample(sit_network, sit, noise, SamplerSettings(sampler="heun", num_steps=50, shift=3.0))[0]
     assert abs(shifted.mean().item() - MU) < 1e-3
     # read as our convention (no 1 - t, no sign flip), or with only one of the two, it misses by far
     for wrong in (NetworkTime(), NetworkTime(scale=1000.0, data_at_one=True)):
-        bad = S.flow_sample(sit_network, FlowMatching("linear", network_time=wrong), noise, heun)[0]
+        bad = flow_sample(sit_network, FlowMatching("linear", network_time=wrong), noise, heun)[0]
         assert abs(bad.mean().item() - MU) > 0.3 or abs(bad.std(0).mean().item() - STD) > 0.3
 
     def time_only(x, s):  # 1 - t applied, but the velocity not negated
         return optimal_velocity(x, 1 - s)
 
-    bad = S.flow_sample(time_only, sit, noise, heun)[0]
+    bad = flow_sample(time_only, sit, noise, heun)[0]
     assert abs(bad.mean().item() - MU) > 0.3 or abs(bad.std(0).mean().item() - STD) > 0.3
 
 
@@ -171,12 +182,12 @@ def test_guidance_interval_is_in_flow_time_whatever_the_network_receives(network
     model, labels, noise = tiny_dit(), torch.tensor([0, 1, 2]), torch.randn(3, 4, 8, 8)
     flow = FlowMatching("linear", network_time=network_time)
     out = []
-    S.sample_latents(model, flow, labels, S.SamplerSettings(sampler="euler", num_steps=5, cfg_scale=2.0,
+    sample_latents(model, flow, labels, SamplerSettings(sampler="euler", num_steps=5, cfg_scale=2.0,
                                                             guidance_interval=[0.3, 0.7]),
                      noise=noise, denoiser_out=out)
     assert out[0].calls == 5 and out[0].rows == 2 * 2 * 3 + 3 * 3
     seen = []
-    denoiser = S.GuidedDenoiser(model, labels, S.SamplerSettings(sampler="euler", cfg_scale=2.0), network_time)
+    denoiser = GuidedDenoiser(model, labels, SamplerSettings(sampler="euler", cfg_scale=2.0), network_time)
     for t in (1.0, 0.25):
         seen.append(denoiser.step_time(network_time(torch.full((3,), t))))
     assert seen == pytest.approx([1.0, 0.25])
@@ -185,20 +196,20 @@ def test_guidance_interval_is_in_flow_time_whatever_the_network_receives(network
 def test_flow_nfe_is_counted_per_sampler_and_guidance_matches_mixing_the_velocities():
     model, labels, noise = tiny_dit(), torch.tensor([0, 4]), torch.randn(2, 4, 8, 8)
     flow = FlowMatching("linear")
-    for settings in (S.SamplerSettings(sampler="euler", num_steps=4), S.SamplerSettings(sampler="heun", num_steps=3),
-                     S.SamplerSettings(sampler="sde", num_steps=5), S.SamplerSettings(sampler="sde", num_steps=5,
+    for settings in (SamplerSettings(sampler="euler", num_steps=4), SamplerSettings(sampler="heun", num_steps=3),
+                     SamplerSettings(sampler="sde", num_steps=5), SamplerSettings(sampler="sde", num_steps=5,
                                                                                      last_step=None)):
         out = []
-        S.sample_latents(model, flow, labels, settings, noise=noise, denoiser_out=out,
+        sample_latents(model, flow, labels, settings, noise=noise, denoiser_out=out,
                          generator=torch.Generator().manual_seed(0))
         assert out[0].calls == settings.nfe, settings.sampler
     out = []
-    S.sample_latents(model, flow, labels, S.SamplerSettings(sampler="dopri5", cfg_scale=1.0), noise=noise,
+    sample_latents(model, flow, labels, SamplerSettings(sampler="dopri5", cfg_scale=1.0), noise=noise,
                      denoiser_out=out)
-    assert out[0].calls >= 6 and S.SamplerSettings(sampler="dopri5").to_dict()["nfe"] is None
+    assert out[0].calls >= 6 and SamplerSettings(sampler="dopri5").to_dict()["nfe"] is None
     # one guided Euler step = the Euler step of uncond + s (cond - uncond) on the guided channels
     s = 2.5
-    x = S.sample_latents(model, flow, labels, S.SamplerSettings(sampler="euler", num_steps=1, cfg_scale=s,
+    x = sample_latents(model, flow, labels, SamplerSettings(sampler="euler", num_steps=1, cfg_scale=s,
                                                                 guided_channels="all"), noise=noise)
     t = torch.ones(2)
     with torch.no_grad():
@@ -211,10 +222,10 @@ def test_flow_nfe_is_counted_per_sampler_and_guidance_matches_mixing_the_velocit
 
 
 def _flow_bulk(model, out, **kw):
-    settings = S.SamplerSettings(sampler="sde", num_steps=4, cfg_scale=1.5)
+    settings = SamplerSettings(sampler="sde", num_steps=4, cfg_scale=1.5)
     args = dict(num_samples=7, seed=3, progress=False, provenance={"checkpoint": "tiny", "objective": FLOW_RECORD})
     args.update(kw)
-    return bulk_sample(model, FlowMatching("linear"), SquashAE(), out, settings, **args)
+    return bulk_sample_with(model, FlowMatching("linear"), SquashAE(), out, settings, **args)
 
 
 def test_flow_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption(tmp_path):
@@ -238,7 +249,7 @@ def test_flow_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interru
     b, c = tmp_path / "b.npz", tmp_path / "c.npz"
     assert a.read_bytes() == b.read_bytes() == c.read_bytes()
     assert len(np.unique(np.load(a)["arr_0"])) > 50
-    settings = json.loads(S.settings_path_for(a).read_text())
+    settings = json.loads(settings_path_for(a).read_text())
     assert settings["sampler"] == "sde" and settings["nfe"] == 4 and settings["objective"] == FLOW_RECORD
     assert settings["diffusion_form"] == "sigma" and settings["last_step_size"] == 0.04
 
@@ -261,16 +272,16 @@ def test_sample_py_on_a_flow_checkpoint_defaults_to_the_sde_and_refuses_diffusio
     ckpt = _flow_checkpoint(tmp_path)
     common = [f"checkpoint={ckpt}", "device=cpu", "sampler.num_steps=3"]
     grid = generate_grid(compose_config("sample", [*common, "grid.labels=[0,1]", f"grid.out={tmp_path / 'g.png'}"]))
-    settings = json.loads(S.settings_path_for(grid).read_text())
+    settings = json.loads(settings_path_for(grid).read_text())
     assert (settings["sampler"], settings["nfe"], settings["objective"]) == ("sde", 3, FLOW_RECORD)
     assert "diffusion" not in settings
     dopri = generate_grid(compose_config("sample", [*common, "sampler=dopri5", "grid.labels=[0,1]",
                                                     f"grid.out={tmp_path / 'd.png'}"]))
-    assert json.loads(S.settings_path_for(dopri).read_text())["nfe"] >= 6  # counted, not a formula
+    assert json.loads(settings_path_for(dopri).read_text())["nfe"] >= 6  # counted, not a formula
     provenance = {"checkpoint": str(ckpt), "step": 11, "which": "ema"}
-    assert "-dopri5-rtol0.001-cfg" in S.default_output_name(provenance, S.SamplerSettings(sampler="dopri5"), seed=0)
-    assert "-euler20-cfg1.5-g3-shift3-gi0.1-0.7-" in S.default_output_name(
-        provenance, S.SamplerSettings(sampler="euler", num_steps=20, shift=3.0, guidance_interval=[0.1, 0.7]), seed=0)
+    assert "-dopri5-rtol0.001-cfg" in default_output_name(provenance, SamplerSettings(sampler="dopri5"), seed=0)
+    assert "-euler20-cfg1.5-g3-shift3-gi0.1-0.7-" in default_output_name(
+        provenance, SamplerSettings(sampler="euler", num_steps=20, shift=3.0, guidance_interval=[0.1, 0.7]), seed=0)
     with pytest.raises(ConfigError, match=r"flow\.pt: unknown sampler 'ddim'.*use sampler=euler\|heun\|sde\|dopri5"):
         generate_bulk(compose_config("sample", [*common, "sampler=ddim", "mode=bulk", "bulk.num_samples=2",
                                                 f"bulk.out={tmp_path / 'x.npz'}"]))
@@ -279,7 +290,7 @@ def test_sample_py_on_a_flow_checkpoint_defaults_to_the_sde_and_refuses_diffusio
                                                   "bulk.batch_size=2"]))
     assert out.name.startswith("flow-ema-step11-heun3-cfg1.5-g3-seed0-n3")
     out.unlink()
-    S.settings_path_for(out).unlink()
+    settings_path_for(out).unlink()
 
 
 @pytest.mark.slow
@@ -309,32 +320,32 @@ def test_sit_release_layout_loads_as_a_flow_model_whose_network_receives_one_min
     assert (release_family(sit), release_family(dit_file), release_family("sit-xl-2-256x256.pt")) == (
         "sit", "dit", "sit")
 
-    loaded, _, provenance = S.load_for_sampling(sit, vae=str(tiny_vae_dir), num_heads=2)
-    assert provenance["objective"] == S.RELEASE_OBJECTIVES["sit"] and "diffusion" not in provenance
-    objective = S.trained_objective(provenance, loaded.config.learn_sigma)
+    loaded, _, provenance = load_for_sampling(sit, vae=str(tiny_vae_dir), num_heads=2)
+    assert provenance["objective"] == RELEASE_OBJECTIVES["sit"] and "diffusion" not in provenance
+    objective = trained_objective(provenance, loaded.config.learn_sigma)
     assert isinstance(objective, FlowMatching) and objective.network_time == SIT_TIME
-    _, _, dit_provenance = S.load_for_sampling(dit_file, vae=str(tiny_vae_dir), num_heads=2)
-    assert "objective" not in dit_provenance and dit_provenance["diffusion"] == S.RELEASE_CHAIN
+    _, _, dit_provenance = load_for_sampling(dit_file, vae=str(tiny_vae_dir), num_heads=2)
+    assert "objective" not in dit_provenance and dit_provenance["diffusion"] == RELEASE_CHAIN
 
     # Euler by hand in SiT's own terms: its time s = 1 - t goes in, x0 - eps comes out (first C channels)
     labels, noise = torch.tensor([1, 3]), torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = S.sample_latents(loaded, objective, labels, S.SamplerSettings(sampler="euler", num_steps=4,
+    ours = sample_latents(loaded, objective, labels, SamplerSettings(sampler="euler", num_steps=4,
                                                                          cfg_scale=1.0), noise=noise)
     x = noise.clone()
     with torch.no_grad():
         for s in (0.0, 0.25, 0.5, 0.75):  # SiT integrates s from 0 (noise) to 1 (data)
             x = x + 0.25 * model(x, torch.full((2,), s), labels)[:, :4]
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
-    with pytest.raises(S.SamplerMismatchError, match="objective=flow"):
-        S.sample_latents(loaded, objective, labels, S.SamplerSettings(sampler="ddpm"), noise=noise)
+    with pytest.raises(SamplerMismatchError, match="objective=flow"):
+        sample_latents(loaded, objective, labels, SamplerSettings(sampler="ddpm"), noise=noise)
 
 
 def test_release_format_reads_a_renamed_sit_file_as_sit_and_a_bad_value_is_refused(tmp_path, tiny_vae_dir, compose):
     renamed = tmp_path / "my_flow_model.pt"  # SiT's weights under a name that says nothing
     torch.save(tiny_dit(learn_sigma=True).state_dict(), renamed)
-    _, _, by_name = S.load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2)
-    _, _, said = S.load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2, release_format="sit")
-    assert "objective" not in by_name and said["objective"] == S.RELEASE_OBJECTIVES["sit"]
+    _, _, by_name = load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2)
+    _, _, said = load_for_sampling(renamed, vae=str(tiny_vae_dir), num_heads=2, release_format="sit")
+    assert "objective" not in by_name and said["objective"] == RELEASE_OBJECTIVES["sit"]
     assert release_family(tmp_path / "SiT-XL-2-256.pt", "dit") == "dit"  # said wins over the name
     assert to_sample_config(compose("sample", [f"checkpoint={renamed}", "release_format=sit"])).release_format == "sit"
     with pytest.raises(ConfigError, match="release_format='sitt'"):
@@ -352,7 +363,7 @@ SAMPLING = {"sampler": "euler", "num_steps": 4, "cfg_scale": 2.0}
 
 @pytest.mark.slow
 def test_eval_every_on_a_flow_run_equals_eval_fid_on_its_checkpoint(tmp_path):
-    from dit.scoring.evaluate import generate_and_evaluate
+    from dit.cli.eval_fid import generate_and_evaluate
     from dit.io.npz import write_samples_npz
     from dit.data.toy import make_toy_arrays
     from dit.train import run_training

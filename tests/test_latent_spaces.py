@@ -24,7 +24,9 @@ from dit.io.checkpoint import save_atomic
 from dit.config import known_downsample_factor
 from dit.data import LatentCacheDataset, build_latent_cache
 from dit.cli.latent_stats import measure_cache, measure_images
-from dit.sampling import GuidedDenoiser, SamplerSettings, load_for_sampling
+from dit.sampling.guidance import GuidedDenoiser
+from dit.sampling.loading import load_for_sampling
+from dit.sampling.settings import SamplerSettings
 
 
 def _kl(path, **config):

@@ -21,7 +21,11 @@ import pytest
 
 from dit.scoring.judge import ToyJudge
 from dit.cli.quickstart import main as quickstart_main
-from dit.sampling import SamplerSettings, generate_samples, load_for_sampling
+from dit.sampling.images import SampleOrder, generate_samples
+from dit.sampling.samplers import build_sampler
+from dit.sampling.trained import diffusion_from_config
+from dit.sampling.loading import load_for_sampling
+from dit.sampling.settings import SamplerSettings
 from dit.data.toy import NUM_CLASSES, make_toy_arrays
 from dit.train import run_training
 
@@ -47,8 +51,9 @@ def score_checkpoint(path: Path, judge: ToyJudge, real: np.ndarray, judge_report
     model, autoencoder, _ = load_for_sampling(path)
     labels = np.arange(NUM_SAMPLES) % NUM_CLASSES
     settings = SamplerSettings(sampler="ddim", num_steps=20, cfg_scale=CFG_SCALE, guided_channels="all")
-    images, labels = generate_samples(
-        model, None, autoencoder, range(NUM_SAMPLES), settings, seed=0, labels=labels, batch_size=NUM_SAMPLES)
+    sampler = build_sampler(settings, diffusion_from_config(None, model.config.learn_sigma), autoencoder)
+    images, labels = generate_samples(model, sampler, autoencoder, range(NUM_SAMPLES),
+                                      SampleOrder(seed=0, batch_size=NUM_SAMPLES, labels=labels))
     return judge_report(images, labels, real, judge=judge)
 
 

@@ -32,7 +32,7 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError, named_tensors
 from dit.train.resume import checkpoint_path, list_checkpoints
 
-from conftest import FullDisk, compose_config, single_thread, tiny_dit, train_config
+from conftest import bulk_sample_with, FullDisk, compose_config, single_thread, tiny_dit, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40  # ~1 s of training: long enough for a signal to land mid-run
@@ -492,11 +492,13 @@ class _NoFeatures:
 
 def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_nothing(tmp_path):
     import dit.scoring.metrics as M
-    import dit.sampling as S
+    from dit.sampling.images import sample_latents
+    from dit.sampling.loading import load_for_sampling
+    from dit.sampling.settings import SamplerSettings
     from dit.autoencoder import build_autoencoder
     from dit.sampling.bulk import bulk_sample
     from dit.io.npz import write_samples_npz
-    from dit.sampling import SamplerSettings
+    from dit.sampling.settings import SamplerSettings
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
     model, _ = load_dit_checkpoint(ckpt)
@@ -504,7 +506,7 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
     noise = torch.randn(2, 3, 8, 8)
     samples = write_samples_npz(tmp_path / "samples.npz", np.zeros((2, 8, 8, 3), np.uint8))
     ddim2 = SamplerSettings(sampler="ddim", num_steps=2)
-    out = bulk_sample(model, None, pixel, tmp_path / "bulk.npz", ddim2, num_samples=2, seed=0, batch_size=2,
+    out = bulk_sample_with(model, None, pixel, tmp_path / "bulk.npz", ddim2, num_samples=2, seed=0, batch_size=2,
                       progress=False)
     written = {p: p.read_bytes() for p in (samples, out, ckpt)}
     np.savez(tmp_path / "ref.npz", features=np.zeros((4, 3)))
@@ -512,12 +514,12 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
     cases = {  # what: (call, error type, pattern naming the problem ... and the fix)
         "unknown model name": (lambda: load_dit_checkpoint(ckpt, model_name="DiT-Q/3"), ValueError,
                                r"unknown model 'DiT-Q/3': choose one of DiT-S/2"),
-        "class label out of range": (lambda: S.sample_latents(model, None, torch.tensor([0, 5]),
+        "class label out of range": (lambda: sample_latents(model, None, torch.tensor([0, 5]),
                                                               SamplerSettings(cfg_scale=1.5, num_steps=2), noise=noise),
                                      ValueError, r"class label 5 is out of range: this model has classes 0\.\.4"),
-        "cfg scale < 0": (lambda: S.sample_latents(model, None, torch.tensor([0, 1]),
+        "cfg scale < 0": (lambda: sample_latents(model, None, torch.tensor([0, 1]),
                                                    SamplerSettings(cfg_scale=-0.5, num_steps=2), noise=noise), ValueError, r"cfg_scale must be >= 0 \(1 = no guidance\)"),
-        "sample count <= 0": (lambda: bulk_sample(model, None, pixel, out, SamplerSettings(), num_samples=0, seed=0,
+        "sample count <= 0": (lambda: bulk_sample_with(model, None, pixel, out, SamplerSettings(), num_samples=0, seed=0,
                                                   batch_size=32), ValueError,
                               r"num_samples must be >= 1, got 0"),
         "ref .npz without mu/sigma or images": (
@@ -526,7 +528,7 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
         "samples not uint8": (lambda: write_samples_npz(samples, np.zeros((2, 8, 8, 3), np.float32)), TypeError,
                               r"samples must be uint8 .*convert samples in \[-1, 1\] with dit.sampling.to_uint8"),
         "other settings into an existing .npz": (
-            lambda: bulk_sample(model, None, pixel, out, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=3.0),
+            lambda: bulk_sample_with(model, None, pixel, out, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=3.0),
                                 num_samples=2, seed=0, batch_size=2, progress=False),
             ValueError, r"different settings \(cfg_scale\): delete it to start over, or choose another output path"),
     }
@@ -565,7 +567,7 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     load_dit_checkpoint: test_checkpoint.py; latents cache shards: test_data.py; sample files
     and Inception weights: test_metrics.py)."""
     import dit.scoring.metrics as M
-    import dit.sampling as S
+
     from dit.autoencoder import build_autoencoder
     from dit.sampling.bulk import bulk_sample
 
@@ -591,7 +593,7 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     release = tmp_path / "DiT-release.pt"
     torch.save({**good["ema"], "pos_embed": payload}, release)
     with pytest.raises(UnsafeCheckpointError):
-        S.load_for_sampling(release, vae="pixel")
+        load_for_sampling(release, vae="pixel")
 
     # Reference statistics: an object array (pickled) where `mu` should be.
     np.savez(tmp_path / "ref.npz", mu=np.array([payload], dtype=object), sigma=np.eye(1))
@@ -604,8 +606,8 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     parts.mkdir()
     np.savez(parts / "shard-00000000.npz", idx=np.array([payload], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle=False"):
-        bulk_sample(model, None, build_autoencoder("pixel"), tmp_path / "out.npz",
-                    S.SamplerSettings(sampler="ddim", num_steps=2), num_samples=2, seed=0, batch_size=2, progress=False)
+        bulk_sample_with(model, None, build_autoencoder("pixel"), tmp_path / "out.npz",
+                    SamplerSettings(sampler="ddim", num_steps=2), num_samples=2, seed=0, batch_size=2, progress=False)
 
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: an unsafe load runs it

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FullDisk, compose_config, single_thread, tiny_dit, write_random_inception_weights
+from conftest import bulk_sample_with, FullDisk, compose_config, single_thread, tiny_dit, write_random_inception_weights
 
 
 class _RunsShellOnLoad:
@@ -108,7 +108,8 @@ def _sample(*overrides):
 def test_nonfinite_sampling_fails_naming_the_checkpoint_and_settings_and_writes_nothing(tmp_path):
     from dit.config import ConfigError
     from dit.sampling.generate import generate_bulk, generate_grid
-    from dit.sampling import NonFiniteSamplesError, SamplerSettings, sample_images
+    from dit.sampling.images import NonFiniteSamplesError, sample_images
+    from dit.sampling.settings import SamplerSettings
 
     ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
     out = tmp_path / "out" / "s.npz"
@@ -260,7 +261,7 @@ class _PoolingFeatures:
 def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that_is_not_psd(tmp_path,
                                                                                          inception_weights):
     import dit.scoring.metrics as M
-    from dit.scoring.evaluate import evaluate_samples
+    from dit.cli.eval_fid import evaluate_samples
     from dit.io.npz import write_npz_atomic, write_samples_npz
 
     rng = np.random.default_rng(0)
@@ -271,7 +272,7 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
     for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # computed, then cached statistics (meta)
         reference = M.load_reference(ref32, ex, cache_dir=cache)
         with pytest.raises(ValueError, match=mismatch):
-            M.compute_metrics(samples16, reference, ex, isc=False, prc=False)
+            M.compute_metrics(samples16, reference, ex, M.MetricOptions(isc=False, prc=False))
     # An ADM-style batch (mu/sigma plus images) knows its resolution from its images.
     stats = M.compute_stats(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), ex)
     write_npz_atomic(tmp_path / "adm32.npz", {"arr_0": np.zeros((3, 32, 32, 3), np.uint8), "mu": stats.mu,
@@ -280,9 +281,9 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
     inception_like.name = "inception"
     with pytest.raises(ValueError, match="samples are 16x16 but the images of reference .*adm32.npz are 32x32"):
         M.compute_metrics(samples16, M.load_reference(tmp_path / "adm32.npz", inception_like, need_features=False),
-                          inception_like, isc=False, prc=False)
+                          inception_like, M.MetricOptions(isc=False, prc=False))
     same = M.compute_metrics(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), M.load_reference(ref32, ex), ex,
-                             isc=False, prc=False)
+                             M.MetricOptions(isc=False, prc=False))
     assert same["fid"] > 0  # the same resolution is scored
 
     # Through eval_fid.py, with the real Inception network (which would resize anything to 299).
@@ -301,12 +302,12 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
     with pytest.raises(ValueError, match=r"reference .*not_psd.npz: sigma is not positive semi-definite "
                                          r"\(smallest eigenvalue -2.*recompute its statistics"):
         M.compute_metrics(samples16, M.load_reference(tmp_path / "not_psd.npz", inception_like), inception_like,
-                          isc=False, prc=False)
+                          M.MetricOptions(isc=False, prc=False))
     skew = stats.sigma + np.triu(np.full((12, 12), 1e-2 * np.abs(stats.sigma).max()), 1)
     write_npz_atomic(tmp_path / "skew.npz", {"mu": stats.mu, "sigma": skew})
     with pytest.raises(ValueError, match=r"reference .*skew.npz: sigma is not symmetric"):
         M.compute_metrics(samples16, M.load_reference(tmp_path / "skew.npz", inception_like), inception_like,
-                          isc=False, prc=False)
+                          M.MetricOptions(isc=False, prc=False))
     with pytest.raises(ValueError, match="second set: sigma is not positive semi-definite"):
         M.frechet_distance(np.zeros(12), np.eye(12), np.zeros(12), broken)
 
@@ -322,7 +323,8 @@ def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk
     from dit.io.checkpoint import load_dit_checkpoint
     from dit.config import ConfigError
     from dit.sampling.generate import generate_bulk, generate_grid
-    from dit.sampling import SamplerSettings, settings_path_for
+    from dit.sampling.loading import settings_path_for
+    from dit.sampling.settings import SamplerSettings
 
     ckpt = _pixel_checkpoint(tmp_path / "pix.pt")
     out = tmp_path / "out"
@@ -334,7 +336,7 @@ def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk
         assert not out.exists()
     model, _ = load_dit_checkpoint(ckpt)
     with pytest.raises(ValueError, match=r"bulk output .*X.json must end in .npz"):
-        bulk_sample(model, None, build_autoencoder("pixel"), out / "X.json", SamplerSettings(num_steps=2),
+        bulk_sample_with(model, None, build_autoencoder("pixel"), out / "X.json", SamplerSettings(num_steps=2),
                     num_samples=2, seed=0, batch_size=2, progress=False)
     assert not out.exists()
 
@@ -400,7 +402,7 @@ def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holde
 
 
 def test_atomic_writes_go_through_a_symlink_and_never_replace_what_is_not_a_regular_file(tmp_path):
-    from dit.scoring.evaluate import append_results_row
+    from dit.scoring.table import append_results_row
     from dit.io.atomic import write_text_atomic
     from dit.io.npz import write_npz_atomic
 
@@ -449,14 +451,14 @@ def _open_on_a_full_disk(match: str, room: int = 64):
 
 def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, monkeypatch):
     import dit.data.cache
-    import dit.scoring.evaluate
+    import dit.scoring.table
     import dit.io.npz
     from PIL import Image
 
     from dit.autoencoder import build_autoencoder
     from dit.data import build_latent_cache
     from dit.data.latents import LatentCacheDataset
-    from dit.scoring.evaluate import append_results_row
+    from dit.scoring.table import append_results_row
     from dit.io.atomic import FileWriteError
     from dit.io.npz import write_samples_npz
 
@@ -503,7 +505,7 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
     # The results table.
     table = tmp_path / "results.csv"
     append_results_row(table, {"fid": 1.0})
-    monkeypatch.setattr(dit.scoring.evaluate, "open", _open_on_a_full_disk("results.csv", room=0), raising=False)
+    monkeypatch.setattr(dit.scoring.table, "open", _open_on_a_full_disk("results.csv", room=0), raising=False)
     with pytest.raises(FileWriteError) as err:
         append_results_row(table, {"fid": 2.0})
     assert_names(err, table)

@@ -16,11 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-from dit import sampling as S
+from dit.sampling.diffusion import sampling_chain
+from dit.io.files import to_uint8
+from dit.sampling.guidance import GuidedDenoiser
+from dit.sampling.images import sample_latents
+from dit.sampling.loading import settings_path_for
+from dit.sampling.order import (initial_noise, rank_indices, sample_blocks, sample_generators, sample_labels,
+                                sample_seed)
+from dit.sampling.settings import SamplerSettings
 from dit.sampling.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
-from conftest import single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+from conftest import bulk_sample_with, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,11 +46,11 @@ class SquashAE(torch.nn.Module):
 
 
 def latents(model, labels, indices, seed=0, **kw):
-    gens = S.sample_generators(seed, indices)
+    gens = sample_generators(seed, indices)
     cfg = model.config
-    noise = S.initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
+    noise = initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
     kw.setdefault("cfg_scale", 2.0)
-    return S.sample_latents(model, None, torch.tensor(labels), S.SamplerSettings(**kw), noise=noise, generator=gens)
+    return sample_latents(model, None, torch.tensor(labels), SamplerSettings(**kw), noise=noise, generator=gens)
 
 
 # ------------------------------------------------------------------------------ basics
@@ -51,30 +58,30 @@ def latents(model, labels, indices, seed=0, **kw):
 
 def test_to_uint8_is_the_reference_conversion_to_nhwc():
     x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 3.0]).reshape(1, 1, 1, 8).expand(1, 3, 2, 8)
-    out = S.to_uint8(x)
+    out = to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 2, 8, 3)
     expected = np.clip(127.5 * x.numpy() + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(out, expected)
     assert out[0, 0, :, 0].tolist() == [0, 0, 0, 128, 191, 255, 255, 255]  # truncation, clamping
     with pytest.raises(ValueError, match="N, 3, H, W"):
-        S.to_uint8(torch.zeros(2, 4, 8, 8))
+        to_uint8(torch.zeros(2, 4, 8, 8))
 
 
 def test_seeds_and_labels_depend_only_on_the_run_seed_and_the_sample_index():
-    assert S.sample_seed(0, 5) == S.sample_seed(0, 5)
-    seeds = {S.sample_seed(s, i, stream) for s in (0, 1) for i in range(50) for stream in (0, 1)}
+    assert sample_seed(0, 5) == sample_seed(0, 5)
+    seeds = {sample_seed(s, i, stream) for s in (0, 1) for i in range(50) for stream in (0, 1)}
     assert len(seeds) == 200  # all distinct
-    full = S.sample_labels(3, range(40), 7, "uniform")
-    np.testing.assert_array_equal(S.sample_labels(3, [10, 11, 39], 7, "uniform"), full[[10, 11, 39]])
+    full = sample_labels(3, range(40), 7, "uniform")
+    np.testing.assert_array_equal(sample_labels(3, [10, 11, 39], 7, "uniform"), full[[10, 11, 39]])
     assert 0 <= full.min() and full.max() < 7 and len(set(full.tolist())) > 3
-    assert S.sample_labels(3, range(12), 5, "balanced").tolist() == [i % 5 for i in range(12)]
+    assert sample_labels(3, range(12), 5, "balanced").tolist() == [i % 5 for i in range(12)]
     with pytest.raises(ValueError, match="label mode"):
-        S.sample_labels(0, [0], 5, "sorted")
+        sample_labels(0, [0], 5, "sorted")
 
 
 def test_a_samples_noise_does_not_depend_on_its_batch():
-    gens_all, gens_part = S.sample_generators(4, range(6)), S.sample_generators(4, [2, 3])
-    assert torch.equal(S.initial_noise(gens_all, (4, 8, 8))[2:4], S.initial_noise(gens_part, (4, 8, 8)))
+    gens_all, gens_part = sample_generators(4, range(6)), sample_generators(4, [2, 3])
+    assert torch.equal(initial_noise(gens_all, (4, 8, 8))[2:4], initial_noise(gens_part, (4, 8, 8)))
     # Per-step noise (DDPM, DDIM with eta > 0) continues each sample's own generator.
     chain = create_diffusion("")
     step_all = chain._randn((6, 4, 8, 8), gens_all, "cpu")
@@ -83,13 +90,13 @@ def test_a_samples_noise_does_not_depend_on_its_batch():
 
 
 def test_blocks_fix_which_samples_share_a_batch_on_any_rank():
-    assert [b.tolist() for b in S.sample_blocks(range(10), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [b.tolist() for b in S.sample_blocks([8, 9, 0, 1, 2], 4)] == [[8, 9], [0, 1, 2]]
-    one = S.rank_indices(10, 4, 0, 1)
-    two = [S.rank_indices(10, 4, r, 2) for r in range(2)]
+    assert [b.tolist() for b in sample_blocks(range(10), 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [b.tolist() for b in sample_blocks([8, 9, 0, 1, 2], 4)] == [[8, 9], [0, 1, 2]]
+    one = rank_indices(10, 4, 0, 1)
+    two = [rank_indices(10, 4, r, 2) for r in range(2)]
     assert one.tolist() == list(range(10))
     assert two[0].tolist() == [0, 1, 2, 3, 8, 9] and two[1].tolist() == [4, 5, 6, 7]
-    assert S.rank_indices(10, 4, 1, 2, skip_blocks={0}).tolist() == [8, 9]
+    assert rank_indices(10, 4, 1, 2, skip_blocks={0}).tolist() == [8, 9]
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 8), ("ddim", 6), ("dpm++", 5)])
@@ -110,22 +117,22 @@ def test_cfg_scale_one_is_the_conditional_model_with_no_null_pass():
     rows = []  # rows of every network pass (the patch embedder sees them all, CFG passes included)
     hook = model.x_embedder.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
     y = torch.tensor([1, 3, 4])
-    gens = S.sample_generators(0, range(3))
-    noise = S.initial_noise(gens, (4, 8, 8))
-    ours = S.sample_latents(model, None, y, S.SamplerSettings(cfg_scale=1.0, sampler="ddim", num_steps=6), noise=noise)
+    gens = sample_generators(0, range(3))
+    noise = initial_noise(gens, (4, 8, 8))
+    ours = sample_latents(model, None, y, SamplerSettings(cfg_scale=1.0, sampler="ddim", num_steps=6), noise=noise)
     hook.remove()
     assert rows == [3] * 6  # one pass of B rows per step: no unconditional half
     # The lead's DDIM loop on the plain conditional network, same chain, same noise.
-    chain = S.sampling_chain(create_diffusion(""), 6)
+    chain = sampling_chain(create_diffusion(""), 6)
     with torch.no_grad():
         reference = chain.ddim_sample_loop(model, noise.shape, noise=noise, model_kwargs={"y": y})
     assert torch.equal(ours, reference)
     # DDPM (stochastic): one sample, one generator, equals the lead's p_sample_loop.
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    ours = S.sample_latents(model, None, y[:1], S.SamplerSettings(cfg_scale=1.0, sampler="ddpm", num_steps=5),
+    ours = sample_latents(model, None, y[:1], SamplerSettings(cfg_scale=1.0, sampler="ddpm", num_steps=5),
                             noise=noise[:1], generator=g1)
     with torch.no_grad():
-        reference = S.sampling_chain(create_diffusion(""), 5).p_sample_loop(
+        reference = sampling_chain(create_diffusion(""), 5).p_sample_loop(
             model, noise[:1].shape, noise=noise[:1], model_kwargs={"y": y[:1]}, generator=g2)
     assert torch.equal(ours, reference)
 
@@ -136,7 +143,7 @@ def test_guidance_mixes_cond_and_uncond_only_on_the_guided_channels(guided_chann
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2])
     scale = 3.0
     with torch.no_grad():
-        out = S.GuidedDenoiser(model, y, S.SamplerSettings(cfg_scale=scale, guided_channels=guided_channels))(x, t)
+        out = GuidedDenoiser(model, y, SamplerSettings(cfg_scale=scale, guided_channels=guided_channels))(x, t)
         cond = model(x, t, y)
         uncond = model(x, t, torch.full_like(y, model.config.num_classes))
     k = 4 if guided_channels == "all" else 3
@@ -194,32 +201,32 @@ def test_dpm_solver_and_ddim_solve_the_same_ode():
 def test_bad_sampling_inputs_fail_with_a_clear_message():
     model = tiny_dit()
     noise = torch.randn(2, 4, 8, 8)
-    Settings = S.SamplerSettings
+    Settings = SamplerSettings
     with pytest.raises(ValueError, match="class label 5 is out of range"):
-        S.sample_latents(model, None, torch.tensor([0, 5]), Settings(cfg_scale=1.5, num_steps=2), noise=noise)
+        sample_latents(model, None, torch.tensor([0, 5]), Settings(cfg_scale=1.5, num_steps=2), noise=noise)
     with pytest.raises(ValueError, match="cfg_scale must be >= 0"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=-1, num_steps=2), noise=noise)
+        sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=-1, num_steps=2), noise=noise)
     with pytest.raises(ValueError, match="unknown sampler"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler="euler"), noise=noise)
+        sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler="euler"), noise=noise)
     for sampler in ("ddpm", "ddim"):  # one step used to crash deep in the chain with an IndexError
         with pytest.raises(ValueError, match=f"the {sampler} sampler needs num_steps >= 2"):
-            S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler=sampler, num_steps=1),
+            sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, sampler=sampler, num_steps=1),
                              noise=noise)
     with pytest.raises(ValueError, match="noise must be"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=2), noise=noise[:, :3])
+        sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=2), noise=noise[:, :3])
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
-        S.sample_latents(tiny_dit(class_dropout_prob=0.0), None, torch.tensor([0, 1]), Settings(cfg_scale=1.5),
+        sample_latents(tiny_dit(class_dropout_prob=0.0), None, torch.tensor([0, 1]), Settings(cfg_scale=1.5),
                          noise=noise)
     with pytest.raises(ValueError, match="already respaced"):
-        S.sample_latents(model, create_diffusion("10"), torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=5),
+        sample_latents(model, create_diffusion("10"), torch.tensor([0, 1]), Settings(cfg_scale=1.5, num_steps=5),
                          noise=noise)
     with pytest.raises(ValueError, match="guided_channels must be 1..4 or 'all'"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.0, guided_channels=5), noise=noise)
+        sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=1.0, guided_channels=5), noise=noise)
     with pytest.raises(ValueError, match="guidance_interval"):
-        S.sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=2.0, guidance_interval=[700, 300]),
+        sample_latents(model, None, torch.tensor([0, 1]), Settings(cfg_scale=2.0, guidance_interval=[700, 300]),
                          noise=noise)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
-        bulk_sample(model, None, SquashAE(), "x.npz", Settings(), num_samples=0, seed=0, batch_size=32)
+        bulk_sample_with(model, None, SquashAE(), "x.npz", Settings(), num_samples=0, seed=0, batch_size=32)
 
 
 # ------------------------------------------------------------------------------ bulk sampling
@@ -229,7 +236,7 @@ def _bulk(model, out, **kw):
     settings = dict(sampler="ddpm", num_steps=4, cfg_scale=kw.pop("cfg_scale", 1.5))
     args = dict(num_samples=7, seed=3, progress=False, provenance={"checkpoint": "tiny"})
     args.update(kw)
-    return bulk_sample(model, None, SquashAE(), out, S.SamplerSettings(**settings), **args)
+    return bulk_sample_with(model, None, SquashAE(), out, SamplerSettings(**settings), **args)
 
 
 def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption(tmp_path):
@@ -262,9 +269,9 @@ def test_bulk_npz_is_byte_identical_for_any_rank_count_and_after_an_interruption
     data = np.load(a)
     assert sorted(data.files) == ["arr_0", "arr_1"]
     assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (7, 8, 8, 3)
-    np.testing.assert_array_equal(data["arr_1"], S.sample_labels(3, range(7), 5))
+    np.testing.assert_array_equal(data["arr_1"], sample_labels(3, range(7), 5))
     assert len(np.unique(data["arr_0"])) > 50  # real pixel values, not saturated 0/255
-    settings = json.loads(S.settings_path_for(a).read_text())
+    settings = json.loads(settings_path_for(a).read_text())
     assert settings["num_samples"] == 7 and settings["sampler"] == "ddpm" and settings["cfg_scale"] == 1.5
     assert settings["guided_channels"] == 3 and settings["checkpoint"] == "tiny" and settings["batch_size"] == 3
     assert not parts.exists()  # shards are removed once the file is complete
@@ -309,7 +316,7 @@ def test_torchrun_two_ranks_write_the_same_npz_as_one_process(tmp_path, compose)
     assert one.read_bytes() == two.read_bytes()
     images = np.load(two)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (7, 8, 8, 3)
-    settings = json.loads(S.settings_path_for(two).read_text())
+    settings = json.loads(settings_path_for(two).read_text())
     assert settings["step"] == 11 and settings["sampler"] == "ddim" and settings["vae"] == "pixel"
     assert settings["checkpoint"] == str(ckpt.resolve()) and settings["batch_size"] == 2
 
@@ -324,12 +331,12 @@ def test_grid_mode_writes_a_png_and_its_settings(tmp_path, compose):
                                             "sampler.num_steps=3", f"grid.out={tmp_path / 'g.png'}", "device=cpu"]))
     with Image.open(out) as im:
         assert im.size == (3 * (8 + 2) + 2, 2 * (8 + 2) + 2) and im.mode == "RGB"
-    settings = json.loads(S.settings_path_for(out).read_text())
+    settings = json.loads(settings_path_for(out).read_text())
     assert settings["labels"] == [1, 2, 3, 4, 5] and settings["cfg_scale"] == 4.0 and settings["num_steps"] == 3
     assert settings["vae"] == "pixel" and settings["step"] == 11 and settings["mode"] == "grid"
     everything = generate_grid(compose("sample", [f"checkpoint={ckpt}", "grid.labels=all", "sampler.num_steps=2",
                                                    f"grid.out={tmp_path / 'all.png'}", "device=cpu"]))
-    assert json.loads(S.settings_path_for(everything).read_text())["labels"] == list(range(10))
+    assert json.loads(settings_path_for(everything).read_text())["labels"] == list(range(10))
 
 
 def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_dir, compose):
@@ -350,7 +357,7 @@ def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_d
         assert im.size == (3 * (16 + 2) + 2, 16 + 2 + 2)  # 8x8 latents, decoded x2 by the tiny VAE
     assert (tmp_path / "dir.png").read_bytes() == local.read_bytes()
     for png in (tmp_path / "dir.png", local):
-        settings = json.loads(S.settings_path_for(png).read_text())
+        settings = json.loads(settings_path_for(png).read_text())
         assert settings["vae"] == str(tiny_vae_dir) and settings["autoencoder"]["downsample_factor"] == 2
 
 
@@ -362,7 +369,7 @@ def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path)
     sample = _run_cli("sample.py", [f"checkpoint={ckpt}", "vae=sd-mse", "device=cpu"], tmp_path, **offline)
     from PIL import Image
 
-    # eval_fid checks what scoring needs before sampling (dit/scoring/evaluate.py check_scoring_inputs): give it a
+    # eval_fid checks what scoring needs before sampling (dit/cli/eval_fid.py check_scoring_inputs): give it a
     # reference that exists and the toy judge (no Inception weights), so the autoencoder is what fails.
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -405,17 +412,18 @@ class PixelStatsExtractor:
 
 
 def test_fid_evaluator_computes_the_reference_once_and_is_deterministic(tmp_path):
-    from dit.scoring.evaluate import FIDEvaluator
+    from dit.scoring.config import ScoringConfig
+    from dit.scoring.evaluator import Evaluator, SamplePlan
     from dit.io.npz import write_samples_npz
 
     rng = np.random.default_rng(0)
     write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
     extractor = PixelStatsExtractor()
-    evaluator = FIDEvaluator(tmp_path / "ref.npz", S.SamplerSettings(sampler="ddim", num_steps=3),
-                             feature_extractor=extractor, num_samples=6, batch_size=4, metrics=("fid", "prc"))
+    plan = SamplePlan(SamplerSettings(sampler="ddim", num_steps=3), num_samples=6, batch_size=4)
+    evaluator = Evaluator(ScoringConfig(tmp_path / "ref.npz", metrics=("fid", "prc")), extractor)
     model = tiny_dit()
-    first = evaluator.evaluate(model, None, SquashAE())
-    second = evaluator.evaluate(model, None, SquashAE())
+    first = evaluator.evaluate(model, None, SquashAE(), plan)
+    second = evaluator.evaluate(model, None, SquashAE(), plan)
     assert first == second and first["num_samples"] == 6 and first["fid"] > 0
     assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
     assert extractor.calls == 3  # reference once, samples twice

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from dit import sampling as S
+import dit.sampling.diffusion as diffusion_samplers
+from dit.sampling.diffusion import dpm_solver, sampling_chain
+from dit.sampling.images import SampleOrder, generate_samples
+from dit.sampling.samplers import build_sampler
+from dit.sampling.loading import load_for_sampling, settings_path_for
+from dit.sampling.settings import SamplerSettings
+from dit.sampling.trained import diffusion_from_config
 from dit.io.checkpoint import save_atomic
 from dit.diffusion import create_diffusion, linear_betas, named_betas, space_timesteps
 from dit.train.resume import plain_config
@@ -41,7 +47,7 @@ class ChainSpy:
 
     def __init__(self, monkeypatch):
         self.respaced, self.dpm = [], []
-        chain, solver = S.sampling_chain, S.dpm_solver
+        chain, solver = diffusion_samplers.sampling_chain, diffusion_samplers.dpm_solver
 
         def sampling_chain(diffusion, num_steps):
             out = chain(diffusion, num_steps)
@@ -52,8 +58,8 @@ class ChainSpy:
             self.dpm.append(diffusion)
             return solver(denoiser, diffusion, *args, **kwargs)
 
-        monkeypatch.setattr(S, "sampling_chain", sampling_chain)
-        monkeypatch.setattr(S, "dpm_solver", dpm_solver)
+        monkeypatch.setattr(diffusion_samplers, "sampling_chain", sampling_chain)
+        monkeypatch.setattr(diffusion_samplers, "dpm_solver", dpm_solver)
 
 
 @pytest.mark.parametrize("schedule, steps", [("cosine", 1000), ("linear", 500)])
@@ -82,41 +88,41 @@ def test_sample_py_samples_a_checkpoint_with_the_chain_it_was_trained_on(tmp_pat
     (dpm,) = spy.dpm
     np.testing.assert_array_equal(dpm.betas, trained.betas)  # dpm++ gets the same betas
     for out in (grid, bulk):
-        recorded = json.loads(S.settings_path_for(out).read_text())
+        recorded = json.loads(settings_path_for(out).read_text())
         assert recorded["diffusion"] == {"noise_schedule": schedule, "diffusion_steps": steps}
 
 
 def test_respacing_a_500_step_chain_to_250_keeps_both_ends_and_its_noise_levels():
-    trained = S.diffusion_from_config({"diffusion": {"noise_schedule": "linear", "diffusion_steps": 500}}, True)
+    trained = diffusion_from_config({"diffusion": {"noise_schedule": "linear", "diffusion_steps": 500}}, True)
     np.testing.assert_array_equal(trained.betas, linear_betas(500))
-    chain = S.sampling_chain(trained, 250)
+    chain = sampling_chain(trained, 250)
     assert chain.num_timesteps == 250 and chain.timestep_map[0] == 0 and chain.timestep_map[-1] == 499
     np.testing.assert_array_equal(chain.timestep_map, space_timesteps(500, "250"))
     assert set(np.diff(chain.timestep_map).tolist()) <= {2, 3}  # evenly spread over 0..499
     np.testing.assert_allclose(chain.alphas_cumprod, np.cumprod(1 - linear_betas(500))[chain.timestep_map], rtol=1e-8)
     with pytest.raises(ValueError, match="more than the 500 steps.*num_steps <= 500"):
-        S.sampling_chain(trained, 501)
+        sampling_chain(trained, 501)
 
 
 def test_a_release_file_samples_with_the_linear_1000_step_chain(tmp_path, monkeypatch):
     model = tiny_dit(in_channels=3, input_size=8, patch_size=8, depth=12, hidden_size=384, num_heads=6)  # DiT-S/8
     release = tmp_path / "release.pt"
     torch.save(model.state_dict(), release)  # the release format: a plain EMA state dict
-    _, autoencoder, provenance = S.load_for_sampling(release, vae="pixel")
+    _, autoencoder, provenance = load_for_sampling(release, vae="pixel")
     assert provenance["diffusion"] == {"noise_schedule": "linear", "diffusion_steps": 1000}
-    diffusion = S.diffusion_from_config(provenance, model.config.learn_sigma)
+    diffusion = diffusion_from_config(provenance, model.config.learn_sigma)
     np.testing.assert_array_equal(diffusion.betas, linear_betas(1000))
     np.testing.assert_array_equal(diffusion.betas, create_diffusion("").betas)
-    assert S.diffusion_from_config(None, False).var_type.value == "fixed_large"
+    assert diffusion_from_config(None, False).var_type.value == "fixed_large"
 
 
 def test_a_config_the_code_cannot_build_names_the_key():
     with pytest.raises(ValueError, match="diffusion.noise_schedule='sigmoid'"):
-        S.diffusion_from_config({"diffusion": {"noise_schedule": "sigmoid", "diffusion_steps": 1000}}, True)
+        diffusion_from_config({"diffusion": {"noise_schedule": "sigmoid", "diffusion_steps": 1000}}, True)
     with pytest.raises(ValueError, match="diffusion.diffusion_steps='many'"):
-        S.diffusion_from_config({"diffusion": {"diffusion_steps": "many"}}, True)
+        diffusion_from_config({"diffusion": {"diffusion_steps": "many"}}, True)
     with pytest.raises(TypeError, match="mapping"):
-        S.diffusion_from_config("cosine", True)
+        diffusion_from_config("cosine", True)
 
 
 def test_a_trained_cosine_500_step_run_samples_with_its_own_betas(tmp_path, monkeypatch):
@@ -125,12 +131,12 @@ def test_a_trained_cosine_500_step_run_samples_with_its_own_betas(tmp_path, monk
 
     result = run_training(train_config([*TINY_RUN, "diffusion.noise_schedule=cosine",
                                         "diffusion.diffusion_steps=500"]), tmp_path / "run")
-    model, autoencoder, provenance = S.load_for_sampling(result["checkpoint"])
-    diffusion = S.diffusion_from_config(provenance, model.config.learn_sigma)
+    model, autoencoder, provenance = load_for_sampling(result["checkpoint"])
+    diffusion = diffusion_from_config(provenance, model.config.learn_sigma)
     np.testing.assert_array_equal(diffusion.betas, named_betas("cosine", 500))
     spy = ChainSpy(monkeypatch)
-    S.generate_samples(model, diffusion, autoencoder, [0], S.SamplerSettings(sampler="ddim", num_steps=4), seed=0,
-                       batch_size=1)
+    generate_samples(model, build_sampler(SamplerSettings(sampler="ddim", num_steps=4), diffusion, autoencoder),
+                     autoencoder, [0], SampleOrder(seed=0, batch_size=1))
     (full, respaced), = spy.respaced
     np.testing.assert_array_equal(full.betas, named_betas("cosine", 500))
     assert respaced.timestep_map.tolist() == space_timesteps(500, "4")

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dit import sampling as S
+from dit.sampling.images import sample_latents
+from dit.sampling.loading import settings_path_for
+from dit.sampling.order import initial_noise, sample_generators
+from dit.sampling.settings import SamplerSettings
 from dit.io.checkpoint import save_atomic
 from dit.diffusion import GaussianDiffusion, create_diffusion, linear_betas
 
@@ -30,10 +33,10 @@ def pixel_model(noise=0.5):
 
 
 def run(model, settings, labels=(0, 1), seed=0):
-    gens = S.sample_generators(seed, range(len(labels)))
+    gens = sample_generators(seed, range(len(labels)))
     cfg = model.config
-    noise = S.initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
-    return S.sample_latents(model, None, torch.tensor(labels), settings, noise=noise, generator=gens), noise
+    noise = initial_noise(gens, (cfg.in_channels, cfg.input_size, cfg.input_size))
+    return sample_latents(model, None, torch.tensor(labels), settings, noise=noise, generator=gens), noise
 
 
 def alpha_bar(t: int) -> float:
@@ -49,14 +52,14 @@ def x0_from_eps(x, eps, t):
 
 
 def test_clip_is_automatic_on_for_pixel_and_off_for_latent_autoencoders():
-    auto = S.SamplerSettings()
+    auto = SamplerSettings()
     assert auto.clip_denoised is None
     assert auto.resolved(Pixel()).clip_denoised is True
     latent = type("VAE", (), {"name": "sd-ema"})()
     assert auto.resolved(latent).clip_denoised is False
-    assert S.SamplerSettings(clip_denoised=False).resolved(Pixel()).clip_denoised is False
+    assert SamplerSettings(clip_denoised=False).resolved(Pixel()).clip_denoised is False
     with pytest.raises(ValueError, match="clip_denoised must be true, false or null"):
-        S.SamplerSettings(clip_denoised="yes").check()
+        SamplerSettings(clip_denoised="yes").check()
 
 
 def test_ddim_with_clipping_equals_an_independent_two_step_computation():
@@ -65,7 +68,7 @@ def test_ddim_with_clipping_equals_an_independent_two_step_computation():
     model = pixel_model()
     y = torch.tensor([0, 1])
     for clip in (True, False):
-        out, x = run(model, S.SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=1.0, clip_denoised=clip))
+        out, x = run(model, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=1.0, clip_denoised=clip))
         with torch.no_grad():
             x0 = x0_from_eps(x.double(), model(x, torch.full((2,), 999), y)[:, :3].double(), 999)
             x0 = x0.clamp(-1, 1) if clip else x0
@@ -90,10 +93,10 @@ def test_ddpm_uses_only_clamped_x0_in_the_posterior_mean(monkeypatch):
 
     monkeypatch.setattr(GaussianDiffusion, "q_posterior_mean_variance", spy)
     model = tiny_dit(in_channels=3, noise=0.5, learn_sigma=False)  # fixed variance: stays finite unclipped
-    run(model, S.SamplerSettings(num_steps=3, cfg_scale=2.0, clip_denoised=True))
+    run(model, SamplerSettings(num_steps=3, cfg_scale=2.0, clip_denoised=True))
     assert len(seen) == 3 and max(seen) <= 1.0
     seen.clear()
-    run(model, S.SamplerSettings(num_steps=3, cfg_scale=2.0, clip_denoised=False))
+    run(model, SamplerSettings(num_steps=3, cfg_scale=2.0, clip_denoised=False))
     assert len(seen) == 3 and max(seen) > 1.0  # the spy sees unclamped values when clipping is off
 
 
@@ -102,7 +105,7 @@ def test_one_step_dpm_solver_with_clipping_is_the_clamped_x0():
     model = pixel_model()
     y = torch.tensor([0, 1])
     for clip in (True, False):
-        out, x = run(model, S.SamplerSettings(sampler="dpm++", num_steps=1, cfg_scale=1.0, clip_denoised=clip))
+        out, x = run(model, SamplerSettings(sampler="dpm++", num_steps=1, cfg_scale=1.0, clip_denoised=clip))
         with torch.no_grad():
             x0 = x0_from_eps(x.double(), model(x, torch.full((2,), 999), y)[:, :3].double(), 999)
         expected = x0.clamp(-1, 1) if clip else x0
@@ -114,10 +117,10 @@ def test_the_default_latent_sampler_is_the_plain_unclipped_fp32_chain():
     """What sampling computed before these settings existed: the respaced chain's DDPM loop with
     the raw conditional network, bit for bit."""
     model = tiny_dit()
-    settings = S.SamplerSettings(num_steps=3, cfg_scale=1.0)
+    settings = SamplerSettings(num_steps=3, cfg_scale=1.0)
     out, noise = run(model, settings)
-    gens = S.sample_generators(0, range(2))
-    S.initial_noise(gens, noise.shape[1:])  # advance the generators past the initial noise, as run() did
+    gens = sample_generators(0, range(2))
+    initial_noise(gens, noise.shape[1:])  # advance the generators past the initial noise, as run() did
     y = torch.tensor([0, 1])
     with torch.no_grad():
         plain = create_diffusion("3").p_sample_loop(lambda x, t: model(x, t, y), noise.shape, noise=noise,
@@ -140,7 +143,7 @@ def test_backend_flags_inside_the_forward_are_as_asked_and_restored_after():
         matmul.fp32_precision = conv.fp32_precision = "tf32"  # as training with tf32=true leaves them
         for precision, flags, autocast in (("fp32", "ieee", False), ("tf32", "tf32", False), ("bf16", "ieee", True)):
             seen.clear()
-            run(model, S.SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision=precision))
+            run(model, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision=precision))
             assert len(seen) == 2  # one guided pass per step
             for m, c, enabled, dtype in seen:
                 assert (m, c, enabled) == (flags, flags, autocast), precision
@@ -150,14 +153,14 @@ def test_backend_flags_inside_the_forward_are_as_asked_and_restored_after():
     finally:
         matmul.fp32_precision, conv.fp32_precision = before
     with pytest.raises(ValueError, match="unknown precision 'fp16'.*fp32"):
-        S.SamplerSettings(precision="fp16").check()
+        SamplerSettings(precision="fp16").check()
 
 
 def test_bf16_samples_differ_from_fp32_but_stay_close_and_float32():
     model = tiny_dit()
-    fp32, _ = run(model, S.SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0))
-    tf32, _ = run(model, S.SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision="tf32"))
-    bf16, _ = run(model, S.SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision="bf16"))
+    fp32, _ = run(model, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0))
+    tf32, _ = run(model, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision="tf32"))
+    bf16, _ = run(model, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=2.0, precision="bf16"))
     assert bf16.dtype == torch.float32
     assert torch.equal(tf32, fp32)  # no TF32 on a CPU
     rel = ((bf16 - fp32).norm() / fp32.norm()).item()
@@ -176,8 +179,8 @@ def test_sample_py_records_precision_and_the_resolved_clip(tmp_path, compose, mo
     common = [f"checkpoint={ckpt}", "device=cpu", "grid.labels=[0,1]", "sampler=ddim", "sampler.num_steps=2"]
     auto = generate_grid(compose("sample", [*common, f"grid.out={tmp_path / 'a.png'}"]))
     off = generate_grid(compose("sample", [*common, "sampler.clip_denoised=false", "sampler.precision=bf16"]))
-    recorded = json.loads(S.settings_path_for(auto).read_text())
+    recorded = json.loads(settings_path_for(auto).read_text())
     assert recorded["clip_denoised"] is True and recorded["precision"] == "fp32"  # pixel: clipped by default
-    recorded = json.loads(S.settings_path_for(off).read_text())
+    recorded = json.loads(settings_path_for(off).read_text())
     assert recorded["clip_denoised"] is False and recorded["precision"] == "bf16"
     assert off.name.endswith("-g3-bf16-noclip-seed0.png")  # the name says what is not the default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,16 @@ def test_no_file_points_to_a_design_document_outside_the_repository():
             offenders.append(name)
     assert not offenders, f"files referring to documents outside the repository: {offenders}"
     assert (REPO / "docs" / "design.md").is_file()
+
+
+def test_importing_the_config_loads_no_sampler_and_no_metric_backend():
+    """dit.config (the schemas every entry point composes first) reads the sampler settings, not
+    the samplers: neither the sampler classes nor torch-fidelity load with it."""
+    code = ("import sys, dit.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dit.sampling.', 'torch_fidelity'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    loaded = set(eval(out))
+    assert not loaded & {"dit.sampling.diffusion", "dit.sampling.flow", "dit.sampling.samplers",
+                         "dit.sampling.images", "dit.sampling.bulk", "dit.sampling.generate"}, loaded
+    assert not any(m.startswith("torch_fidelity") for m in loaded), loaded
+    assert "dit.sampling.settings" in loaded  # what it does read

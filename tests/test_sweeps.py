@@ -78,7 +78,8 @@ def test_a_relaunch_refused_for_a_config_mismatch_leaves_the_runs_hydra_record_a
 
 
 def test_default_sample_names_of_two_runs_at_the_same_step_differ():
-    from dit.sampling import SamplerSettings, default_output_name
+    from dit.sampling.loading import default_output_name
+    from dit.sampling.settings import SamplerSettings
 
     settings = SamplerSettings(sampler="ddim", num_steps=20, cfg_scale=2.0)
     a, b = (default_output_name({"checkpoint": f"outputs/{run}/checkpoints/0002000.pt", "step": 2000}, settings,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from dit.io.checkpoint import save_atomic, with_checksum
 from dit.config import ConfigError, check_static, to_eval_config
-from dit.scoring.evaluate import evaluate_samples, resolve_judge_variant
+from dit.cli.eval_fid import evaluate_samples, resolve_judge_variant
 from dit.io.npz import write_samples_npz
 from dit.scoring.judge import JudgeNet, JudgeSettings, ToyJudge
-from dit.sampling import settings_path_for
+from dit.sampling.loading import settings_path_for
 from dit.data.toy import ToyShapesDataset, make_toy_arrays, to_model_range
 from dit.train import run_training
 from dit.train.evaluation import protocol

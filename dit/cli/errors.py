@@ -45,7 +45,7 @@ from dit.io.atomic import FileWriteError
 from dit.io.checkpoint import CheckpointError
 from dit.scoring.inception import FeatureExtractorUnavailable
 from dit.cli.runtime import tune_host_allocator
-from dit.sampling import NonFiniteSamplesError
+from dit.sampling.images import NonFiniteSamplesError
 
 # Our own error types: whatever they say is meant for the user. OSError covers the user's paths
 # (FileNotFoundError, NotADirectoryError, PermissionError, a full disk; FileWriteError and

@@ -24,7 +24,8 @@ from dit.config.schema import AutoencoderConfig, ConfigError, WandbConfig
 from dit.scoring.inception import check_feature_precision
 from dit.scoring.precision_recall import check_pr_arithmetic
 from dit.io.release import RELEASE_FORMATS
-from dit.sampling import LABEL_MODES, SamplerSettings
+from dit.sampling.order import LABEL_MODES
+from dit.sampling.settings import SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
 _GUIDANCE_FIELDS = ("cfg_scale", "guided_channels", "guidance_interval")

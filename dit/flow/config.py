@@ -30,9 +30,16 @@ REVERSED_TIME_KEY = "network_time_data_at_one"
 SINGULAR_END_EPS = 1e-3
 
 
-def is_flow(objective: Mapping | None) -> bool:
-    """Whether a recorded objective (None: an older checkpoint, i.e. diffusion) is a flow one."""
-    return (objective or {}).get("kind", "diffusion") == "flow"
+def is_flow(objective) -> bool:
+    """Whether `objective` is a flow objective: the one predicate the project asks, whatever form
+    the objective takes: a built `FlowMatching` (a `GaussianDiffusion` is not), a recorded
+    `objective` block (a mapping; None, an older checkpoint's, is diffusion), or the training
+    schema's `objective` node (its `kind`)."""
+    if isinstance(objective, FlowMatching):
+        return True
+    if objective is None or isinstance(objective, Mapping):
+        return (objective or {}).get("kind", "diffusion") == "flow"
+    return getattr(objective, "kind", "diffusion") == "flow"
 
 
 def flow_from_config(objective: Mapping) -> FlowMatching:

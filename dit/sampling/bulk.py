@@ -1,7 +1,7 @@
 """Bulk sampling to an ADM `.npz`: split across ranks, resumable, byte-identical for any number
-of ranks and across interruptions (see `dit.sampling.sample_blocks` for why), for diffusion and
-flow models alike (`diffusion` is the trained objective: a GaussianDiffusion, None, or a
-`dit.flow.FlowMatching`; the SDE's per-step noise is per sample, as DDPM's)."""
+of ranks and across interruptions (see `dit.sampling.order.sample_blocks` for why), for every
+sampler alike (the SDE's per-step noise is per sample, as DDPM's). What to sample is a `BulkJob`;
+how the ranks share it, `Ranks`; how, the resolved `Sampler`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,62 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from dit.io.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
-from dit.sampling import (LABEL_MODES, SamplerSettings, generate_samples, objective_kind, rank_indices,
-                          settings_path_for, unwrap_model)
+from dit.sampling.guidance import unwrap_model
+from dit.sampling.base import Sampler
+from dit.sampling.images import SampleOrder, generate_samples
+from dit.sampling.loading import settings_path_for
+from dit.sampling.order import LABEL_MODES, rank_indices
 
 SHARD_SETTINGS = "settings.json"
 LOCK_FILE = ".lock"  # in the shard directory: held (flock) by the sampler writing this output
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    """What a bulk file holds: `num_samples` samples of seed `seed`, labels drawn by `label_mode`
+    (uniform | balanced), network batches of `batch_size` (which fixes which samples share a
+    forward pass, so it is recorded and must match on resume); `keep_shards` keeps
+    `<out>.parts/` after assembling."""
+
+    num_samples: int
+    seed: int
+    batch_size: int
+    label_mode: str = "uniform"
+    keep_shards: bool = False
+
+    def check(self) -> "BulkJob":
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {self.label_mode!r}: use one of {LABEL_MODES}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        return self
+
+    @property
+    def order(self) -> SampleOrder:
+        return SampleOrder(seed=self.seed, batch_size=self.batch_size, label_mode=self.label_mode)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ranks sharing a bulk job, and how they wait for each other
+    (`barrier`, e.g. `torch.distributed.barrier`; None on one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] | None = None
+
+    def sync(self) -> None:
+        if self.barrier is not None:
+            self.barrier()
 
 
 class BulkOutputBusyError(RuntimeError):
@@ -77,17 +122,16 @@ def check_bulk_output(out_path: Path) -> None:
                          f"use {out_path.with_suffix('.npz')}")
 
 
-def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples: int, seed: int, batch_size: int,
-                  label_mode: str, provenance: dict | None = None) -> dict:
+def bulk_settings(model, autoencoder, sampler: Sampler, job: BulkJob, provenance: dict | None = None) -> dict:
     """Everything that determines the samples of a bulk file, as recorded next to it (and in
     its shard directory, to refuse resuming with other settings): `clip_denoised` as resolved for
     this autoencoder, and (in `provenance`, from `load_for_sampling`) the diffusion chain or the
     flow objective. A flow sampler's record holds its flow knobs and `nfe` per sample (None for
     dopri5, whose count is adaptive)."""
     record = {
-        "num_samples": int(num_samples), "seed": int(seed), "labels": label_mode,
-        "batch_size": int(batch_size),  # fixes which samples share a network batch (see sample_blocks)
-        **settings.resolved(autoencoder).to_dict(),
+        "num_samples": int(job.num_samples), "seed": int(job.seed), "labels": job.label_mode,
+        "batch_size": int(job.batch_size),  # fixes which samples share a network batch (see sample_blocks)
+        **sampler.settings.resolved(autoencoder).to_dict(),
         "model_config": model.config.to_dict(),
         "autoencoder": autoencoder.to_dict() if hasattr(autoencoder, "to_dict") else str(autoencoder),
         "image_size": model.config.input_size * autoencoder.downsample_factor,
@@ -96,38 +140,29 @@ def bulk_settings(model, autoencoder, settings: SamplerSettings, *, num_samples:
     return json.loads(json.dumps(record, default=str))  # as it reads back from JSON
 
 
-def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, settings: SamplerSettings, *,
-                num_samples: int, seed: int, batch_size: int, label_mode: str = "uniform", rank: int = 0,
-                world_size: int = 1, barrier: Callable[[], None] | None = None, provenance: dict | None = None,
-                keep_shards: bool = False, progress: bool = True,
+def bulk_sample(model, sampler: Sampler, autoencoder, out_path: str | os.PathLike, job: BulkJob, *,
+                ranks: Ranks = Ranks(), provenance: dict | None = None, progress: bool = True,
                 on_shard_written: Callable[[int], None] | None = None) -> Path:
-    """Sample `num_samples` images to an ADM `.npz` at `out_path` (`arr_0` uint8 (N, H, W, 3),
-    `arr_1` labels), with the settings written next to it (`settings_path_for(out_path)`).
+    """Sample `job.num_samples` images with `sampler` to an ADM `.npz` at `out_path` (`arr_0`
+    uint8 (N, H, W, 3), `arr_1` labels), with the settings written next to it
+    (`settings_path_for(out_path)`).
 
-    Samples are computed in index blocks of `batch_size` (`sample_blocks`), dealt round-robin
+    Samples are computed in index blocks of `job.batch_size` (`sample_blocks`), dealt round-robin
     to the ranks, each block written as one shard (atomically) to `<out_path>.parts/`. A relaunch
     with the same settings, on any number of ranks, computes only the missing blocks, so the file
     is byte-identical to an uninterrupted run's; settings that differ from the shards' (the batch
-    size included) are refused. `barrier` (e.g. `torch.distributed.barrier`) synchronises the
-    ranks; rank 0 assembles the final file. Returns `out_path`.
+    size included) are refused. `ranks.barrier` synchronises the ranks; rank 0 assembles the
+    final file. Returns `out_path`.
 
     `provenance` (checkpoint path, step, ...) is recorded in the settings and must match on resume.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"unknown label mode {label_mode!r}: use one of {LABEL_MODES}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    # `auto` becomes the objective's sampler before anything is recorded (a mismatch stops here).
-    settings = settings.for_objective(objective_kind(diffusion)).check()
-    sync = barrier or (lambda: None)
+    job.check()
+    rank, world_size, sync = ranks.rank, ranks.world_size, ranks.sync
     model = unwrap_model(model)
     out_path = Path(out_path)
     check_bulk_output(out_path)
     shard_dir = out_path.with_name(out_path.name + ".parts")
-    record = bulk_settings(model, autoencoder, settings, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                           label_mode=label_mode, provenance=provenance)
+    record = bulk_settings(model, autoencoder, sampler, job, provenance)
 
     final_settings = settings_path_for(out_path)
     if out_path.is_file() and final_settings.is_file():
@@ -147,13 +182,12 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
             if not (shard_dir / SHARD_SETTINGS).is_file():
                 write_json_atomic(shard_dir / SHARD_SETTINGS, record)
         sync()
-        _sample_shards(model, diffusion, autoencoder, shard_dir, settings, record, num_samples=num_samples,
-                       seed=seed, batch_size=batch_size, label_mode=label_mode, rank=rank, world_size=world_size,
-                       sync=sync, progress=progress, on_shard_written=on_shard_written, created=created)
+        _sample_shards((model, sampler, autoencoder), shard_dir, record, job, ranks,
+                       progress=progress, on_shard_written=on_shard_written, created=created)
         if rank == 0:
-            _assemble(shard_dir, out_path, num_samples)
+            _assemble(shard_dir, out_path, job.num_samples)
             write_json_atomic(settings_path_for(out_path), record)
-            if not keep_shards:
+            if not job.keep_shards:
                 _remove_shard_dir(shard_dir)
     finally:
         if lock is not None:
@@ -162,15 +196,17 @@ def bulk_sample(model, diffusion, autoencoder, out_path: str | os.PathLike, sett
     return out_path
 
 
-def _sample_shards(model, diffusion, autoencoder, shard_dir: Path, settings: SamplerSettings, record: dict, *,
-                   num_samples: int, seed: int, batch_size: int, label_mode: str, rank: int, world_size: int,
-                   sync: Callable[[], None], progress: bool, on_shard_written, created: bool) -> None:
-    """This rank's missing blocks, each written as one shard; returns when every rank is done."""
+def _sample_shards(drawing: tuple, shard_dir: Path, record: dict, job: BulkJob, ranks: Ranks, *,
+                   progress: bool, on_shard_written, created: bool) -> None:
+    """This rank's missing blocks, each written as one shard; returns when every rank is done.
+    `drawing`: (model, sampler, autoencoder)."""
+    model, sampler, autoencoder = drawing
+    batch_size, sync, rank = job.batch_size, ranks.sync, ranks.rank
     # Every rank checks, so that all of them stop (rather than some waiting at a barrier).
     _check_same_settings(json.loads((shard_dir / SHARD_SETTINGS).read_text()), record, shard_dir)
     done = _done_blocks(shard_dir, batch_size)
     sync()  # every rank has listed the shards before any rank writes a new one
-    mine = rank_indices(num_samples, batch_size, rank, world_size, skip_blocks=done)
+    mine = rank_indices(job.num_samples, batch_size, rank, ranks.world_size, skip_blocks=done)
 
     def write_shard(idx: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
         write_npz_atomic(shard_dir / f"shard-{int(idx[0]) // batch_size:08d}.npz",
@@ -180,11 +216,10 @@ def _sample_shards(model, diffusion, autoencoder, shard_dir: Path, settings: Sam
 
     try:
         if len(mine):
-            generate_samples(model, diffusion, autoencoder, mine, settings, seed=seed, label_mode=label_mode,
-                             batch_size=batch_size, progress=progress and rank == 0, collect=False,
-                             on_batch=write_shard)
+            generate_samples(model, sampler, autoencoder, mine, job.order, progress=progress and rank == 0,
+                             collect=False, on_batch=write_shard)
     except BaseException:
-        if created and world_size == 1 and not any(shard_dir.glob("shard-*.npz")):
+        if created and ranks.world_size == 1 and not any(shard_dir.glob("shard-*.npz")):
             _remove_shard_dir(shard_dir)  # nothing sampled: leave no folder behind (e.g. NaN samples)
         raise
     sync()

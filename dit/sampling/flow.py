@@ -1,10 +1,13 @@
 """Samplers for flow models: fixed-step Euler and Heun ODE, Euler-Maruyama SDE with SiT's
 diffusion coefficients and last steps, and an adaptive Dormand-Prince ODE (scipy's RK45).
 
-Every sampler takes `velocity(x, t)` (x (B, ...), t (B,) in our convention, t = 1 noise; build it
+The functions take `velocity(x, t)` (x (B, ...), t (B,) in our convention, t = 1 noise; build it
 with `dit.flow.model_velocity`, which can wrap a guidance wrapper around the network) and the
 initial noise at t = 1, integrates towards t = 0 (data), and returns `FlowSample(x, nfe)`: nfe is
 the number of calls to `velocity` (each is one network batch; a guided one is two halves of it).
+The classes at the end put them behind the one sampler interface (dit/sampling/base.py): they
+turn the denoiser (the network's output at its own time input) into that velocity with the
+trained objective (`FlowMatching.velocity`: its path, prediction and network time).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ import torch
 
 from dit.flow.paths import Path, get_path
 from dit.flow.timesteps import shift_time, time_grid
+from dit.sampling.base import Sampler, register_sampler
+from dit.sampling.settings import DIFFUSION_FORMS, LAST_STEPS
 
 __all__ = ["FlowSample", "ODE_METHODS", "DIFFUSION_FORMS", "LAST_STEPS", "diffusion_coefficient", "sample_ode",
-           "sample_ode_adaptive", "sample_sde"]
+           "sample_ode_adaptive", "sample_sde", "EulerSampler", "HeunSampler", "Dopri5Sampler", "SDESampler"]
 
 ODE_METHODS = ("euler", "heun", "dopri5")
-DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
-LAST_STEPS = (None, "mean", "tweedie", "euler")
 
 
 class FlowSample(NamedTuple):
@@ -180,3 +183,59 @@ def sample_sde(velocity: Callable, noise: torch.Tensor, *, path: Path | str, num
         else:  # tweedie: E[x0 | x_t] = (x_t + sigma^2 score) / alpha
             x = path.data_from_velocity(vel, x, torch.full((x.shape[0],), t_cur, dtype=x.dtype, device=x.device))
     return FlowSample(x, v.calls)
+
+
+class _FlowSampler(Sampler):
+    family = "flow"
+
+    def sample(self, denoiser, noise, *, generator=None, progress=False):
+        out = self._integrate(self.objective.velocity(denoiser), noise, generator)
+        return out.x, out.nfe
+
+
+@register_sampler
+class EulerSampler(_FlowSampler):
+    """Fixed-step Euler ODE on the (optionally shifted) grid: num_steps evaluations."""
+
+    name = "euler"
+
+    def _integrate(self, velocity, noise, generator):
+        s = self.settings
+        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="euler", shift=float(s.shift))
+
+
+@register_sampler
+class HeunSampler(_FlowSampler):
+    """Heun's ODE (Euler predictor, trapezoidal corrector on every step): 2 num_steps evaluations."""
+
+    name = "heun"
+
+    def _integrate(self, velocity, noise, generator):
+        s = self.settings
+        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="heun", shift=float(s.shift))
+
+
+@register_sampler
+class Dopri5Sampler(_FlowSampler):
+    """SiT's adaptive Dormand-Prince ODE (rtol, atol); its evaluations are counted per batch."""
+
+    name = "dopri5"
+
+    def _integrate(self, velocity, noise, generator):
+        s = self.settings
+        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="dopri5", rtol=float(s.rtol),
+                          atol=float(s.atol))
+
+
+@register_sampler
+class SDESampler(_FlowSampler):
+    """SiT's Euler-Maruyama reverse SDE with its diffusion form and last step (the flow default)."""
+
+    name = "sde"
+
+    def _integrate(self, velocity, noise, generator):
+        s = self.settings
+        return sample_sde(velocity, noise, path=self.objective.path, num_steps=int(s.num_steps),
+                          diffusion_form=s.diffusion_form, diffusion_norm=float(s.diffusion_norm),
+                          last_step=s.last_step, last_step_size=float(s.last_step_size), shift=float(s.shift),
+                          generator=generator)

@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dit.sampling.bulk import bulk_sample
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.io.files import save_grid, write_json_atomic
-from dit.sampling import (NonFiniteSamplesError, SamplerMismatchError, SamplerSettings, default_output_name,
-                          generate_samples, load_for_sampling, objective_kind, settings_path_for, trained_objective)
+from dit.sampling.base import Sampler
+from dit.sampling.bulk import BulkJob, Ranks, bulk_sample
+from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples
+from dit.sampling.loading import default_output_name, load_for_sampling, settings_path_for
+from dit.sampling.samplers import build_sampler
+from dit.sampling.settings import SamplerMismatchError
+from dit.sampling.trained import trained_objective
 
 
 def _load(cfg: SampleConfig, env: DistEnv):
@@ -31,17 +35,16 @@ def _load(cfg: SampleConfig, env: DistEnv):
     return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
 
 
-def _settings(cfg: SampleConfig, cfg_scale: float, objective, autoencoder) -> SamplerSettings:
-    """The sampler settings for this checkpoint's objective (`sampler=auto`: its default sampler),
-    `clip_denoised` resolved for the autoencoder; a sampler of the other family is refused in one
-    line naming the ones that fit."""
+def _sampler(cfg: SampleConfig, cfg_scale: float, objective, autoencoder) -> Sampler:
+    """The sampler for this checkpoint's objective (`sampler=auto`: its default sampler),
+    `clip_denoised` resolved for the autoencoder, built once for the whole run; a sampler of the
+    other family is refused in one line naming the ones that fit."""
     try:
-        settings = cfg.sampler_settings(cfg_scale).for_objective(objective_kind(objective)).check()
+        return build_sampler(cfg.sampler_settings(cfg_scale), objective, autoencoder)
     except SamplerMismatchError as err:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: {err}") from None
     except ValueError as err:  # e.g. a diffusion guidance_interval given to a flow sampler
         raise ConfigError(f"sampler settings: {err}") from None
-    return settings.resolved(autoencoder)
 
 
 @contextlib.contextmanager
@@ -73,15 +76,17 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
         _output(cfg.grid.out, None, ".png", "grid.out")
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance, diffusion = _load(cfg, env)
+        model, autoencoder, provenance, objective = _load(cfg, env)
         labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
-        settings = _settings(cfg, cfg.grid.cfg_scale, diffusion, autoencoder)
+        sampler = _sampler(cfg, cfg.grid.cfg_scale, objective, autoencoder)
+        settings = sampler.settings
         out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
         if env.is_main:
             stats = {}
             with _naming_the_checkpoint(cfg):
-                images, _ = generate_samples(model, diffusion, autoencoder, range(len(labels)), settings, seed=cfg.seed,
-                                             labels=labels, batch_size=len(labels), progress=True, stats=stats)
+                order = SampleOrder(seed=cfg.seed, batch_size=len(labels), labels=labels)
+                images, _ = generate_samples(model, sampler, autoencoder, range(len(labels)), order, progress=True,
+                                             stats=stats)
             save_grid(images, out, nrow=cfg.grid.nrow)
             counted = {"nfe": stats["nfe"]} if settings.is_flow else {}  # dopri5's count is only known now
             write_json_atomic(settings_path_for(out), {
@@ -102,16 +107,16 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
         _output(cfg.bulk.out, None, ".npz", "bulk.out")
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance, diffusion = _load(cfg, env)
-        settings = _settings(cfg, cfg.bulk.cfg_scale, diffusion, autoencoder)
-        out = _output(cfg.bulk.out, lambda: default_output_name(provenance, settings, seed=cfg.seed,
+        model, autoencoder, provenance, objective = _load(cfg, env)
+        sampler = _sampler(cfg, cfg.bulk.cfg_scale, objective, autoencoder)
+        out = _output(cfg.bulk.out, lambda: default_output_name(provenance, sampler.settings, seed=cfg.seed,
                                                                 num_samples=cfg.bulk.num_samples), ".npz", "bulk.out")
         start = time.perf_counter()
         with _naming_the_checkpoint(cfg):
-            bulk_sample(model, diffusion, autoencoder, out, settings, num_samples=cfg.bulk.num_samples, seed=cfg.seed,
-                        label_mode=cfg.bulk.labels, batch_size=cfg.bulk.batch_size, rank=env.rank,
-                        world_size=env.world_size, barrier=lambda: barrier(env), provenance=provenance,
-                        keep_shards=cfg.bulk.keep_shards, progress=env.is_main)
+            job = BulkJob(num_samples=cfg.bulk.num_samples, seed=cfg.seed, batch_size=cfg.bulk.batch_size,
+                          label_mode=cfg.bulk.labels, keep_shards=cfg.bulk.keep_shards)
+            bulk_sample(model, sampler, autoencoder, out, job, provenance=provenance, progress=env.is_main,
+                        ranks=Ranks(env.rank, env.world_size, lambda: barrier(env)))
         if env.is_main:
             print(f"wrote {out} ({cfg.bulk.num_samples} samples, {time.perf_counter() - start:.1f} s on "
                   f"{env.world_size} rank(s)); settings: {settings_path_for(out)}")

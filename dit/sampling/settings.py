@@ -1,10 +1,11 @@
 """`SamplerSettings`: how samples are drawn, the one type every consumer takes (sample.py,
-eval_fid.py, training grids, the evaluator, output names, the results table). Re-exported by
-`dit.sampling`, which runs them.
+eval_fid.py, training grids, the evaluator, output names, the results table). Plain data and its
+checks: this module loads no sampler (the config schema imports it); `dit.sampling.samplers.
+build_sampler` turns settings, checked once, into the sampler that runs them.
 
 Two families of samplers share it: the diffusion samplers (ddpm, ddim, dpm++) walk a Gaussian
 diffusion chain in DDPM time (t in 0..999, 999 noise); the flow samplers (euler, heun, sde,
-dopri5; dit/flow/) integrate a flow model in continuous time t in [0, 1], t = 1 noise. Which
+dopri5; dit/sampling/flow.py) integrate a flow model in continuous time t in [0, 1], t = 1 noise. Which
 family a checkpoint needs is decided by what it was trained with (`dit.sampling.trained`): the
 default sampler, `auto`, becomes that objective's default (`DEFAULT_SAMPLERS`: DDPM for
 diffusion models, SiT's SDE for flow models), and a sampler of the other family is refused
@@ -18,16 +19,20 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from dit.sampling.flow import DIFFUSION_FORMS, LAST_STEPS
+from dit.sampling.base import registered_samplers
 from dit.sampling.precision import check_precision
 
 __all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
-           "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS"]
+           "DIFFUSION_FORMS", "LAST_STEPS", "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS",
+           "samplers_of"]
 
 AUTO = "auto"  # the trained objective's default sampler
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
 FLOW_SAMPLERS = ("euler", "heun", "sde", "dopri5")
-SAMPLERS = (AUTO,) + DIFFUSION_SAMPLERS + FLOW_SAMPLERS
+SAMPLERS = (AUTO,) + DIFFUSION_SAMPLERS + FLOW_SAMPLERS  # the built-in ones (each has a conf/sampler/*.yaml)
+# The SDE sampler's choices (SiT's): its diffusion coefficient D(t) and its noiseless last step.
+DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+LAST_STEPS = (None, "mean", "tweedie", "euler")
 # What `auto` becomes, by the objective the checkpoint was trained with. Diffusion: DiT's FID
 # protocol (DDPM-250). Flow: SiT's FID protocol (Euler-Maruyama SDE, 250 steps, diffusion form
 # "sigma", "mean" last step at 0.04: the sampler behind SiT-XL/2's FID 2.06), which also spends
@@ -36,6 +41,13 @@ DEFAULT_SAMPLERS = {"diffusion": "ddpm", "flow": "sde"}
 # Fields that only the flow samplers read; recorded only for them, so a diffusion sampler's
 # settings record (and a diffusion bulk file's resume check) is what it was before flow existed.
 FLOW_FIELDS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "rtol", "atol")
+
+
+def samplers_of(family: str) -> tuple[str, ...]:
+    """The samplers that fit a model trained with objective `family`: the built-in ones, then any
+    registered by a plugin (`dit.sampling.base.register_sampler`)."""
+    builtin = FLOW_SAMPLERS if family == "flow" else DIFFUSION_SAMPLERS
+    return builtin + tuple(n for n in registered_samplers(family) if n not in builtin)
 
 
 class SamplerMismatchError(ValueError):
@@ -92,7 +104,7 @@ class SamplerSettings:
     @property
     def is_flow(self) -> bool:
         """Whether this is a flow sampler (needs a flow model) rather than a diffusion one."""
-        return self.sampler in FLOW_SAMPLERS
+        return self.sampler in samplers_of("flow")
 
     def for_objective(self, kind: str) -> "SamplerSettings":
         """These settings for a model trained with objective `kind` ("diffusion" | "flow"):
@@ -102,7 +114,7 @@ class SamplerSettings:
             raise ValueError(f"unknown objective kind {kind!r}: expected one of {tuple(DEFAULT_SAMPLERS)}")
         if self.sampler == AUTO:
             return dataclasses.replace(self, sampler=DEFAULT_SAMPLERS[kind])
-        fits = FLOW_SAMPLERS if kind == "flow" else DIFFUSION_SAMPLERS
+        fits = samplers_of(kind)
         if self.sampler not in fits:
             family = "flow" if self.is_flow else "diffusion"
             raise SamplerMismatchError(
@@ -113,8 +125,9 @@ class SamplerSettings:
     def check(self) -> "SamplerSettings":
         """Raise ValueError naming the field whose value cannot work; returns self. (Whether
         `guided_channels` fits a model's channels is checked against the model when sampling.)"""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {SAMPLERS}")
+        known = (AUTO,) + samplers_of("diffusion") + samplers_of("flow")
+        if self.sampler not in known:
+            raise ValueError(f"unknown sampler {self.sampler!r}: use one of {known}")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.sampler in ("ddpm", "ddim", "sde") and int(self.num_steps) < 2:

@@ -20,7 +20,8 @@ from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
 from dit.io.files import save_grid, write_text_atomic
 from dit.flow import FlowMatching
-from dit.sampling import sample_images
+from dit.flow.config import is_flow
+from dit.sampling.images import sample_images
 from dit.train.randomness import GRID_STREAM
 
 log = logging.getLogger(__name__)
@@ -146,16 +147,16 @@ class GridSampler:
         self.labels = torch.arange(n) * num_classes // n  # spread over the classes
         self.seed = item_seed(seed, 1, GRID_STREAM)
 
-    def sample(self, ema_module: nn.Module, diffusion, autoencoder, step: int) -> Optional[Path]:
-        """`diffusion`: the run's objective, a GaussianDiffusion or a FlowMatching."""
+    def sample(self, ema_module: nn.Module, objective, autoencoder, step: int) -> Optional[Path]:
+        """`objective`: the run's objective, a GaussianDiffusion or a FlowMatching."""
         # Under FSDP the sharded EMA model needs every rank in the forward passes; under DDP the
         # replica on rank 0 suffices.
         if not (self.env.is_main or self.parallel == "fsdp"):
             return None
         device = self.env.device
-        settings = flow_grid_settings(self.settings) if isinstance(diffusion, FlowMatching) else self.settings
+        settings = flow_grid_settings(self.settings) if is_flow(objective) else self.settings
         images = sample_images(
-            ema_module, diffusion, autoencoder, self.labels.to(device), settings,
+            ema_module, objective, autoencoder, self.labels.to(device), settings,
             noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
         )  # uint8 (N, H, W, 3)
         reshard(ema_module)  # FSDP: back to shards, as the EMA update expects

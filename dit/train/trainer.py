@@ -20,7 +20,7 @@ from dit.distributed import (
     DistEnv, all_reduce_sum, broadcast_object, cleanup, full_optimizer_state, init_distributed,
     load_full_optimizer_state, shard_model, wrap_model,
 )
-from dit.flow.config import flow_from_config
+from dit.flow.config import flow_from_config, is_flow
 from dit.models import DiT, arch_name, describe, option_values
 from dit.models.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
@@ -63,7 +63,7 @@ def build_model(cfg: TrainConfig, input_size: int, in_channels: int, num_classes
 def build_objective(cfg: TrainConfig):
     """What the step trains and the grids sample: DiT's GaussianDiffusion (objective=diffusion),
     or a dit.flow.FlowMatching built from the `objective` keys (objective=flow)."""
-    if cfg.objective.kind == "flow":
+    if is_flow(cfg.objective):
         return flow_from_config(plain_config(cfg)["objective"])
     return create_diffusion(
         "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
@@ -170,8 +170,7 @@ class Trainer:
                   (state or {}).get("rng", {}).get("ranks", []))
         # GaussianDiffusion or FlowMatching: the step calls either's training_losses alike.
         self.objective = build_objective(cfg)
-        self.flow = cfg.objective.kind == "flow"
-        self.diffusion = self.objective
+        self.flow = is_flow(cfg.objective)
         self.stream = DataStream(self.data.dataset, env, cfg.global_batch_size, cfg.seed, cfg.data.num_workers,
                                  worker_ignored_signals=self.preempt_signals)
         # Steps with a non-finite loss or gradient: in total, and in the current unbroken run.
@@ -372,7 +371,7 @@ class Trainer:
             if self.evaluation is not None and self.evaluation.due(step) and not self.guard.preempt:
                 # before the checkpoint: a kill during the evaluation redoes it on resume; a new best
                 # (eval.keep_best) forces this step's checkpoint, which becomes checkpoints/best.pt
-                save_now = self.evaluation.run(step, self.ema.module, self.diffusion, self.logger) or save_now
+                save_now = self.evaluation.run(step, self.ema.module, self.objective, self.logger) or save_now
             if save_now or self.guard.preempt or self.faults.forces_checkpoint(step):
                 last_ckpt, last_save = self.save_checkpoint(last_ckpt), time.monotonic()
                 if self.evaluation is not None:

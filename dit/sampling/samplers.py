@@ -1,0 +1,37 @@
+"""Settings in, a sampler out: `build_sampler` resolves a run's `SamplerSettings` once, against
+the objective the checkpoint was trained with (and the autoencoder, which decides x0 clipping),
+and returns the `Sampler` (dit/sampling/base.py) that every later call uses. Importing this module
+registers the built-in samplers (diffusion.py: ddpm, ddim, dpm++; flow.py: euler, heun, dopri5,
+sde); a plugin registers its own class with `dit.sampling.base.register_sampler`.
+"""
+
+from __future__ import annotations
+
+from dit.sampling import diffusion as _diffusion_samplers  # noqa: F401  (registers ddpm, ddim, dpm++)
+from dit.sampling import flow as _flow_samplers  # noqa: F401  (registers euler, heun, dopri5, sde)
+from dit.sampling.base import Sampler, sampler_class
+from dit.sampling.settings import SamplerSettings
+from dit.sampling.trained import objective_kind
+
+__all__ = ["build_sampler", "Sampler"]
+
+
+def build_sampler(settings: SamplerSettings, objective, autoencoder=None) -> Sampler:
+    """The sampler that `settings` describe for a model trained on `objective` (a
+    `GaussianDiffusion` chain or a `FlowMatching`; see `dit.sampling.trained.trained_objective`):
+    `auto` becomes the objective's default sampler, a sampler of the other family raises
+    `SamplerMismatchError`, `clip_denoised` None is decided for `autoencoder` (given one), and
+    every field is checked, here and only here. `settings` that already went through this give
+    the same sampler again."""
+    if objective is None:
+        raise ValueError("build_sampler needs the trained objective (dit.sampling.trained.trained_objective): "
+                         "a diffusion chain or a flow objective, not None")
+    settings = settings.for_objective(objective_kind(objective))
+    if autoencoder is not None:
+        settings = settings.resolved(autoencoder)
+    settings.check()
+    cls = sampler_class(settings.sampler)
+    if cls is None:  # a name the settings accept but no class claims (a plugin not registered in this process)
+        raise ValueError(f"no sampler class is registered for sampler={settings.sampler}: register it with "
+                         "dit.sampling.base.register_sampler before sampling")
+    return cls(settings, objective)
