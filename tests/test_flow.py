@@ -23,7 +23,7 @@ from scipy import stats
 
 from dit.flow import (SIT_TIME, FlowMatching, NetworkTime, get_path, model_velocity, sample_logit_normal,
                       shift_time, time_grid)
-from dit.sampling.flow import DIFFUSION_FORMS, diffusion_coefficient, sample_ode, sample_sde
+from dit.sampling.flow import DIFFUSION_FORMS, SDEForm, diffusion_coefficient, sample_ode, sample_sde
 
 F64 = torch.float64
 MU = torch.tensor([1.5, -0.7], dtype=F64)  # data mean per dimension
@@ -303,14 +303,15 @@ def test_diffusion_forms_are_sits_written_in_our_time():
     for form, ref in sit.items():
         torch.testing.assert_close(diffusion_coefficient(form, "linear", t, k), ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="SBDM diffusion coefficient is infinite at t = 1"):
-        sample_sde(optimal_velocity("linear"), matched_noise(8), path="linear", num_steps=10, diffusion_form="SBDM")
+        sample_sde(optimal_velocity("linear"), matched_noise(8), path="linear", num_steps=10,
+                   form=SDEForm(diffusion_form="SBDM"))
 
 
 @pytest.mark.parametrize("form,last_step", [("SBDM", "tweedie"), ("constant", None), ("decreasing", "euler")])
 def test_other_diffusion_forms_and_last_steps_reach_the_data(form, last_step):
     z = torch.randn(20_000, len(MU), generator=torch.Generator().manual_seed(8), dtype=F64)
-    out = sample_sde(optimal_velocity("linear"), z, path="linear", num_steps=100, diffusion_form=form,
-                     last_step=last_step, t_max=0.999 if form == "SBDM" else 1.0,
+    out = sample_sde(optimal_velocity("linear"), z, path="linear", num_steps=100,
+                     form=SDEForm(diffusion_form=form, last_step=last_step), t_max=0.999 if form == "SBDM" else 1.0,
                      generator=torch.Generator().manual_seed(9))
     assert out.nfe == (99 if last_step is None else 100)
     dmean, dstd = misses(out.x)

@@ -13,6 +13,7 @@ trained objective (`FlowMatching.velocity`: its path, prediction and network tim
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ from dit.sampling.base import Sampler, register_sampler
 from dit.sampling.settings import DIFFUSION_FORMS, LAST_STEPS
 
 __all__ = ["FlowSample", "ODE_METHODS", "DIFFUSION_FORMS", "LAST_STEPS", "diffusion_coefficient", "sample_ode",
-           "sample_ode_adaptive", "sample_sde", "EulerSampler", "HeunSampler", "Dopri5Sampler", "SDESampler"]
+           "sample_ode_adaptive", "sample_sde", "SDEForm", "EulerSampler", "HeunSampler", "Dopri5Sampler", "SDESampler"]
 
 ODE_METHODS = ("euler", "heun", "dopri5")
 
@@ -134,16 +135,29 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Gen
     return torch.randn(tuple(x.shape), generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
+@dataclass(frozen=True)
+class SDEForm:
+    """Which reverse SDE `sample_sde` walks and how it ends (SiT's choices and defaults): the
+    diffusion coefficient D(t) (`diffusion_form`, scaled by `diffusion_norm`; see
+    `diffusion_coefficient`) and the noiseless last step from `last_step_size` to t = 0."""
+
+    diffusion_form: str = "sigma"
+    diffusion_norm: float = 1.0
+    last_step: str | None = "mean"
+    last_step_size: float = 0.04
+
+
 def sample_sde(velocity: Callable, noise: torch.Tensor, *, path: Path | str, num_steps: int,
-               diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step: str | None = "mean",
-               last_step_size: float = 0.04, t_max: float = 1.0, shift: float = 1.0,
+               form: SDEForm = SDEForm(), t_max: float = 1.0, shift: float = 1.0,
                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> FlowSample:
     """Euler-Maruyama on dx = [v - D score] dt + sqrt(2 D) dW from t_max down to t_last =
-    `last_step_size` over num_steps grid points (num_steps - 1 noisy steps, as SiT and REPA), then
-    one noiseless last step to t = 0: "mean" (the SDE drift; SiT's and REPA's default), "euler"
-    (the ODE velocity), "tweedie" (E[x0 | x_t]), or None (the grid runs to 0, no extra call).
-    SiT's defaults: diffusion_form="sigma", norm 1, last_step="mean", size 0.04."""
+    `form.last_step_size` over num_steps grid points (num_steps - 1 noisy steps, as SiT and
+    REPA), then one noiseless last step to t = 0: "mean" (the SDE drift; SiT's and REPA's
+    default), "euler" (the ODE velocity), "tweedie" (E[x0 | x_t]), or None (the grid runs to 0,
+    no extra call). SiT's defaults are `SDEForm()`'s: sigma, norm 1, mean, 0.04."""
     path = get_path(path)
+    diffusion_form, diffusion_norm = form.diffusion_form, float(form.diffusion_norm)
+    last_step, last_step_size = form.last_step, form.last_step_size
     if last_step not in LAST_STEPS:
         raise ValueError(f"unknown last_step {last_step!r}: use one of {LAST_STEPS}")
     if diffusion_form not in DIFFUSION_FORMS:
@@ -235,7 +249,6 @@ class SDESampler(_FlowSampler):
 
     def _integrate(self, velocity, noise, generator):
         s = self.settings
-        return sample_sde(velocity, noise, path=self.objective.path, num_steps=int(s.num_steps),
-                          diffusion_form=s.diffusion_form, diffusion_norm=float(s.diffusion_norm),
-                          last_step=s.last_step, last_step_size=float(s.last_step_size), shift=float(s.shift),
-                          generator=generator)
+        form = SDEForm(s.diffusion_form, float(s.diffusion_norm), s.last_step, float(s.last_step_size))
+        return sample_sde(velocity, noise, path=self.objective.path, num_steps=int(s.num_steps), form=form,
+                          shift=float(s.shift), generator=generator)
