@@ -5,8 +5,8 @@
     python eval_fid.py samples=... reference=real_toy/ feature_extractor=toy_judge   # the quickstart's judge
 
 Every option, its type and its default: dit/config/sample.py (EvalConfig, which includes all of
-sample.py's keys for generating); the work is done by dit/scoring/evaluate.py, the metrics live in
-dit/scoring/metrics.py.
+sample.py's keys for generating); the work is done by dit/cli/eval_fid.py with dit/scoring/evaluator.py,
+the metrics live in dit/scoring/metrics.py.
 """
 
 # The program lives in dit/cli/eval_fid.py (also the installed console script); this file keeps

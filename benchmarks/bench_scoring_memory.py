@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's d
 
 from benchmarks.common import machine_info  # noqa: E402
 from dit.scoring import metrics as M  # noqa: E402
-from dit.scoring.evaluate import build_feature_extractor  # noqa: E402
+from dit.scoring.extractors import build_feature_extractor  # noqa: E402
 from dit.io.npz import StreamedArray, read_samples_npz, write_npz_atomic  # noqa: E402
 from dit.scoring.images import open_images  # noqa: E402
 from dit.cli.runtime import tune_host_allocator  # noqa: E402
@@ -88,16 +88,16 @@ def child(args) -> dict:
     one_batch = _status_bytes("VmHWM") - before_warmup  # what one batch costs: the floor of any scoring
     baseline = reset_peak_rss()
     start = time.perf_counter()
-    options = dict(fid=True, sfid=False, isc=False, prc=False)
+    options = M.MetricOptions(fid=True, sfid=False, isc=False, prc=False)
     with torch.no_grad():
         if args.child == "streamed":  # what eval_fid.py runs now
             source = open_images(args.samples)[0]
-            metrics = M.compute_metrics(source, reference, extractor, **options)
+            metrics = M.compute_metrics(source, reference, extractor, options)
         else:  # the path of before: the whole array, every image's outputs kept, then np.cov
             images = read_samples_npz(args.samples)[0]
             feats = M.sample_features(images, extractor)
-            metrics = M.metrics_from_features(feats, reference, extractor.identity, image_size=images.shape[1:3],
-                                              **options)
+            metrics = M.metrics_from_features(feats, reference, extractor.identity, options,
+                                              image_size=images.shape[1:3])
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     return {"path": args.child, "baseline_rss": baseline, "peak_rss": peak, "increase": peak - baseline,

@@ -24,7 +24,6 @@ import pytest
 import torch
 from PIL import Image
 
-import dit.scoring.evaluate
 from dit.io.checkpoint import save_atomic
 from dit.cli import cache_latents as cache_cli
 from dit.cli import eval_fid as eval_cli
@@ -180,7 +179,7 @@ def test_eval_checks_everything_scoring_needs_before_sampling(files, tmp_path, c
     """Missing Inception weights, a missing or unreadable reference, an unknown metric: refused
     before one sample is generated (generating can take hours; the check takes seconds)."""
     calls = []
-    monkeypatch.setattr(dit.scoring.evaluate, "generate_bulk", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(eval_cli, "generate_bulk", lambda cfg: calls.append(cfg))
     monkeypatch.chdir(tmp_path)
     common = [f"checkpoint={files['ckpt']}", "bulk.num_samples=2", "device=cpu"]
     for args in ([f"reference={files['samples']}", "allow_download=false",

@@ -18,7 +18,7 @@ from dit.io.images import check_images
 from dit.io.npz import StreamedArray, read_samples_npz, write_npz_atomic, write_samples_npz
 from dit.scoring import inception as I
 from dit.scoring import metrics as M
-from dit.scoring.evaluate import build_feature_extractor
+from dit.scoring.extractors import build_feature_extractor
 
 
 # ------------------------------------------------------------------------------ Fréchet distance
@@ -256,10 +256,10 @@ def test_fid_against_adm_statistics_equals_fid_against_the_same_reference_as_ima
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     as_folder = M.load_reference(folder, extractor)
 
-    options = dict(isc=False, prc=False)
-    by_images = M.metrics_from_features(feats, as_images, extractor.identity, **options)
-    by_stats = M.metrics_from_features(feats, as_stats, extractor.identity, **options)
-    by_folder = M.metrics_from_features(feats, as_folder, extractor.identity, **options)
+    options = M.MetricOptions(isc=False, prc=False)
+    by_images = M.metrics_from_features(feats, as_images, extractor.identity, options)
+    by_stats = M.metrics_from_features(feats, as_stats, extractor.identity, options)
+    by_folder = M.metrics_from_features(feats, as_folder, extractor.identity, options)
     assert by_images["fid"] > 0 and by_images["sfid"] > 0
     for key in ("fid", "sfid"):
         assert abs(by_stats[key] - by_images[key]) <= 1e-6 * by_images[key]
@@ -296,8 +296,8 @@ def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_loa
 @pytest.mark.slow
 def test_eval_fid_entry_point_prints_writes_json_and_appends_a_results_row(tmp_path, random_inception, capsys,
                                                                            compose):
-    from dit.scoring.evaluate import evaluate_samples as evaluate  # what eval_fid.py runs
-    from dit.sampling import settings_path_for
+    from dit.cli.eval_fid import evaluate_samples as evaluate  # what eval_fid.py runs
+    from dit.sampling.loading import settings_path_for
 
     real, fake = _toy_sets(n=6, seed=1)
     ref = write_samples_npz(tmp_path / "ref.npz", real)
@@ -336,9 +336,9 @@ def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
     fake = rng.integers(0, 128, (12, 8, 8, 3), dtype=np.uint8)
     reference = M.compute_stats(real, extractor)
     predicted = judge.classify(fake)
-    out = M.compute_metrics(fake, reference, extractor, labels=predicted, prc=False)
+    out = M.compute_metrics(fake, reference, extractor, M.MetricOptions(prc=False), labels=predicted)
     assert out["class_accuracy"] == 1.0 and out["fid"] > 0 and 1.0 <= out["inception_score"] <= 10.0
-    wrong = M.compute_metrics(fake, reference, extractor, labels=(predicted + 1) % 10, prc=False)
+    wrong = M.compute_metrics(fake, reference, extractor, M.MetricOptions(prc=False), labels=(predicted + 1) % 10)
     assert wrong["class_accuracy"] == 0.0 and wrong["fid"] == out["fid"]
     with pytest.raises(ValueError, match="image size"):
         build_feature_extractor("toy_judge")
@@ -349,7 +349,7 @@ def test_the_toy_judge_plugs_in_as_a_feature_extractor_with_class_accuracy():
 def test_a_results_table_from_before_a_new_column_is_migrated_not_refused(tmp_path):
     import csv
 
-    from dit.scoring.evaluate import RESULTS_COLUMNS, append_results_row
+    from dit.scoring.table import RESULTS_COLUMNS, append_results_row
 
     old_columns = [c for c in RESULTS_COLUMNS if c != "eta"]  # the table as written before `eta` was a column
     table = tmp_path / "results.csv"

@@ -74,7 +74,8 @@ def test_inception_features_run_in_ieee_fp32_even_with_tf32_on_globally_and_the_
 @pytest.mark.slow
 def test_eval_fid_records_precision_flags_arithmetic_and_what_each_metric_used(tmp_path, random_inception, compose,
                                                                              tf32_globally_on):
-    from dit.scoring.evaluate import RESULTS_COLUMNS, evaluate_samples
+    from dit.cli.eval_fid import evaluate_samples
+    from dit.scoring.table import RESULTS_COLUMNS
 
     rng = np.random.default_rng(1)
     real, fake = (rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8) for _ in range(2))
@@ -220,7 +221,7 @@ def test_each_metric_reports_the_reference_data_it_used(tmp_path):
     stored_mu, stored_sigma = np.full(12, 0.5), np.eye(12) * 0.01  # "the whole data set": not these 10 images
     adm = write_npz_atomic(tmp_path / "adm.npz", {"arr_0": real, "mu": stored_mu, "sigma": stored_sigma})
     ref = M.load_reference(adm, ex)
-    out = M.metrics_from_features(feats, ref, ex.identity, isc=False, sfid=False)
+    out = M.metrics_from_features(feats, ref, ex.identity, M.MetricOptions(isc=False, sfid=False))
     assert out["num_reference"] == 10 and out["num_reference_pr"] == 10 and "num_reference_fid" not in out
     assert out["fid"] == pytest.approx(M.frechet_distance(*M.feature_statistics(feats["pool"]), stored_mu,
                                                           stored_sigma), rel=1e-12)
@@ -230,21 +231,21 @@ def test_each_metric_reports_the_reference_data_it_used(tmp_path):
     assert (usage["num_reference_images"], usage["num_reference_fid"], usage["num_reference_pr"]) == (10, None, 10)
 
     images_only = M.load_reference(write_samples_npz(tmp_path / "images.npz", real), ex)  # computed here
-    out = M.metrics_from_features(feats, images_only, ex.identity, isc=False, prc=False)
+    out = M.metrics_from_features(feats, images_only, ex.identity, M.MetricOptions(isc=False, prc=False))
     assert out["num_reference_fid"] == 10 and "num_reference_pr" not in out
     assert M.reference_usage(images_only, out)["used_for"] == {"fid": "mu/sigma computed from 10 reference images"}
 
     M.save_stats(tmp_path / "stats.npz", images_only, include_features=False)  # our statistics file: N recorded
     saved = M.load_reference(tmp_path / "stats.npz", ex, need_features=False)
-    out = M.metrics_from_features(feats, saved, ex.identity, isc=False, prc=False)
+    out = M.metrics_from_features(feats, saved, ex.identity, M.MetricOptions(isc=False, prc=False))
     assert out["num_reference_fid"] == 10
     assert M.reference_usage(saved, out)["fid_stats"] == (
         "mu/sigma stored in the reference file (precomputed; from 10 images)")
 
 
 def test_a_results_table_from_before_the_scoring_columns_keeps_its_rows(tmp_path):
-    from dit.scoring.evaluate import RESULTS_COLUMNS, SETTINGS_COLUMNS, append_results_row
-    from dit.sampling import SETTINGS_FIELDS
+    from dit.scoring.table import RESULTS_COLUMNS, SETTINGS_COLUMNS, append_results_row
+    from dit.sampling.settings import SETTINGS_FIELDS
 
     # The header this code wrote before issue 12.
     old = ["time", "checkpoint", "step", "sampler", "num_steps", "cfg_scale", "guided_channels", "guidance_interval",

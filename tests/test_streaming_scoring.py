@@ -15,7 +15,7 @@ import dit.scoring.images as S
 from dit.io.images import check_images, read_image_folder
 from dit.io.npz import read_samples_npz, write_samples_npz
 from dit.scoring import metrics as M
-from dit.scoring.evaluate import evaluate_samples
+from dit.cli.eval_fid import evaluate_samples
 from dit.scoring.frechet import RunningMoments
 from dit.scoring.inception import InceptionFeatures
 from dit.scoring.judge import JudgeFeatures, ToyJudge
@@ -123,7 +123,8 @@ def _in_memory_metrics(samples, reference_images, extractor, labels=None, **opti
     reference = M.stats_from_features(extractor.extract(reference_images), extractor.identity)
     reference.image_size = reference_images.shape[1:3]
     feats = M.sample_features(samples, extractor, labels)
-    return M.metrics_from_features(feats, reference, extractor.identity, image_size=samples.shape[1:3], **options)
+    return M.metrics_from_features(feats, reference, extractor.identity, M.MetricOptions(**options),
+                                   image_size=samples.shape[1:3])
 
 
 def test_streamed_scoring_equals_the_in_memory_path_and_reads_one_batch_at_a_time(tmp_path, monkeypatch):
@@ -139,7 +140,7 @@ def test_streamed_scoring_equals_the_in_memory_path_and_reads_one_batch_at_a_tim
     reference = M.load_reference(ref_path, extractor)
     assert max(largest) == 32  # the reference's images were streamed too
     largest.clear()
-    streamed = M.compute_metrics(S.open_images(path)[0], reference, extractor, **options)
+    streamed = M.compute_metrics(S.open_images(path)[0], reference, extractor, M.MetricOptions(**options))
     assert max(largest) == 32 and sum(largest) == 203
     expected = _in_memory_metrics(samples, real, extractor, **options)
     assert set(streamed) == set(expected)
@@ -147,8 +148,8 @@ def test_streamed_scoring_equals_the_in_memory_path_and_reads_one_batch_at_a_tim
     assert streamed["sfid"] == pytest.approx(expected["sfid"], rel=1e-9)
     for key in ("inception_score", "inception_score_std", "precision", "recall", "kid", "kid_std"):
         assert streamed[key] == expected[key], key  # the same per-image features, bit for bit
-    fid_only = M.compute_metrics(S.open_images(path)[0], reference, extractor, fid=True, sfid=False, isc=False,
-                                 prc=False)
+    fid_only = M.compute_metrics(S.open_images(path)[0], reference, extractor,
+                                 M.MetricOptions(fid=True, sfid=False, isc=False, prc=False))
     assert set(fid_only) == {"num_samples", "num_reference", "num_reference_fid", "fid"}
     assert fid_only["fid"] == streamed["fid"]
 
@@ -169,10 +170,10 @@ def test_fid_of_a_stream_holds_about_one_batch_in_memory_not_the_array(tmp_path)
         finally:
             tracemalloc.stop()
 
-    streamed = peak(lambda: M.compute_metrics(S.open_images(path)[0], reference, extractor, sfid=False, isc=False,
-                                              prc=False))
-    whole = peak(lambda: M.compute_metrics(read_samples_npz(path)[0], reference, extractor, sfid=False,
-                                           isc=False, prc=False))
+    streamed = peak(lambda: M.compute_metrics(S.open_images(path)[0], reference, extractor,
+                                              M.MetricOptions(sfid=False, isc=False, prc=False)))
+    whole = peak(lambda: M.compute_metrics(read_samples_npz(path)[0], reference, extractor,
+                                           M.MetricOptions(sfid=False, isc=False, prc=False)))
     assert whole > array_bytes  # the in-memory path holds every image
     assert streamed < array_bytes / 16, (streamed, array_bytes)  # a batch and its float copies: about 1/40
 
@@ -255,8 +256,8 @@ def test_inception_features_of_a_stream_equal_the_in_memory_path(tmp_path, rando
     path = write_samples_npz(tmp_path / "samples.npz", samples)
     reference = M.load_reference(write_samples_npz(tmp_path / "ref.npz", real), extractor)
     with torch.no_grad():
-        streamed = M.compute_metrics(S.open_images(path)[0], reference, extractor, fid=True, sfid=True, isc=True,
-                                     prc=True, isc_split_size=5)
+        streamed = M.compute_metrics(S.open_images(path)[0], reference, extractor,
+                                     M.MetricOptions(fid=True, sfid=True, isc=True, prc=True, isc_split_size=5))
     expected = _in_memory_metrics(samples, real, extractor, fid=True, sfid=True, isc=True, prc=True, isc_split_size=5)
     assert streamed["fid"] == pytest.approx(expected["fid"], rel=1e-9)
     assert streamed["sfid"] == pytest.approx(expected["sfid"], rel=1e-9)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from dit.config import ConfigError
-from dit.scoring.evaluate import generate_and_evaluate
+from dit.cli.eval_fid import generate_and_evaluate
 from dit.io.npz import write_samples_npz
 from dit.data.toy import make_toy_arrays
 from dit.train import run_training

@@ -13,7 +13,7 @@ It runs the steps of docs/quickstart.md with the same settings, in this process:
    which training never reads);
 4. for each checkpoint, what `eval_fid.py` does with the quickstart's keys: 500 class-balanced
    samples, DDIM 20 steps, guidance 2.0 on all channels, scored by the toy judge
-   (`dit.scoring.evaluate.generate_and_evaluate`, which writes `<run>/samples.toy_judge.metrics.json` and a
+   (`dit.cli.eval_fid.generate_and_evaluate`, which writes `<run>/samples.toy_judge.metrics.json` and a
    row of results/eval_results.csv);
 5. the table (class accuracy and judge Frechet distance, trained vs untrained), printed and written
    to `<out>/<name>/summary.json`.
@@ -41,8 +41,8 @@ from omegaconf import DictConfig
 
 from dit.cli import config_dir
 from dit.cli.errors import run_program
+from dit.cli.eval_fid import generate_and_evaluate
 from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
-from dit.scoring.evaluate import generate_and_evaluate
 from dit.io.atomic import write_text_atomic
 from dit.cli.runtime import tune_host_allocator
 from dit.data.toy import NUM_CLASSES, imagefolder_class_dirs, write_toy_imagefolder

@@ -10,7 +10,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from dit.models import DiTConfig
-from dit.sampling import SamplerSettings
+from dit.sampling.settings import SamplerSettings
 
 
 class ConfigError(ValueError):

@@ -4,9 +4,10 @@ Nichol's `evaluator.py` protocol, ADM reference batches), plus KID.
 
 The statistics and metrics are computed here, in float64, on the features of any extractor
 with `extract(images) -> {"pool", ...}`: torch-fidelity's InceptionV3 (`dit.scoring.inception`, the
-real protocol), the quickstart's toy judge (`dit.scoring.judge`), or a stand-in. `dit.scoring.evaluate` picks
-the extractor by name. Reference statistics are cached on disk under a key that includes the
-extractor's identity (its weights digest), the file identity and N.
+real protocol), the quickstart's toy judge (`dit.scoring.judge`), or a stand-in. `dit.scoring.extractors`
+picks the extractor by name; which metrics are computed, and how, is one `MetricOptions`. Reference
+statistics are cached on disk under a key that includes the extractor's identity (its weights
+digest), the file identity and N.
 
 Images everywhere are uint8 (N, H, W, 3) numpy arrays (contract 3 in docs/design.md).
 """
@@ -220,6 +221,25 @@ def _prefer_stored(stored: FeatureStats | None, computed: FeatureStats) -> Featu
 # --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetricOptions:
+    """Which metrics to compute and how: FID, sFID, Inception Score, precision/recall (`prc`)
+    and KID switched on or off; precision/recall's k (ADM: 3) and arithmetic ("fp32" or "adm",
+    dit.scoring.precision_recall); IS over splits of `isc_split_size` images (ADM: 5000); KID
+    over `kid_subsets` random subsets of `kid_subset_size` images."""
+
+    fid: bool = True
+    sfid: bool = True
+    isc: bool = True
+    prc: bool = True
+    kid: bool = False
+    prc_k: int = 3
+    pr_arithmetic: str = "fp32"
+    isc_split_size: int = 5000
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+
+
 def check_reference(reference: FeatureStats, image_size: tuple[int, int] | None = None) -> None:
     """ValueError naming the reference if the samples' (H, W) differ from its images' (where both
     are known: FID between resolutions measures the resize, not the model) or if its statistics
@@ -283,34 +303,29 @@ def sample_features(images: np.ndarray, extractor: FeatureExtractor, labels: np.
     return feats
 
 
-def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats, extractor_identity: str | None, *,
-                          fid: bool = True, sfid: bool = True, isc: bool = True, prc: bool = True, kid: bool = False,
-                          prc_k: int = 3, pr_arithmetic: str = "fp32", isc_split_size: int = 5000,
-                          kid_subsets: int = 100, kid_subset_size: int = 1000,
+def metrics_from_features(feats: dict[str, np.ndarray], reference: FeatureStats, extractor_identity: str | None,
+                          options: MetricOptions = MetricOptions(), *,
                           image_size: tuple[int, int] | None = None) -> dict[str, float]:
-    """Metrics of generated images (given by `sample_features`) against reference statistics.
-    Metrics that the reference or the extractor cannot support (sFID without spatial statistics,
-    precision/recall without reference features, class accuracy without labels or a classifier)
-    are left out, not faked. `image_size` (H, W) of the samples is checked against the
-    reference's, where known; a reference whose covariances are not symmetric PSD is refused.
-    `pr_arithmetic`: "fp32" or "adm" (dit.scoring.precision_recall). Besides the metrics: `num_samples`,
-    `num_reference` (images in the reference file), `num_reference_fid` (images behind the FID
-    statistics, where known: not for ADM batches) and `num_reference_pr` (reference images whose
-    features gave precision/recall and KID); `reference_usage` says the same in words."""
-    return metrics_from_stats(stats_from_features(feats, extractor_identity), reference, extractor_identity,
-                              correct=feats.get("correct"), fid=fid, sfid=sfid, isc=isc, prc=prc, kid=kid,
-                              prc_k=prc_k, pr_arithmetic=pr_arithmetic, isc_split_size=isc_split_size,
-                              kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, image_size=image_size)
+    """The metrics `options` ask for, of generated images (given by `sample_features`) against
+    reference statistics. Metrics that the reference or the extractor cannot support (sFID
+    without spatial statistics, precision/recall without reference features, class accuracy
+    without labels or a classifier) are left out, not faked. `image_size` (H, W) of the samples
+    is checked against the reference's, where known; a reference whose covariances are not
+    symmetric PSD is refused. Besides the metrics: `num_samples`, `num_reference` (images in the
+    reference file), `num_reference_fid` (images behind the FID statistics, where known: not for
+    ADM batches) and `num_reference_pr` (reference images whose features gave precision/recall
+    and KID); `reference_usage` says the same in words."""
+    return metrics_from_stats(stats_from_features(feats, extractor_identity), reference, extractor_identity, options,
+                              correct=feats.get("correct"), image_size=image_size)
 
 
-def metrics_from_stats(sample: FeatureStats, reference: FeatureStats, extractor_identity: str | None, *,
-                       correct: np.ndarray | None = None, fid: bool = True, sfid: bool = True, isc: bool = True,
-                       prc: bool = True, kid: bool = False, prc_k: int = 3, pr_arithmetic: str = "fp32",
-                       isc_split_size: int = 5000, kid_subsets: int = 100, kid_subset_size: int = 1000,
+def metrics_from_stats(sample: FeatureStats, reference: FeatureStats, extractor_identity: str | None,
+                       options: MetricOptions = MetricOptions(), *, correct: np.ndarray | None = None,
                        image_size: tuple[int, int] | None = None) -> dict[str, float]:
     """`metrics_from_features` on the samples' statistics (mu/sigma, and mu_s/sigma_s, `pool`,
     `logits` where the asked metrics need them) and `correct` (N,) bool for class accuracy."""
-    check_pr_arithmetic(pr_arithmetic)
+    o = options
+    check_pr_arithmetic(o.pr_arithmetic)
     if reference.extractor is not None and extractor_identity is not None and reference.extractor != extractor_identity:
         raise ValueError(f"reference statistics were made by {reference.extractor}, the samples are scored by "
                          f"{extractor_identity}: recompute the reference with the same extractor")
@@ -318,22 +333,23 @@ def metrics_from_stats(sample: FeatureStats, reference: FeatureStats, extractor_
     out: dict[str, float] = {"num_samples": int(sample.num_images)}
     if reference.num_images is not None:
         out["num_reference"] = int(reference.num_images)  # images in the reference (the key before the two below)
-    if (fid or sfid) and reference.stats_num_images is not None:
+    if (o.fid or o.sfid) and reference.stats_num_images is not None:
         out["num_reference_fid"] = int(reference.stats_num_images)
-    if (prc or kid) and reference.pool is not None:
+    if (o.prc or o.kid) and reference.pool is not None:
         out["num_reference_pr"] = int(len(reference.pool))
-    if fid:
+    if o.fid:
         out["fid"] = frechet_distance(sample.mu, sample.sigma, reference.mu, reference.sigma)
-    if sfid and sample.mu_s is not None and reference.mu_s is not None:
+    if o.sfid and sample.mu_s is not None and reference.mu_s is not None:
         out["sfid"] = frechet_distance(sample.mu_s, sample.sigma_s, reference.mu_s, reference.sigma_s)
-    if isc and sample.logits is not None:
-        out["inception_score"], out["inception_score_std"] = inception_score(sample.logits, isc_split_size)
-    if (prc or kid) and reference.pool is None:
+    if o.isc and sample.logits is not None:
+        out["inception_score"], out["inception_score_std"] = inception_score(sample.logits, o.isc_split_size)
+    if (o.prc or o.kid) and reference.pool is None:
         warnings.warn(f"precision/recall and KID need reference images; {reference.source} has statistics only")
-    if prc and reference.pool is not None:
-        out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, prc_k, pr_arithmetic)
-    if kid and reference.pool is not None:
-        out["kid"], out["kid_std"] = kernel_inception_distance(reference.pool, sample.pool, kid_subsets, kid_subset_size)
+    if o.prc and reference.pool is not None:
+        out["precision"], out["recall"] = precision_recall(reference.pool, sample.pool, o.prc_k, o.pr_arithmetic)
+    if o.kid and reference.pool is not None:
+        out["kid"], out["kid_std"] = kernel_inception_distance(reference.pool, sample.pool, o.kid_subsets,
+                                                               o.kid_subset_size)
     if correct is not None:
         out["class_accuracy"] = float(np.mean(correct))
     return out
@@ -363,19 +379,19 @@ def reference_usage(reference: FeatureStats, metrics: dict) -> dict:
             "num_reference_fid": n_stats, "num_reference_pr": metrics.get("num_reference_pr"), "used_for": used_for}
 
 
-def compute_metrics(images: np.ndarray | ImageSource, reference: FeatureStats, extractor: FeatureExtractor, *,
-                    labels: np.ndarray | None = None, progress: bool = False, **options) -> dict[str, float]:
+def compute_metrics(images: np.ndarray | ImageSource, reference: FeatureStats, extractor: FeatureExtractor,
+                    options: MetricOptions = MetricOptions(), *, labels: np.ndarray | None = None,
+                    progress: bool = False) -> dict[str, float]:
     """Score generated uint8 images (an array, or an `ImageSource` such as `dit.scoring.images.NpzImages`,
-    read batch by batch) against reference statistics; `options` as in `metrics_from_features`
-    (fid, sfid, isc, prc, kid, prc_k, pr_arithmetic, ...). Memory: O(D^2) for FID and sFID (their
-    statistics are accumulated on the fly); per-image pool features only when precision/recall or
-    KID are asked (and the reference has features), logits only for IS."""
+    read batch by batch) against reference statistics, as in `metrics_from_features`. Memory:
+    O(D^2) for FID and sFID (their statistics are accumulated on the fly); per-image pool
+    features only when precision/recall or KID are asked (and the reference has features),
+    logits only for IS."""
     source = images if isinstance(images, ImageSource) else ArrayImages(images, "samples")
     check_reference(reference, source.image_size)  # before the (slow) feature extraction
-    with_pool = (options.get("prc", True) or options.get("kid", False)) and reference.pool is not None
-    keep = ("pool",) * with_pool + ("logits",) * bool(options.get("isc", True))
-    moments = ("pool",) + ("spatial",) * bool(options.get("sfid", True))  # pool always, as before (N >= 2)
+    with_pool = (options.prc or options.kid) and reference.pool is not None
+    keep = ("pool",) * with_pool + ("logits",) * bool(options.isc)
+    moments = ("pool",) + ("spatial",) * bool(options.sfid)  # pool always, as before (N >= 2)
     streamed = stream_features(source, extractor, moments=moments, keep=keep, labels=labels, progress=progress)
-    return metrics_from_stats(stats_from_stream(streamed, extractor.identity), reference, extractor.identity,
-                              correct=streamed.correct,
-                              image_size=source.image_size, **options)
+    return metrics_from_stats(stats_from_stream(streamed, extractor.identity), reference, extractor.identity, options,
+                              correct=streamed.correct, image_size=source.image_size)

@@ -3,7 +3,8 @@
 Every `eval.every` steps, and at `max_steps`, the EMA weights sample `eval.num_samples` images
 with the `eval.*` sampler settings, each rank its share of the sample indices (sample i from
 (eval.seed, i) alone, so the numbers do not depend on the number of ranks); rank 0 scores them
-with `dit.scoring.evaluate.FIDEvaluator`, which computes what `eval_fid.py` computes from the same keys.
+with `dit.scoring.evaluator.Evaluator`, made from the same keys as eval_fid.py's (`ScoringConfig.from_keys`),
+so it computes what `eval_fid.py` computes.
 The scores go to metrics.jsonl (`eval/<metric>` keys, a line of their own) and wandb. With
 `eval.keep_best`, the checkpoint of the best score so far is kept as `checkpoints/best.pt`
 (a hard link or a copy, written atomically; keep_last prunes only `<step>.pt` files) and
@@ -38,12 +39,15 @@ import torch
 
 from dit.autoencoder import autoencoder_from_spec
 from dit.config.checks import check_toy_variant
+from dit.flow.config import is_flow
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
-from dit.scoring.evaluate import KNOWN_METRICS, FIDEvaluator
+from dit.scoring.config import ScoringConfig, check_metric_names
+from dit.scoring.evaluator import Evaluator, SamplePlan
 from dit.io.files import write_atomic, write_json_atomic
 from dit.sampling.settings import FLOW_FIELDS
-from dit.sampling import LABEL_MODES, SamplerMismatchError, SamplerSettings
+from dit.sampling.order import LABEL_MODES
+from dit.sampling.settings import SamplerMismatchError, SamplerSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +100,7 @@ def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int, obje
     if weights is not None and not Path(weights).expanduser().is_file():
         raise ConfigError(f"eval.feature_extractor_weights={weights} does not exist: give torch-fidelity's Inception "
                           "file, or null to use the hub cache")
-    unknown = sorted(set(cfg.metrics) - set(KNOWN_METRICS))
-    if unknown or not cfg.metrics:
-        raise ConfigError(f"eval.metrics={list(cfg.metrics)}: choose one or more of {list(KNOWN_METRICS)}")
+    check_metric_names(cfg.metrics, "eval.metrics", at_least_one=True)
     if cfg.num_samples < 2 or cfg.batch_size < 1:
         raise ConfigError(f"eval.num_samples must be >= 2 and eval.batch_size >= 1, got {cfg.num_samples} and "
                           f"{cfg.batch_size}")
@@ -133,16 +135,11 @@ class TrainingEvaluator:
                  input_size: int, objective: str = "diffusion"):
         self.cfg, self.env, self.ckpt_dir, self.max_steps = cfg, env, Path(ckpt_dir), max_steps
         self.autoencoder = autoencoder  # decodes the samples
-        cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
-        # The cache layout of eval_fid.py: the same reference statistics and judge files.
-        self.evaluator = FIDEvaluator(
-            cfg.reference, eval_settings(cfg, objective), feature_extractor=cfg.feature_extractor,
-            feature_extractor_weights=cfg.feature_extractor_weights, allow_download=cfg.allow_download,
-            num_samples=cfg.num_samples, label_mode=cfg.labels, seed=cfg.seed, batch_size=cfg.batch_size,
-            cache_dir=cache / "ref_stats" if cache else None, judge_cache_dir=str(cache) if cache else None,
-            metrics=cfg.metrics, device=str(env.device), feature_precision=cfg.feature_precision,
-            pr_arithmetic=cfg.pr_arithmetic, feature_batch_size=cfg.feature_batch_size, judge_seed=cfg.judge_seed,
-            judge_variant=cfg.judge_variant or "colours")
+        # eval_fid.py's keys, so its cache layout too: the same reference statistics and judge files.
+        self.evaluator = Evaluator(ScoringConfig.from_keys(cfg, device=str(env.device),
+                                                           judge_variant=cfg.judge_variant or "colours"))
+        self.samples = SamplePlan(eval_settings(cfg, objective), num_samples=cfg.num_samples, label_mode=cfg.labels,
+                                  seed=cfg.seed, batch_size=cfg.batch_size)
         self._prepare(input_size * autoencoder.downsample_factor)
         self.protocol = protocol(cfg, objective)
         self.best = self._read_best() if env.is_main else None
@@ -154,7 +151,7 @@ class TrainingEvaluator:
         error = None
         if self.env.is_main:
             try:
-                self.evaluator.prepare(image_size)
+                self.evaluator.prepare((image_size, image_size))
             except (OSError, ValueError, RuntimeError) as err:
                 error = f"{type(err).__name__}: {err}"
         error = broadcast_object(error, self.env)
@@ -162,7 +159,7 @@ class TrainingEvaluator:
             raise ConfigError(f"eval: the evaluator cannot start ({error}); fix eval.reference / "
                               "eval.feature_extractor_weights (or eval.allow_download=true), or set eval.every=0")
         if not self.env.is_main:
-            self.evaluator.prepare(image_size, reference=False)
+            self.evaluator.prepare((image_size, image_size), reference=False)
 
     def _read_best(self) -> Optional[dict]:
         path = self.ckpt_dir / BEST_RECORD
@@ -181,14 +178,14 @@ class TrainingEvaluator:
     def due(self, step: int) -> bool:
         return self.cfg.every > 0 and (step % self.cfg.every == 0 or step == self.max_steps)
 
-    def run(self, step: int, ema_module: torch.nn.Module, diffusion, logger) -> bool:
+    def run(self, step: int, ema_module: torch.nn.Module, objective, logger) -> bool:
         """Evaluate the EMA weights at `step` (every rank calls this), log the scores from rank 0.
         Returns, on every rank, whether this step is a new best whose checkpoint must be written."""
         start = time.perf_counter()
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # training's random streams stay untouched
-            scores = self.evaluator.evaluate(ema_module, diffusion, self.autoencoder, rank=self.env.rank,
-                                             world_size=self.env.world_size)
+            scores = self.evaluator.evaluate(ema_module, objective, self.autoencoder, self.samples,
+                                             rank=self.env.rank, world_size=self.env.world_size)
         new_best = False
         if self.env.is_main:
             values = {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
@@ -263,7 +260,7 @@ def build_training_evaluator(cfg, env: DistEnv, ckpt_dir: Path, parallel: str, l
     a latents cache left it out), `input_size` the model's latent side."""
     if not cfg.eval.every:
         return None
-    objective = getattr(getattr(cfg, "objective", None), "kind", "diffusion")
+    objective = "flow" if is_flow(getattr(cfg, "objective", None)) else "diffusion"
     check_eval_config(cfg.eval, parallel, env.world_size, objective)
     eval_cfg = dataclasses.replace(cfg.eval, judge_variant=run_judge_variant(cfg))  # resolved: protocol and judge
     autoencoder = latents.autoencoder or autoencoder_from_spec(latents.spec, device=env.device)
