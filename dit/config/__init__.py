@@ -13,7 +13,8 @@ configured: they are read from the data set, so any ImageFolder works unchanged.
     schema.py     training: TrainConfig and its parts
     checks.py     training checks before any work (architecture, resolution, resume)
     sample.py     sample.py / eval_fid.py: SampleConfig, EvalConfig
-    overrides.py  command-line rewrites (official model names, vae=DIR)
+    overrides.py  command-line rewrites (official model names, vae=DIR), sweep job names
+    run_keys.py   which keys define a run (resume, job names, the eval protocol)
 """
 
 from dit.config.checks import (
@@ -36,8 +37,8 @@ from dit.config.sample import (
     to_eval_config,
     to_sample_config,
 )
+from dit.config.run_keys import RESUMABLE_CHANGES
 from dit.config.schema import (
-    RESUMABLE_CHANGES,
     AutoencoderConfig,
     CheckpointConfig,
     ConfigError,

@@ -13,7 +13,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
-from dit.config.schema import RESUMABLE_CHANGES, ConfigError, ModelConfig, TrainConfig
+from dit.config.run_keys import RESUMABLE_CHANGES
+from dit.config.schema import ConfigError, ModelConfig, TrainConfig
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
 from dit.models.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch, option_values

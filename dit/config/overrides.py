@@ -8,6 +8,8 @@ import hashlib
 import re
 from pathlib import Path
 
+from dit.config.run_keys import NOT_IN_JOB_NAME
+
 # The option files of the `vae` group (conf/vae/*.yaml): pixel, sd-ema, sd-mse, local.
 VAE_OPTIONS_DIR = Path(__file__).resolve().parents[2] / "conf" / "vae"
 _OFFICIAL_NAME = re.compile(r"\bDiT-(\w+)/(\d+)\b")
@@ -52,26 +54,20 @@ def vae_overrides(args: list[str], options_dir: Path = VAE_OPTIONS_DIR) -> list[
 # Sweep job directories and run names (conf/train.yaml's hydra.sweep.subdir and `name`)
 # --------------------------------------------------------------------------------------
 
-# Overrides that do not change what a job computes (they may change on resume: dit/config/schema.py
-# RESUMABLE_CHANGES) are left out of its directory name, so relaunching a sweep longer, with
-# other logging or on other hardware finds the same directories. data.root, resume= and
-# init_from= stay in: they choose what the job trains on and starts from.
-_NOT_IN_JOB_NAME = ("max_steps", "ckpt", "log", "fault", "debug", "data.num_workers", "data.scan",
-                    "data.allow_changed", "compile", "grad_checkpointing", "device", "name",
-                    "optim.grad_accum_steps", "hydra", "hydra/launcher", "hydra/job_logging")
 _MAX_DIRNAME = 180  # bytes; file systems allow 255
 
 
 def job_dirname(task_overrides) -> str:
     """A sweep job's directory name from its command-line overrides: `key=value` pairs, sorted,
-    joined with `,` (hydra's override_dirname, with the exclusions above), `/` in values written as
+    joined with `,` (hydra's override_dirname, without the keys that do not define a run:
+    `dit.config.run_keys.NOT_IN_JOB_NAME`), `/` in values written as
     `%2F` so a path never nests directories. The same overrides give the same name, whatever
     their order, so relaunching a sweep resumes each job in its own directory. Too long a name is
     cut and ends with a hash of the whole. No run-defining override: `default`."""
     kept = []
     for item in task_overrides:
         key = item.partition("=")[0].lstrip("+~")
-        if any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in _NOT_IN_JOB_NAME):
+        if any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NOT_IN_JOB_NAME):
             continue
         kept.append(item.replace("/", "%2F"))
     name = ",".join(sorted(kept)) or "default"

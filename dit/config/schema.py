@@ -377,17 +377,3 @@ class TrainConfig:
     init_from: Optional[str] = None
     init_from_weights: str = "ema"  # which weights of our checkpoints: ema or model
 
-
-# Keys that may change when a run is resumed: how long it runs, how it reports, how fast it is.
-# Everything else defines the run; a mismatch in the run directory is refused (see
-# `config_mismatches`).
-RESUMABLE_CHANGES = (
-    "max_steps", "ckpt", "log", "eval", "fault", "debug", "resume", "data.num_workers", "data.root", "data.scan",
-    "data.allow_changed",
-    # Read only while the run directory has no checkpoint (as resume=), so never a recipe change.
-    "init_from", "init_from_weights",
-    "compile", "grad_checkpointing", "device", "name",
-    # The global batch stays the same, only how it is split: like a change in the number of
-    # ranks, the same update up to float rounding (bitwise resume needs the same value).
-    "optim.grad_accum_steps",
-)

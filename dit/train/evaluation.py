@@ -39,6 +39,7 @@ import torch
 
 from dit.autoencoder import autoencoder_from_spec
 from dit.config.checks import check_toy_variant
+from dit.config.run_keys import EVAL_SCHEDULE_KEYS
 from dit.flow.config import is_flow
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
@@ -55,8 +56,6 @@ BEST_CHECKPOINT, BEST_RECORD = "best.pt", "best.json"  # in the run's checkpoint
 # Which way is better, by the result key; `eval.metrics` entry that produces each key.
 LOWER_IS_BETTER = {"fid": "fid", "sfid": "sfid", "kid": "kid"}
 HIGHER_IS_BETTER = {"inception_score": "isc", "precision": "prc", "recall": "prc", "class_accuracy": None}
-# Keys of TrainEvalConfig that do not change the numbers (when, and what is kept).
-_SCHEDULE_KEYS = ("every", "keep_best", "best_metric", "allow_download", "feature_batch_size", "cache_dir")
 
 
 def eval_settings(cfg: TrainEvalConfig, objective: str = "diffusion") -> SamplerSettings:
@@ -73,7 +72,7 @@ def protocol(cfg: TrainEvalConfig, objective: str = "diffusion") -> dict:
     compared with each other (best.json records it)."""
     # The flow-only knobs come back from to_dict for flow samplers only (a diffusion protocol is unchanged).
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-           if f.name not in _SCHEDULE_KEYS and f.name not in FLOW_FIELDS and f.name != "judge_variant"}
+           if f.name not in EVAL_SCHEDULE_KEYS and f.name not in FLOW_FIELDS and f.name != "judge_variant"}
     # The judge variant only where it is not the colour judge: best.json files written before
     # variants existed keep matching the protocol of the same settings.
     if cfg.feature_extractor == "toy_judge" and cfg.judge_variant not in (None, "colours"):
