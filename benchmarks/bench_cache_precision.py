@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.autoencoder import build_autoencoder  # noqa: E402
-from dit.data import LatentCacheDataset, build_latent_cache  # noqa: E402
+from dit.data import CacheFormat, CacheRun, LatentCacheDataset, build_latent_cache  # noqa: E402
 
 
 def _random_vae(path: Path) -> Path:
@@ -52,8 +52,9 @@ def main() -> None:
         ae = build_autoencoder(str(_random_vae(tmp / "vae")))
         caches, result = {}, {"images": args.images, "latent_shape": None, "scale_factor": ae.scale_factor}
         for mean_dtype in ("float32", "float16"):
-            out = build_latent_cache(tmp / "images", ae, tmp / mean_dtype, 64, num_workers=0, device="cpu",
-                                     progress=False, mean_dtype=mean_dtype, shard_size=args.images)
+            out = build_latent_cache(tmp / "images", ae, tmp / mean_dtype, 64,
+                                     fmt=CacheFormat(mean_dtype=mean_dtype, shard_size=args.images),
+                                     run=CacheRun(num_workers=0, device="cpu", progress=False))
             caches[mean_dtype] = LatentCacheDataset(out, hflip=True)
             result["latent_shape"] = list(caches[mean_dtype].latent_shape)
             result[f"bytes_per_image_mean_{mean_dtype}"] = sum(p.stat().st_size for p in out.glob("shard_*.pt")) / args.images

@@ -67,8 +67,8 @@ from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name, model_arch  # noqa: E402
 from dit.config import OptimConfig  # noqa: E402
 from dit.train import EMA, build_optimizer, train_step  # noqa: E402
-from dit.train.randomness import step_randomness  # noqa: E402
-from dit.train.step import take_over_label_dropout  # noqa: E402
+from dit.train.randomness import RandomnessSpec, step_randomness  # noqa: E402
+from dit.train.step import StepInputs, StepSetup, take_over_label_dropout  # noqa: E402
 
 GIB = 2.0 ** 30
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -183,14 +183,15 @@ def run_variant(args, device, amp_dtype, attention_ctx, checkpointing: bool) -> 
         model.compile(mode=args.compile_mode)  # in place, as the trainer does
     diffusion = create_diffusion("")
     batches = [synthetic_batch(args, device, args.batch_size, i) for i in range(2)]
+    x_first = batches[0][0]
+    spec = RandomnessSpec(args.seed, len(x_first), tuple(x_first.shape[1:]), diffusion.num_timesteps, drop_prob)
+    setup = StepSetup(model, diffusion, opt, ema, num_classes=args.num_classes, params=params, autocast_dtype=amp_dtype)
 
     def step(i: int) -> torch.Tensor:
         x0, y = batches[i % len(batches)]
-        r = step_randomness(args.seed, i, len(x0), tuple(x0.shape[1:]), diffusion.num_timesteps, drop_prob,
-                            0, 1, device)
+        r = step_randomness(spec, i, 0, 1, device)
         with attention_ctx():
-            loss, _ = train_step(model, diffusion, opt, ema, x0, y, r, num_classes=args.num_classes, params=params,
-                                 autocast_dtype=amp_dtype)
+            loss, _ = train_step(setup, StepInputs(x0, y, r))
         return loss
 
     out = {"gradient_checkpointing": checkpointing, "start_allocated_gib": None if start_allocated is None

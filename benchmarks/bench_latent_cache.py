@@ -45,6 +45,8 @@ from common import machine_info, step_flops, summary, sync  # noqa: E402
 
 from dit.autoencoder import SD_SCALE_FACTOR, VAEAutoencoder  # noqa: E402
 from dit.data import (  # noqa: E402
+    CacheFormat,
+    CacheRun,
     DistributedResumableSampler,
     ImageFolderDataset,
     LatentCacheDataset,
@@ -55,8 +57,8 @@ from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models  # noqa: E402
 from dit.cli.runtime import tune_host_allocator  # noqa: E402
 from dit.train import EMA, build_optimizer, train_step  # noqa: E402
-from dit.train.randomness import step_randomness  # noqa: E402
-from dit.train.step import take_over_label_dropout  # noqa: E402
+from dit.train.randomness import RandomnessSpec, step_randomness  # noqa: E402
+from dit.train.step import StepInputs, StepSetup, take_over_label_dropout  # noqa: E402
 
 
 def sd_vae(device: str) -> VAEAutoencoder:
@@ -109,13 +111,13 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.diffusion = create_diffusion("")
         self.seed, self.steps = seed, 0
+        self.setup = StepSetup(self.model, self.diffusion, self.opt, self.ema, num_classes=1000, params=self.params)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        r = step_randomness(self.seed, self.steps, len(x), tuple(x.shape[1:]), self.diffusion.num_timesteps,
-                            self.drop_prob, 0, 1, x.device)
+        spec = RandomnessSpec(self.seed, len(x), tuple(x.shape[1:]), self.diffusion.num_timesteps, self.drop_prob)
+        r = step_randomness(spec, self.steps, 0, 1, x.device)
         self.steps += 1
-        loss, _ = train_step(self.model, self.diffusion, self.opt, self.ema, x, y, r, num_classes=1000,
-                             params=self.params)
+        loss, _ = train_step(self.setup, StepInputs(x, y, r))
         return loss.item()
 
 
@@ -179,8 +181,9 @@ def main() -> None:
         print("building the latents cache (each image and its mirror) ...", flush=True)
         sync(args.device)
         start = time.perf_counter()
-        build_latent_cache(root, autoencoder, cache_dir, args.image_size, batch_size=args.batch_size,
-                           num_workers=args.num_workers, device=args.device, dtype=args.cache_dtype, progress=False)
+        build_latent_cache(root, autoencoder, cache_dir, args.image_size, fmt=CacheFormat(dtype=args.cache_dtype),
+                           run=CacheRun(batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+                                        progress=False))
         sync(args.device)
         build_s = time.perf_counter() - start
 

@@ -85,8 +85,8 @@ from dit.data import item_seed  # noqa: E402
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.models import DiT_models, canonical_model_name  # noqa: E402
 from dit.train import EMA, build_optimizer, train_step  # noqa: E402
-from dit.train.randomness import step_randomness  # noqa: E402
-from dit.train.step import take_over_label_dropout  # noqa: E402
+from dit.train.randomness import RandomnessSpec, step_randomness  # noqa: E402
+from dit.train.step import StepInputs, StepSetup, take_over_label_dropout  # noqa: E402
 
 MIB = 2.0 ** 20
 VARIANTS = (("plain", False), ("checkpointed", True))
@@ -187,16 +187,18 @@ def make_batch(args, step: int, device: torch.device, num_timesteps: int) -> dic
         "x0": torch.randn((args.batch_size, *shape), generator=g).to(device),
         "y": torch.randint(0, 1000, (args.batch_size,), generator=g).to(device),
     }
-    batch["r"] = step_randomness(args.seed, step, args.batch_size, shape, num_timesteps, 0.1, 0, 1, device)
+    spec = RandomnessSpec(args.seed, args.batch_size, shape, num_timesteps, 0.1)
+    batch["r"] = step_randomness(spec, step, 0, 1, device)
     return batch
 
 
 def run_step(model, diffusion, opt, ema, batch: dict, precision: str, update: bool = True) -> torch.Tensor:
     """The project's step on `batch`; `update=False` stops after the backward pass (gradients kept)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    loss, _ = train_step(model, diffusion, opt, ema, batch["x0"], batch["y"], batch["r"], num_classes=1000,
-                         params=params, autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-                         update_if=None if update else (lambda loss, grad_norm: False))
+    setup = StepSetup(model, diffusion, opt, ema, num_classes=1000, params=params,
+                      autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+                      update_if=None if update else (lambda loss, grad_norm: False))
+    loss, _ = train_step(setup, StepInputs(batch["x0"], batch["y"], batch["r"]))
     return loss
 
 

@@ -58,7 +58,8 @@ from dit.models import DiT_models, model_arch  # noqa: E402
 from dit.distributed import DistEnv  # noqa: E402
 from dit.train import EMA, build_optimizer, train_step  # noqa: E402
 from dit.train.faults import NonFiniteGuard  # noqa: E402
-from dit.train.randomness import step_randomness  # noqa: E402
+from dit.train.randomness import RandomnessSpec, step_randomness  # noqa: E402
+from dit.train.step import StepInputs, StepSetup  # noqa: E402
 
 
 class DiffusersDiT(nn.Module):
@@ -110,15 +111,17 @@ class Step:
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
             self.ema = ReferenceEMA(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if recipe == "ours":
+            self.randomness = RandomnessSpec(0, len(self.x), tuple(self.x.shape[1:]), self.diffusion.num_timesteps, 0.1)
+            self.setup = StepSetup(model, self.diffusion, self.opt, self.ema, num_classes=1000, params=self.params,
+                                   update_if=self.guard.update_if,
+                                   autocast_dtype=None if dtype == torch.float32 else dtype)
 
     def __call__(self) -> torch.Tensor:
         if self.recipe == "ours":
-            r = step_randomness(0, self.step, len(self.x), tuple(self.x.shape[1:]), self.diffusion.num_timesteps,
-                                0.1, 0, 1, self.device)
+            r = step_randomness(self.randomness, self.step, 0, 1, self.device)
             self.step += 1
-            loss, _ = train_step(self.model, self.diffusion, self.opt, self.ema, self.x, self.y, r, num_classes=1000,
-                                 params=self.params, update_if=self.guard.update_if, step=self.step,
-                                 autocast_dtype=None if self.dtype == torch.float32 else self.dtype)
+            loss, _ = train_step(self.setup, StepInputs(self.x, self.y, r, step=self.step))
             return loss
         t = torch.randint(0, 1000, (self.x.shape[0],), device=self.device, generator=self.generator)
         noise = torch.randn(self.x.shape, device=self.device, generator=self.generator)

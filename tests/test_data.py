@@ -18,6 +18,8 @@ from dit.data import (
     DistributedResumableSampler,
     ImageFolderDataset,
     LatentCacheDataset,
+    CacheFormat,
+    CacheRun,
     LatentCacheMismatch,
     build_latent_cache,
     center_crop_arr,
@@ -182,8 +184,9 @@ def _direct_moments(ae, images, index, flip):
 
 def test_latent_cache_round_trip_equals_direct_encoding(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    out = build_latent_cache(image_folder, ae, tmp_path / "cache", IMAGE_SIZE, batch_size=2, num_workers=0,
-                             device="cpu", dtype="float32", shard_size=3, progress=False)
+    out = build_latent_cache(image_folder, ae, tmp_path / "cache", IMAGE_SIZE,
+                             fmt=CacheFormat(dtype="float32", shard_size=3),
+                             run=CacheRun(batch_size=2, num_workers=0, device="cpu", progress=False))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["count"] == 7 and len(meta["shards"]) == 3
     assert meta["autoencoder"] == ae.to_dict() and meta["classes"] == ["cat", "dog"]
@@ -221,8 +224,8 @@ def test_latent_cache_round_trip_equals_direct_encoding(image_folder, tiny_vae_d
 
 def test_latent_cache_float16_is_close(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    out = build_latent_cache(image_folder, ae, tmp_path / "c16", IMAGE_SIZE, num_workers=0, device="cpu",
-                             progress=False)  # default dtype float16
+    out = build_latent_cache(image_folder, ae, tmp_path / "c16", IMAGE_SIZE,
+                             run=CacheRun(num_workers=0, device="cpu", progress=False))  # default dtype float16
     ds = LatentCacheDataset(out, hflip=False, sample_posterior=False)
     mean, _ = _direct_moments(ae, ImageFolderDataset(image_folder, IMAGE_SIZE, hflip=False), 2, flip=False)
     torch.testing.assert_close(ds[2][0], mean * ae.scale_factor, rtol=2e-3, atol=2e-3)
@@ -247,7 +250,8 @@ class _FailingAfter:
 
 def test_latent_cache_build_resumes_after_interruption(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    kwargs = dict(batch_size=3, num_workers=0, device="cpu", dtype="float32", shard_size=3, progress=False)
+    kwargs = dict(fmt=CacheFormat(dtype="float32", shard_size=3),
+                  run=CacheRun(batch_size=3, num_workers=0, device="cpu", progress=False))
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         build_latent_cache(image_folder, _FailingAfter(ae, fail_after=1), cache, IMAGE_SIZE, **kwargs)
@@ -269,12 +273,12 @@ def test_latent_cache_build_resumes_after_interruption(image_folder, tiny_vae_di
 
 def test_latent_cache_ranks_split_shards_and_the_last_one_finishes(image_folder, tmp_path):
     ae = build_autoencoder("pixel")
-    kwargs = dict(num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False)
+    fmt, run = CacheFormat(dtype="float32", shard_size=2), dict(num_workers=0, device="cpu", progress=False)
     cache = tmp_path / "cache"
     with pytest.warns(UserWarning, match="rank 1 done"):
-        build_latent_cache(image_folder, ae, cache, IMAGE_SIZE, rank=1, world_size=2, **kwargs)
+        build_latent_cache(image_folder, ae, cache, IMAGE_SIZE, fmt=fmt, run=CacheRun(rank=1, world_size=2, **run))
     assert sorted(p.name for p in cache.glob("shard_*")) == ["shard_00001.pt", "shard_00003.pt"]
-    build_latent_cache(image_folder, ae, cache, IMAGE_SIZE, rank=0, world_size=2, **kwargs)
+    build_latent_cache(image_folder, ae, cache, IMAGE_SIZE, fmt=fmt, run=CacheRun(rank=0, world_size=2, **run))
     ds = LatentCacheDataset(cache, hflip=False)
     images = ImageFolderDataset(image_folder, IMAGE_SIZE, hflip=False)
     assert len(ds) == 7
@@ -286,11 +290,11 @@ def test_latent_cache_ranks_split_shards_and_the_last_one_finishes(image_folder,
 def test_latent_cache_skips_bad_files_and_records_them(image_folder, tiny_vae_dir, tmp_path):
     junk, truncated = _break_files(image_folder)
     ae = build_autoencoder(str(tiny_vae_dir))
-    kwargs = dict(num_workers=0, device="cpu", progress=False)
+    run = dict(num_workers=0, device="cpu", progress=False)
     with pytest.raises(BadImageError, match=str(junk)):
-        build_latent_cache(image_folder, ae, tmp_path / "strict", IMAGE_SIZE, **kwargs)
+        build_latent_cache(image_folder, ae, tmp_path / "strict", IMAGE_SIZE, run=CacheRun(**run))
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        out = build_latent_cache(image_folder, ae, tmp_path / "lenient", IMAGE_SIZE, skip_bad=True, **kwargs)
+        out = build_latent_cache(image_folder, ae, tmp_path / "lenient", IMAGE_SIZE, run=CacheRun(skip_bad=True, **run))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["count"] == 5 and sorted(meta["skipped"]) == sorted([str(junk), str(truncated)])
     assert [LatentCacheDataset(out)[i][1] for i in range(5)] == [0, 0, 0, 1, 1]
@@ -298,8 +302,8 @@ def test_latent_cache_skips_bad_files_and_records_them(image_folder, tiny_vae_di
 
 def test_pixel_cache_stores_images_without_std(image_folder, tmp_path):
     ae = build_autoencoder("pixel")
-    out = build_latent_cache(image_folder, ae, tmp_path / "px", IMAGE_SIZE, num_workers=0, device="cpu",
-                             dtype="float32", progress=False)
+    out = build_latent_cache(image_folder, ae, tmp_path / "px", IMAGE_SIZE, fmt=CacheFormat(dtype="float32"),
+                             run=CacheRun(num_workers=0, device="cpu", progress=False))
     ds = LatentCacheDataset(out, hflip=True, sample_posterior=True, seed=0)
     assert ds.latent_shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert "std" not in torch.load(out / "shard_00000.pt", weights_only=True)
@@ -312,8 +316,8 @@ def test_pixel_cache_stores_images_without_std(image_folder, tmp_path):
 
 def test_latent_cache_compatibility_errors(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE, num_workers=0, device="cpu",
-                             flip=False, progress=False)
+    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE, fmt=CacheFormat(flip=False),
+                             run=CacheRun(num_workers=0, device="cpu", progress=False))
     ds = LatentCacheDataset(out, hflip=False)
     ds.check_compatible(latent_channels=4, latent_size=8, num_classes=2, autoencoder_spec=ae.to_dict())
     with pytest.raises(LatentCacheMismatch, match=r"shape \(4, 8, 8\).*expects \(4, 16, 16\)"):
@@ -334,7 +338,7 @@ def test_latent_cache_compatibility_with_the_trainers_settings(image_folder, tin
     """What the trainer checks: the configured autoencoder name (a local directory matches however
     its path is spelled) and a patch size that divides the cached latents."""
     out = build_latent_cache(image_folder, build_autoencoder(str(tiny_vae_dir)), tmp_path / "c", IMAGE_SIZE,
-                             num_workers=0, device="cpu", flip=False, progress=False)
+                             fmt=CacheFormat(flip=False), run=CacheRun(num_workers=0, device="cpu", progress=False))
     ds = LatentCacheDataset(out, hflip=False)  # latents (4, 8, 8), autoencoder named by its absolute path
     monkeypatch.chdir(tiny_vae_dir.parent)
     for name in (str(tiny_vae_dir), tiny_vae_dir.name, f"./{tiny_vae_dir.name}/"):
@@ -358,7 +362,7 @@ def test_cache_latents_checks_the_data_root_before_loading_the_autoencoder(tmp_p
 def test_latent_cache_shards_do_not_depend_on_the_output_path(image_folder, tmp_path):
     """Shards are saved through an open file: torch would name the zip records after a file name."""
     ae = build_autoencoder("pixel")
-    kwargs = dict(num_workers=0, device="cpu", progress=False, shard_size=4)
+    kwargs = dict(fmt=CacheFormat(shard_size=4), run=CacheRun(num_workers=0, device="cpu", progress=False))
     a = build_latent_cache(image_folder, ae, tmp_path / "a", IMAGE_SIZE, **kwargs)
     b = build_latent_cache(image_folder, ae, tmp_path / "elsewhere" / "b", IMAGE_SIZE, **kwargs)
     for name in ("shard_00000.pt", "shard_00001.pt", "meta.json"):
@@ -372,7 +376,7 @@ class _RunsCode:
 
 def test_hostile_cache_shard_is_refused_without_running_code(image_folder, tmp_path):
     out = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "px", IMAGE_SIZE,
-                             num_workers=0, device="cpu", progress=False)
+                             run=CacheRun(num_workers=0, device="cpu", progress=False))
     marker = tmp_path / "pwned"
     payload = _RunsCode()
     payload.marker = marker
@@ -384,8 +388,8 @@ def test_hostile_cache_shard_is_refused_without_running_code(image_folder, tmp_p
 
 def test_latent_items_do_not_depend_on_loader_workers(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE, num_workers=0, device="cpu",
-                             progress=False)
+    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE,
+                             run=CacheRun(num_workers=0, device="cpu", progress=False))
     ds = LatentCacheDataset(out, seed=7)
     ds.set_epoch(2)
     sampler = DistributedResumableSampler(len(ds), 1, 0, seed=7, drop_last=False)
@@ -447,8 +451,8 @@ def _encoded_pair(ae, images, index):
 
 def test_a_new_cache_stores_the_encoders_mean_exactly_in_float32(image_folder, tiny_vae_dir, tmp_path):
     ae = build_autoencoder(str(tiny_vae_dir))
-    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE, batch_size=1, num_workers=0,
-                             device="cpu", progress=False)  # the defaults: mean float32, std float16
+    out = build_latent_cache(image_folder, ae, tmp_path / "c", IMAGE_SIZE,  # the defaults: mean float32, std float16
+                             run=CacheRun(batch_size=1, num_workers=0, device="cpu", progress=False))
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["mean_dtype"], meta["dtype"]) == ("float32", "float16")
     shard = torch.load(out / "shard_00000.pt", weights_only=True)
@@ -463,8 +467,8 @@ def test_a_new_cache_stores_the_encoders_mean_exactly_in_float32(image_folder, t
             cached_mean, cached_std = ds.moments(i, flip=bool(view))
             assert torch.equal(cached_mean, mean[view]) and torch.equal(cached_std, std[view].half().float())
     with pytest.raises(ValueError, match="mean_dtype 'float8'.*float16"):
-        build_latent_cache(image_folder, ae, tmp_path / "bad", IMAGE_SIZE, num_workers=0, mean_dtype="float8",
-                           progress=False)
+        build_latent_cache(image_folder, ae, tmp_path / "bad", IMAGE_SIZE, fmt=CacheFormat(mean_dtype="float8"),
+                           run=CacheRun(num_workers=0, progress=False))
 
 
 def _as_old_format(cache):
@@ -480,8 +484,9 @@ def test_an_old_float16_cache_still_reads_resumes_and_trains(image_folder, tiny_
     from dit.train import run_training
 
     ae = build_autoencoder(str(tiny_vae_dir))
-    kwargs = dict(batch_size=1, num_workers=0, device="cpu", progress=False)
-    old = build_latent_cache(image_folder, ae, tmp_path / "old", IMAGE_SIZE, mean_dtype="float16", **kwargs)
+    run = CacheRun(batch_size=1, num_workers=0, device="cpu", progress=False)
+    old = build_latent_cache(image_folder, ae, tmp_path / "old", IMAGE_SIZE, fmt=CacheFormat(mean_dtype="float16"),
+                             run=run)
     _as_old_format(old)
     ds = LatentCacheDataset(old, hflip=False, sample_posterior=False)
     images = ImageFolderDataset(image_folder, IMAGE_SIZE, hflip=False)
@@ -492,8 +497,8 @@ def test_an_old_float16_cache_still_reads_resumes_and_trains(image_folder, tiny_
         assert torch.equal(ds[i][0], mean[0].half().float() * ae.scale_factor)
     # Rebuilding into it: the defaults are refused naming the mean's dtype; mean_dtype=float16 reuses it.
     with pytest.raises(LatentCacheMismatch, match=r"different settings \(mean_dtype\).*mean_dtype=float16 resumes"):
-        build_latent_cache(image_folder, ae, old, IMAGE_SIZE, **kwargs)
-    assert build_latent_cache(image_folder, ae, old, IMAGE_SIZE, mean_dtype="float16", **kwargs) == old
+        build_latent_cache(image_folder, ae, old, IMAGE_SIZE, run=run)
+    assert build_latent_cache(image_folder, ae, old, IMAGE_SIZE, fmt=CacheFormat(mean_dtype="float16"), run=run) == old
 
     cfg = train_config(["model=DiT-S/2", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
                         "data=latents", f"data.root={old}", "data.num_workers=0", "vae=local",

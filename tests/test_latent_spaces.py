@@ -22,7 +22,7 @@ from dit.autoencoder import (
 )
 from dit.io.checkpoint import save_atomic
 from dit.config import known_downsample_factor
-from dit.data import LatentCacheDataset, build_latent_cache
+from dit.data import CacheFormat, CacheRun, LatentCacheDataset, build_latent_cache
 from dit.cli.latent_stats import measure_cache, measure_images
 from dit.sampling.guidance import GuidedDenoiser
 from dit.sampling.loading import load_for_sampling
@@ -156,7 +156,8 @@ def test_measured_stats_from_a_cache_are_recorded_and_standardise_its_latents(dc
         (tmp_path / "img" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / f"c{i % 2}" / f"{i}.png")
     plain = build_autoencoder(str(dc_dir))
-    kw = dict(image_size=16, batch_size=2, num_workers=0, device="cpu", progress=False, dtype="float32")
+    kw = dict(image_size=16, fmt=CacheFormat(dtype="float32"),
+              run=CacheRun(batch_size=2, num_workers=0, device="cpu", progress=False))
     first = build_latent_cache(tmp_path / "img", plain, tmp_path / "c0", **kw)
     stats = measure_cache(first)
     assert stats["items"] == 4 and len(stats["latents_mean"]) == 8

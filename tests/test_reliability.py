@@ -448,7 +448,7 @@ def test_a_start_up_scan_finds_bad_images_before_the_first_step(tmp_path):
 
 def test_bad_datasets_fail_before_training_starts(tmp_path):
     from dit.autoencoder import build_autoencoder
-    from dit.data import build_latent_cache
+    from dit.data import CacheFormat, CacheRun, build_latent_cache
 
     root = _image_folder(tmp_path / "images")
     empty_class = root / "zz_empty"
@@ -467,8 +467,8 @@ def test_bad_datasets_fail_before_training_starts(tmp_path):
     # (8x8 latents) under a model trained on 16x16.
     trained = run_training(config("data=imagefolder", f"data.root={root}", "max_steps=1", "global_batch_size=10"),
                            tmp_path / "trained")["checkpoint"]
-    cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache8", 8, num_workers=0,
-                               progress=False, dtype="float32")
+    cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache8", 8, fmt=CacheFormat(dtype="float32"),
+                               run=CacheRun(num_workers=0, progress=False))
     with pytest.raises(ConfigError, match=r"does not fit the model this run builds from its config and latents cache "
                                           r".*input_size: checkpoint 16 vs now 8"):
         run_training(config("data=latents", f"data.root={cache}", "data.image_size=null", "max_steps=2",

@@ -456,7 +456,7 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
     from PIL import Image
 
     from dit.autoencoder import build_autoencoder
-    from dit.data import build_latent_cache
+    from dit.data import CacheFormat, CacheRun, build_latent_cache
     from dit.data.latents import LatentCacheDataset
     from dit.scoring.table import append_results_row
     from dit.io.atomic import FileWriteError
@@ -473,7 +473,8 @@ def test_write_failures_outside_checkpoints_name_the_file_and_the_fix(tmp_path, 
         (images / ("a" if i < 2 else "b")).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / ("a" if i < 2 else "b") / f"{i}.png")
     cache = tmp_path / "cache"
-    kwargs = dict(batch_size=2, num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False)
+    kwargs = dict(fmt=CacheFormat(dtype="float32", shard_size=2),
+                  run=CacheRun(batch_size=2, num_workers=0, device="cpu", progress=False))
     monkeypatch.setattr(dit.data.cache, "open", _open_on_a_full_disk("shard_00001"), raising=False)
     with pytest.raises(FileWriteError) as err:
         build_latent_cache(images, build_autoencoder("pixel"), cache, 8, **kwargs)

@@ -22,7 +22,8 @@ from timm.models import save_for_hf
 from conftest import single_thread, tiny_dit
 from dit.autoencoder import build_autoencoder
 from dit.config import ConfigError, check_static
-from dit.data import ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch, build_latent_cache
+from dit.data import (CacheFormat, CacheRun, ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch,
+                      build_latent_cache)
 from dit.models import DiT
 from dit.models.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
 from dit.data.toy import write_toy_imagefolder
@@ -191,9 +192,10 @@ def image_folder(tmp_path):
 
 def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_dir, tmp_path):
     enc = load_encoder(str(encoder_dir[0]), resolution=16)
-    out = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "cache", 16, batch_size=2,
-                             num_workers=0, device="cpu", dtype="float32", shard_size=2, progress=False,
-                             repa_encoder=enc, repa_dtype="float32")
+    out = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "cache", 16,
+                             fmt=CacheFormat(dtype="float32", shard_size=2, repa_dtype="float32"),
+                             run=CacheRun(batch_size=2, num_workers=0, device="cpu", progress=False),
+                             repa_encoder=enc)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["repa"] == {"name": str(encoder_dir[0]), "resolution": 16, "dim": 32, "num_tokens": 16,
                             "dtype": "float32"}
@@ -213,19 +215,19 @@ def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_
             assert label == images[i][1]
     assert flips == {False, True}
     # float16 storage is the encoder's output rounded
-    half = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "half", 16, num_workers=0,
-                              progress=False, repa_encoder=enc)
+    half = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "half", 16,
+                              run=CacheRun(num_workers=0, progress=False), repa_encoder=enc)
     ds16 = LatentCacheDataset(half, hflip=False, repa_features=True)
     torch.testing.assert_close(ds16.features(3), enc(images[3][0][None])[0].half().float())
     with pytest.raises(LatentCacheMismatch, match="at 16 px, the config asks for"):
         ds.check_repa(str(encoder_dir[0]), 224)
     # the same out_dir without the encoder is a different cache
     with pytest.raises(LatentCacheMismatch, match="repa"):
-        build_latent_cache(image_folder, build_autoencoder("pixel"), out, 16, num_workers=0, dtype="float32",
-                           shard_size=2, progress=False)
+        build_latent_cache(image_folder, build_autoencoder("pixel"), out, 16,
+                           fmt=CacheFormat(dtype="float32", shard_size=2), run=CacheRun(num_workers=0, progress=False))
     # a cache without features cannot feed REPA
-    plain = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "plain", 16, num_workers=0,
-                               progress=False)
+    plain = build_latent_cache(image_folder, build_autoencoder("pixel"), tmp_path / "plain", 16,
+                               run=CacheRun(num_workers=0, progress=False))
     assert len(LatentCacheDataset(plain)[0]) == 2
     with pytest.raises(LatentCacheMismatch, match="no REPA encoder features"):
         LatentCacheDataset(plain, repa_features=True)
@@ -281,9 +283,9 @@ def test_repa_keys_are_checked_before_any_work(encoder_dir):
 def test_training_from_the_feature_cache_equals_the_encoder_on_the_fly(tmp_path, encoder_dir):
     root = write_toy_imagefolder(tmp_path / "images", num_per_class=2, image_size=16, seed=0)
     enc = load_encoder(str(encoder_dir[0]), resolution=16)
-    cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache", 16, num_workers=0,
-                               dtype="float32", mean_dtype="float32", progress=False, repa_encoder=enc,
-                               repa_dtype="float32")
+    cache = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "cache", 16,
+                               fmt=CacheFormat(dtype="float32", mean_dtype="float32", repa_dtype="float32"),
+                               run=CacheRun(num_workers=0, progress=False), repa_encoder=enc)
     # DiT's diffusion objective here (the other tests train flow): REPA adds to either alike
     common = [o if o != "objective=flow" else "objective=diffusion"
               for o in repa_overrides(encoder_dir[0], "max_steps=2", "ckpt.every=1000", "data.hflip=true")]
@@ -297,8 +299,8 @@ def test_training_from_the_feature_cache_equals_the_encoder_on_the_fly(tmp_path,
         assert math.isclose(a["loss/repa"], b["loss/repa"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
         assert math.isclose(a["train/loss"], b["train/loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
     # a cache without features is refused in one line naming the fix
-    plain = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "plain", 16, num_workers=0,
-                               progress=False)
+    plain = build_latent_cache(root, build_autoencoder("pixel"), tmp_path / "plain", 16,
+                               run=CacheRun(num_workers=0, progress=False))
     with pytest.raises(ConfigError, match="no REPA encoder features"):
         run_training(config(*common, "data=latents", f"data.root={plain}", "data.image_size=null",
                             "data.num_workers=0"), tmp_path / "refused")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from dit.config import ConfigError
 from dit.train import EMA, run_training
-from dit.train.randomness import step_randomness
+from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
 from dit.train.stream import ItemSeeded
 
@@ -70,16 +70,16 @@ def test_ema_update_is_the_exponential_moving_average():
 
 
 def test_step_randomness_does_not_depend_on_the_number_of_ranks():
-    kw = dict(seed=3, step=7, global_batch=8, shape=(3, 4, 4), num_timesteps=1000, drop_prob=0.5,
-              device=torch.device("cpu"), posterior=True)
-    whole = step_randomness(rank=0, world_size=1, **kw)
-    parts = [step_randomness(rank=r, world_size=2, **kw) for r in range(2)]
+    spec = RandomnessSpec(seed=3, global_batch=8, shape=(3, 4, 4), num_timesteps=1000, drop_prob=0.5, posterior=True)
+    kw = dict(step=7, device=torch.device("cpu"))
+    whole = step_randomness(spec, rank=0, world_size=1, **kw)
+    parts = [step_randomness(spec, rank=r, world_size=2, **kw) for r in range(2)]
     for name in ("t", "noise", "drop", "posterior"):
         merged = torch.empty_like(getattr(whole, name))
         merged[0::2], merged[1::2] = getattr(parts[0], name), getattr(parts[1], name)  # rank r: rows r, r + W, ...
         assert torch.equal(merged, getattr(whole, name)), name
     assert 0 < whole.drop.sum() < 8 and whole.t.max() < 1000
-    other = step_randomness(rank=0, world_size=1, **{**kw, "step": 8})
+    other = step_randomness(spec, rank=0, world_size=1, **{**kw, "step": 8})
     assert not torch.equal(other.noise, whole.noise) and not torch.equal(other.t, whole.t)
 
 
@@ -233,13 +233,14 @@ def wandb_history(run_dir):
 @pytest.mark.slow
 def test_loss_falls_on_cached_latents_and_wandb_offline_records_loss_and_grids(tmp_path, tiny_vae_dir):
     from dit.autoencoder import build_autoencoder
-    from dit.data import build_latent_cache
+    from dit.data import CacheFormat, CacheRun, build_latent_cache
     from dit.data.toy import write_toy_imagefolder
 
     vae = tiny_vae_dir
     images = write_toy_imagefolder(tmp_path / "images", num_per_class=8, image_size=16, seed=0)
-    cache = build_latent_cache(images, build_autoencoder(str(vae)), tmp_path / "cache", 16, batch_size=40,
-                               num_workers=0, progress=False, dtype="float32")
+    cache = build_latent_cache(images, build_autoencoder(str(vae)), tmp_path / "cache", 16,
+                               fmt=CacheFormat(dtype="float32"),
+                               run=CacheRun(batch_size=40, num_workers=0, progress=False))
     cfg = make_config([*TINY, *LEARN, "model=DiT-S/2", "data=latents", f"data.root={cache}", "vae=local",
                        f"vae.name={vae}", "log.wandb.mode=offline", "log.samples.every=30",
                        "log.samples.num_images=4", "log.samples.num_steps=4", "name=lat"])

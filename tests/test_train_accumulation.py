@@ -20,9 +20,9 @@ from dit.diffusion import create_diffusion
 from dit.distributed import DistEnv
 from dit.train import EMA, build_optimizer, run_training, train_step
 from dit.train.faults import FaultInjector, NonFiniteGuard
-from dit.train.randomness import step_randomness
+from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints
-from dit.train.step import LossScaler
+from dit.train.step import LossScaler, StepInputs, StepSetup
 
 from conftest import TINY_DIT, TINY_RUN, assert_same_parameters, tiny_dit, torchrun_train, train_config, train_single_process
 
@@ -77,7 +77,8 @@ def step_parts(model, batch=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, c["in_channels"], c["input_size"], c["input_size"], generator=g)
     y = torch.randint(0, c["num_classes"], (batch,), generator=g)
-    r = step_randomness(0, seed, batch, tuple(x.shape[1:]), DIFFUSION.num_timesteps, 0.1, 0, 1, torch.device("cpu"))
+    r = step_randomness(RandomnessSpec(0, batch, tuple(x.shape[1:]), DIFFUSION.num_timesteps, 0.1), seed, 0, 1,
+                        torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     return opt, EMA(model, 0.9), x, y, r
 
@@ -97,11 +98,12 @@ def test_ddp_all_reduces_the_gradients_once_per_step_not_once_per_micro_batch(tm
         ddp.register_comm_hook(None, counting_allreduce)
         opt, ema, x, y, r = step_parts(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        train_step(ddp, DIFFUSION, opt, ema, x, y, r, num_classes=TINY_DIT["num_classes"], params=params)
+        train_step(StepSetup(ddp, DIFFUSION, opt, ema, num_classes=TINY_DIT["num_classes"], params=params),
+                   StepInputs(x, y, r))
         per_step = len(calls)
         assert per_step >= 1
-        train_step(ddp, DIFFUSION, opt, ema, x, y, r, num_classes=TINY_DIT["num_classes"], params=params,
-                   accum_steps=4)
+        train_step(StepSetup(ddp, DIFFUSION, opt, ema, num_classes=TINY_DIT["num_classes"], params=params,
+                             accum_steps=4), StepInputs(x, y, r))
         assert len(calls) == 2 * per_step  # the same buckets, once: the first three backward passes kept theirs
     finally:
         dist.destroy_process_group()
@@ -111,16 +113,17 @@ def test_micro_batches_that_do_not_divide_the_batch_are_refused():
     model = tiny_dit().train()
     opt, ema, x, y, r = step_parts(model, batch=6)
     with pytest.raises(ValueError, match="6 rows do not split into 4 equal micro-batches"):
-        train_step(model, DIFFUSION, opt, ema, x, y, r, num_classes=5, params=list(model.parameters()),
-                   accum_steps=4)
+        train_step(StepSetup(model, DIFFUSION, opt, ema, num_classes=5, params=list(model.parameters()),
+                             accum_steps=4),
+                   StepInputs(x, y, r))
 
 
 def fp16_step(model, scaler, guard, hooks=None, step=1):
     opt, ema, x, y, r = step_parts(model, seed=step)
     kwargs = {} if hooks is None else {"hooks": hooks}
-    return train_step(model, DIFFUSION, opt, ema, x, y, r, num_classes=5, params=list(model.parameters()),
-                      autocast_dtype=torch.float16, scaler=scaler, update_if=guard.update_if, step=step,
-                      **kwargs), opt, ema
+    setup = StepSetup(model, DIFFUSION, opt, ema, num_classes=5, params=list(model.parameters()),
+                      autocast_dtype=torch.float16, scaler=scaler, update_if=guard.update_if, **kwargs)
+    return train_step(setup, StepInputs(x, y, r, step=step)), opt, ema
 
 
 def test_an_fp16_overflow_halves_the_scale_and_skips_the_update_without_counting_as_a_failure():

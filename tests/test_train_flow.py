@@ -16,9 +16,9 @@ from dit.sampling.flow import sample_ode
 from dit.flow.config import OBJECTIVE_KEYS, flow_from_config
 from dit.models import DiT
 from dit.train import run_training
-from dit.train.randomness import STEP_STREAM, step_randomness
+from dit.train.randomness import STEP_STREAM, RandomnessSpec, step_randomness
 from dit.train.report import flow_grid_images
-from dit.train.step import drop_labels, train_step
+from dit.train.step import StepInputs, StepSetup, drop_labels, train_step
 from dit.train.trainer import build_model, build_objective, official_name
 
 from conftest import TINY_DIT, single_thread, tiny_dit, train_config
@@ -67,7 +67,8 @@ def test_default_objective_is_diffusion_and_its_step_is_a_direct_gaussian_diffus
     assert isinstance(diffusion, GaussianDiffusion) and diffusion.num_timesteps == 1000
     x, y = tiny_batch()
     shape, seed, step = tuple(x.shape[1:]), 3, 5
-    r = step_randomness(seed, step, len(x), shape, diffusion.num_timesteps, 0.1, 0, 1, torch.device("cpu"))
+    spec = RandomnessSpec(seed, len(x), shape, diffusion.num_timesteps, 0.1)
+    r = step_randomness(spec, step, 0, 1, torch.device("cpu"))
     g = torch.Generator().manual_seed(item_seed(seed, step, STEP_STREAM))  # the old draws, written out
     t = torch.randint(0, 1000, (len(x),), generator=g)
     noise = torch.randn((len(x), *shape), generator=g)
@@ -78,7 +79,8 @@ def test_default_objective_is_diffusion_and_its_step_is_a_direct_gaussian_diffus
     expected = diffusion.training_losses(model, x, t, model_kwargs={"y": drop_labels(y, drop, 5)},
                                          noise=noise)["loss"].mean()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss, _ = train_step(model, diffusion, opt, None, x, y, r, num_classes=5, params=list(model.parameters()))
+    loss, _ = train_step(StepSetup(model, diffusion, opt, None, num_classes=5, params=list(model.parameters())),
+                         StepInputs(x, y, r))
     assert torch.equal(loss, expected.detach().float())
 
 
@@ -87,15 +89,16 @@ def test_flow_step_draws_times_first_from_the_step_generator_and_ranks_slice_the
     flow = build_objective(cfg)
     assert isinstance(flow, FlowMatching) and flow.timesteps == "logit_normal"
     shape, seed, step, b = (4, 8, 8), 1, 9, 8
-    kw = dict(seed=seed, step=step, global_batch=b, shape=shape, num_timesteps=None, drop_prob=0.1,
-              device=torch.device("cpu"), sample_t=flow.sample_t)
-    whole = step_randomness(rank=0, world_size=1, **kw)
+    spec = RandomnessSpec(seed=seed, global_batch=b, shape=shape, num_timesteps=None, drop_prob=0.1,
+                          sample_t=flow.sample_t)
+    kw = dict(step=step, device=torch.device("cpu"))
+    whole = step_randomness(spec, rank=0, world_size=1, **kw)
     g = torch.Generator().manual_seed(item_seed(seed, step, STEP_STREAM))
     t = torch.sigmoid(0.5 + 0.8 * torch.randn(b, generator=g))  # logit-normal, written out
     noise = torch.randn((b, *shape), generator=g)
     assert whole.t.dtype == torch.float32 and torch.allclose(whole.t, t, atol=1e-7, rtol=0)
     assert torch.equal(whole.noise, noise)
-    parts = [step_randomness(rank=r, world_size=2, **kw) for r in range(2)]
+    parts = [step_randomness(spec, rank=r, world_size=2, **kw) for r in range(2)]
     for r, part in enumerate(parts):  # rank r holds global rows r, r + 2, ...
         assert torch.equal(part.t, whole.t[r::2]) and torch.equal(part.noise, whole.noise[r::2])
 
@@ -103,8 +106,9 @@ def test_flow_step_draws_times_first_from_the_step_generator_and_ranks_slice_the
     model = tiny_dit()
     expected = flow.training_losses(model, x, whole.t, model_kwargs={"y": drop_labels(y, whole.drop, 5)},
                                     noise=whole.noise)["loss"].mean()
-    loss, _ = train_step(model, flow, torch.optim.AdamW(model.parameters()), None, x, y, whole, num_classes=5,
-                         params=list(model.parameters()))
+    setup = StepSetup(model, flow, torch.optim.AdamW(model.parameters()), None, num_classes=5,
+                      params=list(model.parameters()))
+    loss, _ = train_step(setup, StepInputs(x, y, whole))
     assert torch.equal(loss, expected.detach().float())
 
 

@@ -22,7 +22,7 @@ from dit.autoencoder import build_autoencoder
 from dit.cli import config_dir
 from dit.cli.errors import reports_errors, run_program
 from dit.config import ConfigError, VAEConfig
-from dit.data import build_latent_cache, check_image_root
+from dit.data import CacheFormat, CacheRun, build_latent_cache, check_image_root
 from dit.models.repa import check_encoder_source, load_encoder
 
 
@@ -84,12 +84,11 @@ def cache_latents(cfg: CacheLatentsConfig) -> None:
         if cfg.repa_encoder is not None:
             repa_encoder = load_encoder(cfg.repa_encoder, cfg.repa_resolution, weights=cfg.repa_encoder_weights,
                                         device=device)
-        out = build_latent_cache(
-            cfg.data_root, autoencoder, cfg.out_dir, cfg.image_size,
-            batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, flip=cfg.flip,
-            progress=cfg.progress, dtype=cfg.dtype, mean_dtype=cfg.mean_dtype, shard_size=cfg.shard_size,
-            skip_bad=cfg.skip_bad, repa_encoder=repa_encoder, repa_dtype=cfg.repa_dtype,
-        )
+        fmt = CacheFormat(flip=cfg.flip, dtype=cfg.dtype, mean_dtype=cfg.mean_dtype, shard_size=cfg.shard_size,
+                          repa_dtype=cfg.repa_dtype)
+        run = CacheRun(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=cfg.progress,
+                       skip_bad=cfg.skip_bad)
+        out = build_latent_cache(cfg.data_root, autoencoder, cfg.out_dir, cfg.image_size, fmt, run, repa_encoder)
     finally:
         if world_size > 1:
             torch.distributed.destroy_process_group()

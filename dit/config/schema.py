@@ -62,7 +62,7 @@ class ModelConfig:
     patch_size: Optional[int] = None
     # The defaults below are DiTConfig's (dit/models/dit.py), where they are written once.
     mlp_ratio: float = DiTConfig.mlp_ratio
-    class_dropout_prob: float = DiTConfig.class_dropout_prob  # label dropout for classifier-free guidance (the paper's 0.1)
+    class_dropout_prob: float = DiTConfig.class_dropout_prob  # label dropout for CFG training (the paper's 0.1)
     learn_sigma: bool = DiTConfig.learn_sigma  # predict the variance too (DiT's hybrid loss)
     # Architecture options (LightningDiT's; dit/models/layers.py); the defaults are the official DiT.
     norm: str = DiTConfig.norm  # layernorm | rmsnorm

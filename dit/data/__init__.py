@@ -2,7 +2,8 @@
 and cached, and the sampler that fixes (and resumes) the order in which they are seen.
 
     ds = ImageFolderDataset("imagenet/train", image_size=256)        # (3, 256, 256) in [-1, 1], label
-    build_latent_cache("imagenet/train", build_autoencoder("sd-ema"), "cache/in256", 256)
+    build_latent_cache("imagenet/train", build_autoencoder("sd-ema"), "cache/in256", 256,
+                       fmt=CacheFormat(dtype="float32"), run=CacheRun(batch_size=64))
     ds = LatentCacheDataset("cache/in256")                           # (4, 32, 32) scaled latent, label
     sampler = DistributedResumableSampler(len(ds), world_size, rank, seed)
 
@@ -19,7 +20,7 @@ Where things are:
 The built-in toy set is dit/data/toy.py.
 """
 
-from dit.data.cache import build_latent_cache
+from dit.data.cache import CacheFormat, CacheRun, build_latent_cache
 from dit.data.images import (
     BadImageError,
     ImageFolderDataset,
@@ -42,6 +43,8 @@ from dit.data.seeds import item_generator, item_seed
 __all__ = [
     "BUILD_FILE",
     "CACHE_FORMAT_VERSION",
+    "CacheFormat",
+    "CacheRun",
     "META_FILE",
     "BadImageError",
     "DistributedResumableSampler",

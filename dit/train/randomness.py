@@ -43,25 +43,37 @@ class StepRandomness:
     posterior: Optional[torch.Tensor]  # (b, C, H, W) eps of the VAE posterior sample, or None
 
 
-def step_randomness(
-    seed: int, step: int, global_batch: int, shape: tuple, num_timesteps: int, drop_prob: float,
-    rank: int, world_size: int, device: torch.device, posterior: bool = False,
-    sample_t: Optional[Callable[..., torch.Tensor]] = None,
-) -> StepRandomness:
-    """Draw the global batch's randomness from a generator seeded by (seed, step), then keep
-    the rows of this rank: global positions rank, rank + W, ... (the sampler's assignment).
+@dataclass(frozen=True)
+class RandomnessSpec:
+    """What every step of a run draws for its global batch: fixed for the run.
 
-    sample_t(n, generator=g, device=device): continuous times of a flow objective
-    (`FlowMatching.sample_t`), drawn first from the same generator in place of the integer
-    timesteps (`num_timesteps` is then unused); None: diffusion timesteps, as always."""
-    g = torch.Generator(device=device).manual_seed(item_seed(seed, step, STEP_STREAM))
-    if sample_t is None:
-        t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    num_timesteps: diffusion timesteps are drawn in [0, num_timesteps). sample_t(n, generator=g,
+    device=device): continuous times of a flow objective (`FlowMatching.sample_t`), drawn first
+    from the same generator in place of the integer timesteps (`num_timesteps` is then unused);
+    None: diffusion timesteps, as always. posterior: also draw the eps of a VAE posterior sample."""
+
+    seed: int
+    global_batch: int
+    shape: tuple  # (C, H, W) of one latent
+    num_timesteps: Optional[int]
+    drop_prob: float  # label dropout (classifier-free guidance training)
+    posterior: bool = False
+    sample_t: Optional[Callable[..., torch.Tensor]] = None
+
+
+def step_randomness(spec: RandomnessSpec, step: int, rank: int, world_size: int,
+                    device: torch.device) -> StepRandomness:
+    """Draw the global batch's randomness of `step` from a generator seeded by (seed, step), then
+    keep the rows of this rank: global positions rank, rank + W, ... (the sampler's assignment)."""
+    g = torch.Generator(device=device).manual_seed(item_seed(spec.seed, step, STEP_STREAM))
+    n = spec.global_batch
+    if spec.sample_t is None:
+        t = torch.randint(0, spec.num_timesteps, (n,), generator=g, device=device)
     else:
-        t = sample_t(global_batch, generator=g, device=device)
-    noise = torch.randn((global_batch, *shape), generator=g, device=device)
-    drop = torch.rand((global_batch,), generator=g, device=device) < drop_prob
-    eps = torch.randn((global_batch, *shape), generator=g, device=device) if posterior else None
+        t = spec.sample_t(n, generator=g, device=device)
+    noise = torch.randn((n, *spec.shape), generator=g, device=device)
+    drop = torch.rand((n,), generator=g, device=device) < spec.drop_prob
+    eps = torch.randn((n, *spec.shape), generator=g, device=device) if spec.posterior else None
     rows = slice(rank, None, world_size)
     return StepRandomness(t[rows], noise[rows], drop[rows], None if eps is None else eps[rows])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -286,23 +287,33 @@ def check_same_data(state: dict, identity: Optional[dict], cfg: TrainConfig) -> 
 # --------------------------------------------------------------------------------------
 
 
-def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, ema_module: nn.Module, opt,
-                    meta: dict, *, keep_last: Optional[int], keep_every: Optional[int],
-                    previous: Optional[Path] = None, faults: Faults = NO_FAULTS) -> Path:
-    """Write our checkpoint of step `step` (contract 2 in docs/design.md): the weights and the
-    optimizer state gathered from every rank (collectives under FSDP), each rank's RNG states,
-    and `meta` (configs, data position, format version, ...) from rank 0, which writes the file. Old
-    checkpoints are pruned only once the new one is complete. A failed write (full disk) raises
-    CheckpointWriteError on every rank, naming `previous`, which is kept. A checkpoint with a
-    NaN/inf tensor in its weights, EMA or optimizer state is not written: NonFiniteTrainingError
-    on every rank, nothing pruned."""
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where a run's checkpoints go and which of them are kept (`prune_checkpoints`), and the
+    fault-injection hooks of their writes: the same for every save of a run."""
+
+    ckpt_dir: Path
+    keep_last: Optional[int]
+    keep_every: Optional[int] = None
+    faults: Faults = NO_FAULTS
+
+
+def save_checkpoint(env: DistEnv, policy: CheckpointPolicy, step: int, model: nn.Module, ema_module: nn.Module,
+                    opt, meta: dict, previous: Optional[Path] = None) -> Path:
+    """Write our checkpoint of step `step` (contract 2 in docs/design.md) into `policy.ckpt_dir`:
+    the weights and the optimizer state gathered from every rank (collectives under FSDP), each
+    rank's RNG states, and `meta` (configs, data position, format version, ...) from rank 0, which
+    writes the file. Old checkpoints are pruned only once the new one is complete. A failed write
+    (full disk) raises CheckpointWriteError on every rank, naming `previous`, which is kept. A
+    checkpoint with a NaN/inf tensor in its weights, EMA or optimizer state is not written:
+    NonFiniteTrainingError on every rank, nothing pruned."""
     ckpt = {
         "model": full_model_state(model),
         "ema": full_model_state(ema_module),
         "opt": full_optimizer_state(model, opt),
         "rng": {"ranks": gather_objects(rng_state(env.device), env)},
     }
-    path = checkpoint_path(ckpt_dir, step)
+    path = checkpoint_path(policy.ckpt_dir, step)
     error = None
     kept = f"the newest complete checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
     if env.is_main:
@@ -318,13 +329,13 @@ def save_checkpoint(env: DistEnv, ckpt_dir: Path, step: int, model: nn.Module, e
             )
         else:
             ckpt = with_checksum(ckpt)  # verified on every load: a flipped bit is found, not resumed
-            faults.checkpoint_write(step, ckpt, path)
+            policy.faults.checkpoint_write(step, ckpt, path)
             try:
                 save_atomic(ckpt, path)
             except CheckpointWriteError as err:
                 error = err
             else:
-                for old in prune_checkpoints(ckpt_dir, keep_last, keep_every):
+                for old in prune_checkpoints(policy.ckpt_dir, policy.keep_last, policy.keep_every):
                     log.info("deleted old checkpoint %s", old)
                 log.info("saved checkpoint %s", path)
     # Every rank raises rank 0's error (this is also the barrier).

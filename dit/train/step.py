@@ -1,16 +1,19 @@
 """One optimizer step of DiT, as a plain function: what the trainer and the benchmarks call.
 
-    r = step_randomness(seed, step, B, latent_shape, diffusion.num_timesteps, drop_prob, rank, world, device)
-    loss, grad_norm = train_step(model, diffusion, opt, ema, x0, y, r, num_classes=K, params=params)
+    spec = RandomnessSpec(seed, B, latent_shape, diffusion.num_timesteps, drop_prob)
+    setup = StepSetup(model, diffusion, opt, ema, num_classes=K, params=params)   # once per run
+    r = step_randomness(spec, step, rank, world, device)                           # every step
+    loss, grad_norm = train_step(setup, StepInputs(x0, y, r, step=step))
 
     # a flow objective (dit/flow): continuous times from the same per-step generator
-    r = step_randomness(..., sample_t=flow.sample_t)
-    loss, grad_norm = train_step(model, flow, opt, ema, x0, y, r, num_classes=K, params=params)
+    spec = RandomnessSpec(seed, B, latent_shape, None, drop_prob, sample_t=flow.sample_t)
+    setup = StepSetup(model, flow, opt, ema, num_classes=K, params=params)
 
-No config object and no I/O: the caller hands in the model (or its DDP/FSDP wrapper), the
+No run config and no I/O: the caller hands in, once, the model (or its DDP/FSDP wrapper), the
 objective (a GaussianDiffusion or a FlowMatching: both have `training_losses(model, x0, t,
-model_kwargs, noise)`), the optimizer, the EMA, a batch of latents and the step's randomness. Fault injection
-for the crash tests comes in as one hooks object (`dit/train/faults.py`), a no-op by default.
+model_kwargs, noise)`), the optimizer, the EMA and how the step runs (`StepSetup`), and per step
+a batch of latents and the step's randomness (`StepInputs`). Fault injection for the crash tests
+comes in as one hooks object (`dit/train/faults.py`), a no-op by default.
 
 Gradient accumulation (`accum_steps=K`) runs this rank's rows as K equal micro-batches of
 consecutive rows, slicing the step's randomness with them: the timesteps, noise and dropout
@@ -26,6 +29,7 @@ the projector's own optimizer is stepped with the model's (and skipped with it).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -116,86 +120,133 @@ def gradient_sync(model: nn.Module, enabled: bool):
         yield
 
 
-def train_step(
-    model: nn.Module, diffusion, opt: torch.optim.Optimizer, ema: Optional[EMA], x0: torch.Tensor,
-    y: torch.Tensor, r: StepRandomness, *, num_classes: int, params: list[torch.Tensor],
-    grad_clip: Optional[float] = None, autocast_dtype: Optional[torch.dtype] = None,
-    update_if: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None,
-    hooks: Faults = NO_FAULTS, step: int = 0, accum_steps: int = 1,
-    encode: Optional[Callable[[torch.Tensor, StepRandomness], torch.Tensor]] = None,
-    scaler: Optional[LossScaler] = None, repa: Optional[RepaTerm] = None,
-    features: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss, backward, gradient norm (clipped to `grad_clip` if set), AdamW update and EMA
-    update on this rank's rows of the global batch. Returns (loss, grad norm) as device tensors
-    (no host sync unless `update_if` or `scaler` makes one).
+@dataclass
+class StepSetup:
+    """The fixed parts of a run's optimizer step: what it trains and how.
 
     model: what the forward calls (the DiT, or its DDP/FSDP wrapper); `params` its trainable
-        parameters. diffusion: the objective (GaussianDiffusion, or dit.flow.FlowMatching with
-        r.t its continuous times). x0: (b, C, H, W) latents, or inputs that `encode(x, r)` turns into latents
-        (per micro-batch); y: (b,) labels; r: the step's randomness (timesteps, noise, which
-        labels to drop).
+        parameters (the REPA projector's too). objective: GaussianDiffusion, or dit.flow.FlowMatching
+        (the step's r.t are then its continuous times). ema: None for no EMA update.
+    grad_clip: clip the global gradient norm to it; None: only measure it.
+    autocast_dtype: the forward under torch.autocast in this dtype; None: no autocast.
     accum_steps: micro-batches of b / accum_steps rows each; each loss is divided by
         accum_steps, so the gradient is the mean over all b rows; DDP/FSDP synchronise the
         gradients in the last backward pass only.
-    scaler: fp16 loss scaling; an overflow skips the optimizer and EMA updates (`scaler.skipped`).
     update_if(loss, grad_norm): decides, after the backward pass, whether the optimizer and the
         EMA are updated (the trainer skips non-finite steps on every rank alike); None: always.
         Under `scaler`, a scaler overflow reaches it as a zero gradient norm (not a failure).
-    step: the 1-based number of this step, for the hooks.
-    repa: the REPA term (its head hooked on the model), or None; `features`: this rank's cached
-        REPA features (b, T', E) of the batch, or None for the encoder's of x0 on the fly. The
-        returned loss is then the objective's plus repa.coeff x REPA's; `repa.last_loss` the latter.
+    hooks: fault injection (dit/train/faults.py).
+    encode(x, r): turns the step's inputs into latents, per micro-batch; None: x0 are latents.
+    scaler: fp16 loss scaling; an overflow skips the optimizer and EMA updates (`scaler.skipped`).
+    repa: the REPA term (its head hooked on the model), or None. The step's loss is then the
+        objective's plus repa.coeff x REPA's; `repa.last_loss` the latter.
     """
-    y = drop_labels(y, r.drop, num_classes)
-    opt.zero_grad(set_to_none=True)
-    optimizers = [opt] if repa is None else [opt, repa.opt]
+
+    model: nn.Module
+    objective: object
+    opt: torch.optim.Optimizer
+    ema: Optional[EMA]
+    num_classes: int
+    params: list[torch.Tensor]
+    grad_clip: Optional[float] = None
+    autocast_dtype: Optional[torch.dtype] = None
+    accum_steps: int = 1
+    update_if: Optional[Callable[[torch.Tensor, torch.Tensor], bool]] = None
+    hooks: Faults = NO_FAULTS
+    encode: Optional[Callable[[torch.Tensor, StepRandomness], torch.Tensor]] = None
+    scaler: Optional[LossScaler] = None
+    repa: Optional[RepaTerm] = None
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The model's optimizer, and REPA's projector's (stepped and skipped with it)."""
+        return [self.opt] if self.repa is None else [self.opt, self.repa.opt]
+
+
+@dataclass
+class StepInputs:
+    """What changes from step to step: this rank's rows of the global batch and their randomness.
+
+    x0: (b, C, H, W) latents, or what `StepSetup.encode` turns into latents; y: (b,) labels;
+    r: the step's randomness (timesteps, noise, which labels to drop); step: the 1-based number
+    of the step, for the hooks; features: this rank's cached REPA features (b, T', E) of the
+    batch, or None for the encoder's of x0 on the fly."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    r: StepRandomness
+    step: int = 0
+    features: Optional[torch.Tensor] = None
+
+
+def train_step(setup: StepSetup, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss, backward, gradient norm (clipped to `grad_clip` if set), AdamW update and EMA
+    update on this rank's rows of the global batch. Returns (loss, grad norm) as device tensors
+    (no host sync unless `update_if` or `scaler` makes one)."""
+    loss = _forward_backward(setup, inputs)
+    return _update(setup, loss, inputs.step)
+
+
+def _forward_backward(setup: StepSetup, inputs: StepInputs) -> torch.Tensor:
+    """The backward passes of the step's micro-batches (gradients accumulate in `params`);
+    returns the step's loss, detached."""
+    model, repa, scaler, hooks, k = setup.model, setup.repa, setup.scaler, setup.hooks, setup.accum_steps
+    x0, r, step, features = inputs.x0, inputs.r, inputs.step, inputs.features
+    y = drop_labels(inputs.y, r.drop, setup.num_classes)
+    for o in setup.optimizers():
+        o.zero_grad(set_to_none=True)
     if repa is not None:
-        repa.opt.zero_grad(set_to_none=True)
-        feature_rows = [None] * accum_steps if features is None else list(features.chunk(accum_steps))
+        feature_rows = [None] * k if features is None else list(features.chunk(k))
     total, repa_total = None, None
-    for i, (xk, yk, rk) in enumerate(micro_batches(x0, y, r, accum_steps)):
+    for i, (xk, yk, rk) in enumerate(micro_batches(x0, y, r, k)):
         fk = repa.features(xk, feature_rows[i]) if repa is not None else None  # of the items, before encoding
-        xk = encode(xk, rk) if encode is not None else xk
-        with gradient_sync(model, enabled=i == accum_steps - 1):
-            with torch.autocast(xk.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext():
-                losses = diffusion.training_losses(model, xk, rk.t, model_kwargs={"y": yk}, noise=rk.noise)
+        xk = setup.encode(xk, rk) if setup.encode is not None else xk
+        with gradient_sync(model, enabled=i == k - 1):
+            dtype = setup.autocast_dtype
+            with torch.autocast(xk.device.type, dtype=dtype) if dtype is not None else nullcontext():
+                losses = setup.objective.training_losses(model, xk, rk.t, model_kwargs={"y": yk}, noise=rk.noise)
                 loss = losses["loss"].mean()
                 if repa is not None:  # on the tokens the forward above captured
                     repa_loss = repa.loss(fk)
                     loss = loss + repa.coeff * repa_loss
-                    part = repa_loss.detach().float() / accum_steps
+                    part = repa_loss.detach().float() / k
                     repa_total = part if repa_total is None else repa_total + part
             loss = hooks.loss(step, loss)
-            if accum_steps > 1:
-                loss = loss / accum_steps  # the mean over all rows, in parts
+            if k > 1:
+                loss = loss / k  # the mean over all rows, in parts
             (scaler.scaler.scale(loss) if scaler is not None else loss).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if repa is not None:
         repa.sync_gradients()  # the projector's gradients, averaged over ranks as DDP does the model's
         repa.forget()
         repa.last_loss = repa_total
+    return total
+
+
+def _update(setup: StepSetup, total: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient norm and clipping, then the optimizer and EMA updates unless `update_if` or an
+    fp16 overflow skips them; (loss, grad norm) as float32 device tensors."""
+    params, scaler, hooks = setup.params, setup.scaler, setup.hooks
     hooks.gradients(step, params)
     if scaler is not None:
-        for o in optimizers:
+        for o in setup.optimizers():
             scaler.scaler.unscale_(o)  # the true gradients, for the norm and the clipping
-    if grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if setup.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     loss, grad_norm = total.float(), full_tensor(grad_norm).float()
     overflow = scaler is not None and scaler.overflowed(loss, grad_norm)
     hooks.before_update(step)
-    update = update_if is None or update_if(loss, torch.zeros_like(grad_norm) if overflow else grad_norm)
+    update = setup.update_if is None or setup.update_if(loss, torch.zeros_like(grad_norm) if overflow else grad_norm)
     if update:
-        for o in optimizers:
+        for o in setup.optimizers():
             if scaler is not None:
                 scaler.scaler.step(o)  # skips the update itself when the gradient overflowed
             else:
                 o.step()
         hooks.after_update(step, params)
-        if ema is not None and not overflow:
-            ema.update(getattr(model, "module", model))  # DDP's replica: the same parameters
+        if setup.ema is not None and not overflow:
+            setup.ema.update(getattr(setup.model, "module", setup.model))  # DDP's replica: the same parameters
     if scaler is not None:
         scaler.scaler.update()  # halve the scale after an overflow, grow it after growth_interval clean steps
         scaler.skipped = update and overflow

@@ -31,13 +31,13 @@ from dit.train.faults import (
 from dit.train.init_from import apply_init_from, read_init_from
 from dit.train.lock import run_directory_lock
 from dit.train.optimizer import apply_hyperparameters, build_optimizer, learning_rate, set_learning_rate
-from dit.train.randomness import seed_rank, step_randomness
+from dit.train.randomness import RandomnessSpec, seed_rank, step_randomness
 from dit.train.report import GridSampler, MetricsWindow, RunLogger
 from dit.train.resume import (
-    CHECKPOINT_FORMAT_VERSION, check_checkpoint_fits, check_same_data, latest_checkpoint, load_start_state,
-    plain_config, save_checkpoint,
+    CHECKPOINT_FORMAT_VERSION, CheckpointPolicy, check_checkpoint_fits, check_same_data, latest_checkpoint,
+    load_start_state, plain_config, save_checkpoint,
 )
-from dit.train.step import LossScaler, take_over_label_dropout, train_step
+from dit.train.step import LossScaler, StepInputs, StepSetup, take_over_label_dropout, train_step
 from dit.train.stream import DataStream, build_data, build_latent_space
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ class Trainer:
         # Steps with a non-finite loss or gradient: in total, and in the current unbroken run.
         self.guard = NonFiniteGuard(cfg.fault.max_nonfinite_steps, env, bool(self.preempt_signals),
                                     (state or {}).get("nonfinite_steps"))
+        self._build_step()
         if state is not None:
             size = (state.get("data_state") or {}).get("dataset_size")
             if size not in (None, len(self.data.dataset)):
@@ -252,29 +253,35 @@ class Trainer:
             if state is not None and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
 
+    def _build_step(self) -> None:
+        """The fixed parts of every step: what it draws (`self.randomness`), what it trains and
+        how (`self.step_setup`)."""
+        cfg, lat = self.cfg, self.latents
+        self.randomness = RandomnessSpec(
+            cfg.seed, cfg.global_batch_size, lat.shape, None if self.flow else self.objective.num_timesteps,
+            self.drop_prob, posterior=lat.sample_posterior, sample_t=self.objective.sample_t if self.flow else None,
+        )
+        self.step_setup = StepSetup(
+            self.train_module, self.objective, self.opt, self.ema, num_classes=self.data.num_classes,
+            params=self.params, grad_clip=cfg.optim.grad_clip, autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value],
+            accum_steps=cfg.optim.grad_accum_steps, update_if=self.guard.update_if, hooks=self.faults,
+            encode=lat.to_latents, scaler=self.scaler, repa=self.repa,
+        )
+
     # ---- the parts of the loop
 
     def train_one(self, x: torch.Tensor, y: torch.Tensor, step: int,
                   features: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Step `step` (= self.step + 1) on this rank's rows of its global batch: (loss, grad norm).
         `features`: the batch's cached REPA features (a latents cache built with repa_encoder=)."""
-        cfg, lat, env = self.cfg, self.latents, self.env
+        cfg, env = self.cfg, self.env
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        r = step_randomness(cfg.seed, self.step, cfg.global_batch_size, lat.shape,
-                            None if self.flow else self.objective.num_timesteps, self.drop_prob, env.rank,
-                            env.world_size, self.device, posterior=lat.sample_posterior,
-                            sample_t=self.objective.sample_t if self.flow else None)
+        r = step_randomness(self.randomness, self.step, env.rank, env.world_size, self.device)
         lr = learning_rate(step, cfg.optim, cfg.max_steps)  # from the step: no state
         set_learning_rate(self.opt, lr)
         if self.repa is not None:
             set_learning_rate(self.repa.opt, lr)
-        loss, grad_norm = train_step(
-            self.train_module, self.objective, self.opt, self.ema, x, y, r, encode=lat.to_latents,
-            num_classes=self.data.num_classes, params=self.params, grad_clip=cfg.optim.grad_clip,
-            autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value], scaler=self.scaler,
-            update_if=self.guard.update_if, hooks=self.faults, step=step, accum_steps=cfg.optim.grad_accum_steps,
-            repa=self.repa, features=features,
-        )
+        loss, grad_norm = train_step(self.step_setup, StepInputs(x, y, r, step=step, features=features))
         if self.repa is not None:
             self.repa_sum += self.repa.last_loss
         if self.scaler is not None and self.scaler.skipped:
@@ -323,9 +330,8 @@ class Trainer:
             **({} if self.repa is None else {"repa": {"head": {k: v.cpu() for k, v in self.repa.head.state_dict().items()},
                                                       "opt": full_optimizer_state(self.repa.head, self.repa.opt)}}),
         )
-        return save_checkpoint(self.env, self.ckpt_dir, self.step, self.model, self.ema.module, self.opt, meta,
-                               keep_last=self.cfg.ckpt.keep_last, keep_every=self.cfg.ckpt.keep_every,
-                               previous=previous, faults=self.faults)
+        policy = CheckpointPolicy(self.ckpt_dir, self.cfg.ckpt.keep_last, self.cfg.ckpt.keep_every, self.faults)
+        return save_checkpoint(self.env, policy, self.step, self.model, self.ema.module, self.opt, meta, previous)
 
     def sample_grid(self, step: int) -> None:
         path = self.grid.sample(self.ema.module, self.objective, self.latents.autoencoder, step)
