@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.scoring import metrics as M  # noqa: E402
-from dit.io.files import to_uint8
+from dit.io.images import to_uint8
 from dit.sampling.guidance import GuidedDenoiser
 from dit.sampling.images import sample_latents
 from dit.sampling.loading import load_for_sampling

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dit.sampling.diffusion import sampling_chain
-from dit.io.files import to_uint8
+from dit.io.images import to_uint8
 from dit.sampling.guidance import GuidedDenoiser
 from dit.sampling.images import sample_latents
 from dit.sampling.loading import settings_path_for

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit.io.files import to_uint8
+from dit.io.images import to_uint8
 from dit.io.checkpoint import load_dit_checkpoint
 from dit.sampling.base import Sampler, register_sampler, registered_samplers, sampler_class, unregister_sampler
 from dit.sampling.order import initial_noise, sample_generators, sample_labels
