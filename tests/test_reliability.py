@@ -567,9 +567,9 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     load_dit_checkpoint: test_checkpoint.py; latents cache shards: test_data.py; sample files
     and Inception weights: test_metrics.py)."""
     import dit.scoring.metrics as M
-
     from dit.autoencoder import build_autoencoder
     from dit.sampling.bulk import bulk_sample
+    from dit.sampling.loading import load_for_sampling
 
     marker = tmp_path / "pwned"
     payload = _RunsCodeOnLoad(marker)
