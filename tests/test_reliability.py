@@ -570,6 +570,7 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     from dit.autoencoder import build_autoencoder
     from dit.sampling.bulk import bulk_sample
     from dit.sampling.loading import load_for_sampling
+    from dit.sampling.settings import SamplerSettings
 
     marker = tmp_path / "pwned"
     payload = _RunsCodeOnLoad(marker)
