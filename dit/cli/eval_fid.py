@@ -24,10 +24,12 @@ from omegaconf import DictConfig
 from dit.cli.errors import hydra_program
 from dit.config import ConfigError, EvalConfig, WandbMode, to_eval_config
 from dit.distributed import env_rank
+from dit.io.atomic import write_text_atomic
 from dit.io.checkpoint import load_state
-from dit.io.files import CheckpointError, image_files, write_text_atomic
-from dit.sampling.loading import settings_path_for
+from dit.io.errors import CheckpointError
+from dit.io.images import image_files
 from dit.sampling.generate import generate_bulk
+from dit.sampling.loading import settings_path_for
 from dit.scoring.config import ScoringConfig, check_metric_names
 from dit.scoring.evaluator import Evaluator
 from dit.scoring.extractors import EXTRACTORS

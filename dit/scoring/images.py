@@ -6,7 +6,7 @@ which returns those images as a fresh uint8 array: only that slice is read from 
 
 - `NpzImages`: `arr_0` of an ADM `.npz`. Its `.npy` header is parsed first (uint8, 4-D,
   channels last, C order: checked before any pixel is read; nothing is ever unpickled). A
-  member stored uncompressed (what `np.savez` and `dit.io.files.write_npz_atomic` write) is read
+  member stored uncompressed (what `np.savez` and `dit.io.npz.write_npz_atomic` write) is read
   by seek + read of the slice's bytes; a compressed one (`np.savez_compressed`) is decompressed
   sequentially, restarting from the member's start only when asked for an earlier slice.
 - `FolderImages`: a folder of image files (recursive, sorted by path), each read when its batch is.
@@ -26,7 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
-from dit.io.files import IMAGE_SUFFIXES, check_images, image_files, image_to_rgb, open_npz, read_npz_array
+from dit.io.images import IMAGE_SUFFIXES, check_images, image_files, image_to_rgb
+from dit.io.npz import open_npz, read_npz_array
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local file header (30 bytes)
 _LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -133,7 +134,7 @@ class NpzImages(ImageSource):
                 raise ValueError(f".npy format version {version} (expected 1.0 or 2.0)")
         except ValueError as err:
             raise ValueError(f"{where} is not a readable .npy array ({err}): write the samples with np.savez or "
-                             "dit.io.files.write_samples_npz") from err
+                             "dit.io.npz.write_samples_npz") from err
         if dtype.hasobject:
             raise ValueError(f"{where}: cannot read {self.key!r} without unpickling (an object array); only plain "
                              "arrays are accepted")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.io.files import check_images
+from dit.io.images import check_images
 from dit.sampling.precision import backend_flags, tf32_flags
 
 # torch-fidelity's InceptionV3 weights, converted from the TF 2015-12-05 graph that FID uses.

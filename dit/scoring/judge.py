@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dit.io.checkpoint import save_atomic
-from dit.io.files import check_images
+from dit.io.images import check_images
 from dit.data.toy import DATA_VERSION, NUM_CLASSES, check_variant, make_toy_arrays, to_model_range
 
 FORMAT_VERSION = 1

@@ -28,7 +28,8 @@ import torch
 from dit.scoring.features import StreamedFeatures, stream_features
 from dit.scoring.frechet import (PSD_TOLERANCE, SYMMETRY_TOLERANCE, _as_stats, _psd_factor,  # noqa: F401 - part of this API
                           feature_statistics, frechet_distance)
-from dit.io.files import check_images, image_files, npz_array_shape, open_npz, read_npz_array, write_npz_atomic
+from dit.io.images import check_images, image_files
+from dit.io.npz import npz_array_shape, open_npz, read_npz_array, write_npz_atomic
 from dit.scoring.images import ArrayImages, ImageSource, open_images
 from dit.scoring.precision_recall import check_pr_arithmetic, precision_recall  # noqa: F401 - part of this module's API
 

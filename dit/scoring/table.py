@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from dit.io.files import FileWriteError, atomic_target, write_text_atomic
+from dit.io.atomic import FileWriteError, atomic_target, write_text_atomic
 from dit.sampling.settings import SETTINGS_FIELDS
 
 METRIC_COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "class_accuracy")

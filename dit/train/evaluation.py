@@ -40,15 +40,14 @@ import torch
 from dit.autoencoder import autoencoder_from_spec
 from dit.config.checks import check_toy_variant
 from dit.config.run_keys import EVAL_SCHEDULE_KEYS
-from dit.flow.config import is_flow
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
+from dit.flow.config import is_flow
+from dit.io.atomic import write_atomic, write_json_atomic
+from dit.sampling.order import LABEL_MODES
+from dit.sampling.settings import FLOW_FIELDS, SamplerMismatchError, SamplerSettings
 from dit.scoring.config import ScoringConfig, check_metric_names
 from dit.scoring.evaluator import Evaluator, SamplePlan
-from dit.io.files import write_atomic, write_json_atomic
-from dit.sampling.settings import FLOW_FIELDS
-from dit.sampling.order import LABEL_MODES
-from dit.sampling.settings import SamplerMismatchError, SamplerSettings
 
 log = logging.getLogger(__name__)
 
