@@ -526,7 +526,7 @@ def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_n
             lambda: M.load_reference(tmp_path / "ref.npz", _NoFeatures()), ValueError,
             r"has no images \(arr_0\) and no mu/sigma .*give a reference made with this extractor, or images"),
         "samples not uint8": (lambda: write_samples_npz(samples, np.zeros((2, 8, 8, 3), np.float32)), TypeError,
-                              r"samples must be uint8 .*convert samples in \[-1, 1\] with dit.sampling.to_uint8"),
+                              r"samples must be uint8 .*convert samples in \[-1, 1\] with dit.io.images.to_uint8"),
         "other settings into an existing .npz": (
             lambda: bulk_sample_with(model, None, pixel, out, SamplerSettings(sampler="ddim", num_steps=2, cfg_scale=3.0),
                                 num_samples=2, seed=0, batch_size=2, progress=False),

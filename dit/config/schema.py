@@ -376,4 +376,3 @@ class TrainConfig:
     # of its own. What may differ from the model built here: dit/train/init_from.py.
     init_from: Optional[str] = None
     init_from_weights: str = "ema"  # which weights of our checkpoints: ema or model
-

@@ -57,7 +57,7 @@ def check_images(images: Any, what: str = "images") -> np.ndarray:
     if arr.dtype != np.uint8:
         raise TypeError(
             f"{what} must be uint8 (N, H, W, 3) in 0..255, got dtype {arr.dtype}: convert samples in [-1, 1] "
-            "with dit.sampling.to_uint8"
+            "with dit.io.images.to_uint8"
         )
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"{what} must be shaped (N, H, W, 3) (channels last), got {arr.shape}")

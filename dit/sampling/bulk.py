@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from dit.io.files import StreamedArray, open_npz, write_json_atomic, write_npz_atomic
+from dit.io.atomic import write_json_atomic
+from dit.io.npz import StreamedArray, open_npz, write_npz_atomic
 from dit.sampling.guidance import unwrap_model
 from dit.sampling.base import Sampler
 from dit.sampling.images import SampleOrder, generate_samples

@@ -12,7 +12,8 @@ from typing import Any
 
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, cleanup, init_distributed
-from dit.io.files import save_grid, write_json_atomic
+from dit.io.atomic import write_json_atomic
+from dit.io.images import save_grid
 from dit.sampling.base import Sampler
 from dit.sampling.bulk import BulkJob, Ranks, bulk_sample
 from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dit.io.files import to_uint8
+from dit.io.images import to_uint8
 from dit.sampling.base import Sampler
 from dit.sampling.guidance import GuidedDenoiser, eval_mode, unwrap_model
 from dit.sampling.order import initial_noise, sample_blocks, sample_generators, sample_labels

@@ -140,7 +140,7 @@ class NpzImages(ImageSource):
                              "arrays are accepted")
         if dtype != np.uint8:
             raise TypeError(f"{where} must be uint8 (N, H, W, 3) in 0..255, got dtype {dtype}: convert samples in "
-                            "[-1, 1] with dit.sampling.to_uint8")
+                            "[-1, 1] with dit.io.images.to_uint8")
         if len(shape) != 4 or shape[-1] != 3:
             raise ValueError(f"{where} must be shaped (N, H, W, 3) (channels last), got {shape}")
         if fortran_order and sum(d > 1 for d in shape) > 1:

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
-from dit.io.files import save_grid, write_text_atomic
+from dit.io.atomic import write_text_atomic
+from dit.io.images import save_grid
 from dit.flow import FlowMatching
 from dit.flow.config import is_flow
 from dit.sampling.images import sample_images
