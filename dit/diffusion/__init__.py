@@ -1,4 +1,7 @@
-"""Gaussian diffusion: schedules, respacing, the hybrid loss and samplers.
+"""Gaussian diffusion, the objective: schedules, respacing, the hybrid loss, and the chain's own
+step arithmetic (posterior means and variances; `p_sample_loop` / `ddim_sample_loop` keep the
+reference release's names, so code ported from it runs). The samplers that sample.py, eval_fid.py
+and training reach are built on them behind the one interface in dit/sampling/diffusion.py.
 
 `create_diffusion` keeps the reference release's signature so code ported from it runs
 unchanged; our own code uses the same object.
