@@ -24,7 +24,7 @@ from dit.sampling.precision import check_precision
 
 __all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
            "DIFFUSION_FORMS", "LAST_STEPS", "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS",
-           "samplers_of"]
+           "samplers_of", "FLOW_GRID_SAMPLER"]
 
 AUTO = "auto"  # the trained objective's default sampler
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -38,6 +38,10 @@ LAST_STEPS = (None, "mean", "tweedie", "euler")
 # "sigma", "mean" last step at 0.04: the sampler behind SiT-XL/2's FID 2.06), which also spends
 # the same 250 network evaluations per sample as DDPM-250.
 DEFAULT_SAMPLERS = {"diffusion": "ddpm", "flow": "sde"}
+# A training run's sample grids (`log.samples`) share their keys with diffusion runs, whose grid
+# default is DDPM: on a flow run, `auto` or a diffusion sampler there becomes this ODE (deterministic,
+# cheap at the grid's step count) rather than stopping the run.
+FLOW_GRID_SAMPLER = "heun"
 # Fields that only the flow samplers read; recorded only for them, so a diffusion sampler's
 # settings record (and a diffusion bulk file's resume check) is what it was before flow existed.
 FLOW_FIELDS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "rtol", "atol")
