@@ -207,26 +207,28 @@ class _FlowSampler(Sampler):
         return out.x, out.nfe
 
 
-@register_sampler
-class EulerSampler(_FlowSampler):
-    """Fixed-step Euler ODE on the (optionally shifted) grid: num_steps evaluations."""
+class _FixedGridODE(_FlowSampler):
+    """The fixed-step ODE solvers on the (optionally shifted) grid; `method` names the scheme."""
 
-    name = "euler"
-
-    def _integrate(self, velocity, noise, generator):
-        s = self.settings
-        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="euler", shift=float(s.shift))
-
-
-@register_sampler
-class HeunSampler(_FlowSampler):
-    """Heun's ODE (Euler predictor, trapezoidal corrector on every step): 2 num_steps evaluations."""
-
-    name = "heun"
+    method: str
 
     def _integrate(self, velocity, noise, generator):
         s = self.settings
-        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="heun", shift=float(s.shift))
+        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method=self.method, shift=float(s.shift))
+
+
+@register_sampler
+class EulerSampler(_FixedGridODE):
+    """Euler: num_steps evaluations."""
+
+    name = method = "euler"
+
+
+@register_sampler
+class HeunSampler(_FixedGridODE):
+    """Heun (Euler predictor, trapezoidal corrector on every step): 2 num_steps evaluations."""
+
+    name = method = "heun"
 
 
 @register_sampler
