@@ -51,6 +51,8 @@ class CacheLatentsConfig:
     # view (timm id, torch.hub owner/repo:entry, or a timm save_for_hf directory); null: none.
     repa_encoder: Optional[str] = None
     repa_encoder_weights: Optional[str] = None  # a local weights file for a timm id
+    # a torch.hub id runs its repository's hubconf.py: known repositories only, and only with this set
+    repa_trust_hub_repo: bool = False
     repa_resolution: int = 224  # encoder input side (as train.py's repa.resolution)
     repa_dtype: str = "float16"  # storage dtype of the features (float32: exactly the encoder's)
 
@@ -66,7 +68,7 @@ def cache_latents(cfg: CacheLatentsConfig) -> None:
     except KeyError:
         raise ConfigError(f"vae_dtype={cfg.vae_dtype!r}: use float32, bfloat16 or float16") from None
     if cfg.repa_encoder is not None:
-        check_encoder_source(cfg.repa_encoder)
+        check_encoder_source(cfg.repa_encoder, cfg.repa_trust_hub_repo, key="repa_trust_hub_repo")
         if cfg.repa_dtype not in ("float16", "bfloat16", "float32"):
             raise ConfigError(f"repa_dtype={cfg.repa_dtype!r}: use float16, bfloat16 or float32")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -83,7 +85,8 @@ def cache_latents(cfg: CacheLatentsConfig) -> None:
         repa_encoder = None
         if cfg.repa_encoder is not None:
             repa_encoder = load_encoder(cfg.repa_encoder, cfg.repa_resolution, weights=cfg.repa_encoder_weights,
-                                        device=device)
+                                        device=device, trust_hub_repo=cfg.repa_trust_hub_repo,
+                                        trust_key="repa_trust_hub_repo")
         fmt = CacheFormat(flip=cfg.flip, dtype=cfg.dtype, mean_dtype=cfg.mean_dtype, shard_size=cfg.shard_size,
                           repa_dtype=cfg.repa_dtype)
         run = CacheRun(batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device, progress=cfg.progress,

@@ -197,6 +197,12 @@ def check_repa(cfg: TrainConfig, model_depth: int, world_size: int = 1) -> None:
     if cfg.parallel.value == "fsdp" and world_size > 1:
         raise ConfigError("REPA with parallel=fsdp is not supported yet (the projector is not sharded): "
                           "use parallel=ddp, or repa.encoder=null")
+    if cfg.data.kind != "latents":  # from a latents cache the encoder is only a name: nothing is loaded
+        from dit.models.repa import hub_trust_refusal  # the models package is loaded already (model_arch)
+
+        refusal = hub_trust_refusal(r.encoder, r.trust_hub_repo)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
 
 def check_objective(cfg: TrainConfig) -> None:

@@ -18,6 +18,9 @@ NOT_RUN_DEFINING = (
     # The global batch stays the same, only how it is split: like a change in the number of
     # ranks, the same update up to float rounding (bitwise resume needs the same value).
     "optim.grad_accum_steps",
+    # Permission to run a torch.hub encoder's code, not a setting of the encoder: a run started
+    # before the key existed resumes with it set.
+    "repa.trust_hub_repo",
 )
 
 # A resumed run may change these as well: what is measured while training (eval), where the

@@ -182,6 +182,9 @@ class RepaConfig:
     # or a local directory written by timm's save_for_hf; null: REPA off
     encoder: Optional[str] = None
     encoder_weights: Optional[str] = None  # a local weights file for a timm id (instead of the hub)
+    # A torch.hub id runs its repository's hubconf.py (Python code from the hub cache): allowed only
+    # for the known encoders' repositories (dit.models.repa.KNOWN_HUB_REPOS) and only with this set
+    trust_hub_repo: bool = False
     resolution: int = 224  # images are resized to this side before the encoder (224 / 14 = 16 tokens a side)
     depth: int = 8  # k: the projector reads the output of block k (1-based)
     coeff: float = 0.5  # lambda: loss = main loss + coeff * REPA loss

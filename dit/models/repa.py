@@ -284,10 +284,53 @@ def _offline_hint(name: str) -> str:
     )
 
 
-def check_encoder_source(source: str) -> None:
+# torch.hub repositories whose hubconf.py REPA may run, and only with the explicit opt-in
+# (repa.trust_hub_repo=true): loading a hub id imports that repository's hubconf.py from the hub
+# cache (TORCH_HOME), Python code that anyone able to write to the cache could have planted.
+# DINOv2's is REPA's own loader; other encoders load through timm (weights only) or save_for_hf.
+KNOWN_HUB_REPOS = ("facebookresearch/dinov2",)
+
+
+def hub_id(source: str) -> tuple[str, str] | None:
+    """(repo, entry) of a torch.hub id `owner/repo:entry`, or None for anything else (a timm id,
+    `hf-hub:...`, a path)."""
+    head = source.split(":", 1)[0]
+    if ":" not in source or "/" not in head or source.startswith(("hf-hub:", ".", "/", "~")):
+        return None
+    repo, entry = source.split(":", 1)
+    return repo, entry
+
+
+def hub_trust_refusal(source: str, trust_hub_repo: bool, key: str = "repa.trust_hub_repo") -> str | None:
+    """Why the torch.hub id `source` may not be loaded, or None (not a hub id, or a known
+    repository with the opt-in `key` set). Never trusted implicitly: torch.hub runs the cached
+    hubconf.py of the repository without a prompt once it is trusted."""
+    parsed = hub_id(source)
+    if parsed is None:
+        return None
+    repo, _ = parsed
+    weights_only = ("the timm id vit_base_patch14_dinov2.lvd142m (weights only) or a directory written by "
+                    "timm.models.save_for_hf")
+    if repo not in KNOWN_HUB_REPOS:
+        return (f"REPA encoder {source!r} is a torch.hub id of {repo}, not one of the known encoder repositories "
+                f"({', '.join(KNOWN_HUB_REPOS)}): loading it would run that repository's hubconf.py; "
+                f"use {weights_only}")
+    if not trust_hub_repo:
+        return (f"REPA encoder {source!r} is a torch.hub id: loading it runs the Python code of {repo} "
+                f"(its hubconf.py from the hub cache, TORCH_HOME): set {key}=true to trust that repository, "
+                f"or use {weights_only}")
+    return None
+
+
+def check_encoder_source(source: str, trust_hub_repo: bool = False, key: str = "repa.trust_hub_repo") -> None:
     """The cheap part of `load_encoder`'s checks, for entry points to run before any weights load:
-    a path (starting with `.`, `/` or `~`, or existing) must be a save_for_hf directory."""
+    a path (starting with `.`, `/` or `~`, or existing) must be a save_for_hf directory; a
+    torch.hub id must name a known repository and come with the opt-in `key`=true."""
     path = Path(source).expanduser()
+    if not path.exists():
+        refusal = hub_trust_refusal(source, trust_hub_repo, key)
+        if refusal is not None:
+            raise EncoderUnavailable(refusal)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise EncoderUnavailable(
@@ -303,21 +346,26 @@ def check_encoder_source(source: str) -> None:
 
 
 def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 trust_hub_repo: bool = False, trust_key: str = "repa.trust_hub_repo") -> Encoder:
     """The frozen REPA encoder named by a local directory (timm `save_for_hf`), a torch.hub id
     `owner/repo:entry`, or a timm model id (`weights=FILE`: its weights from a local file
-    instead of the hub). `resolution`: the side images are resized to before encoding."""
+    instead of the hub). `resolution`: the side images are resized to before encoding.
+    A hub id runs its repository's hubconf.py: only a known repository (`KNOWN_HUB_REPOS`), only
+    with `trust_hub_repo=True` (the config key `trust_key`), else EncoderUnavailable."""
     import timm  # heavy (about a second): only runs that use REPA pay for it, not every `import dit.train`
 
     source = str(name_or_dir)
     path = Path(source).expanduser()
     kwargs = dict(num_classes=0)
-    check_encoder_source(source)
+    check_encoder_source(source, trust_hub_repo, trust_key)  # before torch.hub imports any hubconf.py
     if path.is_dir():
         net = _create_timm(timm, f"local-dir:{path.resolve()}", resolution, pretrained=True, **kwargs)
         encoder = _timm_encoder(net, source, resolution)
-    elif ":" in source and "/" in source.split(":")[0] and not source.startswith("hf-hub:"):
-        repo, entry = source.split(":", 1)
+    elif hub_id(source) is not None:
+        repo, entry = hub_id(source)
+        # trust_repo=True: the user opted in above (check_encoder_source); torch's own prompt would
+        # block a batch job, and its "check" trusts any folder already in the cache anyway.
         try:  # a cached hub repo loads without the network (no validation of the branch)
             net = torch.hub.load(repo, entry, skip_validation=True, trust_repo=True)
         except Exception as err:  # noqa: BLE001 - torch.hub raises many types offline

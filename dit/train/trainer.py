@@ -86,7 +86,8 @@ def build_repa(cfg: TrainConfig, model: DiT, data, device: torch.device) -> Opti
         except LatentCacheMismatch as err:
             raise ConfigError(str(err)) from None
     else:
-        encoder = load_encoder(r.encoder, r.resolution, weights=r.encoder_weights, device=device)
+        encoder = load_encoder(r.encoder, r.resolution, weights=r.encoder_weights, device=device,
+                               trust_hub_repo=r.trust_hub_repo)
         dim = encoder.dim
     # Its own seed: the same initial projector whether an encoder was built (and drew random
     # weights before loading its own) or the features come from a cache.
