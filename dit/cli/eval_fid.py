@@ -28,6 +28,7 @@ from dit.io.atomic import write_text_atomic
 from dit.io.checkpoint import load_state
 from dit.io.errors import CheckpointError
 from dit.io.images import image_files
+from dit.sampling.bulk import check_bulk_output
 from dit.sampling.generate import generate_bulk
 from dit.sampling.loading import settings_path_for
 from dit.scoring.config import ScoringConfig, check_metric_names
@@ -154,6 +155,20 @@ def check_scoring_inputs(cfg: EvalConfig) -> None:
             raise ConfigError(f"reference={cfg.reference} is not an .npz file (not a zip archive): {fix}")
 
 
+def check_bulk_out(cfg: EvalConfig) -> None:
+    """ConfigError unless `bulk.out` may be written: not the reference, the samples nor the
+    checkpoint (also through a symlink or hard link; bulk.out=<the reference> once wrote the
+    samples over it and scored them against themselves, FID 0), and not an existing file that
+    is not a bulk file of ours (`dit.sampling.bulk.check_bulk_output`). Before any sampling."""
+    if not cfg.bulk.out:
+        return
+    try:
+        check_bulk_output(Path(cfg.bulk.out).expanduser(), {"reference": cfg.reference, "samples": cfg.samples,
+                                                            "checkpoint": cfg.checkpoint})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
     """Score `cfg.samples`, or first generate them from `cfg.checkpoint` with the sampling keys
     (every rank samples, rank 0 scores and returns the record; others None). What scoring needs
@@ -166,6 +181,7 @@ def generate_and_evaluate(cfg: EvalConfig | Any) -> dict | None:
                           "them first with the sampling settings of conf/sample.yaml")
     if samples is not None:
         check_samples_path(samples)
+    check_bulk_out(cfg)
     check_scoring_inputs(cfg)
     if samples is None:
         samples = generate_bulk(cfg)  # the same code path as `python sample.py mode=bulk`

@@ -114,13 +114,42 @@ def _done_blocks(shard_dir: Path, batch_size: int) -> set[int]:
     return done
 
 
-def check_bulk_output(out_path: Path) -> None:
-    """A bulk file is an ADM `.npz`; its settings go beside it (`settings_path_for`): any other
-    name could make the two one file (bulk.out=X.json would be overwritten by its settings)."""
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: `os.path.samefile` where both exist (symlinks and hard
+    links included), else their resolved paths (a path that does not exist yet is that file's)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:  # unreadable (permissions): fall back to the names
+        pass
+    return a.resolve() == b.resolve()
+
+
+def check_bulk_output(out_path: str | os.PathLike, protected: dict[str, str | os.PathLike | None] | None = None,
+                      key: str = "bulk.out") -> None:
+    """What a bulk output may be, checked before any sampling. An ADM `.npz`, with its settings
+    beside it (`settings_path_for`): any other name could make the two one file (bulk.out=X.json
+    would be overwritten by its settings). Not one of the `protected` files ({key: path}, e.g. the
+    reference, the samples or the checkpoint of eval_fid.py), also through a link: the samples
+    would replace it. And never an existing file that is not a bulk file of ours: one without our
+    settings beside it (a reference batch, samples from elsewhere) would be replaced. A finished
+    bulk file (settings beside it) is checked against its settings, an interrupted one (shards and
+    their settings in `<out>.parts/`, also after the assembly and before the settings file) resumes."""
+    out_path = Path(out_path)
     if out_path.suffix != ".npz":
         raise ValueError(f"bulk output {out_path} must end in .npz (the ADM sample format; its settings are "
                          f"written to {settings_path_for(out_path.with_suffix('.npz')).name} beside it): "
                          f"use {out_path.with_suffix('.npz')}")
+    for name, other in (protected or {}).items():
+        if other is not None and same_file(out_path, other):
+            raise ValueError(f"{key}={out_path} is the same file as {name}={other}: the samples would be written "
+                             f"over it; choose another {key}")
+    ours = settings_path_for(out_path).is_file() or (out_path.with_name(out_path.name + ".parts") / SHARD_SETTINGS).is_file()
+    if (out_path.exists() or out_path.is_symlink()) and not ours:
+        raise ValueError(f"{key}={out_path} exists and is not a bulk file of ours (no sampling settings "
+                         f"{settings_path_for(out_path).name} beside it): sampling would replace it; choose another "
+                         f"{key}, or move the file away if it may be replaced")
 
 
 def bulk_settings(model, autoencoder, sampler: Sampler, job: BulkJob, provenance: dict | None = None) -> dict:

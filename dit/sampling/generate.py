@@ -15,7 +15,7 @@ from dit.distributed import DistEnv, barrier, cleanup, init_distributed
 from dit.io.atomic import write_json_atomic
 from dit.io.images import save_grid
 from dit.sampling.base import Sampler
-from dit.sampling.bulk import BulkJob, Ranks, bulk_sample
+from dit.sampling.bulk import BulkJob, Ranks, bulk_sample, check_bulk_output
 from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples
 from dit.sampling.loading import default_output_name, load_for_sampling, settings_path_for
 from dit.sampling.samplers import build_sampler
@@ -104,8 +104,8 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
     """mode=bulk: `bulk.num_samples` images to an ADM `.npz` (every rank samples its share, rank 0
     assembles). Returns the output path."""
     cfg = to_sample_config(cfg)
-    if cfg.bulk.out:
-        _output(cfg.bulk.out, None, ".npz", "bulk.out")
+    if cfg.bulk.out:  # before the model loads: the output is not the checkpoint, nor a file not of ours
+        check_bulk_output(_output(cfg.bulk.out, None, ".npz", "bulk.out"), {"checkpoint": cfg.checkpoint})
     env = init_distributed(cfg.device)
     try:
         model, autoencoder, provenance, objective = _load(cfg, env)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_RUN, run_program
+from conftest import TINY_RUN, bulk_sample_with, run_program, tiny_dit
 
 # ------------------------------------------------------------------------------ item 1
 
@@ -115,3 +115,96 @@ def test_a_torch_hub_encoder_never_runs_its_hubconf_without_the_opt_in(repo, ent
         with pytest.raises(EncoderUnavailable, match="not one of the known"):
             load_encoder(source, trust_hub_repo=True)
         assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ item 2
+
+
+def _pixel_checkpoint(path: Path) -> Path:
+    """A tiny pixel-space DiT in our checkpoint format: what eval_fid.py samples from."""
+    from dit.io.checkpoint import save_atomic
+
+    model = tiny_dit(in_channels=3, num_classes=5, input_size=8)
+    return save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "step": 11, "model_name": None,
+                        "model_config": model.config.to_dict(), "autoencoder": {"name": "pixel", "scale_factor": 1.0},
+                        "format_version": 1}, path)
+
+
+def test_eval_fid_never_writes_its_samples_over_the_reference_the_samples_or_the_checkpoint(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Item 2: `eval_fid.py checkpoint=C reference=R.npz bulk.out=R.npz` sampled into R.npz,
+    scored the samples against themselves (FID 0.0), exited 0 and wrote a results row. Now
+    bulk.out is refused in one line before any sampling when it is the reference, the samples or
+    the checkpoint, also through a symlink, a hard link or another spelling of the path, and
+    when it is an existing .npz without our settings file beside it; every file stays as it was."""
+    from dit.io.npz import write_samples_npz
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    reference = write_samples_npz(tmp_path / "ref.npz", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8))
+    checkpoint = _pixel_checkpoint(tmp_path / "pix.pt")
+    samples = write_samples_npz(tmp_path / "theirs.npz", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "ref-link.npz").symlink_to(reference)
+    os.link(reference, tmp_path / "ref-hard.npz")
+    os.link(checkpoint, tmp_path / "ckpt-hard.npz")
+    (tmp_path / "sub").mkdir()
+    before = {p: p.read_bytes() for p in (reference, checkpoint, samples)}
+
+    common = [f"checkpoint={checkpoint}", f"reference={reference}", "bulk.num_samples=4", "bulk.batch_size=4",
+              "sampler=ddim", "sampler.num_steps=2", "device=cpu", "feature_extractor=toy_judge",
+              f"cache_dir={tmp_path / 'cache'}", f"results_table={tmp_path / 'results.md'}"]
+    cases = {  # bulk.out=..., extra arguments, what the line names
+        "the reference": (str(reference), [], "reference="),
+        "the reference, another spelling": ("sub/../ref.npz", [], "reference="),
+        "a symlink to the reference": ("ref-link.npz", [], "reference="),
+        "a hard link to the reference": ("ref-hard.npz", [], "reference="),
+        "a hard link to the checkpoint": ("ckpt-hard.npz", [], "checkpoint="),
+        "the samples": (str(samples), [f"samples={samples}"], "samples="),
+        "a foreign .npz (no settings of ours beside it)": (str(samples), [], "not a bulk file of ours"),
+    }
+    for case, (out, extra, names) in cases.items():
+        code, _, err = run_program("eval_fid.py", [*common, *extra, f"bulk.out={out}"], capsys, monkeypatch)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, (case, err)
+        assert "bulk.out=" in err and names in err, (case, err)
+        assert {p: p.read_bytes() for p in before} == before, f"{case}: a file was overwritten"
+        assert not list(tmp_path.glob("*.parts")) and not (tmp_path / "results.md").exists(), case
+        assert not list(tmp_path.glob("*.metrics.json")), case
+
+    # sample.py: bulk.out a hard link to the checkpoint, or an existing file not of ours
+    for out in ("ckpt-hard.npz", "ref.npz"):
+        with torch.enable_grad():  # sample.py turns gradients off for its process: not for the tests after this one
+            code, _, err = run_program("sample.py", [f"checkpoint={checkpoint}", "mode=bulk", "bulk.num_samples=4",
+                                                     "sampler=ddim", "sampler.num_steps=2", "device=cpu",
+                                                     f"bulk.out={out}"], capsys, monkeypatch)
+        assert code == 1 and err.startswith("error: ") and out in err, err
+        assert {p: p.read_bytes() for p in before} == before
+
+
+def test_bulk_sample_replaces_no_foreign_npz_and_still_resumes_its_own(tmp_path):
+    """Item 2, the library: `bulk_sample` refuses to replace an existing .npz without our settings
+    file beside it; its own outputs behave as before: a finished file (settings beside it) is
+    returned as it is, and an interrupted run resumes from `<out>.parts/`, also one killed after
+    the assembly and before the settings file was written."""
+    from dit.autoencoder import build_autoencoder
+    from dit.sampling.settings import SamplerSettings
+
+    model, pixels = tiny_dit(in_channels=3), build_autoencoder("pixel")
+
+    def bulk(out, **kw):
+        return bulk_sample_with(model, None, pixels, out, SamplerSettings(sampler="ddim", num_steps=2),
+                                num_samples=4, seed=0, batch_size=2, progress=False, **kw)
+
+    foreign = tmp_path / "foreign.npz"
+    foreign.write_bytes(b"someone's reference batch")
+    with pytest.raises(ValueError, match="not a bulk file of ours"):
+        bulk(foreign)
+    assert foreign.read_bytes() == b"someone's reference batch" and not (tmp_path / "foreign.npz.parts").exists()
+
+    out = bulk(tmp_path / "ours.npz", keep_shards=True)  # finished, shards kept
+    first = out.read_bytes()
+    assert bulk(out) == out and out.read_bytes() == first  # complete: returned as it is
+    settings = out.with_suffix(".json")
+    settings.unlink()  # killed after the assembly, before the settings file: the shards' settings say it is ours
+    out.write_bytes(b"half")
+    assert bulk(out) == out and out.read_bytes() == first and settings.is_file()
+
