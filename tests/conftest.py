@@ -1,6 +1,12 @@
-"""Shared pytest setup: the `slow` marker, a fixed seed per test, and what several test files
-need: one tiny DiT, one tiny saved VAE, one hydra composer (and the training config it gives),
-one single-thread switch, random Inception weights, the toy judge's report.
+"""Shared pytest setup: the `slow` marker, a fixed seed (and autograd on) per test, and what
+several test files need: one tiny DiT, one tiny saved VAE, one hydra composer (and the training
+config it gives), the entry programs run in this process (and the one-line error they end in),
+one single-thread switch, random Inception weights, the toy judge's report, and the tiny training
+runs: one process against ranks, and the toy run in forked processes that the reliability,
+fine-tuning, REPA and flow training tests kill, signal and resume.
+
+The tests are in folders that mirror dit/ (models/, objectives/, data/, train/, sampling/,
+scoring/, io/, reliability/, cli/); this file, in tests/, serves them all.
 
 Plain functions (`tiny_dit`, `train_config`, `compose_config`, `single_thread`, ...) serve
 module-scoped fixtures and helpers (`from conftest import ...`); the fixtures of the same names
@@ -10,7 +16,9 @@ serve tests.
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -32,8 +40,10 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
-    """Each test starts from the same global RNG state, whatever ran before it."""
+    """Each test starts from the same global RNG state, and with autograd on, whatever ran before
+    it (sample.py's `run()`, called in this process by `run_program`, turns autograd off)."""
     torch.manual_seed(0)
+    torch.set_grad_enabled(True)
     yield
 
 
@@ -98,6 +108,17 @@ def run_program(program: str, args: list[str], capsys, monkeypatch) -> tuple[int
         root.handlers[:], root.level = handlers, level
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def assert_one_line(code: int, err: str, *names: str) -> None:
+    """A known failure of an entry program: exit status 1 and one `error: ...` line on stderr
+    naming each of `names` (dit/cli/errors.py), no traceback."""
+    assert code == 1, err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -296,8 +317,9 @@ def judge_report_fixture():
 # ------------------------------------------------------------------------------ tiny runs: one process vs ranks
 
 # 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8: the run that
-# tests/test_distributed.py and tests/test_train_accumulation.py train on one process and under
-# torchrun and compare parameter by parameter. Add name=... (and any other key) per test file.
+# tests/train/test_distributed.py and tests/train/test_train_accumulation.py train on one process
+# and under torchrun and compare parameter by parameter. Add name=... (and any other key) per test
+# file.
 TINY_RUN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
             "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "max_steps=3", "log.every=1",
             "log.samples.every=0"]
@@ -374,3 +396,92 @@ def torchrun_bulk_sample(overrides: list[str], out: Path) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
     return out
+
+
+# ------------------------------------------------------------------------------ the toy run in forked processes
+
+# A 2-block DiT on 16x16 toy images (40) in pixel space, global batch 8 (5 steps per epoch): the
+# run the reliability tests kill, signal and resume, and the fine-tuning, REPA and flow training
+# tests start from. TOY_RUN_STEPS (~1 s of training) is long enough for a signal to land mid-run.
+TOY_RUN_STEPS = 40
+TOY = ["data=toy", "data.num_per_class=4"]
+TOY_RUN = [*TOY, "model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
+           "data.image_size=16", "data.num_workers=0", "log.samples.every=0", "global_batch_size=8", "log.every=1",
+           "ckpt.every_minutes=null", "name=r"]
+FORK = multiprocessing.get_context("fork")
+
+
+def toy_run_config(*overrides):
+    """The tiny run of TOY_RUN with `overrides` (on the toy set unless they choose `data=`)."""
+    base = TOY_RUN if not any(o.startswith("data=") for o in overrides) else [o for o in TOY_RUN if o not in TOY]
+    return train_config([*base, *overrides])
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
+    for key, state in a["opt"]["state"].items():
+        assert all(torch.equal(v, b["opt"]["state"][key][name]) for name, v in state.items()), key
+
+
+def final_state(run_dir: Path) -> dict:
+    """The checkpoint of step TOY_RUN_STEPS in `run_dir`, loaded weights-only."""
+    from dit.train.resume import checkpoint_path
+
+    return torch.load(checkpoint_path(run_dir / "checkpoints", TOY_RUN_STEPS), weights_only=True)
+
+
+def start_forked(fn, *args):
+    """fn(*args) in a forked child process. Its exit code: 0, 1 (exception), -9 (SIGKILL), or the
+    code of a SystemExit (TrainingPreempted: fault.preempt_exit_code)."""
+    proc = FORK.Process(target=_one_thread_child, args=(fn, *args))
+    proc.start()
+    return proc
+
+
+def _one_thread_child(fn, *args):
+    # One intra-op thread in the child, as the references are computed (`single_thread`). It also
+    # keeps the child out of the OpenMP thread team a multi-threaded op of the parent may have
+    # started: libgomp's team does not survive fork, and the child's first parallel op would hang.
+    torch.set_num_threads(1)
+    fn(*args)
+
+
+def start_training(cfg, run_dir, before=None):
+    """`run_training(cfg, run_dir)` in a forked child (`before()` first, in the child)."""
+    def target():
+        if before is not None:
+            before()
+        run_training(cfg, run_dir)
+
+    return start_forked(target)
+
+
+def joined(proc, timeout=120.0) -> int:
+    """Wait for a forked child (`timeout` seconds at most, else kill it and fail): its exit code."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError("the child did not finish in time")
+    return proc.exitcode
+
+
+def train_on_two_gloo_ranks(cfg, run_dir: Path, step: int) -> dict:
+    """Train `cfg` on two forked gloo ranks (rank environment set as torchrun does) into
+    `run_dir`; returns the checkpoint of `step`, loaded weights-only."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def rank(r):
+        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        run_training(cfg, run_dir)
+
+    ranks = [start_forked(rank, r) for r in range(2)]
+    assert [joined(p) for p in ranks] == [0, 0]
+    return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", weights_only=True)

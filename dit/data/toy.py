@@ -54,7 +54,7 @@ VARIANTS = ("colours", "shapes")
 # The shape-only variant's class names: the shape word of CLASS_NAMES ("red_circle" -> "circle").
 SHAPE_NAMES: tuple[str, ...] = tuple(name.split("_", 1)[1] for name in CLASS_NAMES)
 # Area of each shape in its own frame (unit-disc units), measured on a 1024 x 1024 grid over
-# [-1, 1]^2 (tests/test_toy.py re-measures it), and its reach (largest distance from the origin).
+# [-1, 1]^2 (tests/data/test_toy.py re-measures it), and its reach (largest distance from the origin).
 # The shapes variant scales shape c by sqrt(SHAPE_TARGET_AREA / SHAPE_AREAS[c]), so all classes
 # cover the same area; the target keeps the longest shape (the bar) inside its unit-disc frame
 # within 10 %.

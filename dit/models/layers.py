@@ -156,7 +156,7 @@ def rope_table(head_dim: int, grid: int, device: torch.device | None = None) -> 
     head's channels rotates with the token's row, the second half with its column; within a half,
     channels (2m, 2m+1) form one rotated pair at frequency `10000 ** (-m / (head_dim / 4))`,
     at integer positions 0 .. grid-1. timm's builder gives exactly this table (tested against the
-    formula in tests/test_model_options.py)."""
+    formula in tests/models/test_model_options.py)."""
     check_rope_head_dim(head_dim)
     sin, cos = build_rotary_pos_embed([grid, grid], dim=head_dim, in_pixels=False,
                                       temperature=ROPE_THETA, device=device)

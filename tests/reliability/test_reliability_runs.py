@@ -2,7 +2,7 @@
 code-running pickle planted among the checkpoints, updates that make the weights non-finite,
 preemption signals during start-up, a different data set on resume. What each case guarantees:
 docs/reliability.md. Real processes where the exit status matters (`train.py` as a subprocess);
-the tiny run of tests/test_reliability.py.
+the tiny run of conftest.TOY_RUN.
 """
 
 import os
@@ -19,12 +19,12 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import checkpoint_path
 
+from conftest import (REPO, TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, assert_same_training_state, final_state,
+                      toy_run_config as config)
 from test_reliability import (  # noqa: F401 - `reference` is a fixture
-    BASE, STEPS, assert_same_training_state, checkpoint_steps, config, final_state, logged_steps, reference,
-    temp_files, wait_until,
+    checkpoint_steps, logged_steps, reference, temp_files, wait_until,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -1,7 +1,6 @@
 """The training configuration: hydra groups, the typed schema, checks that run before any work,
 the experiment recipe and the SLURM launcher."""
 
-from pathlib import Path
 
 import pytest
 from hydra.core.hydra_config import HydraConfig
@@ -22,9 +21,8 @@ from dit.config import (
 )
 from dit.models import DiT_models, model_arch
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.models import save_for_hf
 
-from conftest import single_thread, tiny_dit
+from conftest import (assert_one_line, assert_same_training_state, joined, run_program, single_thread,
+                      start_training, tiny_dit, toy_run_config as config, train_on_two_gloo_ranks)
 from dit.autoencoder import build_autoencoder
 from dit.config import ConfigError, check_static
 from dit.data import (CacheFormat, CacheRun, ImageFolderDataset, LatentCacheDataset, LatentCacheMismatch,
@@ -28,8 +29,6 @@ from dit.models import DiT
 from dit.models.repa import EncoderUnavailable, RepaHead, load_encoder, resample_tokens
 from dit.data.toy import write_toy_imagefolder
 from dit.train import run_training
-from test_cli_errors import assert_one_line, run_in_process
-from test_reliability import assert_same_training_state, config, joined, start_training, train_on_two_gloo_ranks
 
 # 4 x 4 = 16 tokens of width 32, as many as the tiny DiT's (16 px, patch 4), which is 64 wide
 ENCODER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
@@ -235,7 +234,7 @@ def test_feature_cache_holds_the_encoder_of_the_same_view(image_folder, encoder_
 
 # ------------------------------------------------------------------ training with REPA
 
-# The tiny run of test_reliability (2 blocks, 16 px toy images in pixel space, batch 8), 64 wide,
+# The tiny run of conftest.TOY_RUN (2 blocks, 16 px toy images in pixel space, batch 8), 64 wide,
 # a flow objective, REPA on block 1 with a small projector.
 def repa_overrides(encoder: Path, *extra) -> list[str]:
     return ["objective=flow", "model.hidden_size=64", f"repa.encoder={encoder}", "repa.resolution=16",
@@ -347,17 +346,17 @@ def test_cache_latents_cli_stores_the_features_and_names_a_missing_encoder_in_on
     root = write_toy_imagefolder(tmp_path / "images", num_per_class=1, image_size=16, seed=0)
     common = [f"data_root={root}", "vae=pixel", "image_size=16", "num_workers=0", "progress=false",
               "repa_resolution=16"]
-    code, out, err = run_in_process("cache_latents", [*common, f"out_dir={tmp_path / 'c'}",
-                                                      f"repa_encoder={encoder_dir[0]}", "repa_dtype=float32"],
-                                    capsys, monkeypatch)
+    code, out, err = run_program("cache_latents", [*common, f"out_dir={tmp_path / 'c'}",
+                                                   f"repa_encoder={encoder_dir[0]}", "repa_dtype=float32"],
+                                 capsys, monkeypatch)
     assert code == 0, err
     ds = LatentCacheDataset(tmp_path / "c", hflip=False)
     assert ds.use_repa_features(str(encoder_dir[0]), 16)["dim"] == 32
     enc = load_encoder(str(encoder_dir[0]), resolution=16)
     image = ImageFolderDataset(root, 16, hflip=False)[3][0]
     torch.testing.assert_close(ds[3][2], enc(image[None])[0], rtol=1e-5, atol=1e-5)
-    code, _, err = run_in_process("cache_latents", [*common, f"out_dir={tmp_path / 'd'}",
-                                                    f"repa_encoder={tmp_path / 'no_encoder'}"], capsys, monkeypatch)
+    code, _, err = run_program("cache_latents", [*common, f"out_dir={tmp_path / 'd'}",
+                                                 f"repa_encoder={tmp_path / 'no_encoder'}"], capsys, monkeypatch)
     assert_one_line(code, err, "no_encoder", "save_for_hf")
     assert not (tmp_path / "d").exists()  # refused before any work
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 ENTRY_POINTS = ("train", "sample", "eval_fid")
 
 

@@ -63,7 +63,7 @@ BEFORE_FLOW = {
     "ddim": [-25.03042984008789, 241.52297973632812, -250.61219787597656, -314.62481689453125, 48.95417022705078,
              -184.0247344970703],
 }
-BEFORE_FLOW_VALUES = Path(__file__).resolve().parent / "sampling" / "legacy" / "before_flow_latents.npz"
+BEFORE_FLOW_VALUES = Path(__file__).resolve().parent / "legacy" / "before_flow_latents.npz"
 CROSS_CPU_TOLERANCE = 1e-5  # of the largest |value|: see above
 
 

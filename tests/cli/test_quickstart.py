@@ -31,7 +31,6 @@ from dit.train import run_training
 
 from conftest import train_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 # The shortened run: 8x8 images (a 4x4 token grid), the quickstart's recipe otherwise.
 SHORT = ["data.image_size=8", "max_steps=1000", "log.every=100"]

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,9 @@ import torch
 from dit.config import OptimConfig
 from dit.models import DiT, DiT_models
 
-from conftest import tiny_dit
+from conftest import REPO, tiny_dit
 from dit.train import EMA, build_optimizer
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_dit(seed: int = 0) -> DiT:

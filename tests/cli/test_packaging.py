@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SCRIPTS = {"dit-train": "train", "dit-sample": "sample", "dit-eval": "eval_fid", "dit-cache-latents": "cache_latents"}  # -> job name
 
 

@@ -1,7 +1,7 @@
 """Fine-tuning with `init_from=` (issue 13): a new run (fresh optimizer, step 0, RNG from the
 seed) whose model and EMA start from our checkpoint, a release-format state dict with 1000
 classes, or weights of a smaller image size; a kill during the fine-tune resumes bitwise; wrong
-uses are refused in one line. The tiny run of tests/test_reliability.py (toy set, pixel space).
+uses are refused in one line. The tiny run of conftest.TOY_RUN (toy set, pixel space).
 
 Why the losses are compared with a run from scratch: with the same seed, both runs draw the same
 batches, timesteps and noise at every step, so the losses are paired and only the initial
@@ -20,14 +20,13 @@ from dit.train import run_training
 from dit.train.init_from import fit_to_model, read_init_from
 from dit.train.resume import checkpoint_path, list_checkpoints
 
-from conftest import single_thread
-from test_reliability import assert_same_training_state, config, joined, start_training
+from conftest import assert_same_training_state, joined, single_thread, start_training, toy_run_config as config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 20  # fine-tune length
 LR = "optim.lr=1e-3"  # a tiny model learns visibly in a few dozen steps
-# The model of the tiny run (test_reliability.BASE) as DiT arguments, at 16 px in pixel space.
+# The model of the tiny run (conftest.TOY_RUN) as DiT arguments, at 16 px in pixel space.
 ARCH = dict(patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2)
 
 

@@ -33,7 +33,7 @@ from dit.cli.errors import MAX_DETAIL_LINES, error_message
 from dit.config import ConfigError
 from dit.io.npz import write_samples_npz
 
-from conftest import REPO, tiny_dit
+from conftest import REPO, assert_one_line, tiny_dit
 
 PROGRAMS = {"train.py": train_cli.run, "sample.py": sample_cli.run, "eval_fid.py": eval_cli.run,
             "cache_latents": cache_cli.run}
@@ -84,15 +84,6 @@ def run_in_process(program: str, args: list[str], capsys, monkeypatch) -> tuple[
         code = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def assert_one_line(code: int, err: str, *names: str) -> None:
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    lines = err.rstrip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert name in lines[0], (name, lines[0])
 
 
 # The known failures: (program, its arguments (built from `files`), what the line must name).

@@ -18,9 +18,8 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
 from dit.train.stream import ItemSeeded
 
-from conftest import train_config
+from conftest import REPO, train_config
 
-REPO = Path(__file__).resolve().parents[1]
 # A 2-block DiT on 16x16 pixels (patch 4: 16 tokens); runs a step in milliseconds.
 TINY = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
         "data.image_size=16", "data.num_workers=0", "log.samples.every=0"]

@@ -11,7 +11,6 @@ a subprocess where its exit status matters). Tiny DiT, toy images in pixel space
 import errno
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
@@ -32,23 +31,9 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError, named_tensors
 from dit.train.resume import checkpoint_path, list_checkpoints
 
-from conftest import bulk_sample_with, FullDisk, compose_config, single_thread, tiny_dit, train_config
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 40  # ~1 s of training: long enough for a signal to land mid-run
-# A 2-block DiT on 16x16 toy images (40) in pixel space, global batch 8 (5 steps per epoch).
-TOY = ["data=toy", "data.num_per_class=4"]
-BASE = [*TOY, "model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
-        "data.image_size=16", "data.num_workers=0", "log.samples.every=0", "global_batch_size=8", "log.every=1",
-        "ckpt.every_minutes=null", "name=r"]
-FORK = multiprocessing.get_context("fork")
-
-
-def config(*overrides):
-    """The tiny run of BASE with `overrides` (on the toy set unless they choose `data=`)."""
-    base = BASE if not any(o.startswith("data=") for o in overrides) else [o for o in BASE if o not in TOY]
-    return train_config([*base, *overrides])
-
+from conftest import (REPO, TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, FullDisk, assert_same_training_state,
+                      bulk_sample_with, compose_config, final_state, joined, single_thread, start_forked as start,
+                      start_training, tiny_dit, toy_run_config as config)
 
 # One intra-op thread here and in the forked children: bitwise comparisons need the same thread
 # count everywhere.
@@ -61,20 +46,6 @@ def reference(tmp_path_factory):
     with single_thread():
         result = run_training(config(f"max_steps={STEPS}", "ckpt.every=1000"), tmp_path_factory.mktemp("reference"))
     return torch.load(result["checkpoint"], weights_only=True)
-
-
-def assert_same_training_state(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"]
-    for part in ("model", "ema"):
-        assert a[part].keys() == b[part].keys()
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
-    for key, state in a["opt"]["state"].items():
-        assert all(torch.equal(v, b["opt"]["state"][key][name]) for name, v in state.items()), key
-
-
-def final_state(run_dir: Path) -> dict:
-    return torch.load(checkpoint_path(run_dir / "checkpoints", STEPS), weights_only=True)
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -100,31 +71,6 @@ def temp_files(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob(".*.tmp"))
 
 
-def start(fn, *args):
-    """fn(*args) in a forked child process. Its exit code: 0, 1 (exception), -9 (SIGKILL), or the
-    code of a SystemExit (TrainingPreempted: fault.preempt_exit_code)."""
-    proc = FORK.Process(target=_one_thread_child, args=(fn, *args))
-    proc.start()
-    return proc
-
-
-def _one_thread_child(fn, *args):
-    # One intra-op thread in the child, as the references are computed (`single_thread`). It also
-    # keeps the child out of the OpenMP thread team a multi-threaded op of the parent may have
-    # started: libgomp's team does not survive fork, and the child's first parallel op would hang.
-    torch.set_num_threads(1)
-    fn(*args)
-
-
-def start_training(cfg, run_dir, before=None):
-    def target():
-        if before is not None:
-            before()
-        run_training(cfg, run_dir)
-
-    return start(target)
-
-
 def wait_until(predicate, proc=None, timeout=120.0) -> bool:
     """Poll `predicate` until it holds (True), or `proc` has ended (False)."""
     end = time.monotonic() + timeout
@@ -135,32 +81,6 @@ def wait_until(predicate, proc=None, timeout=120.0) -> bool:
             return predicate()
         time.sleep(0.005)
     raise AssertionError("timed out")
-
-
-def joined(proc, timeout=120.0) -> int:
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        raise AssertionError("the child did not finish in time")
-    return proc.exitcode
-
-
-def train_on_two_gloo_ranks(cfg, run_dir: Path, step: int) -> dict:
-    """Train `cfg` on two forked gloo ranks (rank environment set as torchrun does) into
-    `run_dir`; returns the checkpoint of `step`, loaded weights-only."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def rank(r):
-        os.environ.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        run_training(cfg, run_dir)
-
-    ranks = [start(rank, r) for r in range(2)]
-    assert [joined(p) for p in ranks] == [0, 0]
-    return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", weights_only=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -24,9 +24,8 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints
 from dit.train.step import LossScaler, StepInputs, StepSetup
 
-from conftest import TINY_DIT, TINY_RUN, assert_same_parameters, tiny_dit, torchrun_train, train_config, train_single_process
+from conftest import REPO, TINY_DIT, TINY_RUN, assert_same_parameters, tiny_dit, torchrun_train, train_config, train_single_process
 
-REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8.
 ARGS = [*TINY_RUN, "data.num_workers=0", "name=a"]
 

@@ -21,9 +21,9 @@ from dit.train.report import flow_grid_images
 from dit.train.step import StepInputs, StepSetup, drop_labels, train_step
 from dit.train.trainer import build_model, build_objective, official_name
 
-from conftest import TINY_DIT, single_thread, tiny_dit, train_config
-from test_reliability import (STEPS, assert_same_training_state, config, final_state, joined, start_training,
-                              train_on_two_gloo_ranks)
+from conftest import (TINY_DIT, TOY_RUN_STEPS as STEPS, assert_same_training_state, final_state, joined,
+                      single_thread, start_training, tiny_dit, toy_run_config as config, train_config,
+                      train_on_two_gloo_ranks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons: one thread everywhere
 

@@ -27,9 +27,8 @@ from dit.sampling.settings import SamplerSettings
 from dit.sampling.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
-from conftest import bulk_sample_with, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+from conftest import REPO, bulk_sample_with, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class SquashAE(torch.nn.Module):

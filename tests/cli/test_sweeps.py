@@ -15,7 +15,8 @@ import torch
 
 from dit.config import job_dirname
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 TINY = ["data=toy", "data.num_per_class=4", "model=DiT-S/4", "model.depth=2", "model.hidden_size=32",
         "model.num_heads=2", "vae=pixel", "data.image_size=16", "data.num_workers=0", "log.samples.every=0",
         "global_batch_size=8", "log.every=1", "ckpt.every_minutes=null", "ckpt.every=2"]

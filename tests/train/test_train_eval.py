@@ -16,9 +16,8 @@ from dit.io.npz import write_samples_npz
 from dit.data.toy import make_toy_arrays
 from dit.train import run_training
 
-from conftest import compose_config, single_thread, train_config
+from conftest import REPO, compose_config, single_thread, train_config
 
-REPO = Path(__file__).resolve().parents[1]
 # A 2-block DiT on 16 px toy images in pixel space, global batch 8; evaluation every 2 steps on 20
 # samples (2 network batches of 10), 5 DDIM steps, scored by the toy judge.
 TRAIN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
