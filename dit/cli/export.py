@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("source", help="release file, our checkpoint, .safetensors or a save_pretrained folder")
         p.add_argument("out", help="output folder (written atomically)")
         p.add_argument("--which", choices=("ema", "model"), default="ema", help="weights of our checkpoints")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder that holds a previous export (never a run folder)")
         p.add_argument("--license", default=None, help="license id for the model card (release files: cc-by-nc-4.0)")
         if cmd == "diffusers":
             p.add_argument("--vae", default=None, help="AutoencoderKL to include: sd-ema, sd-mse, hub id or folder")

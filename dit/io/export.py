@@ -68,15 +68,66 @@ def load_source(path: str | os.PathLike, use_ema: bool = True) -> tuple[DiT, dic
 # --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out_dir`; on success it becomes `out_dir` by a
-    rename (an existing `out_dir` is replaced only with `overwrite`), on failure it is deleted."""
+# What a folder written by this module holds at its top level: save_pretrained's files, or a
+# diffusers pipeline (model_index.json and our dit_export.json, its model folders, the card).
+PRETRAINED_ENTRIES = frozenset({WEIGHTS_NAME, CONFIG_NAME, CARD_NAME})
+DIFFUSERS_ENTRIES = frozenset({"model_index.json", "dit_export.json", CARD_NAME, "transformer", "scheduler", "vae"})
+# What marks a training run's directory (dit/train: the run lock, checkpoints, hydra's config
+# and log, the metrics): never replaced by an export, whatever else it holds.
+RUN_ENTRIES = (".lock", "checkpoints", ".hydra", "train.log", "metrics.jsonl")
+
+
+def _json_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable or not JSON: not a record of ours
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def previous_export(folder: str | os.PathLike) -> str | None:
+    """The kind of export `folder` holds ("pretrained" or "diffusers": exactly the entries that
+    `save_pretrained` or `export_diffusers` writes, with its record naming it ours), else None."""
+    folder = Path(folder)
+    names = {entry.name for entry in os.scandir(folder)}
+    if names == PRETRAINED_ENTRIES and _json_record(folder / CONFIG_NAME).get("format") == "dit":
+        return "pretrained"
+    if ({"model_index.json", "dit_export.json"} <= names <= DIFFUSERS_ENTRIES
+            and "model_config" in _json_record(folder / "dit_export.json")):
+        return "diffusers"
+    return None
+
+
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """FileExistsError unless `out_dir` may be written: it does not exist, or `overwrite` is set
+    and it is an empty folder or a previous export (`previous_export`). A folder holding a
+    training run (its lock, checkpoints/, .hydra/, ...) or anything else is never replaced:
+    --overwrite into a live run's folder once deleted its checkpoints and lock."""
     out = Path(out_dir)
-    if out.exists() and not (overwrite and out.is_dir()):
+    if not out.exists():
+        return
+    if not (overwrite and out.is_dir()):
         what = "a folder" if out.is_dir() else "not a folder"
         raise FileExistsError(f"{out} exists ({what}): choose another output folder"
                               + (" or pass overwrite=True (--overwrite)" if out.is_dir() else ""))
+    names = sorted(entry.name for entry in os.scandir(out))
+    run = [name for name in RUN_ENTRIES if name in names]
+    if run:
+        raise FileExistsError(f"{out} holds a training run ({', '.join(run)}): --overwrite replaces only a previous "
+                              "export; choose another output folder (nothing was written)")
+    if names and previous_export(out) is None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise FileExistsError(f"{out} is not a previous export (it holds {shown}): --overwrite replaces only a folder "
+                              "written by `python -m dit.export`; choose another output folder, or empty it yourself")
+
+
+@contextmanager
+def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out_dir`; on success it becomes `out_dir` by a
+    rename (an existing `out_dir` is replaced only with `overwrite`, and only when it is empty or
+    a previous export: `check_output_folder`), on failure it is deleted."""
+    out = Path(out_dir)
+    check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -88,6 +139,7 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
                 os.chmod(Path(sub, name), 0o755)
             for name in files:
                 os.chmod(Path(sub, name), 0o644)
+        check_output_folder(out, overwrite)  # again: a run may have started there while this export was written
         if out.exists():  # two renames: the old folder is gone only once the new one is in place
             old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
             os.replace(out, old)
@@ -115,6 +167,7 @@ def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, us
     layout, the `DiT` config with what the run recorded (step, autoencoder, diffusion chain),
     and a model card. `load_pretrained(out_dir)` (or `load_dit_checkpoint` on the weights file)
     reads it back."""
+    check_output_folder(out_dir, overwrite)  # before the source loads (seconds to minutes)
     model, meta = load_source(source, use_ema)
     record = {
         "format": "dit", "model_name": arch_name(model.config.depth, model.config.hidden_size,
@@ -310,6 +363,7 @@ def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, u
     `load_diffusers_transformer(out_dir)` also restores DiT's timestep frequencies."""
     from diffusers import DiTPipeline
 
+    check_output_folder(out_dir, overwrite)  # before the source loads (seconds to minutes)
     model, meta = load_source(source, use_ema)
     transformer = to_diffusers(model)
     pipe = DiTPipeline(transformer=transformer, vae=_load_vae(vae), scheduler=diffusers_scheduler(meta["diffusion"], scheduler),

@@ -208,3 +208,69 @@ def test_bulk_sample_replaces_no_foreign_npz_and_still_resumes_its_own(tmp_path)
     out.write_bytes(b"half")
     assert bulk(out) == out and out.read_bytes() == first and settings.is_file()
 
+
+# ------------------------------------------------------------------------------ item 4
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` (hidden ones included) with its bytes (None: a folder)."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_export_overwrite_never_replaces_a_run_folder_or_anything_but_a_previous_export(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Item 4: `python -m dit.export pretrained|diffusers CKPT <a live run's folder> --overwrite`
+    replaced the folder: its checkpoints, .hydra/, train.log and lock were gone, and both
+    processes exited 0. Now a folder holding a run (its lock, checkpoints/, .hydra/) or anything
+    that is not a previous export is refused in one line before anything is written; a previous
+    export (of either kind) is still replaced."""
+    import fcntl
+
+    from dit.cli.export import main
+
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_program("train.py", [*TINY_RUN, "max_steps=1", f"hydra.run.dir={run}"], capsys, monkeypatch)
+    assert code == 0, err
+    checkpoint = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    assert (run / ".hydra").is_dir() and (run / "train.log").is_file()
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)  # the run is live: its lock is held
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        before = _tree(run)
+        for command in ("pretrained", "diffusers"):
+            capsys.readouterr()
+            assert main([command, str(checkpoint), str(run), "--overwrite"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1 and str(run) in err, err
+            assert "training run" in err and ".lock" in err and "checkpoints" in err, err
+            assert _tree(run) == before, f"{command} --overwrite changed the run's folder"
+            assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")) == []  # no temp folder
+    finally:
+        os.close(fd)
+
+    # Without the lock (a finished or killed run) the folder still holds a run: refused the same way.
+    (run / ".lock").unlink()
+    assert main(["pretrained", str(checkpoint), str(run), "--overwrite"]) == 2
+    assert "training run" in capsys.readouterr().err and (run / "checkpoints").is_dir()
+
+    # A folder that is neither a run nor an export: refused, naming what it holds.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("months of work")
+    assert main(["pretrained", str(checkpoint), str(other), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "not a previous export" in err and "thesis.tex" in err, err
+    assert (other / "thesis.tex").read_text() == "months of work"
+
+    # A previous export is replaced, by either kind; one with a file added to it is not.
+    out = tmp_path / "export"
+    assert main(["pretrained", str(checkpoint), str(out)]) == 0
+    assert main(["diffusers", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert (out / "model_index.json").is_file() and not (out / "model.safetensors").exists()
+    assert main(["pretrained", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "model_index.json").exists()
+    (out / "eval-notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["pretrained", str(checkpoint), str(out), "--overwrite"]) == 2
+    assert "eval-notes.txt" in capsys.readouterr().err and (out / "eval-notes.txt").is_file()
