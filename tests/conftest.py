@@ -314,15 +314,31 @@ def judge_report_fixture():
     return judge_report
 
 
+# ------------------------------------------------------------------------------ tiny runs
+
+# The model of every tiny training run: DiT-S/4 cut to 2 blocks of width 32 (2 heads), in pixel
+# space. Each run adds its data, batch and step keys (`with_overrides` changes a key of it).
+TINY_MODEL = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel"]
+
+
+def with_overrides(base: list[str], *overrides: str) -> list[str]:
+    """`base` with each override in the place of the one of the same key (`model=...`,
+    `model.depth=...`), or appended where `base` has none: hydra refuses a group chosen twice."""
+    def key(arg: str) -> str:
+        return arg.partition("=")[0].lstrip("+~")
+
+    new = {key(o): o for o in overrides}
+    return [new.pop(key(o), o) for o in base] + list(new.values())
+
+
 # ------------------------------------------------------------------------------ tiny runs: one process vs ranks
 
 # 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8: the run that
 # tests/train/test_distributed.py and tests/train/test_train_accumulation.py train on one process
 # and under torchrun and compare parameter by parameter. Add name=... (and any other key) per test
 # file.
-TINY_RUN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
-            "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "max_steps=3", "log.every=1",
-            "log.samples.every=0"]
+TINY_RUN = [*TINY_MODEL, "data=toy", "data.num_per_class=4", "data.image_size=16", "global_batch_size=8",
+            "max_steps=3", "log.every=1", "log.samples.every=0"]
 
 
 def train_single_process(args, out: str | os.PathLike) -> dict:
@@ -405,9 +421,8 @@ def torchrun_bulk_sample(overrides: list[str], out: Path) -> Path:
 # tests start from. TOY_RUN_STEPS (~1 s of training) is long enough for a signal to land mid-run.
 TOY_RUN_STEPS = 40
 TOY = ["data=toy", "data.num_per_class=4"]
-TOY_RUN = [*TOY, "model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
-           "data.image_size=16", "data.num_workers=0", "log.samples.every=0", "global_batch_size=8", "log.every=1",
-           "ckpt.every_minutes=null", "name=r"]
+TOY_RUN = [*TOY, *TINY_MODEL, "data.image_size=16", "data.num_workers=0", "log.samples.every=0",
+           "global_batch_size=8", "log.every=1", "ckpt.every_minutes=null", "name=r"]
 FORK = multiprocessing.get_context("fork")
 
 

@@ -33,12 +33,11 @@ from dit.cli.errors import MAX_DETAIL_LINES, error_message
 from dit.config import ConfigError
 from dit.io.npz import write_samples_npz
 
-from conftest import REPO, assert_one_line, tiny_dit
+from conftest import REPO, TINY_MODEL, assert_one_line, tiny_dit
 
 PROGRAMS = {"train.py": train_cli.run, "sample.py": sample_cli.run, "eval_fid.py": eval_cli.run,
             "cache_latents": cache_cli.run}
-TINY_TRAIN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
-              "max_steps=1", "global_batch_size=2", "log.samples.every=0"]
+TINY_TRAIN = [*TINY_MODEL, "max_steps=1", "global_batch_size=2", "log.samples.every=0"]
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,10 @@ import torch
 
 from dit.config import job_dirname
 
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 
-TINY = ["data=toy", "data.num_per_class=4", "model=DiT-S/4", "model.depth=2", "model.hidden_size=32",
-        "model.num_heads=2", "vae=pixel", "data.image_size=16", "data.num_workers=0", "log.samples.every=0",
-        "global_batch_size=8", "log.every=1", "ckpt.every_minutes=null", "ckpt.every=2"]
+TINY = ["data=toy", "data.num_per_class=4", *TINY_MODEL, "data.image_size=16", "data.num_workers=0",
+        "log.samples.every=0", "global_batch_size=8", "log.every=1", "ckpt.every_minutes=null", "ckpt.every=2"]
 
 
 def sweep(cwd: Path, *overrides: str) -> str:

@@ -479,7 +479,7 @@ def _as_old_format(cache):
 
 
 def test_an_old_float16_cache_still_reads_resumes_and_trains(image_folder, tiny_vae_dir, tmp_path, one_thread):
-    from conftest import train_config
+    from conftest import TINY_MODEL, train_config, with_overrides
 
     from dit.train import run_training
 
@@ -500,10 +500,10 @@ def test_an_old_float16_cache_still_reads_resumes_and_trains(image_folder, tiny_
         build_latent_cache(image_folder, ae, old, IMAGE_SIZE, run=run)
     assert build_latent_cache(image_folder, ae, old, IMAGE_SIZE, fmt=CacheFormat(mean_dtype="float16"), run=run) == old
 
-    cfg = train_config(["model=DiT-S/2", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                        "data=latents", f"data.root={old}", "data.num_workers=0", "vae=local",
-                        f"vae.name={tiny_vae_dir}", "global_batch_size=4", "max_steps=2", "log.every=1",
-                        "log.samples.every=0", "ckpt.every=2", "name=old"])
+    cfg = train_config([*with_overrides(TINY_MODEL, "model=DiT-S/2", "model.depth=1", "vae=local"),
+                        "data=latents", f"data.root={old}", "data.num_workers=0", f"vae.name={tiny_vae_dir}",
+                        "global_batch_size=4", "max_steps=2", "log.every=1", "log.samples.every=0", "ckpt.every=2",
+                        "name=old"])
     run_training(cfg, tmp_path / "run")
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))

@@ -24,7 +24,8 @@ from dit.config import ConfigError, to_sample_config
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.io.release import release_family
 
-from conftest import bulk_sample_with, compose_config, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+from conftest import (TINY_MODEL, bulk_sample_with, compose_config, single_thread, threads_as_ranks, tiny_dit,
+                      torchrun_bulk_sample)
 
 
 def flow_sample(denoiser, flow, noise, settings, generator=None):
@@ -355,9 +356,9 @@ def test_release_format_reads_a_renamed_sit_file_as_sit_and_a_bad_value_is_refus
 # ------------------------------------------------------------------------------ scoring flow runs
 
 # A 2-block flow DiT on 16 px toy images in pixel space, evaluated every 2 steps by the toy judge.
-TRAIN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
-         "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "log.every=1", "log.samples.every=0",
-         "optim.lr=3e-3", "ema.decay=0.5", "ckpt.every=2", "ckpt.keep_last=null", "name=f", "objective=flow"]
+TRAIN = [*TINY_MODEL, "data=toy", "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "log.every=1",
+         "log.samples.every=0", "optim.lr=3e-3", "ema.decay=0.5", "ckpt.every=2", "ckpt.keep_last=null", "name=f",
+         "objective=flow"]
 SAMPLING = {"sampler": "euler", "num_steps": 4, "cfg_scale": 2.0}
 
 

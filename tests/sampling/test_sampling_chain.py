@@ -23,12 +23,11 @@ from dit.io.checkpoint import save_atomic
 from dit.diffusion import create_diffusion, linear_betas, named_betas, space_timesteps
 from dit.train.resume import plain_config
 
-from conftest import tiny_dit, train_config
+from conftest import TINY_MODEL, tiny_dit, train_config
 
 # A 2-block DiT on 8x8 pixels, as tests/train/test_train.py trains them.
-TINY_RUN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
-            "data=toy", "data.num_per_class=2", "data.image_size=8", "data.num_workers=0", "log.samples.every=0",
-            "global_batch_size=4", "max_steps=1", "log.every=1", "name=chain"]
+TINY_RUN = [*TINY_MODEL, "data=toy", "data.num_per_class=2", "data.image_size=8", "data.num_workers=0",
+            "log.samples.every=0", "global_batch_size=4", "max_steps=1", "log.every=1", "name=chain"]
 
 
 def our_checkpoint(path: Path, overrides: list[str]) -> Path:

@@ -18,11 +18,10 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
 from dit.train.stream import ItemSeeded
 
-from conftest import REPO, train_config
+from conftest import REPO, TINY_MODEL, train_config, with_overrides
 
 # A 2-block DiT on 16x16 pixels (patch 4: 16 tokens); runs a step in milliseconds.
-TINY = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel",
-        "data.image_size=16", "data.num_workers=0", "log.samples.every=0"]
+TINY = [*TINY_MODEL, "data.image_size=16", "data.num_workers=0", "log.samples.every=0"]
 TOY = ["data=toy", "data.num_per_class=4"]  # 40 images
 
 
@@ -300,15 +299,16 @@ def test_kill9_then_relaunch_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path
 @pytest.mark.slow
 def test_multirun_sweep_gives_one_flat_run_directory_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train_py(["-m", "model=DiT-S/4,DiT-B/8", "model.depth=1", "model.hidden_size=32", "model.num_heads=2",
-                  "vae=pixel", *TOY, "data.image_size=16", "global_batch_size=4", "max_steps=2", "log.every=1",
-                  "log.samples.every=0", f"hydra.sweep.dir={sweep}"], tmp_path)
+    one_block = with_overrides(TINY_MODEL, "model.depth=1")
+    run_train_py(["-m", *with_overrides(one_block, "model=DiT-S/4,DiT-B/8"), *TOY, "data.image_size=16",
+                  "global_batch_size=4", "max_steps=2", "log.every=1", "log.samples.every=0",
+                  f"hydra.sweep.dir={sweep}"], tmp_path)
     # Job directories are named by the job's overrides (issue 13: a relaunch finds them again).
     from dit.config import job_dirname
 
-    common = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", *TOY,
-              "data.image_size=16", "global_batch_size=4"]
-    expected = {model: job_dirname([f"model={model}", *common]) for model in ("DiT-S-4", "DiT-B-8")}
+    common = [*TOY, "data.image_size=16", "global_batch_size=4"]
+    expected = {model: job_dirname([*with_overrides(one_block, f"model={model}"), *common])
+                for model in ("DiT-S-4", "DiT-B-8")}
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == sorted(expected.values())
     for model, patch in (("DiT-S-4", 4), ("DiT-B-8", 8)):

@@ -16,13 +16,12 @@ from dit.io.npz import write_samples_npz
 from dit.data.toy import make_toy_arrays
 from dit.train import run_training
 
-from conftest import REPO, compose_config, single_thread, train_config
+from conftest import REPO, TINY_MODEL, compose_config, single_thread, train_config
 
 # A 2-block DiT on 16 px toy images in pixel space, global batch 8; evaluation every 2 steps on 20
 # samples (2 network batches of 10), 5 DDIM steps, scored by the toy judge.
-TRAIN = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
-         "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "log.every=1", "log.samples.every=0",
-         "optim.lr=3e-3", "ema.decay=0.5", "ckpt.every=2", "ckpt.keep_last=null", "name=e"]
+TRAIN = [*TINY_MODEL, "data=toy", "data.num_per_class=4", "data.image_size=16", "global_batch_size=8", "log.every=1",
+         "log.samples.every=0", "optim.lr=3e-3", "ema.decay=0.5", "ckpt.every=2", "ckpt.keep_last=null", "name=e"]
 SAMPLING = {"sampler": "ddim", "num_steps": 5, "cfg_scale": 2.0, "guided_channels": "all"}
 EVAL_KEYS = ["eval.every=2", "eval.num_samples=20", "eval.batch_size=10", "eval.labels=balanced",
              "eval.feature_extractor=toy_judge", *(f"eval.{k}={v}" for k, v in SAMPLING.items())]

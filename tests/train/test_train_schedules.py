@@ -15,11 +15,10 @@ from dit.train import run_training
 from dit.train.optimizer import learning_rate
 from dit.train.resume import plain_config
 
-from conftest import train_config
+from conftest import TINY_MODEL, train_config
 
-TINY = ["model=DiT-S/4", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "vae=pixel", "data=toy",
-        "data.num_per_class=4", "data.image_size=16", "data.num_workers=0", "global_batch_size=8",
-        "log.every=1", "log.samples.every=0", "name=s"]
+TINY = [*TINY_MODEL, "data=toy", "data.num_per_class=4", "data.image_size=16", "data.num_workers=0",
+        "global_batch_size=8", "log.every=1", "log.samples.every=0", "name=s"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
