@@ -27,6 +27,7 @@ from dit.data.latents import (
     META_FILE,
     LatentCacheMismatch,
     load_shard,
+    shard_digest,
     shard_name,
 )
 
@@ -305,7 +306,8 @@ def _encode_shard(encoding: _ShardEncoding, shard_indices: list[int], bar) -> di
 
 
 def _finalize_cache(out_dir: Path, settings: dict, num_shards: int) -> None:
-    """Check that every shard exists, then write meta.json (the mark of a complete cache)."""
+    """Check that every shard exists, then write meta.json (the mark of a complete cache), with
+    each shard's count, size and SHA-256."""
     shards, skipped, count = [], [], 0
     for k in range(num_shards):
         path = out_dir / shard_name(k)
@@ -316,7 +318,9 @@ def _finalize_cache(out_dir: Path, settings: dict, num_shards: int) -> None:
             )
         shard = load_shard(path)
         n = len(shard["labels"])
-        shards.append({"file": path.name, "count": n})
+        # The shard's size and SHA-256: the cache's identity covers its contents, not only its
+        # settings, and the reader refuses a shard replaced after the build (dit/data/latents.py).
+        shards.append({"file": path.name, "count": n, "bytes": path.stat().st_size, "sha256": shard_digest(path)})
         skipped.extend(shard["skipped"])
         count += n
     if count == 0:
