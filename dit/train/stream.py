@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -165,8 +166,54 @@ class DataStream:
                 worker_init_fn=(functools.partial(ignore_signals, self.worker_ignored_signals)
                                 if self.num_workers and self.worker_ignored_signals else None),
             )
-            yield from loader
+            iterator = iter(loader)
+            try:
+                yield from iterator
+            except Exception as err:
+                restore_worker_message(err)  # the file and the fix, not the worker's traceback
+                raise
+            finally:
+                # On an error in a worker (a truncated image), on close() and at the end of an
+                # epoch alike. Left to the garbage collector, the workers of an error outlive the
+                # run: the exception's traceback holds the iterator, and at the interpreter's exit
+                # multiprocessing sends them SIGTERM, which they ignore, and waits for them forever.
+                stop_workers(iterator)
             epoch, k = epoch + 1, 0
+
+
+def stop_workers(iterator) -> None:
+    """Stop the workers of a DataLoader iterator now: the loader's own shutdown (a sentinel, a
+    join of up to 5 s each, SIGTERM), then SIGKILL for any worker still alive: one blocked in a
+    read ignores the SIGTERM (see DataStream). Single-process loaders have no workers."""
+    workers = list(getattr(iterator, "_workers", ()))  # torch's _MultiProcessingDataLoaderIter
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+# What torch's DataLoader makes of an exception raised in a worker: the same type, constructed
+# with "Caught <type> in DataLoader worker process <n>.\nOriginal Traceback ...", the worker's
+# whole traceback as its message, which would fill the program's one-line error.
+_WORKER_MESSAGE = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def restore_worker_message(err: Exception) -> None:
+    """Give `err`, raised by a DataLoader worker, the message it had there (for a BadImageError:
+    the file and the fix); the worker's traceback becomes a note, shown with the traceback
+    (HYDRA_FULL_ERROR=1). Other exceptions are left as they are."""
+    text = str(err)
+    if isinstance(err, KeyError) or not _WORKER_MESSAGE.match(text):
+        return
+    kind, module = type(err), type(err).__module__
+    name = kind.__qualname__ if module in ("builtins", "__main__") else f"{module}.{kind.__qualname__}"
+    at = text.rfind(f"\n{name}: ")  # the traceback's last line: "<module>.<type>: <message>"
+    if at >= 0:
+        err.args = (text[at + len(name) + 3:].rstrip("\n"),)
+        err.add_note(text.rstrip("\n"))
 
 
 # --------------------------------------------------------------------------------------
