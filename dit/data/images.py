@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -94,13 +95,36 @@ def _link_problem(real: str, own: str, root_real: str, class_real: dict[str, str
     return None
 
 
+def _special_file(entry: os.DirEntry) -> str | None:
+    """What an entry named like an image is when it is not a regular file (a FIFO, whose open
+    blocks until someone writes to it; a socket; a device, which may never end), or a link to
+    one; None for a regular file. For an entry that is not a link this is the directory listing's
+    own file type (no stat on most file systems: ImageNet's 1.3M files cost nothing more); a link
+    is followed (one stat). A dangling link is None here: it fails as an unreadable file when read."""
+    if entry.is_file():  # follows a link; for anything else the listing's own type
+        return None
+    try:
+        mode = entry.stat().st_mode
+    except OSError:  # a dangling link, or gone since the listing
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
 def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, [(path, label)]) of an ImageFolder: torchvision's layout, labels and order (class
     folders sorted by name, then the directories of each, recursively, sorted by path, then file
     names sorted), following symlinks as torchvision does, but never into a loop nor twice to the
     same images: a directory link that leads to a folder already indexed, to the root or into
     another class's folder, and a file link to an image indexed under another path or in another
-    class, are skipped with a warning naming the link."""
+    class, are skipped with a warning naming the link. Only regular files are indexed: a FIFO,
+    socket or device named like an image (or a link to one) is skipped with a warning naming it,
+    before anything opens it (`data_identity` reads one file per class at start-up)."""
     root = str(Path(root).expanduser())
     classes = _class_folders(Path(root))
     root_real = os.path.realpath(root)
@@ -140,6 +164,12 @@ def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
                     visited.add(target)
                     stack.append((entry.path, target))
                 elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    special = _special_file(entry)
+                    if special:
+                        warnings.warn(f"image folder {root}: not indexing {entry.path}: it is {special}, not a regular "
+                                      "file, and opening it could block start-up or a DataLoader worker forever; "
+                                      "move it out of the data set", stacklevel=2)
+                        continue
                     if not is_link:
                         files.append(entry.name)
                         direct.append(entry.name)

@@ -69,3 +69,45 @@ def test_a_truncated_image_read_by_a_loader_worker_ends_train_py_with_one_line_n
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and str(bad) in errors[0] and "skip_bad" in errors[0], output[-3000:]
     assert "Traceback" not in output and "DataLoader worker" not in errors[0], output[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# 8. A FIFO named like an image
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fifos_named_like_images_are_never_indexed_so_never_opened(tmp_path):
+    """A FIFO `*.png` in a class folder: first in its class, `data_identity`'s read at start-up
+    blocked forever; further on, the DataLoader worker that drew it did, at a later step. Only
+    regular files are indexed (a link to a FIFO is followed and refused too), each skipped entry
+    named in a warning; the scoring side's folders (`image_files`) list regular files only."""
+    import warnings
+
+    from dit.data.images import ImageFolderDataset
+    from dit.io.images import image_files
+
+    data = toy_folder(tmp_path / "data")
+    classes = sorted(p for p in data.iterdir() if p.is_dir())
+    first = classes[0] / "000.png"  # sorts before 000000.png: the file data_identity reads
+    later = classes[3] / "zzz.png"  # sorts last: read by a worker in the epoch
+    outside = tmp_path / "pipe"
+    linked = classes[5] / "link.png"
+    for fifo in (first, later, outside):
+        os.mkfifo(fifo)
+    linked.symlink_to(outside)
+    planted = [first, later, linked]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageFolderDataset(data, 16)
+    assert len(ds) == 40 and not {str(p) for p in planted} & {path for path, _ in ds.samples}
+    for p in planted:
+        assert any(str(p) in str(w.message) and "not a regular file" in str(w.message) for w in caught), p
+    assert not set(planted) & set(image_files(data))
+
+    proc = train_py(tmp_path, f"data.root={data}", "data.num_workers=1", "max_steps=6")  # every item, and one more
+    output, _ = finished(proc, timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    for p in planted:
+        assert f"not indexing {p}" in output, (p, output[-3000:])
