@@ -110,6 +110,35 @@ def run_program(program: str, args: list[str], capsys, monkeypatch) -> tuple[int
     return code, out, err
 
 
+def script_command(script: str, args=(), ranks: int = 1) -> list[str]:
+    """The command line of an entry program in a new process: `script` a file of the repository
+    (train.py, sample.py, eval_fid.py) or a module (dit.cache_latents: `python -m`), with `args`;
+    with `ranks` > 1 under torchrun (`python -m torch.distributed.run --standalone
+    --nproc_per_node=<ranks>`)."""
+    program = [str(REPO / script)] if script.endswith(".py") else ["-m", script]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    return [sys.executable, *launcher, *program, *args]
+
+
+def _environment(env: dict | None) -> dict | None:
+    return None if env is None else {**os.environ, **env}
+
+
+def run_script(script: str, args=(), *, cwd, env: dict | None = None, ranks: int = 1,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """`script args...` (see `script_command`) run to the end in `cwd`, this process's environment
+    with `env`'s variables set, its output captured as text; fails after `timeout` seconds."""
+    return subprocess.run(script_command(script, args, ranks), cwd=cwd, env=_environment(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_script(script: str, args=(), *, cwd, env: dict | None = None, ranks: int = 1) -> subprocess.Popen:
+    """`script args...` (see `script_command`) started in `cwd`, this process's environment with
+    `env`'s variables set: a process to signal or kill, stdout and stderr in one text pipe."""
+    return subprocess.Popen(script_command(script, args, ranks), cwd=cwd, env=_environment(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def assert_one_line(code: int, err: str, *names: str) -> None:
     """A known failure of an entry program: exit status 1 and one `error: ...` line on stderr
     naming each of `names` (dit/cli/errors.py), no traceback."""
@@ -352,10 +381,7 @@ def train_single_process(args, out: str | os.PathLike) -> dict:
 def torchrun_train(args, cwd) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=2 train.py <args>` on CPU (gloo, one thread per
     rank) in `cwd`; asserts that it succeeded and returns the finished process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("train.py", args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, ranks=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -405,10 +431,8 @@ def threads_as_ranks(world_size, fn):
 def torchrun_bulk_sample(overrides: list[str], out: Path) -> Path:
     """`torchrun --standalone --nproc_per_node=2 sample.py <overrides> bulk.out=<out>` (gloo, CPU,
     one thread a rank); asserts it ran on 2 ranks and returns `out`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "sample.py"), *overrides, f"bulk.out={out}"]
-    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script("sample.py", [*overrides, f"bulk.out={out}"], cwd=out.parent,
+                      env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
     return out

@@ -25,18 +25,14 @@ import torch
 from PIL import Image
 
 from dit.io.checkpoint import save_atomic
-from dit.cli import cache_latents as cache_cli
 from dit.cli import eval_fid as eval_cli
 from dit.cli import sample as sample_cli
-from dit.cli import train as train_cli
 from dit.cli.errors import MAX_DETAIL_LINES, error_message
 from dit.config import ConfigError
 from dit.io.npz import write_samples_npz
 
-from conftest import REPO, TINY_MODEL, assert_one_line, tiny_dit
+from conftest import REPO, TINY_MODEL, assert_one_line, run_program, run_script, tiny_dit
 
-PROGRAMS = {"train.py": train_cli.run, "sample.py": sample_cli.run, "eval_fid.py": eval_cli.run,
-            "cache_latents": cache_cli.run}
 TINY_TRAIN = [*TINY_MODEL, "max_steps=1", "global_batch_size=2", "log.samples.every=0"]
 
 
@@ -69,20 +65,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     empty.mkdir()
     return {"root": root, "ckpt": ckpt, "text": root / "notes.txt", "foreign": foreign, "samples": samples,
             "flat": flat, "empty": empty, "missing": root / "missing.pt"}
-
-
-def run_in_process(program: str, args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """`program args...` through its `run()` (what the console script calls): (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [program, *args])
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    capsys.readouterr()
-    code = 0
-    try:
-        PROGRAMS[program]()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # The known failures: (program, its arguments (built from `files`), what the line must name).
@@ -141,7 +123,7 @@ CASES = {
 def test_known_failure_ends_in_one_line(case, files, tmp_path, capsys, monkeypatch):
     program, args, names = CASES[case]
     monkeypatch.chdir(tmp_path)  # run directories and default outputs land here
-    code, _, err = run_in_process(program, args(files), capsys, monkeypatch)
+    code, _, err = run_program(program, args(files), capsys, monkeypatch)
     assert_one_line(code, err, *names)
 
 
@@ -157,8 +139,8 @@ def test_a_busy_run_directory_ends_in_one_line(files, tmp_path, capsys, monkeypa
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.chdir(tmp_path)
-        code, _, err = run_in_process("train.py", [*TINY_TRAIN, "data=toy", f"hydra.run.dir={run_dir}"], capsys,
-                                      monkeypatch)
+        code, _, err = run_program("train.py", [*TINY_TRAIN, "data=toy", f"hydra.run.dir={run_dir}"], capsys,
+                                   monkeypatch)
     finally:
         holder.kill()
         holder.wait()
@@ -178,7 +160,7 @@ def test_eval_checks_everything_scoring_needs_before_sampling(files, tmp_path, c
                  ["feature_extractor=toy_judge", f"reference={files['text']}"],
                  ["feature_extractor=toy_judge", f"reference={files['samples']}", "metrics=[fid,fdd]"],
                  ["feature_extractor=judge", f"reference={files['samples']}"]):
-        code, _, err = run_in_process("eval_fid.py", [*common, *args], capsys, monkeypatch)
+        code, _, err = run_program("eval_fid.py", [*common, *args], capsys, monkeypatch)
         assert_one_line(code, err)
     assert calls == []  # nothing was generated
     assert not list(tmp_path.rglob("*.npz"))
@@ -206,11 +188,11 @@ def test_hydra_full_error_gives_the_exception_and_a_bug_keeps_its_traceback(file
     assert os.environ.get("HYDRA_FULL_ERROR") is None  # run_program restored the environment
 
 
-def _subprocess(args: list[str], cwd: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
-    """`python args...` in `cwd` (HYDRA_FULL_ERROR="" counts as unset): (the process, its wall seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
+def _subprocess(script: str, args: list[str], cwd: Path, **env) -> tuple[subprocess.CompletedProcess, float]:
+    """`script args...` in a new process in `cwd` (`run_script`; HYDRA_FULL_ERROR="" counts as
+    unset): (the process, its wall seconds)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(script, args, cwd=cwd, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env})
     return proc, time.perf_counter() - start
 
 
@@ -218,17 +200,18 @@ def _subprocess(args: list[str], cwd: Path, **env) -> tuple[subprocess.Completed
 def test_true_subprocesses_print_one_line_and_full_error_prints_the_traceback(files, tmp_path):
     """What only a separate process shows: nothing else on stderr (warnings, hydra's own report),
     and HYDRA_FULL_ERROR=1's traceback printed (here through `python -m dit.cache_latents`)."""
-    proc, seconds = _subprocess([str(REPO / "eval_fid.py"), f"checkpoint={files['ckpt']}", "device=cpu",
-                                 f"reference={files['samples']}", "allow_download=false", "bulk.num_samples=2",
-                                 f"feature_extractor_weights={files['root']}/inception.pth"], tmp_path,
-                                HYDRA_FULL_ERROR="")
+    proc, seconds = _subprocess("eval_fid.py", [f"checkpoint={files['ckpt']}", "device=cpu",
+                                                f"reference={files['samples']}", "allow_download=false",
+                                                "bulk.num_samples=2",
+                                                f"feature_extractor_weights={files['root']}/inception.pth"],
+                                tmp_path, HYDRA_FULL_ERROR="")
     assert_one_line(proc.returncode, proc.stderr, "inception.pth")
     assert not list(tmp_path.rglob("*.npz"))  # failed before sampling
     print(f"eval_fid.py with missing Inception weights failed after {seconds:.2f} s (process start included)")
 
     # `python -m dit.cache_latents` with HYDRA_FULL_ERROR=1: a missing data root, with its traceback.
-    proc, _ = _subprocess(["-m", "dit.cache_latents", f"data_root={files['root']}/nope", f"out_dir={tmp_path}/c",
-                           "vae=pixel"], tmp_path, HYDRA_FULL_ERROR="1")
+    proc, _ = _subprocess("dit.cache_latents", [f"data_root={files['root']}/nope", f"out_dir={tmp_path}/c",
+                                                "vae=pixel"], tmp_path, HYDRA_FULL_ERROR="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "nope" in proc.stderr
     assert not proc.stderr.startswith("error: ")
 
@@ -253,9 +236,9 @@ def test_the_programs_still_succeed_through_the_shared_hydra_program(files, tmp_
     that should work exits normally and writes its outputs."""
     monkeypatch.chdir(tmp_path)
     grid = tmp_path / "grid.png"
-    code, out, err = run_in_process("sample.py", [f"checkpoint={files['ckpt']}", "sampler=ddim", "sampler.num_steps=2",
-                                                  "grid.labels=[0,1]", "device=cpu", f"grid.out={grid}"],
-                                    capsys, monkeypatch)
+    code, out, err = run_program("sample.py", [f"checkpoint={files['ckpt']}", "sampler=ddim", "sampler.num_steps=2",
+                                               "grid.labels=[0,1]", "device=cpu", f"grid.out={grid}"],
+                                 capsys, monkeypatch)
     assert code == 0 and "error:" not in err, err
     grad_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # back to pytest's state before any assert can fail
@@ -263,8 +246,8 @@ def test_the_programs_still_succeed_through_the_shared_hydra_program(files, tmp_
     assert Image.open(grid).size[0] > 8
     images = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     samples = write_samples_npz(tmp_path / "s.npz", images)
-    code, out, err = run_in_process("eval_fid.py", [f"samples={samples}", f"reference={samples}", "device=cpu",
-                                                    "feature_extractor=toy_judge", f"cache_dir={tmp_path / 'cache'}",
-                                                    "metrics=[fid]", "results_table=null"], capsys, monkeypatch)
+    code, out, err = run_program("eval_fid.py", [f"samples={samples}", f"reference={samples}", "device=cpu",
+                                                 "feature_extractor=toy_judge", f"cache_dir={tmp_path / 'cache'}",
+                                                 "metrics=[fid]", "results_table=null"], capsys, monkeypatch)
     assert code == 0 and "error:" not in err, err
     assert "fid" in out and (tmp_path / "s.toy_judge.metrics.json").is_file()

@@ -5,9 +5,6 @@ leaves a job's files as they were (docs/training.md, Sweeps)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,14 @@ import torch
 
 from dit.config import job_dirname
 
-from conftest import REPO, TINY_MODEL
+from conftest import TINY_MODEL, run_script
 
 TINY = ["data=toy", "data.num_per_class=4", *TINY_MODEL, "data.image_size=16", "data.num_workers=0",
         "log.samples.every=0", "global_batch_size=8", "log.every=1", "ckpt.every_minutes=null", "ckpt.every=2"]
 
 
 def sweep(cwd: Path, *overrides: str) -> str:
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "-m", *TINY, *overrides], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("train.py", ["-m", *TINY, *overrides], cwd=cwd, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -60,9 +56,7 @@ def test_relaunching_a_sweep_resumes_every_job_in_directories_named_by_the_swept
 @pytest.mark.slow
 def test_a_relaunch_refused_for_a_config_mismatch_leaves_the_runs_hydra_record_as_it_was(tmp_path):
     def train(*overrides):
-        return subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, "name=r", *overrides], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return run_script("train.py", [*TINY, "name=r", *overrides], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
 
     assert train("max_steps=2").returncode == 0
     record = tmp_path / "outputs" / "r" / ".hydra"

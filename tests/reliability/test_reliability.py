@@ -16,7 +16,6 @@ import random
 import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -31,9 +30,9 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError, named_tensors
 from dit.train.resume import checkpoint_path, list_checkpoints
 
-from conftest import (REPO, TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, FullDisk, assert_same_training_state,
+from conftest import (TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, FullDisk, assert_same_training_state,
                       bulk_sample_with, compose_config, final_state, joined, single_thread, start_forked as start,
-                      start_training, tiny_dit, toy_run_config as config)
+                      start_script, start_training, tiny_dit, toy_run_config as config)
 
 # One intra-op thread here and in the forked children: bitwise comparisons need the same thread
 # count everywhere.
@@ -236,9 +235,8 @@ def test_preemption_signals_checkpoint_at_the_next_step_exit_75_and_the_requeued
     common = [f"max_steps={STEPS}", "ckpt.every=1000"]  # no scheduled checkpoint before the end
 
     # SIGUSR1 (SLURM's `--signal=USR1@120`) to `python train.py`: its exit status is the point.
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *BASE, *common, f"hydra.run.dir={run}"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = start_script("train.py", [*BASE, *common, f"hydra.run.dir={run}"], cwd=tmp_path,
+                        env={"OMP_NUM_THREADS": "1"})
     try:
         assert wait_until(lambda: logged_steps(run) != [] or proc.poll() is not None)
         signalled_after = max(logged_steps(run), default=0)
@@ -544,11 +542,9 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
 def test_a_dying_rank_makes_the_others_exit_nonzero_in_bounded_time_and_the_relaunch_resumes(tmp_path, caplog):
     run = tmp_path / "run"
     common = ["max_steps=8", "ckpt.every=2", "fault.dist_timeout_minutes=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *BASE, *common, f"hydra.run.dir={run}",
-           "debug.kill_at_step=5", "debug.kill_rank=1"]  # rank 1 dies (SIGKILL) after step 5
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = start_script("train.py", [*BASE, *common, f"hydra.run.dir={run}",
+                                     "debug.kill_at_step=5", "debug.kill_rank=1"],  # rank 1 dies (SIGKILL) after step 5
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, ranks=2)
     try:
         wait_until(lambda: 5 in logged_steps(run) or proc.poll() is not None, timeout=240)
         died = time.monotonic()  # rank 0 logged step 5, which rank 1 does not survive

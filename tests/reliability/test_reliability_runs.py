@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from dit.train import run_training
 from dit.train.faults import NonFiniteTrainingError
 from dit.train.resume import checkpoint_path
 
-from conftest import (REPO, TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, assert_same_training_state, final_state,
-                      toy_run_config as config)
+from conftest import (TOY_RUN as BASE, TOY_RUN_STEPS as STEPS, assert_same_training_state, final_state,
+                      start_script, toy_run_config as config)
 from test_reliability import (  # noqa: F401 - `reference` is a fixture
     checkpoint_steps, logged_steps, reference, temp_files, wait_until,
 )
@@ -30,9 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def train_py(run: Path, *overrides: str, cwd: Path) -> subprocess.Popen:
     """`python train.py <tiny run> <overrides> hydra.run.dir=<run>`, output captured."""
-    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *BASE, *overrides, f"hydra.run.dir={run}"],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return start_script("train.py", [*BASE, *overrides, f"hydra.run.dir={run}"], cwd=cwd,
+                        env={"OMP_NUM_THREADS": "1"})
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> str:

@@ -7,9 +7,7 @@ Models are tiny DiTs with perturbed (non-zero) output layers so that every chann
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from dit.sampling.settings import SamplerSettings
 from dit.sampling.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
-from conftest import REPO, bulk_sample_with, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
+from conftest import REPO, bulk_sample_with, run_script, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample
 
 
 
@@ -294,9 +292,8 @@ def _pixel_checkpoint(tmp_path: Path, num_classes: int = 5, in_channels: int = 3
 
 
 def _run_cli(script: str, args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """`python <script> <args>` in `cwd`: one thread, the repository on PYTHONPATH, `env` set."""
+    return run_script(script, args, cwd=cwd, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env})
 
 
 @pytest.mark.slow

@@ -3,11 +3,8 @@ images and on cached latents (wandb offline), and hydra sweeps. Tiny models, CPU
 
 import glob
 import json
-import os
 import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints, prune_checkpoints
 from dit.train.stream import ItemSeeded
 
-from conftest import REPO, TINY_MODEL, train_config, with_overrides
+from conftest import TINY_MODEL, run_script, train_config, with_overrides
 
 # A 2-block DiT on 16x16 pixels (patch 4: 16 tokens); runs a step in milliseconds.
 TINY = [*TINY_MODEL, "data.image_size=16", "data.num_workers=0", "log.samples.every=0"]
@@ -30,8 +27,7 @@ make_config = train_config
 
 def run_train_py(args, cwd, check=True):
     """`python train.py ...` as a user runs it (one thread, as in the in-process runs)."""
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("train.py", args, cwd=cwd, env={"OMP_NUM_THREADS": "1"})
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

@@ -5,10 +5,7 @@ without the non-finite guard counting its skips; kill -9 and resume stays bitwis
 accumulation, fp16 and a schedule on. Tiny models, CPU."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,8 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints
 from dit.train.step import LossScaler, StepInputs, StepSetup
 
-from conftest import REPO, TINY_DIT, TINY_RUN, assert_same_parameters, tiny_dit, torchrun_train, train_config, train_single_process
+from conftest import (TINY_DIT, TINY_RUN, assert_same_parameters, run_script, tiny_dit, torchrun_train, train_config,
+                      train_single_process)
 
 # 3 steps of a 2-block DiT on the 40-image toy set in pixel space, global batch 8.
 ARGS = [*TINY_RUN, "data.num_workers=0", "name=a"]
@@ -191,9 +189,8 @@ def test_kill9_and_resume_stay_bitwise_with_accumulation_fp16_and_a_schedule(tmp
     assert ref_log[-1]["train/scaler_skipped_steps"] >= 1 and reference["skipped_steps"] == 0
 
     def train_py(*extra):
-        return subprocess.run([sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'crashed'}",
-                               *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return run_script("train.py", [*args, f"hydra.run.dir={tmp_path / 'crashed'}", *extra], cwd=tmp_path,
+                          env={"OMP_NUM_THREADS": "1"})
 
     killed = train_py("debug.kill_at_step=5", "debug.kill_when=mid_step")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]

@@ -3,9 +3,6 @@ metrics.jsonl on 1 and 2 ranks, equal (to float rounding) to `eval_fid.py` on th
 of the same step with the same keys; keep_best keeps the best; bad eval keys fail at start-up."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from dit.io.npz import write_samples_npz
 from dit.data.toy import make_toy_arrays
 from dit.train import run_training
 
-from conftest import REPO, TINY_MODEL, compose_config, single_thread, train_config
+from conftest import TINY_MODEL, compose_config, run_script, single_thread, train_config
 
 # A 2-block DiT on 16 px toy images in pixel space, global batch 8; evaluation every 2 steps on 20
 # samples (2 network batches of 10), 5 DDIM steps, scored by the toy judge.
@@ -88,10 +85,8 @@ def test_eval_every_logs_the_judge_scores_that_eval_fid_gives_on_the_checkpoint_
 @pytest.mark.slow
 def test_eval_every_on_two_gloo_ranks_equals_eval_fid_and_one_rank(env, one_rank, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "train.py"), *TRAIN, "max_steps=4", *eval_keys(env), f"hydra.run.dir={run}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("train.py", [*TRAIN, "max_steps=4", *eval_keys(env), f"hydra.run.dir={run}"], cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1"}, ranks=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = eval_lines(run)
     assert sorted(lines) == [2, 4]
