@@ -5,10 +5,19 @@ The docstring of the repository's train.py has the commands; this module is what
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import hydra
+from dit.preemption import guard_start_up
+
+# The console script `dit-train` imports this module first: the preemption signals are handled
+# from here on, before torch and the library are imported (dit/preemption.py). `python train.py`
+# guards them in its own first lines; a test importing this module changes no handler.
+if os.path.basename(sys.argv[0]) == "dit-train":
+    guard_start_up()
+
+import hydra  # noqa: E402 - after the guard, as everything below
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 

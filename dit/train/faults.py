@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from dit.distributed import DistEnv, all_reduce_sum
+from dit.preemption import take_over
 from dit.io.atomic import write_atomic
 
 log = logging.getLogger(__name__)
@@ -241,8 +242,9 @@ class PreemptionWatch:
     """Turns the preemption signals into a flag that the loop reads at step boundaries (a
     handler that only sets a flag is safe whatever the process is doing when the signal comes).
 
-    Installed first thing, before start-up (data indexing, VAE and checkpoint loading: minutes
-    at scale). Until `started()` (the loop begins) a signal ends the process at once with
+    Installed first thing, before start-up (data indexing, VAE and checkpoint loading: minutes at
+    scale); `train.py` holds the signals from its first line until then (dit/preemption.py). Until
+    `started()` (the loop begins) a signal ends the process at once with
     TrainingPreempted(`exit_code`), writing nothing: there is no progress to save yet, and the
     scheduler's kill follows the signal within seconds.
 
@@ -281,8 +283,12 @@ class PreemptionWatch:
             if self.signums:
                 log.warning("not in the main thread: preemption signals are not handled")
             return self
+        # train.py guarded the default signals from its first line (dit/preemption.py): the handlers
+        # from before that guard are the ones to hand over to and to restore, never the guard's.
+        guarded = take_over(self.signums)
         for signum in self.signums:
-            self.previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self.previous[signum] = guarded.get(signum, previous)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,6 +9,7 @@ docs/reliability.md.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,3 +112,99 @@ def test_fifos_named_like_images_are_never_indexed_so_never_opened(tmp_path):
     assert proc.returncode == 0, output[-3000:]
     for p in planted:
         assert f"not indexing {p}" in output, (p, output[-3000:])
+
+
+# --------------------------------------------------------------------------------------
+# 13. A preemption signal in the first seconds
+# --------------------------------------------------------------------------------------
+
+# What pip writes as the `dit-train` console script (pyproject.toml's [project.scripts]).
+CONSOLE_SCRIPT = """import sys
+from dit.cli.train import run
+if __name__ == "__main__":
+    sys.exit(run())
+"""
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith(f"{field}:"))
+
+
+def _torch_is_loading(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal masks in /proc")
+@pytest.mark.parametrize("signum,program,moment", [
+    (signal.SIGTERM, "train.py", "first"), (signal.SIGUSR1, "train.py", "torch"),
+    (signal.SIGUSR1, "dit-train", "first"), (signal.SIGTERM, "dit-train", "torch"),
+])
+def test_a_preemption_signal_before_torch_is_imported_exits_75(tmp_path, signum, program, moment):
+    """SLURM's SIGUSR1 or a SIGTERM in the first seconds of `train.py` (or the `dit-train`
+    console script), before or while torch is imported: status 75, the requeue status, at once,
+    writing nothing. The handlers used to be installed only after the heavy imports, and such a
+    signal ended the process with 143 or 138. The signal is sent at `moment`: "first", as soon as
+    the process catches it or torch's libraries are mapped into it, whichever comes first;
+    "torch", as soon as those libraries are mapped (in the middle of the imports, where an
+    exception raised by a handler can be swallowed by the module being imported)."""
+    run = tmp_path / "run"
+    args = [*TINY_MODEL, "data=toy", "data.image_size=16", "max_steps=5", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if program == "train.py":
+        command = [sys.executable, str(REPO / "train.py"), *args]
+    else:
+        script = tmp_path / "bin" / "dit-train"
+        script.parent.mkdir()
+        script.write_text(CONSOLE_SCRIPT)
+        command = [sys.executable, str(script), *args]
+        env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    bit = 1 << (signum - 1)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if _torch_is_loading(proc.pid) or (moment == "first" and _signal_mask(proc.pid, "SigCgt") & bit):
+                    break
+            except (FileNotFoundError, ProcessLookupError, StopIteration):  # not there yet, or gone
+                pass
+            time.sleep(0.002)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.send_signal(signum)
+        output, took = finished(proc, timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, (proc.returncode, output[-3000:])
+    assert took < 10, took  # at once
+    assert f"preempted ({signum.name}) during start-up, before the first step: nothing written" in output
+    assert not run.exists()  # nothing written
+
+
+def test_the_watch_takes_the_signals_over_from_the_start_up_guard():
+    """Once the config is read, run_training's PreemptionWatch replaces the start-up guard: it
+    hands over to, and restores on exit, the handlers from before the guard (a launcher's:
+    submitit's requeue on SIGUSR2), never the guard; a guarded signal the config does not list
+    gets its own handler back at once."""
+    from dit import preemption
+    from dit.train.faults import PreemptionWatch
+
+    def launcher(signum, frame):
+        pass
+
+    guarded = [getattr(signal, name) for name in preemption.START_UP_SIGNALS]
+    saved = {s: signal.getsignal(s) for s in guarded}
+    try:
+        signal.signal(signal.SIGUSR2, launcher)
+        preemption.guard_start_up()
+        assert all(signal.getsignal(s) is preemption._preempted for s in guarded)
+        with PreemptionWatch((signal.SIGUSR2, signal.SIGTERM)) as watch:
+            assert watch.previous == {signal.SIGUSR2: launcher, signal.SIGTERM: saved[signal.SIGTERM]}
+            assert signal.getsignal(signal.SIGUSR1) == saved[signal.SIGUSR1]  # not the config's: given back
+        assert signal.getsignal(signal.SIGUSR2) is launcher
+        assert signal.getsignal(signal.SIGTERM) == saved[signal.SIGTERM]
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
