@@ -12,8 +12,10 @@ hundred images. Shards of about 190 MiB, like a 256 px SD-VAE cache's (4096 imag
 
 Timed, alternately, `--repeats` times each:
   digest:      `shard_digest` of every shard, one thread (the raw SHA-256 speed over the files);
-  with:        `LatentCacheDataset(cache)` of the cache as built (every shard's digest checked);
-  without:     `LatentCacheDataset(copy)`, the same shards under a meta.json without digests.
+  with:        `LatentCacheDataset(cache)` of the cache as built (every shard's digest checked,
+               and its arrays: shapes, dtypes, labels, finite values);
+  without:     `LatentCacheDataset(copy)`, the same shards under a meta.json without digests (a
+               cache built before them: the arrays are checked all the same).
 Warm: the shards in the page cache. Cold (`--cold`, the default too): each shard's pages dropped
 first with posix_fadvise(DONTNEED) (no root needed), so the disk is read as at a first start-up.
 Prints seconds per GiB (median, min-max) and MB/s of each, wall-clock and CPU time of the process

@@ -29,6 +29,7 @@ from dit.data.latents import (
     load_shard,
     shard_digest,
     shard_name,
+    shard_problems,
 )
 
 
@@ -317,6 +318,14 @@ def _finalize_cache(out_dir: Path, settings: dict, num_shards: int) -> None:
                 "rerun the same command to resume"
             )
         shard = load_shard(path)
+        # A shard of another build left in out_dir (other settings, older code) is not sealed
+        # into the cache: the reader would refuse it anyway, better now, naming the fix.
+        problems = shard_problems(shard, settings)
+        if problems:
+            raise LatentCacheMismatch(
+                f"latents cache shard {path} {'; '.join(problems)}: it is not a shard of this build; delete it "
+                "and rerun the same command (it encodes only the missing shard)"
+            )
         n = len(shard["labels"])
         # The shard's size and SHA-256: the cache's identity covers its contents, not only its
         # settings, and the reader refuses a shard replaced after the build (dit/data/latents.py).

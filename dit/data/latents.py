@@ -110,6 +110,99 @@ def shard_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+_STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# The bits of a 16-bit float's magnitude (all but the sign) and its exponent's: a value whose
+# magnitude bits reach the exponent mask has an all-ones exponent, i.e. it is inf or NaN.
+_HALF_EXPONENT = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+_VALUE_CHUNK = 1 << 25  # elements per pass of the value checks: bounded temporaries for large shards
+
+
+def _nonfinite_or_negative(t: torch.Tensor, nonnegative: bool) -> str | None:
+    """What is wrong with the values of a float tensor ("NaN/inf values", "negative values"), or
+    None. Why not torch.isfinite: on CPU it reads half tensors at ~0.05 GB/s and float32 at
+    ~0.5 GB/s; a float32 sum (NaN and inf propagate; only an overflow of finite values needs the
+    exact check) and a bit test of 16-bit floats run at memory speed, so a start-up check of every
+    shard costs a fraction of its digest."""
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _VALUE_CHUNK):
+        part = flat[start:start + _VALUE_CHUNK]
+        if part.dtype in _HALF_EXPONENT:
+            mask, bits = _HALF_EXPONENT[part.dtype], part.view(torch.int16)
+            if nonnegative:  # finite and >= 0 is, as int16, exactly 0 <= bits < mask: one pass, no temporary
+                low, high = torch.aminmax(bits)
+                if int(high) < mask and int(low) >= 0:
+                    continue
+            if int((bits & 0x7FFF).max()) >= mask:
+                return "NaN/inf values"
+            if nonnegative and bool((part < 0).any()):  # -0.0 has the sign bit set but is no negative value
+                return "negative values"
+        else:
+            if not torch.isfinite(part.sum()) and not torch.isfinite(part).all():
+                return "NaN/inf values"
+            if nonnegative and bool((part < 0).any()):
+                return "negative values"
+    return None
+
+
+def shard_problems(shard, meta: dict, count: int | None = None, values: bool = True) -> list[str]:
+    """What is wrong with a loaded shard against the cache's `meta` (meta.json, or the settings
+    of a cache being built): the arrays and their shapes (`count` items, None: as many as its
+    labels), dtypes, labels in 0..num_classes-1, indices in 0..num_files-1, and with `values` its
+    float arrays finite and its std >= 0 (a full pass over them). An empty list: the shard fits.
+
+    Why every array: a shard whose `std` has another shape broadcasts (items in -16..16 instead
+    of about -1..1), and a label of num_classes is the null class of classifier-free guidance;
+    both trained silently before these checks."""
+    if not isinstance(shard, dict):
+        return [f"holds a {type(shard).__name__}, not the dict of arrays a shard is"]
+    arrays = ("mean", "labels", "indices", *(k for k in ("std", "repa") if k in shard))
+    missing = [k for k in ("mean", "labels", "indices") if k not in shard]
+    if missing:
+        return [f"lacks {', '.join(missing)}"]
+    wrong = [k for k in arrays if not isinstance(shard[k], torch.Tensor)]
+    if wrong:
+        return [f"holds {', '.join(wrong)} that are not tensors"]
+    n = count if count is not None else (len(shard["labels"]) if shard["labels"].dim() == 1 else -1)
+    views = 2 if meta["flip"] else 1
+    latent = (n, views, *meta["latent_shape"])
+    want = {  # name: (shape, dtype)
+        "mean": (latent, _STORAGE_DTYPES.get(meta.get("mean_dtype", meta["dtype"]))),  # older caches: in `dtype`
+        "std": (latent, _STORAGE_DTYPES.get(meta["dtype"])),
+        "labels": ((n,), torch.int64),
+        "indices": ((n,), torch.int64),
+    }
+    if "repa" in meta:
+        spec = meta["repa"]
+        # a record without a dtype (none known, but REPA caches predate some checks): any float dtype
+        want["repa"] = ((n, views, spec["num_tokens"], spec["dim"]), _STORAGE_DTYPES.get(spec.get("dtype")))
+    problems = []
+    for name in arrays:
+        if name not in want:
+            problems.append(f"holds {name}, which a cache without REPA features has not")
+            continue
+        shape, dtype = want[name]
+        t = shard[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != (dtype or (t.dtype if t.is_floating_point() else None)):
+            problems.append(f"holds {name} of shape {tuple(t.shape)} {t.dtype}, {META_FILE} says {tuple(shape)} {dtype}")
+    if problems:
+        return problems
+    labels, indices = shard["labels"], shard["indices"]
+    num_classes = int(meta["num_classes"])
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        problems.append(f"holds labels outside 0..{num_classes - 1} (e.g. {int(bad[0])}; {num_classes} is the null "
+                        "class of classifier-free guidance)")
+    if n and "num_files" in meta and (int(indices.min()) < 0 or int(indices.max()) >= int(meta["num_files"])):
+        problems.append(f"holds image indices outside 0..{int(meta['num_files']) - 1}")
+    if values:
+        for name in ("mean", "std", "repa"):
+            if name in shard:
+                bad = _nonfinite_or_negative(shard[name], nonnegative=name == "std")
+                if bad:
+                    problems.append(f"holds {bad} in {name}")
+    return problems
+
+
 class LatentCacheDataset(Dataset):
     """Items of a cache written by `build_latent_cache`: (latent (C, h, w) float32, already
     through the autoencoder's latent transform (`z * scale` for SD's VAE), int label).
@@ -178,30 +271,34 @@ class LatentCacheDataset(Dataset):
 
     def _verify(self, entries: list[dict]) -> None:
         """LatentCacheMismatch, at start-up (before any training), naming every shard that is not
-        the file meta.json recorded when the cache was built: its size, then the SHA-256 of its
-        bytes (a full read; shards in parallel threads, as hashlib releases the GIL). A cache built
-        before the digests existed records none: its shards are only checked as they are opened."""
+        the file meta.json recorded when the cache was built (its size, then the SHA-256 of its
+        bytes: a full read) or whose arrays do not fit meta.json (`shard_problems`: shapes, dtypes,
+        label range, finite values). Shards in parallel threads: hashlib and torch release the GIL.
+        A cache built before the digests existed records none: only its arrays are checked."""
 
         def check(k: int) -> str | None:
             path, entry = self._files[k], entries[k]
             if not path.exists():
                 raise FileNotFoundError(f"latents cache shard {path} is missing: rebuild the cache")
-            load_shard(path)  # first: a file of pickled objects is refused as such (UnpicklingError)
-            if "sha256" not in entry:
-                return None
-            size = path.stat().st_size
-            if size != entry.get("bytes", size):  # a different size: no need to read it
-                return f"{path.name} ({size} bytes, {META_FILE} records {entry['bytes']})"
-            if shard_digest(path) != entry["sha256"]:
-                return f"{path.name} (its SHA-256 differs from the one {META_FILE} records)"
-            return None
+            shard = load_shard(path)  # first: a file of pickled objects is refused as such (UnpicklingError)
+            if "sha256" in entry:
+                size = path.stat().st_size
+                if size != entry.get("bytes", size):  # a different size: no need to read it
+                    return f"{path.name} ({size} bytes, {META_FILE} records {entry['bytes']})"
+                if shard_digest(path) != entry["sha256"]:
+                    return f"{path.name} (its SHA-256 differs from the one {META_FILE} records)"
+            # The arrays, whether or not a digest vouches for them: a cache built with digests by
+            # other code, or one without them, may still hold arrays that do not fit.
+            problems = shard_problems(shard, self.meta, entry["count"])
+            return f"{path.name} ({'; '.join(problems)})" if problems else None
 
         threads = max(1, min(len(self._files), os.cpu_count() or 1, 8))
         with ThreadPoolExecutor(threads) as pool:
             changed = [bad for bad in pool.map(check, range(len(self._files))) if bad]
         if changed:
             raise LatentCacheMismatch(
-                f"latents cache {self.path} holds shards that are not the files it was built with: "
+                f"latents cache {self.path} holds shards that are not the files it was built with, or arrays "
+                f"that do not fit its {META_FILE}: "
                 f"{'; '.join(changed[:5])}{f'; and {len(changed) - 5} more' if len(changed) > 5 else ''}. "
                 f"They were replaced or changed after the build (another cache's shards, a bad copy): "
                 f"rebuild the cache, or delete those shards and {META_FILE} and rerun the "
@@ -224,17 +321,14 @@ class LatentCacheDataset(Dataset):
             if not path.exists():
                 raise FileNotFoundError(f"latents cache shard {path} is missing: rebuild the cache")
             shard = load_shard(path)
-            expected = (self._starts[k + 1] - self._starts[k], 2 if self.meta["flip"] else 1, *self.latent_shape)
-            if tuple(shard["mean"].shape) != expected:
-                raise LatentCacheMismatch(
-                    f"latents cache shard {path} holds shape {tuple(shard['mean'].shape)}, "
-                    f"{META_FILE} says {expected}: the cache is corrupt; rebuild it"
-                )
-            if self.repa_features:
-                want = (*expected[:2], self.repa_spec["num_tokens"], self.repa_spec["dim"])
-                if tuple(shard.get("repa", torch.empty(0)).shape) != want:
-                    raise LatentCacheMismatch(f"latents cache shard {path} lacks REPA features of shape {want}: "
-                                              "the cache is corrupt; rebuild it")
+            # Again when opened (each DataLoader worker opens its own): the file may have changed
+            # since start-up. Shapes, dtypes and labels only: the values' full pass was made then.
+            problems = shard_problems(shard, self.meta, self._starts[k + 1] - self._starts[k], values=False)
+            if self.repa_features and isinstance(shard, dict) and "repa" not in shard:
+                problems.append("lacks the REPA features its meta.json records")
+            if problems:
+                raise LatentCacheMismatch(f"latents cache shard {path} {'; '.join(problems)}: the cache is corrupt "
+                                          "or was changed after it was built; rebuild it")
             self._shards[k] = shard
         return self._shards[k]
 
