@@ -231,6 +231,7 @@ def test_a_listing_message_is_joined_into_one_line_with_its_fix_kept():
     assert error_message(FileNotFoundError("no file x")) == "error: FileNotFoundError: no file x"
 
 
+@pytest.mark.slow
 def test_the_programs_still_succeed_through_the_shared_hydra_program(files, tmp_path, capsys, monkeypatch):
     """sample.py and eval_fid.py are built by one helper (`dit.cli.errors.hydra_program`): a run
     that should work exits normally and writes its outputs."""

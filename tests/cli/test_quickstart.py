@@ -81,6 +81,7 @@ def test_short_quickstart_learns_the_class_conditional_distribution(tmp_path, ju
 ONE_COMMAND = ["max_steps=20", "data.image_size=8"]  # the command's overrides pass through to both runs
 
 
+@pytest.mark.slow
 def test_the_one_command_quickstart_trains_scores_prints_both_rows_and_reuses_finished_steps(tmp_path, monkeypatch,
                                                                                               capsys):
     """`python -m dit.quickstart` end to end, shortened (20 steps on 8x8 images, 50 samples per model): both

@@ -134,6 +134,7 @@ def test_no_file_points_to_a_design_document_outside_the_repository():
     assert (REPO / "docs" / "design.md").is_file()
 
 
+@pytest.mark.slow
 def test_importing_the_config_loads_no_sampler_and_no_metric_backend():
     """dit.config (the schemas every entry point composes first) reads the sampler settings, not
     the samplers: neither the sampler classes nor torch-fidelity load with it."""

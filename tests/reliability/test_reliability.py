@@ -569,6 +569,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_hung_rank_makes_the_others_fail_after_the_configured_timeout(tmp_path):
     run = tmp_path / "run"
     cfg = config("max_steps=8", "ckpt.every=1000", "fault.dist_timeout_minutes=0.2",  # 12 s

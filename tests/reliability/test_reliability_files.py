@@ -353,6 +353,7 @@ def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk
     assert (bulk_settings["num_samples"], bulk_settings["cfg_scale"], bulk_settings["labels"]) == (4, 1.5, "uniform")
 
 
+@pytest.mark.slow
 def test_a_second_bulk_sampler_on_the_same_output_fails_at_once_naming_the_holder(tmp_path):
     import multiprocessing
     import signal

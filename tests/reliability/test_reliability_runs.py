@@ -103,6 +103,7 @@ class _Shell:
         return (os.system, (self.command,))
 
 
+@pytest.mark.slow
 def test_a_planted_os_system_pickle_is_refused_as_unsafe_not_skipped_as_corrupt(tmp_path):
     run = tmp_path / "run"
     run_training(config("max_steps=2", "ckpt.every=1", "ckpt.keep_last=null"), run)

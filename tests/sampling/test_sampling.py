@@ -335,6 +335,7 @@ def test_grid_mode_writes_a_png_and_its_settings(tmp_path, compose):
     assert json.loads(settings_path_for(everything).read_text())["labels"] == list(range(10))
 
 
+@pytest.mark.slow
 def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_dir, compose):
     """`vae=DIR` (what the offline VAE message advises) and `vae=local vae.name=DIR` both load a
     saved AutoencoderKL and decode with it; the checkpoint's own (pixel) autoencoder is not used."""
@@ -357,6 +358,7 @@ def test_vae_directory_on_the_command_line_decodes_the_grid(tmp_path, tiny_vae_d
         assert settings["vae"] == str(tiny_vae_dir) and settings["autoencoder"]["downsample_factor"] == 2
 
 
+@pytest.mark.slow
 def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path):
     """`vae=sd-mse` is a choice of conf/vae/, not a hydra override error: offline and with an empty
     hub cache, the loader itself reports the hub id it tried."""
@@ -380,6 +382,7 @@ def test_vae_by_name_reaches_the_autoencoder_loader_in_sample_and_eval(tmp_path)
         assert "cannot load the autoencoder 'stabilityai/sd-vae-ft-mse'" in out, out[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["sample.py", "eval_fid.py"])
 def test_a_wrong_type_fails_at_composition_naming_the_key_before_any_work(tmp_path, script):
     proc = _run_cli(script, ["checkpoint=does-not-exist.pt", "mode=bulk", "bulk.num_samples=abc", "reference=r.npz"],

@@ -24,6 +24,7 @@ from dit.scoring.extractors import build_feature_extractor
 # ------------------------------------------------------------------------------ Fréchet distance
 
 
+@pytest.mark.slow
 def test_frechet_distance_equals_the_closed_form_for_isotropic_gaussians():
     d = 2048
     value = M.frechet_distance(np.zeros(d), np.eye(d), np.ones(d), 4 * np.eye(d))
