@@ -18,6 +18,7 @@ from dit.config.schema import ConfigError, ModelConfig, TrainConfig
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
 from dit.models.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch, option_values
+from dit.models.repa import hub_trust_refusal
 from dit.data.toy import VARIANTS as TOY_VARIANTS
 
 OBJECTIVES = ("diffusion", "flow")
@@ -198,8 +199,6 @@ def check_repa(cfg: TrainConfig, model_depth: int, world_size: int = 1) -> None:
         raise ConfigError("REPA with parallel=fsdp is not supported yet (the projector is not sharded): "
                           "use parallel=ddp, or repa.encoder=null")
     if cfg.data.kind != "latents":  # from a latents cache the encoder is only a name: nothing is loaded
-        from dit.models.repa import hub_trust_refusal  # the models package is loaded already (model_arch)
-
         refusal = hub_trust_refusal(r.encoder, r.trust_hub_repo)
         if refusal is not None:
             raise ConfigError(refusal)
