@@ -80,8 +80,22 @@ def _read(spec: str, which: str) -> InitWeights:
         shown = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
         raise ConfigError(f"init_from={spec}: {path} holds no DiT weights (found {shown}); give one of our "
                           "checkpoints, a release file or a state dict (.pt or .safetensors)")
-    return InitWeights(path, kind, strip_wrapper_prefixes(sd),
-                       dict(source_config) if isinstance(source_config, dict) else None)
+    sd = strip_wrapper_prefixes(sd)
+    _check_finite(spec, path, sd)
+    return InitWeights(path, kind, sd, dict(source_config) if isinstance(source_config, dict) else None)
+
+
+def _check_finite(spec: str, path: Path, sd: dict) -> None:
+    """NaN/inf in the starting weights would surface only at step 1, as a non-finite update that
+    blames the optimizer; name the tensors here, before anything is built or written."""
+    bad = [(k, int((~torch.isfinite(v)).sum()), v.numel()) for k, v in sd.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(f"{k} ({n} of {total})" for k, n, total in bad[:5])
+        more = f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+        raise ConfigError(f"init_from={spec}: {path} holds non-finite values (NaN/inf) in {shown}{more}: it comes "
+                          "from a diverged run or a damaged file; start from an earlier checkpoint (or "
+                          "init_from_weights=model if only the EMA is affected)")
 
 
 def read_init_from(cfg: TrainConfig, env: DistEnv, state: Optional[dict]) -> Optional[InitWeights]:
