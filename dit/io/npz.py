@@ -81,8 +81,35 @@ def open_npz(path: str | os.PathLike):
         raise ValueError(f"cannot read {path} as an .npz file ({err}): is it truncated or not an .npz?") from err
 
 
+def npz_member_shape(path: str | os.PathLike, key: str) -> tuple[int, ...]:
+    """The shape one member's `.npy` header claims, checked against what the member holds: a
+    header claiming more data than its member has (10^12 labels in a small file) would otherwise
+    end in a MemoryError, or an allocation of that size, when numpy reads it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{key}.npy")
+            with zf.open(info) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                header_len = f.tell()
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: cannot read the header of {key!r} ({err}): is the file truncated or not an "
+                         ".npz?") from err
+    if not dtype.hasobject:  # object arrays are refused when read, with their own message
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if claimed != info.file_size - header_len:
+            raise ValueError(f"{path}: the header of {key!r} claims {tuple(shape)} {dtype} ({claimed} bytes) but the "
+                             f"member holds {info.file_size - header_len} bytes: the file is corrupt or crafted; "
+                             "write it again with np.savez")
+    return tuple(int(d) for d in shape)
+
+
 def read_npz_array(data, key: str, path: str | os.PathLike) -> np.ndarray:
-    """`data[key]` of an `open_npz` file; a pickled object array is refused with a clear message."""
+    """`data[key]` of an `open_npz` file, its header checked first (`npz_member_shape`); a pickled
+    object array is refused with a clear message."""
+    npz_member_shape(path, key)
     try:
         return data[key]
     except ValueError as err:  # e.g. a pickled object array, refused because allow_pickle=False
@@ -105,10 +132,17 @@ def read_samples_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | 
         if "arr_0" not in data.files:
             raise ValueError(f"{path} has no images (key 'arr_0'; keys: {data.files}): not an ADM sample batch")
         images = check_images(read_npz_array(data, "arr_0", path), f"{path}: arr_0")
-        labels = read_npz_array(data, "arr_1", path) if "arr_1" in data.files else None
-    if labels is not None and labels.shape != (len(images),):
-        labels = None  # not per-image labels
+        labels = read_npz_labels(data, path, len(images))
     return images, labels
+
+
+def read_npz_labels(data, path: str | os.PathLike, num_images: int) -> np.ndarray | None:
+    """`arr_1` of an ADM `.npz` when it holds one label per image, else None (not per-image
+    labels), decided from its header: a member claiming more (a few MB that inflate to GBs) is
+    never decompressed."""
+    if "arr_1" not in data.files or npz_member_shape(path, "arr_1") != (num_images,):
+        return None
+    return read_npz_array(data, "arr_1", path)
 
 
 def read_images(source: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:

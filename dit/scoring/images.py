@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from dit.io.images import IMAGE_SUFFIXES, check_images, image_files, image_to_rgb
-from dit.io.npz import open_npz, read_npz_array
+from dit.io.npz import open_npz, read_npz_labels
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local file header (30 bytes)
 _LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -257,10 +257,6 @@ def open_images(source: str | os.PathLike) -> tuple[ImageSource, np.ndarray | No
     if not source.is_file():
         raise FileNotFoundError(f"{source} is neither an .npz file nor a folder of images")
     images = NpzImages(source)
-    labels = None
     with open_npz(source) as data:  # np.load's .npz is lazy: only arr_1 is read
-        if "arr_1" in data.files:
-            labels = read_npz_array(data, "arr_1", source)
-    if labels is not None and labels.shape != (len(images),):
-        labels = None  # not per-image labels
+        labels = read_npz_labels(data, source, len(images))
     return images, labels
