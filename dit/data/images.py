@@ -116,7 +116,8 @@ def _special_file(entry: os.DirEntry) -> str | None:
     return "not a regular file"
 
 
-def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+def index_image_folder(root: str | os.PathLike,
+                       dangling: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """(classes, [(path, label)]) of an ImageFolder: torchvision's layout, labels and order (class
     folders sorted by name, then the directories of each, recursively, sorted by path, then file
     names sorted), following symlinks as torchvision does, but never into a loop nor twice to the
@@ -124,7 +125,11 @@ def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
     another class's folder, and a file link to an image indexed under another path or in another
     class, are skipped with a warning naming the link. Only regular files are indexed: a FIFO,
     socket or device named like an image (or a link to one) is skipped with a warning naming it,
-    before anything opens it (`data_identity` reads one file per class at start-up)."""
+    before anything opens it (`data_identity` reads one file per class at start-up).
+
+    `dangling`: if a list, links named like an image whose target does not exist are appended
+    to it and left out of the index (the caller decides: skip them or refuse); otherwise they are
+    indexed, and fail as unreadable files when read."""
     root = str(Path(root).expanduser())
     classes = _class_folders(Path(root))
     root_real = os.path.realpath(root)
@@ -173,6 +178,9 @@ def index_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[s
                     if not is_link:
                         files.append(entry.name)
                         direct.append(entry.name)
+                        continue
+                    if dangling is not None and not entry.is_file() and not os.path.exists(entry.path):
+                        dangling.append(entry.path)  # a link to nothing: one stat, links only
                         continue
                     target = os.path.realpath(entry.path)
                     why = _link_problem(target, own, root_real, class_real)
@@ -238,7 +246,8 @@ class ImageFolderDataset(Dataset):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         self.root = root
-        self._classes, samples = index_image_folder(root)
+        dangling: list[str] = []
+        self._classes, samples = index_image_folder(root, dangling)
         counts = np.bincount(np.asarray([y for _, y in samples], dtype=np.int64), minlength=len(self._classes))
         if counts.sum() == 0:
             raise ValueError(
@@ -259,6 +268,13 @@ class ImageFolderDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.bad_files: set[str] = set()
+        if dangling:  # `data_identity` sizes every file at start-up: a link to nothing must not get there
+            shown = ", ".join(dangling[:5]) + (f" and {len(dangling) - 5} more" if len(dangling) > 5 else "")
+            if not skip_bad:
+                raise BadImageError(f"{len(dangling)} link(s) in the image folder point to nothing: {shown}. Remove "
+                                    "them, or set skip_bad=True (data.skip_bad=true) to skip unreadable images")
+            for link in dangling:
+                self._note_bad(link, BadImageError(f"{link} is a link to a file that does not exist"))
 
     @property
     def classes(self) -> list[str]:
