@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 from enum import Enum
 from pathlib import Path
@@ -252,10 +253,11 @@ def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:
             f"{o.warmup_steps}) to {where}={end}: that must come later; raise it or shorten the warmup"
         )
     if cfg.precision.value == "fp16":
-        if o.loss_scale_init <= 0 or o.loss_scale_growth_interval < 1:
+        # inf (or nan) would make every scaled gradient overflow and every step a skip, forever
+        if not (math.isfinite(o.loss_scale_init) and o.loss_scale_init > 0) or o.loss_scale_growth_interval < 1:
             raise ConfigError(
-                f"optim.loss_scale_init must be positive and optim.loss_scale_growth_interval >= 1, got "
-                f"{o.loss_scale_init} and {o.loss_scale_growth_interval}"
+                f"optim.loss_scale_init must be a finite positive number (65536 by default) and "
+                f"optim.loss_scale_growth_interval >= 1, got {o.loss_scale_init} and {o.loss_scale_growth_interval}"
             )
         if world_size > 1 and cfg.parallel.value == "fsdp":
             raise ConfigError("precision=fp16 (a gradient scaler) is not supported with parallel=fsdp: "

@@ -28,6 +28,8 @@ the projector's own optimizer is stepped with the model's (and skipped with it).
 
 from __future__ import annotations
 
+import math
+
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -86,6 +88,11 @@ class LossScaler:
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         self.skipped_steps = int(state.pop("skipped_steps", 0))
+        scale = float(state.get("scale", 1.0))
+        if not (math.isfinite(scale) and scale > 0):
+            # an older run started with loss_scale_init=inf saved this: every step would be skipped again
+            raise ValueError(f"the checkpoint's fp16 loss scale is {scale}: every step would overflow and be "
+                             "skipped; start this run again with a finite optim.loss_scale_init (e.g. 65536)")
         self.scaler.load_state_dict(state)
 
 
