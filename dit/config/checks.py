@@ -256,7 +256,7 @@ def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:
         # inf (or nan) would make every scaled gradient overflow and every step a skip, forever
         if not (math.isfinite(o.loss_scale_init) and o.loss_scale_init > 0) or o.loss_scale_growth_interval < 1:
             raise ConfigError(
-                f"optim.loss_scale_init must be a finite positive number (65536 by default) and "
+                f"optim.loss_scale_init must be positive and finite (65536 by default) and "
                 f"optim.loss_scale_growth_interval >= 1, got {o.loss_scale_init} and {o.loss_scale_growth_interval}"
             )
         if world_size > 1 and cfg.parallel.value == "fsdp":

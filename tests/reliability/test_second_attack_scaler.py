@@ -20,7 +20,7 @@ FP16 = ("precision=fp16", "ckpt.every=2")
 
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_an_infinite_initial_loss_scale_is_refused_before_training(tmp_path, value, one_thread):
-    with pytest.raises(ConfigError, match=f"optim.loss_scale_init must be a finite positive number.*got {value}"):
+    with pytest.raises(ConfigError, match=f"optim.loss_scale_init must be positive and finite.*got {value}"):
         run_training(toy_run_config(*FP16, "max_steps=2", f"optim.loss_scale_init={value}"), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
