@@ -411,12 +411,9 @@ class _NoFeatures:
 def test_bad_inputs_give_one_line_errors_that_name_problem_and_fix_and_corrupt_nothing(tmp_path):
     import dit.scoring.metrics as M
     from dit.sampling.images import sample_latents
-    from dit.sampling.loading import load_for_sampling
     from dit.sampling.settings import SamplerSettings
     from dit.autoencoder import build_autoencoder
-    from dit.sampling.bulk import bulk_sample
     from dit.io.npz import write_samples_npz
-    from dit.sampling.settings import SamplerSettings
 
     ckpt = _tiny_pixel_checkpoint(tmp_path / "pix.pt")
     model, _ = load_dit_checkpoint(ckpt)
@@ -486,7 +483,6 @@ def test_no_load_path_runs_code_from_a_crafted_file(tmp_path):
     and Inception weights: test_metrics.py)."""
     import dit.scoring.metrics as M
     from dit.autoencoder import build_autoencoder
-    from dit.sampling.bulk import bulk_sample
     from dit.sampling.loading import load_for_sampling
     from dit.sampling.settings import SamplerSettings
 

@@ -319,7 +319,6 @@ def test_fid_refuses_a_reference_at_another_resolution_or_with_a_covariance_that
 
 def test_an_output_path_never_collides_with_its_settings_file_and_grids_and_bulk_files_keep_their_own(tmp_path):
     from dit.autoencoder import build_autoencoder
-    from dit.sampling.bulk import bulk_sample
     from dit.io.checkpoint import load_dit_checkpoint
     from dit.config import ConfigError
     from dit.sampling.generate import generate_bulk, generate_grid

@@ -8,7 +8,6 @@ attack as the issue describes it and shows it refused before anything is run or 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, train_config, with_overrides
+from conftest import TINY_MODEL, train_config
 
 from dit.autoencoder import PixelAutoencoder, build_autoencoder
 from dit.config import ConfigError

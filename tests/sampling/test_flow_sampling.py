@@ -19,7 +19,6 @@ from dit.sampling.order import initial_noise, sample_generators
 from dit.sampling.samplers import build_sampler
 from dit.sampling.settings import SamplerMismatchError, SamplerSettings
 from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, trained_objective
-from dit.sampling.bulk import bulk_sample
 from dit.config import ConfigError, to_sample_config
 from dit.flow import SIT_TIME, FlowMatching, NetworkTime
 from dit.io.release import release_family

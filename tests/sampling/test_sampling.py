@@ -22,7 +22,6 @@ from dit.sampling.loading import settings_path_for
 from dit.sampling.order import (initial_noise, rank_indices, sample_blocks, sample_generators, sample_labels,
                                 sample_seed)
 from dit.sampling.settings import SamplerSettings
-from dit.sampling.bulk import bulk_sample
 from dit.diffusion import create_diffusion
 
 from conftest import REPO, bulk_sample_with, run_script, single_thread, threads_as_ranks, tiny_dit, torchrun_bulk_sample

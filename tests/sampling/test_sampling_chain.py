@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dit.sampling.diffusion as diffusion_samplers
-from dit.sampling.diffusion import dpm_solver, sampling_chain
+from dit.sampling.diffusion import sampling_chain
 from dit.sampling.images import SampleOrder, generate_samples
 from dit.sampling.samplers import build_sampler
 from dit.sampling.loading import load_for_sampling, settings_path_for

@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from dit.config import DebugConfig
 from dit.diffusion import create_diffusion
 from dit.distributed import DistEnv
-from dit.train import EMA, build_optimizer, run_training, train_step
+from dit.train import EMA, run_training, train_step
 from dit.train.faults import FaultInjector, NonFiniteGuard
 from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.resume import checkpoint_path, list_checkpoints
