@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,24 @@ class FileWriteError(OSError):
                 f"{Path(self.filename).parent}, then rerun")
 
 
+# How Rust's std::io::Error shows its OS error ("No space left on device (os error 28)"): the text
+# of safetensors' SafetensorError when its writer fails, an exception that is not an OSError.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: `err` itself when it is an OSError, an OSError made
+    from the error number a library's own exception carries in its text (safetensors' writer on a
+    full disk raises `SafetensorError("... No space left on device (os error 28)")`), else None."""
+    if isinstance(err, OSError):
+        return err
+    found = _RUST_OS_ERROR.search(str(err)) if isinstance(err, Exception) else None
+    if found is None:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number))
+
+
 def atomic_target(path: str | os.PathLike) -> Path:
     """Where an atomic write of `path` goes: the file a symlink points to (the link stays a link,
     e.g. a results file kept on a bigger disk), else `path`. Anything there but a regular file (a
@@ -48,8 +67,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     The temp file lives in the same directory so that `os.replace` is a rename within one
     filesystem (atomic on POSIX). On any failure the temp file is removed and `path` keeps
-    its previous content; an OSError becomes a `FileWriteError` naming `path`. A symlink at
-    `path` is written through (`atomic_target`); returns `path` as given.
+    its previous content; an OSError (or a library's error carrying one, `as_os_error`) becomes a
+    `FileWriteError` naming `path`. A symlink at `path` is written through (`atomic_target`);
+    returns `path` as given.
     """
     given = Path(path)
     path = atomic_target(given)
@@ -60,14 +80,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, FileWriteError):
+        cause = as_os_error(err)
+        if cause is None or isinstance(err, FileWriteError):
             raise
-        raise FileWriteError(given, err) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        raise FileWriteError(given, cause) from err
     # Persist the rename itself (the directory entry); not possible on every OS/filesystem.
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

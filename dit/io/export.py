@@ -7,8 +7,9 @@ own format (`save_pretrained` / `load_pretrained`), and the upload of either (`p
 
 CKPT is a release file (`DiT-XL-2-256x256.pt`), one of our checkpoints, a `.safetensors` file
 or a folder written by `save_pretrained`. Every folder is written into a temporary sibling and
-renamed into place, so a crash never leaves half an export under OUT. The program (its argument
-parsing) is dit/cli/export.py.
+renamed into place, so a crash or a full disk never leaves half an export under OUT (a previous
+export there is kept whole). An OUT that is a symlink is written through: the export goes where
+the link points, the link stays. The program (its argument parsing) is dit/cli/export.py.
 
 diffusers' `DiTTransformer2DModel` holds the same tensors as our `DiT` (mapping below), with one
 numeric difference that its config cannot express: its timestep features use the frequencies
@@ -21,10 +22,12 @@ loads it too, with slightly different outputs (docs/export.md has the measured s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from dit.autoencoder import KNOWN_VAES
+from dit.io.atomic import FileWriteError, as_os_error
 from dit.io.checkpoint import CONFIG_FIELDS, load_dit_checkpoint, save_weights_safetensors
 from dit.diffusion import named_betas
 from dit.models import DiT, DiTConfig, arch_name
@@ -98,40 +102,115 @@ def previous_export(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def output_target(out_dir: str | os.PathLike) -> Path:
+    """Where an export named `out_dir` is written: the folder a symlink points to (followed to the
+    end; it may not exist yet), else `out_dir`. The link itself is never replaced: --overwrite
+    through a link once put a new folder in its place and left the link behind as `.OUT.<hex>.old`."""
+    out = Path(out_dir)
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def _named(out: Path, target: Path) -> str:
+    return str(out) if target == out else f"{target} (the target of the link {out})"
+
+
 def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """FileExistsError unless `out_dir` may be written: it does not exist, or `overwrite` is set
     and it is an empty folder or a previous export (`previous_export`). A folder holding a
     training run (its lock, checkpoints/, .hydra/, ...) or anything else is never replaced:
-    --overwrite into a live run's folder once deleted its checkpoints and lock."""
+    --overwrite into a live run's folder once deleted its checkpoints and lock. A symlink is
+    judged by what it points to (`output_target`)."""
     out = Path(out_dir)
-    if not out.exists():
+    target = output_target(out)
+    named = _named(out, target)
+    if not target.exists():
         return
-    if not (overwrite and out.is_dir()):
-        what = "a folder" if out.is_dir() else "not a folder"
-        raise FileExistsError(f"{out} exists ({what}): choose another output folder"
-                              + (" or pass overwrite=True (--overwrite)" if out.is_dir() else ""))
-    names = sorted(entry.name for entry in os.scandir(out))
+    if not (overwrite and target.is_dir()):
+        what = "a folder" if target.is_dir() else "not a folder"
+        raise FileExistsError(f"{named} exists ({what}): choose another output folder"
+                              + (" or pass overwrite=True (--overwrite)" if target.is_dir() else ""))
+    names = sorted(entry.name for entry in os.scandir(target))
     run = [name for name in RUN_ENTRIES if name in names]
     if run:
-        raise FileExistsError(f"{out} holds a training run ({', '.join(run)}): --overwrite replaces only a previous "
+        raise FileExistsError(f"{named} holds a training run ({', '.join(run)}): --overwrite replaces only a previous "
                               "export; choose another output folder (nothing was written)")
-    if names and previous_export(out) is None:
+    if names and previous_export(target) is None:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise FileExistsError(f"{out} is not a previous export (it holds {shown}): --overwrite replaces only a folder "
-                              "written by `python -m dit.export`; choose another output folder, or empty it yourself")
+        raise FileExistsError(f"{named} is not a previous export (it holds {shown}): --overwrite replaces only a "
+                              "folder written by `python -m dit.export`; choose another output folder, or empty it "
+                              "yourself")
+
+
+class ExportWriteError(FileWriteError):
+    """An export could not be written (a full disk, a quota, permissions): the OS error of the
+    file being written when it failed (`filename`: that file as it would be named under the
+    output folder, or the folder itself when it cannot be told). Nothing was exported: the
+    output folder (a previous export in it) is unchanged."""
+
+    def __init__(self, out: Path, file: str | None, cause: OSError, existed: bool):
+        super().__init__(out / file if file else out, cause)
+        self.out, self.existed = out, existed
+        self.disk = output_target(out).parent  # a link's target may be on another disk
+
+    def __str__(self) -> str:
+        reason = f"{self.strerror} (errno {self.errno})" if self.errno else self.strerror
+        kept = "is unchanged (the export it holds is kept)" if self.existed else "was not created"
+        return (f"could not write {self.filename}: {reason}. Nothing was exported: {self.out} {kept}; free space "
+                f"(or fix permissions) on the disk holding {self.disk}, or choose another output folder, then rerun")
+
+
+def _file_being_written(err: BaseException, staging: Path) -> str | None:
+    """The file under `staging` whose write failed, relative to it, or None. An OSError of open()
+    names it; a failed write() or safetensors' writer (Rust) does not, so the failing call's frames
+    are asked: the innermost one holding a path under `staging` that is not a folder (diffusers'
+    `filepath`, safetensors' `filename`, json's file) was writing it."""
+    def under(value: Any) -> str | None:
+        if not isinstance(value, (str, os.PathLike)):
+            return None
+        try:
+            relative = os.path.relpath(os.fspath(value), staging)
+        except (TypeError, ValueError):  # bytes, or another drive
+            return None
+        if relative in (os.curdir, os.pardir) or relative.startswith(os.pardir + os.sep):
+            return None
+        return None if (staging / relative).is_dir() else relative
+
+    candidates = [getattr(error, attr, None) for error in (err, err.__cause__, err.__context__)
+                  for attr in ("filename", "filename2")]
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    candidates += [value for frame in reversed(frames) for value in frame.f_locals.values()]
+    return next((found for found in map(under, candidates) if found), None)
 
 
 @contextmanager
 def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out_dir`; on success it becomes `out_dir` by a
-    rename (an existing `out_dir` is replaced only with `overwrite`, and only when it is empty or
-    a previous export: `check_output_folder`), on failure it is deleted."""
+    """Yield an empty temporary folder beside `out_dir` (beside the folder it points to, for a
+    symlink: `output_target`); on success it becomes that folder by a rename (an existing one is
+    replaced only with `overwrite`, and only when it is empty or a previous export:
+    `check_output_folder`), on failure it is deleted. A write that fails for lack of space (or
+    any OS error) raises `ExportWriteError` naming the file; the folder is then unchanged."""
     out = Path(out_dir)
     check_output_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    target = output_target(out)
+    existed = target.exists()
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         yield tmp
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = as_os_error(err)
+        if cause is None or isinstance(err, ExportWriteError):
+            raise
+        raise ExportWriteError(out, _file_being_written(err, tmp) if tmp is not None else None, cause,
+                               existed) from err
+    try:
         # mkdtemp's (and some writers') owner-only modes would hide a shared export from others
         os.chmod(tmp, 0o755)
         for sub, dirs, files in os.walk(tmp):
@@ -140,16 +219,29 @@ def staged_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
             for name in files:
                 os.chmod(Path(sub, name), 0o644)
         check_output_folder(out, overwrite)  # again: a run may have started there while this export was written
-        if out.exists():  # two renames: the old folder is gone only once the new one is in place
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if target.exists():  # two renames: the old folder is gone only once the new one is in place
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)  # put the previous export back
+                raise
+            _remove_replaced(old)
         else:
-            os.replace(tmp, out)
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_replaced(old: Path) -> None:
+    """Delete the previous export, renamed aside; if any of it cannot be deleted, a warning names
+    it (the new export is in place either way)."""
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):
+        warnings.warn(f"the previous export, renamed to {old} to make room for the new one, could not be deleted "
+                      "entirely: delete it yourself", stacklevel=3)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -351,6 +443,20 @@ def _load_vae(vae: Any):
     return AutoencoderKL.from_pretrained(KNOWN_VAES.get(str(vae), str(vae)))
 
 
+@contextmanager
+def _quiet_logger(name: str, quiet: bool = True) -> Iterator[None]:
+    """Only errors from the logger `name` inside the block (when `quiet`): a warning that the
+    export expects (no VAE saved: the model card says which to pass) is not a problem to print."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
                      vae: Any = None, scheduler: str = "ddim", id2label: dict | None = None,
                      overwrite: bool = False, license: str | None = None) -> Path:
@@ -375,7 +481,8 @@ def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, u
         "autoencoder": meta.get("autoencoder"), "diffusion": meta["diffusion"], "scheduler": scheduler,
         "license": license or meta.get("license"), "vae_included": pipe.vae is not None,
     }
-    with staged_folder(out_dir, overwrite) as tmp:
+    no_vae_warning = _quiet_logger("diffusers.pipelines.pipeline_utils", pipe.vae is None)  # "self.vae=None ..."
+    with staged_folder(out_dir, overwrite) as tmp, no_vae_warning:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if id2label:  # DiTPipeline does not record id2label itself; from_pretrained passes it back
             index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))

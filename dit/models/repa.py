@@ -35,7 +35,9 @@ the features come from a latents cache) for `dit.train.step.train_step`; the tra
 The encoder: `load_encoder` takes a timm model id (pretrained weights through the Hugging Face
 hub, or `weights=FILE` for a local file), a torch.hub id `owner/repo:entry` (REPA's DINOv2 is
 `facebookresearch/dinov2:dinov2_vitb14`), or a local directory written by timm's
-`save_for_hf` (config.json + model.safetensors). It returns an `Encoder`: images in [-1, 1]
+`save_for_hf` (config.json + model.safetensors, or a pickle such as pytorch_model.bin: read weights
+only by `check_pickled_weights` first, a payload or anything but weights refused in one line
+naming the file). It returns an `Encoder`: images in [-1, 1]
 (N, 3, H, W) -> patch tokens (N, T', E), with the encoder's own resize (bicubic, to
 `resolution`) and normalisation (its mean/std), frozen, in eval mode, without gradients.
 """
@@ -263,6 +265,51 @@ def _create_timm(timm, name: str, resolution: int, **kwargs):
         return timm.create_model(name, **kwargs)
 
 
+# A save_for_hf directory's weights: model.safetensors (what save_for_hf(safe_serialization=True)
+# writes), which timm reads first; without it, timm reads a pickle (pytorch_model.bin, the default
+# of save_for_hf, or another *.bin / *.pth file).
+SAFE_WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".tar", ".ckpt")
+_SAFE_FIX = ("write the encoder's weights as safetensors, in a process that trusts the file: "
+             "timm.models.save_for_hf(model, DIR, model_args=..., safe_serialization=True)")
+
+
+def _holds_tensors(obj) -> bool:
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def check_pickled_weights(file: Path) -> None:
+    """Read the pickle `file` weights only (`dit.io.checkpoint.load_state`: no code stored in it
+    runs) before timm reads it, and refuse it in one line naming it and the fix when it holds
+    Python objects (a payload), is not readable, or holds no weights (a state dict of tensors,
+    possibly under timm's `state_dict` / `model` keys). timm's own refusal is a raw RuntimeError
+    that advises retrying with weights_only=False; its other failures are tracebacks."""
+    from dit.io.checkpoint import CheckpointError, load_state
+
+    try:
+        obj = load_state(file)
+    except CheckpointError as err:
+        raise EncoderUnavailable(f"REPA encoder weights {file} cannot be used: {err}; {_SAFE_FIX}") from None
+    keys = ("state_dict_ema", "model_ema", "state_dict", "model")
+    nested = [obj.get(key) for key in keys] if isinstance(obj, dict) else []
+    if not (_holds_tensors(obj) or any(_holds_tensors(part) for part in nested)):
+        raise EncoderUnavailable(f"REPA encoder weights {file} hold no weights (a pickled {type(obj).__name__}, "
+                                 f"not a state dict of tensors); {_SAFE_FIX}")
+
+
+def encoder_pickles(folder: Path) -> list[Path]:
+    """The pickle files timm may read as the weights of the save_for_hf directory `folder`: none
+    when it holds model.safetensors, else every *.bin / *.pth / *.pt / *.tar / *.ckpt file in it."""
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES) and p.is_file())
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 def _hub_tokens(net, x):
     out = net.forward_features(x)
     return out["x_norm_patchtokens"] if isinstance(out, dict) else out  # DINOv2's hub models: a dict
@@ -360,7 +407,15 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
     kwargs = dict(num_classes=0)
     check_encoder_source(source, trust_hub_repo, trust_key)  # before torch.hub imports any hubconf.py
     if path.is_dir():
-        net = _create_timm(timm, f"local-dir:{path.resolve()}", resolution, pretrained=True, **kwargs)
+        for pickled in encoder_pickles(path):  # a pickle is read weights only, by us, before timm reads it
+            check_pickled_weights(pickled)
+        try:
+            net = _create_timm(timm, f"local-dir:{path.resolve()}", resolution, pretrained=True, **kwargs)
+        except Exception as err:  # noqa: BLE001 - timm raises many types for a folder it cannot use
+            raise EncoderUnavailable(
+                f"cannot load the REPA encoder directory {source!r} ({type(err).__name__}: {_one_line(err)}): "
+                f"its config.json and weights must be what timm.models.save_for_hf writes; {_SAFE_FIX}"
+            ) from err
         encoder = _timm_encoder(net, source, resolution)
     elif hub_id(source) is not None:
         repo, entry = hub_id(source)
@@ -388,6 +443,8 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
         if weights is not None:
             if not Path(weights).expanduser().is_file():
                 raise EncoderUnavailable(f"REPA encoder weights file {weights!r} does not exist")
+            if Path(weights).name.endswith(PICKLE_SUFFIXES):
+                check_pickled_weights(Path(weights).expanduser())
             overlay = {"pretrained_cfg_overlay": dict(file=str(Path(weights).expanduser()))}
         try:
             net = _create_timm(timm, source, resolution, pretrained=True, **kwargs, **overlay)
