@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from dit.data.seeds import draw_flip, item_generator
-from dit.io.images import image_to_rgb
+from dit.io.images import ImageTooLargeError, read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,14 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as 8-bit RGB (`dit.io.images.image_to_rgb`: 16-bit greyscale is
-    scaled, not clipped); any failure becomes a BadImageError naming the file.
-    (PIL decodes lazily, so `convert` is what surfaces a truncated file.)"""
+    """Open and fully decode an image as 8-bit RGB (`dit.io.images.read_rgb`: 16-bit greyscale is
+    scaled, not clipped); any failure becomes a BadImageError naming the file, and so does an image
+    over the pixel budget (`dit.io.images.MAX_IMAGE_PIXELS`), refused from its header before any
+    pixel is decoded. (PIL decodes lazily, so `convert` is what surfaces a truncated file.)"""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image_to_rgb(image, path)  # 16-bit greyscale scaled to 8 bits, not clipped to white
+        return read_rgb(path)  # 16-bit greyscale scaled to 8 bits, not clipped to white
+    except ImageTooLargeError as err:
+        raise BadImageError(f"{err}; or set skip_bad=True (data.skip_bad=true) to skip it") from err
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
         raise BadImageError(
             f"cannot read image {path}: {type(err).__name__}: {err}. Replace or delete the file, "

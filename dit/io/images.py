@@ -7,6 +7,7 @@ Images everywhere are uint8 (N, H, W, 3) numpy arrays (contract 3 in docs/design
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +33,85 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 # PIL's own convert("RGB") clips them at 255, so almost every pixel becomes white.
 WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
+# The pixel budget of one image file (width x height), checked from the file's header before any
+# pixel is decoded, wherever images are read (training data, latent caching, FID folders). 2**26
+# (67 Mpx, 8192 x 8192, about 270 MB once decoded as RGB) is far above any photo a model at
+# 256 or 512 pixels learns from (ImageNet's largest are a few tens of Mpx) and bounds what one
+# file can cost a DataLoader worker: a 351 KB 16-bit PNG declaring 13000 x 13000 pixels took
+# 3.1 GB. Raise it here (in every process that reads images) if a data set really needs more;
+# PIL's own limit (Image.MAX_IMAGE_PIXELS, refused above twice it) still applies above that.
+MAX_IMAGE_PIXELS = 1 << 26
+
+_CONVERT_BLOCK_PIXELS = 1 << 18  # pixels per block of the 16-bit conversion: its temporaries stay ~1-2 MB
+
+
+class ImageTooLargeError(ValueError):
+    """An image file whose declared size is over the pixel budget (MAX_IMAGE_PIXELS), refused
+    before it is decoded: a decompression bomb, or a picture far larger than training needs."""
+
+
+def _too_large(name: str | os.PathLike, what: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"image {name} is {what}, over the pixel budget of {MAX_IMAGE_PIXELS:,} pixels "
+        f"(dit.io.images.MAX_IMAGE_PIXELS; decoding it could take gigabytes of memory in every worker, "
+        "a decompression bomb or a picture far larger than training needs): it was not decoded; "
+        "resize it (e.g. to 4096 pixels on its long side) or remove it from the folder")
+
+
+def open_image(file, name: str | os.PathLike | None = None):
+    """PIL's `Image.open(file)` (a path or a binary file object), refused with ImageTooLargeError
+    naming the file (`name`, or `file` itself) when its declared size is over MAX_IMAGE_PIXELS:
+    only the header is read, nothing is decoded yet. PIL's decompression-bomb warning and error
+    never surface: the first is replaced by this check, the second becomes this error."""
+    from PIL import Image
+
+    name = file if name is None else name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            image = Image.open(file)
+    except Image.DecompressionBombError as err:  # over twice PIL's own limit: refused in Image.open
+        raise _too_large(name, f"too large to open ({err})") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise _too_large(name, f"{width}x{height} = {width * height:,} pixels")
+    return image
+
+
+def read_rgb(path: str | os.PathLike):
+    """The image file `path` decoded as 8-bit RGB (`image_to_rgb`), checked against the pixel
+    budget before decoding (`open_image`). PIL's errors (OSError, ValueError, ...) propagate."""
+    with open(path, "rb") as f, open_image(f, path) as image:
+        return image_to_rgb(image, path)
+
 
 def image_to_rgb(image, name: str | os.PathLike = "image"):
     """A PIL image as 8-bit RGB. 16-bit greyscale (modes I;16*, and I as 16-bit PNGs decode) is
     scaled to 8 bits (v * 255 / 65535, rounded: exact for 8-bit values stored as v * 257) rather
-    than clipped; values outside 0..65535 or float images are refused, naming the file."""
+    than clipped; values outside 0..65535 or float images are refused, naming the file.
+
+    The 16-bit conversion works on blocks of rows in 32-bit integers (v * 255 + 32767 < 2**32):
+    besides the decoded image and the result it needs a megabyte or two, not the 8 bytes per
+    pixel of 64-bit temporaries."""
     from PIL import Image
 
     if image.mode in WIDE_GREY_MODES:
-        wide = np.asarray(image).astype(np.int64)
-        if wide.size and (wide.min() < 0 or wide.max() > 65535):
-            raise ValueError(f"{name}: {image.mode} image with values {wide.min()}..{wide.max()}, outside the 16-bit "
+        low, high = image.getextrema() if image.mode == "I" else (0, 0)  # I;16*: unsigned 16-bit already
+        if low < 0 or high > 65535:  # getextrema decodes and scans in PIL, without a copy
+            raise ValueError(f"{name}: {image.mode} image with values {low}..{high}, outside the 16-bit "
                              "range 0..65535: convert it to an 8-bit RGB PNG or JPEG first")
-        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+        width, height = image.size
+        grey = np.empty((height, width), dtype=np.uint8)
+        rows = max(1, _CONVERT_BLOCK_PIXELS // max(width, 1))
+        for top in range(0, height, rows):
+            bottom = min(top + rows, height)
+            block = np.asarray(image.crop((0, top, width, bottom))).astype(np.uint32)  # 0..65535
+            block *= 255
+            block += 32767
+            block //= 65535  # the same rounding as (v * 255 + 32767) // 65535 in any wider type
+            grey[top:bottom] = block
+        return Image.fromarray(grey).convert("RGB")  # a 2-D uint8 array is mode L
     if image.mode == "F":
         raise ValueError(f"{name}: floating-point image (mode F) has no defined 0..255 range: convert it to "
                          "an 8-bit RGB PNG or JPEG first")
@@ -71,9 +138,8 @@ def image_files(folder: Path) -> list[Path]:
 
 def read_image_folder(folder: str | os.PathLike) -> np.ndarray:
     """All images under `folder` (recursively, sorted by path) as uint8 (N, H, W, 3). They must share
-    one size: FID compares images at the resolution they were generated or prepared at."""
-    from PIL import Image
-
+    one size: FID compares images at the resolution they were generated or prepared at. An image over
+    the pixel budget (MAX_IMAGE_PIXELS) is refused naming it, before it is decoded."""
     folder = Path(folder)
     files = image_files(folder)
     if not files:
@@ -81,8 +147,9 @@ def read_image_folder(folder: str | os.PathLike) -> np.ndarray:
     images = []
     for f in tqdm(files, desc=f"reading {folder.name}", leave=False, disable=len(files) < 1000):
         try:
-            with Image.open(f) as im:
-                images.append(np.asarray(image_to_rgb(im, f)))
+            images.append(np.asarray(read_rgb(f)))
+        except ImageTooLargeError:
+            raise  # names the file, its size and the fix already
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {f}: {err}") from err
         if images[-1].shape != images[0].shape:

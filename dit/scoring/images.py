@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dit.io.images import IMAGE_SUFFIXES, check_images, image_files, image_to_rgb
+from dit.io.images import IMAGE_SUFFIXES, ImageTooLargeError, check_images, image_files, read_rgb
 from dit.io.npz import open_npz, read_npz_labels
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip member's local file header (30 bytes)
@@ -228,11 +228,10 @@ class FolderImages(ImageSource):
 
     @staticmethod
     def _load(f: Path) -> np.ndarray:
-        from PIL import Image
-
         try:
-            with Image.open(f) as im:
-                return np.asarray(image_to_rgb(im, f))
+            return np.asarray(read_rgb(f))  # an image over the pixel budget is refused before decoding
+        except ImageTooLargeError:
+            raise  # names the file, its size and the fix already
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot read image {f}: {err}") from err
 
