@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
+import re
+import struct
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,26 +115,120 @@ def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
 
 
-# Phrases of torch's weights-only unpickler when a file asks for a global it will not import
-# (a class, or a function to call): the signature of pickled Python objects, malicious or not.
-# torch 2.6+ says "Unsupported global: GLOBAL os.system was not an allowed global" after a
-# "WeightsUnpickler error:" prefix; torch 2.14 says "Trying to load unsupported GLOBAL
-# posix.system whose module posix is blocked" with no prefix (for modules it blocks outright).
-_UNSAFE_MARKERS = ("GLOBAL", "unrecognized function", "Can only create new object", "Can only build", "is blocked")
+# How torch's weights-only loader fails, sorted into the two outcomes that matter to a caller: a
+# corrupt file (cut short, damaged, no checkpoint at all: set it aside, use another one) and a
+# hostile one (a pickle that asks for more than tensors and containers: stop, never skip it).
+#
+# Corrupt: whatever is not a refusal of the weights-only unpickler. A zip archive that does not
+# open or lacks a record (RuntimeError, KeyError), a stream that ends early (EOFError, and
+# struct.error / "unexpected EOF" in the legacy format), a damaged pickle that the safe unpickler
+# reads wrongly without being asked for anything it refuses (IndexError on an empty stack,
+# TypeError / AttributeError / ValueError / AssertionError on misplaced values): none of these can
+# run code, and a damaged checkpoint ends in one of them.
+_DAMAGED_FILE_ERRORS = (RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
+                        AssertionError, struct.error)
+# Hostile: every refusal (pickle.UnpicklingError), whatever its words: a global it will not import,
+# a call or object it will not make, and also an opcode it does not implement. The last is how a
+# payload written with the protocol-0 INST opcode or with protocol 4 is refused ("Unsupported
+# operand 83" / "140"), before torch ever reads the global it would call, so the wording cannot
+# tell a payload from damage. One exception (`_is_no_pickle_at_all`): a stream refused at its very
+# first byte that names no global anywhere is no pickle (a text file, zeros), i.e. corrupt.
+_REFUSED_OPCODE = re.compile(r"Unsupported operand (\d+)")
 # torch's own boilerplate around the reason: its advice to load with weights_only=False (which
 # would run the payload) is never repeated to the user.
-_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Check the documentation", "Re-running", "In PyTorch")
+_TORCH_ADVICE = ("(1)", "(2)", "Check the documentation", "Re-running", "In PyTorch", "This file can still",
+                 "Please file an issue", "Do it only")
 
 
 def _unpickler_reason(message: str) -> str:
     """The line of torch's weights-only error that says why it stopped (a blocked global, a
     bad opcode), without torch's advice to retry unsafely."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    reasons = [ln.split("WeightsUnpickler error:", 1)[-1].strip() for ln in lines
-               if "WeightsUnpickler error:" in ln or not ln.startswith(_TORCH_ADVICE)]
-    flagged = [r for r in reasons if any(marker in r for marker in _UNSAFE_MARKERS)]
-    reason = (flagged or reasons or ["no reason given"])[0]
-    return reason.split(" Please use")[0].strip()
+    reasons = []
+    for line in message.splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+        line = line.removeprefix("Weights only load failed.").strip()
+        if line and not line.startswith(_TORCH_ADVICE):
+            reasons.append(line)
+    return (reasons or ["no reason given"])[0].split(" Please use")[0].strip()
+
+
+# The pickle opcodes that push a str (what STACK_GLOBAL takes its module and name from).
+_STRING_OPCODES = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                   "BINUNICODE8"}
+# GLOBAL / INST as bytes: "c" or "i", a module, a newline, a name, a newline.
+_TEXT_IMPORT = re.compile(rb"[ci]([A-Za-z_][\w.]*)\n([A-Za-z_][\w.]*)\n")
+# How much of a pickle stream is read to look for the globals it names; a longer one is not
+# looked through, so it never counts as free of them.
+_SCAN_LIMIT = 64 << 20
+
+
+def _pickle_stream(path: Path) -> bytes | None:
+    """The pickle stream torch's loader unpickles from `path`: the `data.pkl` record of a zip
+    archive (recognised as torch does, by its first bytes), else the file itself. Up to
+    _SCAN_LIMIT + 1 bytes; None if the archive cannot be read here."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                f.seek(0)
+                return f.read(_SCAN_LIMIT + 1)
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            with archive.open(name) as record:
+                return record.read(_SCAN_LIMIT + 1)
+    except (OSError, zipfile.BadZipFile, StopIteration, RuntimeError, ValueError):
+        return None
+
+
+def _globals_named(data: bytes) -> list[str]:
+    """`module.name` of each global the pickle stream(s) in `data` would import, found without
+    unpickling anything: GLOBAL and INST carry the name; STACK_GLOBAL takes it from the two strings
+    pushed before it (one it cannot follow is listed as "a global named on the stack"). Where the
+    bytes stop being a pickle that pickletools can read, the rest is searched for names shaped like
+    a GLOBAL or INST, because CPython's unpickler accepts a few things pickletools rejects."""
+    stream, names = io.BytesIO(data), []
+    while stream.tell() < len(data):  # the legacy format is several pickles in a row
+        memo, pushed, position = {}, [], stream.tell()
+        try:
+            for op, arg, position in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", ".", 1))
+                elif op.name == "STACK_GLOBAL":
+                    known = len(pushed) >= 2 and all(isinstance(v, str) for v in pushed[-2:])
+                    names.append(".".join(pushed[-2:]) if known else "a global named on the stack")
+                if op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if arg is None else arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.name not in ("FRAME", "PROTO"):
+                    pushed.append(arg if op.name in _STRING_OPCODES else None)
+        except Exception:  # noqa: BLE001 - not (or no longer) a pickle that pickletools reads
+            names += [f"{m.decode()}.{n.decode()}" for m, n in _TEXT_IMPORT.findall(data, position)]
+            break
+    return names
+
+
+def _is_no_pickle_at_all(data: bytes | None, refusal: str) -> bool:
+    """Whether torch refused the stream `data` at its first byte ("Unsupported operand <that
+    byte>") and nothing in it names a global: a text file, zeros or random bytes, not a payload.
+    A stream torch accepted a first opcode of, or one that imports anything, is not."""
+    refused = _REFUSED_OPCODE.search(refusal)
+    return (data is not None and len(data) <= _SCAN_LIMIT and refused is not None and bool(data)
+            and data[0] == int(refused.group(1)) and not _globals_named(data))
+
+
+def _calls_named(data: bytes | None) -> list[str]:
+    """The globals `data` names beyond those torch's weights-only loader allows: what a full
+    unpickler would import and call (for the error message only)."""
+    if data is None:
+        return []
+    try:  # a private table of torch; without it every name is shown
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = set(_get_allowed_globals())
+    except Exception:  # noqa: BLE001
+        allowed = set()
+    return [name for name in dict.fromkeys(_globals_named(data[:_SCAN_LIMIT])) if name not in allowed]
 
 
 # --------------------------------------------------------------------------------------
@@ -177,11 +276,46 @@ def with_checksum(obj: Mapping) -> dict:
     return {**obj, CHECKSUM_KEY: {"scheme": _CHECKSUM_SCHEME, "sha256": payload_digest(obj)}}
 
 
+def _checksum_entry_fault(stored: Any) -> str | None:
+    """What is wrong with a checksum entry, in words, or None if it is a valid one of ours."""
+    if not isinstance(stored, Mapping):
+        return f"a {type(stored).__name__}, not a mapping of scheme and digest"
+    if stored.get("scheme") != _CHECKSUM_SCHEME:
+        return f"scheme {stored.get('scheme')!r}, not {_CHECKSUM_SCHEME!r}"
+    digest = stored.get("sha256")
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return f"sha256 {digest!r}, not a hex SHA-256 digest"
+    return None
+
+
+def _looks_like_checksum_entry(value: Any) -> bool:
+    """A mapping with our digest in it, or our scheme string: a checksum entry even where one of
+    its names is damaged."""
+    return isinstance(value, Mapping) and ("sha256" in value or str(value.get("scheme", "")).startswith("sha256"))
+
+
 def _verify_checksum(obj: Any, path: Path) -> None:
-    stored = obj.get(CHECKSUM_KEY) if isinstance(obj, Mapping) else None
-    if not (isinstance(stored, Mapping) and stored.get("scheme") == _CHECKSUM_SCHEME):
-        return  # a release file, a weights-only file, or one of ours from before checksums
-    if payload_digest(obj) != stored.get("sha256"):
+    # Only a file that never had a checksum entry goes unchecked: a release file, a weights-only
+    # file, or one of ours from before checksums. An entry that is there but not valid (its scheme
+    # string changed, its digest gone, or the entry found under a damaged key such as "checksun")
+    # is damage like any other, not a reason to skip the check: else one damaged byte in the entry
+    # would let a flipped weight bit in the same file through.
+    if not isinstance(obj, Mapping):
+        return
+    if CHECKSUM_KEY in obj:
+        fault = _checksum_entry_fault(obj[CHECKSUM_KEY])
+    else:
+        stray = [key for key, value in obj.items() if _looks_like_checksum_entry(value)]
+        if not stray:
+            return
+        fault = f"found under the key {stray[0]!r} instead of {CHECKSUM_KEY!r}"
+    if fault is not None:
+        raise CheckpointError(
+            f"{str(path)!r} has a damaged checksum entry ({fault[:200]}), so its content cannot be verified and it "
+            "is treated as corrupt (or it was written by a newer version of this code, whose checksums this one "
+            "does not know). Use an earlier checkpoint or a good copy"
+        )
+    if payload_digest(obj) != obj[CHECKSUM_KEY]["sha256"]:
         raise CheckpointError(
             f"{str(path)!r} fails its SHA-256 check: its content changed after it was written (bit rot, a "
             "bad copy or an edit), so it is treated as corrupt. Use an earlier checkpoint or a good copy"
@@ -208,20 +342,25 @@ def load_state(path: str | os.PathLike) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = _unpickler_reason(str(e))
-        if any(marker in detail for marker in _UNSAFE_MARKERS):
-            raise UnsafeCheckpointError(
-                f"{str(path)!r} contains arbitrary Python objects and is refused: unpickling it could run "
-                f"code ({detail[:300]}). Only tensors, containers and plain values are accepted. If you "
-                "trust the file, re-save its tensors as a plain dict (or safetensors) in a separate, "
-                "trusted process."
+        reason = _unpickler_reason(str(e))
+        data = _pickle_stream(path)
+        if _is_no_pickle_at_all(data, reason):
+            raise CheckpointError(
+                f"{str(path)!r} is not a PyTorch checkpoint that can be read safely ({reason[:200]}); it may be "
+                "truncated or a different kind of file: give a checkpoint written by train.py or torch.save "
+                "(a state dict)"
             ) from None
-        reason = f" ({detail[:200]})" if detail.strip() else ""
-        raise CheckpointError(
-            f"{str(path)!r} is not a PyTorch checkpoint that can be read safely{reason}; it may be truncated or "
-            "a different kind of file: give a checkpoint written by train.py or torch.save (a state dict)"
+        calls = _calls_named(data)
+        detail = (f"it would import {', '.join(calls[:3])}; " if calls else "") + (
+            f"torch's safe loader refused: {reason}")
+        raise UnsafeCheckpointError(
+            f"{str(path)!r} contains arbitrary Python objects and is refused: unpickling it could run code "
+            f"({detail[:300]}). Only tensors, containers and plain values are accepted, and the file was left as it "
+            "is. If you did not put it there, treat it as planted and inspect it without loading it; if you trust "
+            "it, re-save its tensors as a plain dict (or safetensors) in a separate, trusted process; if it is a "
+            "file of yours damaged on disk, move it away (a run then resumes from its previous checkpoint)."
         ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as e:
+    except _DAMAGED_FILE_ERRORS as e:
         raise CheckpointError(
             f"{str(path)!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
             "it may be truncated or a different kind of file"
