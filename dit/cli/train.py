@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from dit.preemption import guard_start_up
@@ -19,11 +20,13 @@ if os.path.basename(sys.argv[0]) == "dit-train":
 
 import hydra  # noqa: E402 - after the guard, as everything below
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dit.cli import config_dir
-from dit.cli.errors import reports_errors, run_program
-from dit.config import flatten_model_overrides, register_configs, to_train_config
+from dit.cli.errors import error_message, full_error_requested, reports_errors, run_program
+from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
+from dit.config.overrides import check_sweep
 from dit.distributed import env_rank
 from dit.io.atomic import write_text_atomic
 from dit.cli.runtime import tune_host_allocator
@@ -44,6 +47,32 @@ def _write_hydra_files(out_dir: Path, cfg: DictConfig) -> None:
              "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task)))}
     for name, text in files.items():
         write_text_atomic(out_dir / ".hydra" / name, text)
+
+
+class SweepJobDirs(Callback):
+    """conf/train.yaml's `hydra.callbacks.sweep_job_dirs`: a sweep (`-m`) two of whose jobs would
+    share one job directory (a sweep over a key left out of directory names, such as
+    `optim.grad_accum_steps=1,2`) is refused before any job starts, in one error line, exit 1
+    (dit.config.overrides.check_distinct_job_dirs).
+
+    Why a callback: `on_multirun_start` receives the composed config (the command line, the
+    sweeper's `params`, the chosen `hydra.sweep.subdir`) before the sweeper expands the sweep,
+    creates the sweep directory or writes `multirun.yaml`, and with hydra's basic sweeper, which
+    is what every launcher (local, slurm) is handed, every job's overrides follow from it. hydra
+    turns a callback's exception into a warning, so the refusal ends the program itself, as
+    `reports_errors` does for a single run (SystemExit passes through hydra)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.global_hydra import GlobalHydra
+
+        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        try:
+            check_sweep(config.hydra, loader)
+        except ConfigError as err:
+            if full_error_requested():
+                traceback.print_exc()
+            print(error_message(err), file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
