@@ -25,7 +25,7 @@ from dit.sampling.base import Sampler, register_sampler
 from dit.sampling.settings import DIFFUSION_FORMS, LAST_STEPS
 
 __all__ = ["FlowSample", "ODE_METHODS", "DIFFUSION_FORMS", "LAST_STEPS", "diffusion_coefficient", "sample_ode",
-           "sample_ode_adaptive", "sample_sde", "SDEForm", "EulerSampler", "HeunSampler", "Dopri5Sampler", "SDESampler"]
+           "sample_ode_adaptive", "sample_sde", "sampling_interval", "SDEForm", "EulerSampler", "HeunSampler", "Dopri5Sampler", "SDESampler"]
 
 ODE_METHODS = ("euler", "heun", "dopri5")
 
@@ -148,13 +148,14 @@ class SDEForm:
 
 
 def sample_sde(velocity: Callable, noise: torch.Tensor, *, path: Path | str, num_steps: int,
-               form: SDEForm = SDEForm(), t_max: float = 1.0, shift: float = 1.0,
+               form: SDEForm = SDEForm(), t_max: float = 1.0, t_min: float = 0.0, shift: float = 1.0,
                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> FlowSample:
     """Euler-Maruyama on dx = [v - D score] dt + sqrt(2 D) dW from t_max down to t_last =
     `form.last_step_size` over num_steps grid points (num_steps - 1 noisy steps, as SiT and
     REPA), then one noiseless last step to t = 0: "mean" (the SDE drift; SiT's and REPA's
     default), "euler" (the ODE velocity), "tweedie" (E[x0 | x_t]), or None (the grid runs to 0,
-    no extra call). SiT's defaults are `SDEForm()`'s: sigma, norm 1, mean, 0.04."""
+    no extra call; it stops at `t_min`, SiT's 1 - eps end for noise and score models). SiT's
+    defaults are `SDEForm()`'s: sigma, norm 1, mean, 0.04."""
     path = get_path(path)
     diffusion_form, diffusion_norm = form.diffusion_form, float(form.diffusion_norm)
     last_step, last_step_size = form.last_step, form.last_step_size
@@ -164,7 +165,7 @@ def sample_sde(velocity: Callable, noise: torch.Tensor, *, path: Path | str, num
         raise ValueError(f"unknown diffusion_form {diffusion_form!r}: use one of {DIFFUSION_FORMS}")
     if int(num_steps) < 2:
         raise ValueError(f"the SDE sampler needs num_steps >= 2 (grid points from t_max to the last step), got {num_steps}")
-    t_last = 0.0 if last_step is None else float(last_step_size)
+    t_last = float(t_min) if last_step is None else float(last_step_size)
     if not 0 <= t_last < t_max <= 1:
         raise ValueError(f"need 0 <= last_step_size < t_max <= 1, got last_step_size={t_last}, t_max={t_max}")
     if diffusion_form == "SBDM" and t_max >= 1:
@@ -199,12 +200,28 @@ def sample_sde(velocity: Callable, noise: torch.Tensor, *, path: Path | str, num
     return FlowSample(x, v.calls)
 
 
+def sampling_interval(objective) -> tuple[float, float]:
+    """(t_min, t_max): the times a flow model is sampled between. Velocity models: all of [0, 1]
+    (SiT: its sample_eps is 0 for velocity on the linear and GVP paths). Noise and score models:
+    the interval they were trained on, [eps, 1 - eps] with SiT's eps = 1e-3 (its train_eps and
+    sample_eps for those predictions; `dit.flow.config.SINGULAR_END_EPS`): turning their output
+    into a velocity divides by alpha, which is 0 at t = 1, or by sigma, 0 at t = 0. In SiT's
+    time (t = 1 data) that is its `check_interval`'s t0 = eps, t1 = 1 - eps."""
+    if objective.prediction == "velocity":
+        return 0.0, 1.0
+    return float(objective.t_min), float(objective.t_max)
+
+
 class _FlowSampler(Sampler):
     family = "flow"
 
     def sample(self, denoiser, noise, *, generator=None, progress=False):
         out = self._integrate(self.objective.velocity(denoiser), noise, generator)
         return out.x, out.nfe
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return sampling_interval(self.objective)
 
 
 class _FixedGridODE(_FlowSampler):
@@ -214,7 +231,9 @@ class _FixedGridODE(_FlowSampler):
 
     def _integrate(self, velocity, noise, generator):
         s = self.settings
-        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method=self.method, shift=float(s.shift))
+        t_min, t_max = self.interval
+        return sample_ode(velocity, noise, num_steps=int(s.num_steps), method=self.method, shift=float(s.shift),
+                          t_max=t_max, t_min=t_min)
 
 
 @register_sampler
@@ -239,8 +258,9 @@ class Dopri5Sampler(_FlowSampler):
 
     def _integrate(self, velocity, noise, generator):
         s = self.settings
+        t_min, t_max = self.interval
         return sample_ode(velocity, noise, num_steps=int(s.num_steps), method="dopri5", rtol=float(s.rtol),
-                          atol=float(s.atol))
+                          atol=float(s.atol), t_max=t_max, t_min=t_min)
 
 
 @register_sampler
@@ -252,5 +272,6 @@ class SDESampler(_FlowSampler):
     def _integrate(self, velocity, noise, generator):
         s = self.settings
         form = SDEForm(s.diffusion_form, float(s.diffusion_norm), s.last_step, float(s.last_step_size))
+        t_min, t_max = self.interval
         return sample_sde(velocity, noise, path=self.objective.path, num_steps=int(s.num_steps), form=form,
-                          shift=float(s.shift), generator=generator)
+                          t_max=t_max, t_min=t_min, shift=float(s.shift), generator=generator)
