@@ -37,7 +37,9 @@ hub, or `weights=FILE` for a local file), a torch.hub id `owner/repo:entry` (REP
 `facebookresearch/dinov2:dinov2_vitb14`), or a local directory written by timm's
 `save_for_hf` (config.json + model.safetensors, or a pickle such as pytorch_model.bin: read weights
 only by `check_pickled_weights` first, a payload or anything but weights refused in one line
-naming the file). It returns an `Encoder`: images in [-1, 1]
+naming the file). A hub ViT's position table is resampled once at load to the patch grid of
+`resolution` (timm's antialiased bicubic, as REPA does and as timm's loader does with `img_size`),
+so every loader gives REPA's targets. It returns an `Encoder`: images in [-1, 1]
 (N, 3, H, W) -> patch tokens (N, T', E), with the encoder's own resize (bicubic, to
 `resolution`) and normalisation (its mean/std), frozen, in eval mode, without gradients.
 """
@@ -70,7 +72,12 @@ class EncoderUnavailable(AutoencoderUnavailable):
 
 class RepaHead(nn.Module):
     """The projector MLP (hidden -> projector_dim -> projector_dim -> encoder_dim, SiLU between)
-    and the alignment loss on the tokens a forward hook captures from the DiT."""
+    and the alignment loss on the tokens a forward hook captures from the DiT.
+
+    Initialised as REPA's: Xavier-uniform weights and zero biases on every linear layer (REPA's
+    SiT applies that basic init to the whole model, its projectors included: models/sit.py:210-219
+    of sihyun-yu/REPA@67f7145). The weights are drawn from torch's default generator, so a seed
+    set before construction fixes them (the trainer seeds it with the run's `seed`)."""
 
     def __init__(self, hidden_size: int, encoder_dim: int, projector_dim: int = 2048):
         super().__init__()
@@ -79,9 +86,18 @@ class RepaHead(nn.Module):
             nn.Linear(projector_dim, projector_dim), nn.SiLU(),
             nn.Linear(projector_dim, encoder_dim),
         )
+        self.reset_parameters()
         self.depth: int | None = None
         self._hook = None
         self._tokens: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """REPA's init: Xavier-uniform weights, zero biases, layer by layer in order."""
+        for layer in self.projector:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def attach(self, model: nn.Module, depth: int) -> "RepaHead":
         """Capture the output tokens (N, T, D) of `model.blocks[depth - 1]` on every forward."""
@@ -315,6 +331,30 @@ def _hub_tokens(net, x):
     return out["x_norm_patchtokens"] if isinstance(out, dict) else out  # DINOv2's hub models: a dict
 
 
+def _resize_hub_pos_embed(net: nn.Module, grid: int) -> None:
+    """Resample a torch.hub ViT's absolute position table once, to the `grid` x `grid` patches of
+    the encoder's resolution, as REPA does after loading DINOv2 (utils.py:95-98 of
+    sihyun-yu/REPA@67f7145): timm's `resample_abs_pos_embed`, bicubic with antialiasing, the
+    class token's entry kept. DINOv2 then finds the table the size of the input's grid and uses it
+    as it is, instead of interpolating the 37 x 37 table of its 518 px training at every call
+    (bicubic without antialiasing: other targets). timm's loader resamples its table the same way
+    at load (`img_size`), so both loaders give REPA's targets. A model without a `pos_embed`
+    table is left as it is."""
+    from timm.layers import resample_abs_pos_embed
+
+    table = getattr(net, "pos_embed", None)
+    if not isinstance(table, torch.Tensor) or table.ndim != 3:
+        return
+    prefix = int(getattr(net, "num_tokens", 1))  # DINOv2: the class token (registers have no position)
+    side = round((table.shape[1] - prefix) ** 0.5)
+    if side * side != table.shape[1] - prefix:
+        raise EncoderUnavailable(f"the torch.hub encoder's position table has {table.shape[1]} entries: not "
+                                 f"{prefix} prefix token(s) and a square grid, so it cannot be resized to "
+                                 f"{grid} x {grid}")
+    with torch.no_grad():
+        table.data = resample_abs_pos_embed(table.data, [grid, grid], num_prefix_tokens=prefix)
+
+
 def _timm_encoder(net, name: str, resolution: int) -> Encoder:
     cfg = getattr(net, "pretrained_cfg", None) or {}
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
@@ -431,6 +471,7 @@ def load_encoder(name_or_dir: str, resolution: int = 224, weights: str | None = 
         patch = getattr(net, "patch_size", 14)
         if resolution % patch:
             raise ValueError(f"repa.resolution={resolution} is not a multiple of the encoder's patch size {patch}")
+        _resize_hub_pos_embed(net, resolution // patch)
         encoder = Encoder(net, source, resolution, IMAGENET_MEAN, IMAGENET_STD, _hub_tokens, net.embed_dim)
     else:
         base = source.split(":", 1)[-1] if source.startswith("hf-hub:") else source.split(".")[0]
