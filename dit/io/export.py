@@ -419,13 +419,19 @@ def load_diffusers_pipeline(folder: str | os.PathLike, **kwargs: Any):
 
 def diffusers_scheduler(diffusion: dict, kind: str = "ddim"):
     """A diffusers scheduler on the training chain's betas (`trained_betas`, float64 from
-    `dit.diffusion`), predicting epsilon, never clipping (latents are not in [-1, 1])."""
+    `dit.diffusion`), predicting epsilon, never clipping (latents are not in [-1, 1]).
+
+    DDIM's timesteps for N steps of T: "leading" with offset 0 visits k * (T // N), k < N, and
+    steps from t to t - T // N. When N divides T that is `sample.py sampler=ddim
+    sampler.spacing=ddim` (DiT's "ddimN", 50 of 1000: 980, 960, ..., 0), not the default
+    spacing=linspace (999, 979, ..., 0); when it does not (9 of 1000: 888, 777, ..., 0) DiT's
+    ddimN takes another stride (112: 896, ..., 0). docs/export.md."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     steps = int(diffusion["diffusion_steps"])
     betas = named_betas(diffusion["noise_schedule"], steps).tolist()
     if kind == "ddim":
-        # "leading" spacing with offset 0 visits 0, s, 2s, ...: our "ddimN" respacing.
+        # "leading" spacing with offset 0 visits 0, s, 2s, ... (s = T // N): sampler.spacing=ddim when N divides T.
         return DDIMScheduler(num_train_timesteps=steps, trained_betas=betas, clip_sample=False,
                              set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
                              prediction_type="epsilon")

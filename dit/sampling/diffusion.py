@@ -1,6 +1,7 @@
 """The diffusion samplers behind the one interface (dit/sampling/base.py): DDPM (ancestral), DDIM
-(eta 0 deterministic, up to 1 DDPM-like) on the training chain respaced to `num_steps`, and
-multistep DPM-Solver++(2M) through diffusers on the training chain's betas.
+(eta 0 deterministic, up to 1 DDPM-like) on the training chain respaced to `num_steps` (which
+timesteps: `SamplerSettings.spacing`, `respaced_timesteps`), and multistep DPM-Solver++(2M)
+through diffusers on the training chain's betas.
 
 Time: the denoiser receives original DDPM timesteps (t in 0..T-1, T-1 = noise; contract 5 in
 docs/design.md), whatever the respacing. The step arithmetic (posterior means, variances, x0
@@ -17,14 +18,36 @@ from tqdm.auto import tqdm
 
 from dit.diffusion import GaussianDiffusion, MeanType, space_timesteps
 from dit.sampling.base import Sampler, register_sampler
+from dit.sampling.settings import DEFAULT_SPACING, SPACINGS
 
-__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "sampling_chain", "dpm_solver"]
+__all__ = ["DDPMSampler", "DDIMSampler", "DPMSolverSampler", "respaced_timesteps", "sampling_chain", "dpm_solver"]
 
 
-def sampling_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiffusion:
+def respaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = DEFAULT_SPACING) -> list[int]:
+    """The timesteps (ascending) of a chain of `num_timesteps` that a respaced sampler of `num_steps`
+    visits. "linspace": evenly spaced, both ends ("250" of 1000 -> {0, 4, ..., 995, 999}; 10 ->
+    {0, 111, ..., 999}). "ddim": DiT's "ddimN", the integer stride s with
+    len(range(0, T, s)) == num_steps (10 of 1000 -> {0, 100, ..., 900}); ValueError naming the
+    nearest step counts that exist when no stride gives exactly `num_steps`."""
+    if spacing == "linspace":
+        return space_timesteps(num_timesteps, str(num_steps))
+    if spacing != "ddim":
+        raise ValueError(f"unknown spacing {spacing!r}: use one of {SPACINGS}")
+    counts = {len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)}
+    if num_steps not in counts:
+        near = [c for c in (min((c for c in counts if c > num_steps), default=None),
+                            max((c for c in counts if c < num_steps), default=None)) if c is not None]
+        raise ValueError(f"spacing=ddim (DiT's ddimN: an integer stride s with num_steps = len(range(0, {num_timesteps}, "
+                         f"s))) cannot take num_steps={num_steps} of the {num_timesteps} training timesteps: use "
+                         f"num_steps={' or '.join(map(str, near))}, or spacing=linspace (any num_steps, both ends)")
+    return space_timesteps(num_timesteps, f"ddim{num_steps}")
+
+
+def sampling_chain(diffusion: GaussianDiffusion, num_steps: int, spacing: str = DEFAULT_SPACING) -> GaussianDiffusion:
     """The chain a DDPM/DDIM sampler walks: `diffusion` itself when it already has `num_steps`
-    steps, otherwise the full chain respaced to `num_steps` evenly spaced timesteps including
-    both ends ("250" of 1000 -> {0, 4, ..., 995, 999}: DiT's sampler; of 500 -> {0, 2, ..., 499})."""
+    steps, otherwise the full chain respaced to the `num_steps` timesteps `respaced_timesteps`
+    picks (`spacing` linspace, the default: evenly spaced, both ends, DiT's sampler; ddim: DiT's
+    "ddimN" stride). Each step goes to the next visited timestep."""
     if diffusion.num_timesteps == num_steps:
         return diffusion
     if diffusion.num_timesteps != diffusion.original_num_steps:
@@ -33,7 +56,7 @@ def sampling_chain(diffusion: GaussianDiffusion, num_steps: int) -> GaussianDiff
     if num_steps > diffusion.original_num_steps:
         raise ValueError(f"num_steps={num_steps} is more than the {diffusion.original_num_steps} steps this model was "
                          f"trained with: use num_steps <= {diffusion.original_num_steps}")
-    use = space_timesteps(diffusion.original_num_steps, str(num_steps))
+    use = respaced_timesteps(diffusion.original_num_steps, num_steps, spacing)
     return GaussianDiffusion(diffusion.betas, use_timesteps=use, mean_type=diffusion.mean_type,
                              var_type=diffusion.var_type, loss_type=diffusion.loss_type)
 
@@ -76,13 +99,14 @@ def dpm_solver(denoiser: Callable, diffusion: GaussianDiffusion, noise: torch.Te
 
 
 class _ChainSampler(Sampler):
-    """DDPM and DDIM: the training chain respaced once (at construction) to `num_steps` steps."""
+    """DDPM and DDIM: the training chain respaced once (at construction) to `num_steps` steps, at
+    the timesteps `settings.spacing` picks."""
 
     family = "diffusion"
 
     def __init__(self, settings, objective: GaussianDiffusion):
         super().__init__(settings, objective)
-        self.chain = sampling_chain(objective, int(settings.num_steps))
+        self.chain = sampling_chain(objective, int(settings.num_steps), spacing=settings.spacing)
         self.clip = bool(settings.clip_denoised)  # None (no autoencoder to decide) counts as off
 
     def sample(self, denoiser, noise, *, generator=None, progress=False):

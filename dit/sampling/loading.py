@@ -16,7 +16,7 @@ from dit.autoencoder import autoencoder_from_spec, build_autoencoder
 from dit.io.checkpoint import load_dit_checkpoint
 from dit.io.release import release_family
 from dit.sampling.images import NonFiniteSamplesError
-from dit.sampling.settings import SamplerSettings
+from dit.sampling.settings import DEFAULT_SPACING, SamplerSettings
 from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, objective_from_config, trained_chain
 
 __all__ = ["DEFAULT_RELEASE_VAE", "load_for_sampling", "settings_path_for", "default_output_name"]
@@ -111,6 +111,8 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
               else f"{settings.sampler}{settings.num_steps}")
     parts += [method, f"cfg{settings.cfg_scale:g}",
               f"g{settings.guided_channels_value}"]
+    if settings.spacing != DEFAULT_SPACING:  # DiT's ddimN timesteps rather than both ends
+        parts.append(f"{settings.spacing}spacing")
     if settings.precision != "fp32":
         parts.append(settings.precision)
     if settings.clip_denoised is not None and settings.clip_denoised != (provenance.get("vae") == "pixel"):

@@ -23,8 +23,8 @@ from dit.sampling.base import registered_samplers
 from dit.sampling.precision import check_precision
 
 __all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
-           "DIFFUSION_FORMS", "LAST_STEPS", "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS",
-           "samplers_of", "FLOW_GRID_SAMPLER"]
+           "DIFFUSION_FORMS", "LAST_STEPS", "SPACINGS", "DEFAULT_SPACING", "SPACED_SAMPLERS", "SamplerMismatchError",
+           "SamplerSettings", "SETTINGS_FIELDS", "samplers_of", "FLOW_GRID_SAMPLER"]
 
 AUTO = "auto"  # the trained objective's default sampler
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -45,6 +45,15 @@ FLOW_GRID_SAMPLER = "heun"
 # Fields that only the flow samplers read; recorded only for them, so a diffusion sampler's
 # settings record (and a diffusion bulk file's resume check) is what it was before flow existed.
 FLOW_FIELDS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "rtol", "atol")
+# Which timesteps of the training chain (T steps) the respaced ddpm and ddim samplers visit, for
+# N = num_steps (dit.sampling.diffusion.respaced_timesteps). "linspace" (the default): N evenly
+# spaced, both ends (T = 1000, N = 10: 999, 888, ..., 111, 0), DiT's "250" respacing.
+# "ddim": DiT's "ddimN" respacing, the integer stride s with len(range(0, T, s)) == N (N = 10:
+# 900, 800, ..., 0), which is what the exported diffusers DDIMScheduler visits when N divides T.
+# Recorded only when not the default, so every record and output name from before stays as it was.
+SPACINGS = ("linspace", "ddim")
+DEFAULT_SPACING = "linspace"
+SPACED_SAMPLERS = ("ddpm", "ddim")  # the samplers that read `spacing`
 
 
 def samplers_of(family: str) -> tuple[str, ...]:
@@ -82,6 +91,9 @@ class SamplerSettings:
     Diffusion samplers only: a flow sampler leaves it None.
     `precision`: the network forward in fp32 (IEEE: TF32 forced off), tf32, or bf16 (autocast on
     the forward only; the chain's arithmetic stays float32). See dit/sampling/precision.py.
+    `spacing` (ddpm and ddim only, `SPACINGS`): which timesteps the respaced chain visits:
+    linspace (N evenly spaced, both ends: 999, ..., 0) or ddim (DiT's "ddimN" stride: N = 10 visits
+    900, 800, ..., 0, as the exported diffusers pipeline does when N divides T).
 
     Flow samplers only (docs/flow.md): `shift` (SD3 / LightningDiT timestep shift of the grid,
     1 = none; > 1 spends more steps near noise), the SDE's `diffusion_form`, `diffusion_norm`,
@@ -95,6 +107,7 @@ class SamplerSettings:
     guided_channels: str = "3"
     guidance_interval: Optional[list[float]] = None
     eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
+    spacing: str = DEFAULT_SPACING  # ddpm/ddim timesteps: linspace (999, ..., 0) | ddim (DiT's ddimN stride)
     clip_denoised: Optional[bool] = None  # None: on for vae=pixel, off for latent VAEs
     precision: str = "fp32"  # fp32 | tf32 | bf16: the network forward's arithmetic
     shift: float = 1.0  # flow: timestep shift of the grid (1 = none)
@@ -157,8 +170,19 @@ class SamplerSettings:
             raise ValueError(f"clip_denoised must be true, false or null (automatic: on for vae=pixel), "
                              f"got {self.clip_denoised!r}")
         check_precision(self.precision)
+        self._check_spacing()
         self._check_flow_fields()
         return self
+
+    def _check_spacing(self) -> None:
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.spacing!r}: use linspace (num_steps evenly spaced timesteps, both "
+                             "ends: 999, ..., 0; the default) or ddim (DiT's ddimN: the integer stride s with "
+                             "num_steps = len(range(0, T, s)), e.g. 900, 800, ..., 0 for 10 steps)")
+        if self.spacing != DEFAULT_SPACING and self.sampler not in (AUTO, *SPACED_SAMPLERS):
+            raise ValueError(f"spacing={self.spacing} chooses the timesteps of the respaced ddpm and ddim chains: "
+                             f"the {self.sampler} sampler has none (use spacing={DEFAULT_SPACING}, or "
+                             f"sampler={'|'.join(SPACED_SAMPLERS)})")
 
     def _check_interval(self) -> None:
         interval = list(self.guidance_interval)
@@ -236,9 +260,11 @@ class SamplerSettings:
         """Every field, as recorded next to samples (plain JSON types; a subclass's extra fields,
         such as a training grid's `every`, are not sampler settings and are left out). The
         flow-only fields and `nfe` are recorded for flow samplers only, so a diffusion record is
-        what it was before flow sampling existed."""
+        what it was before flow sampling existed; `spacing` only when it is not the default, so a
+        record (and a bulk file's resume check) is what it was before spacing was a choice."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)
-               if self.is_flow or f.name not in FLOW_FIELDS}
+               if (self.is_flow or f.name not in FLOW_FIELDS)
+               and not (f.name == "spacing" and self.spacing == DEFAULT_SPACING)}
         interval = self.guidance_interval
         if interval is not None:
             interval = [float(v) for v in interval] if self.is_flow else [int(v) for v in interval]

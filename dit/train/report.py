@@ -22,7 +22,7 @@ from dit.io.atomic import write_text_atomic
 from dit.io.images import save_grid
 from dit.flow import FlowMatching
 from dit.flow.config import is_flow
-from dit.sampling.settings import FLOW_GRID_SAMPLER
+from dit.sampling.settings import DEFAULT_SPACING, FLOW_GRID_SAMPLER
 from dit.sampling.images import sample_images
 from dit.train.randomness import GRID_STREAM
 
@@ -171,8 +171,10 @@ def flow_grid_settings(settings):
     """A flow run's grid settings: its flow sampler as configured (euler | heun | sde | dopri5,
     with its shift and guidance interval in flow time), or the Heun ODE with the grid's
     `num_steps` when `log.samples.sampler` is `auto` or names a diffusion sampler (the grid keys
-    are shared with diffusion runs, whose default is DDPM; a grid never stops a run)."""
-    return settings if settings.is_flow else dataclasses.replace(settings, sampler=FLOW_GRID_SAMPLER)
+    are shared with diffusion runs, whose default is DDPM, and so is their `spacing`; a grid never
+    stops a run)."""
+    return settings if settings.is_flow else dataclasses.replace(settings, sampler=FLOW_GRID_SAMPLER,
+                                                                 spacing=DEFAULT_SPACING)
 
 
 def flow_grid_images(model: nn.Module, flow: FlowMatching, autoencoder, labels: torch.Tensor, settings, *,

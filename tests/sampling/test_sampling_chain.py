@@ -48,8 +48,8 @@ class ChainSpy:
         self.respaced, self.dpm = [], []
         chain, solver = diffusion_samplers.sampling_chain, diffusion_samplers.dpm_solver
 
-        def sampling_chain(diffusion, num_steps):
-            out = chain(diffusion, num_steps)
+        def sampling_chain(diffusion, num_steps, **kwargs):  # kwargs: the sampler's spacing
+            out = chain(diffusion, num_steps, **kwargs)
             self.respaced.append((diffusion, out))
             return out
 
