@@ -180,7 +180,8 @@ def guided_channels_warning(guided, latent_channels: int) -> Optional[str]:
     if value != 3 or int(latent_channels) in (3, 4):
         return None
     return (f"guided_channels=3 guides only the first 3 of this latent space's {latent_channels} channels: "
-            "3 is the DiT paper's choice for SD's 4-channel VAE; set sampler.guided_channels=all")
+            "3 is the DiT paper's choice for SD's 4-channel VAE; set guided_channels=all (sample.py, eval_fid.py; "
+            "eval.guided_channels=all and log.samples.guided_channels=all in training)")
 
 
 def warn_partial_guidance(guided, latent_channels: int) -> None:
