@@ -2,10 +2,12 @@
 
     python -m dit.export diffusers  CKPT OUT [--which model] [--vae DIR_OR_ID] [--scheduler ddim|dpm]
     python -m dit.export pretrained CKPT OUT
+    (either: [--release-format dit|sit] for a bare state dict whose name does not say; SiT-*.pt is SiT's)
     python -m dit.export push --folder OUT --repo-id USER/NAME [--private]
 
 `main` returns the exit status (0, or 2 after a one-line error), which `python -m dit.export` and
-the console script exit with.
+the console script exit with. A flow-matching model (SiT's release, a run with objective=flow) is
+refused by `diffusers` in one such line; `pretrained` exports it with its objective recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from dit.io import export as library
 from dit.io.checkpoint import CheckpointError
+from dit.io.release import RELEASE_FORMATS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true",
                        help="replace an existing output folder that holds a previous export (never a run folder)")
         p.add_argument("--license", default=None, help="license id for the model card (release files: cc-by-nc-4.0)")
+        p.add_argument("--release-format", choices=RELEASE_FORMATS, default=None,
+                       help="how a release file (a bare state dict) was trained: dit (DDPM) or sit (SiT's flow "
+                            "model); default: by its name, SiT-*.pt is SiT's")
         if cmd == "diffusers":
             p.add_argument("--vae", default=None, help="AutoencoderKL to include: sd-ema, sd-mse, hub id or folder")
             p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
@@ -46,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"uploaded {args.folder} to https://huggingface.co/{args.repo_id}")
         elif args.command == "pretrained":
             print(library.save_pretrained(args.source, args.out, use_ema=args.which == "ema",
-                                          overwrite=args.overwrite, license=args.license))
+                                          overwrite=args.overwrite, license=args.license,
+                                          release_format=args.release_format))
         else:
             labels = json.loads(Path(args.id2label).read_text(encoding="utf-8")) if args.id2label else None
             print(library.export_diffusers(args.source, args.out, use_ema=args.which == "ema", vae=args.vae,
                                            scheduler=args.scheduler, id2label=labels, overwrite=args.overwrite,
-                                           license=args.license))
+                                           license=args.license, release_format=args.release_format))
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

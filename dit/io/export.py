@@ -3,13 +3,19 @@ own format (`save_pretrained` / `load_pretrained`), and the upload of either (`p
 
     python -m dit.export diffusers  CKPT OUT [--which model] [--vae DIR_OR_ID] [--scheduler ddim|dpm]
     python -m dit.export pretrained CKPT OUT
+    (either: [--release-format dit|sit] for a bare state dict whose name does not say; SiT-*.pt is SiT's)
     python -m dit.export push --folder OUT --repo-id USER/NAME [--private]
 
-CKPT is a release file (`DiT-XL-2-256x256.pt`), one of our checkpoints, a `.safetensors` file
-or a folder written by `save_pretrained`. Every folder is written into a temporary sibling and
-renamed into place, so a crash or a full disk never leaves half an export under OUT (a previous
-export there is kept whole). An OUT that is a symlink is written through: the export goes where
-the link points, the link stays. The program (its argument parsing) is dit/cli/export.py.
+CKPT is a release file (`DiT-XL-2-256x256.pt`, SiT's `SiT-XL-2-256.pt`), one of our checkpoints,
+a `.safetensors` file or a folder written by `save_pretrained`. A flow-matching model (a
+checkpoint whose config records `objective.kind: flow`, SiT's release) is refused by the diffusers
+export (`FlowExportError`): `DiTPipeline` walks a DDPM noise-prediction chain at integer timesteps
+0..999, which cannot sample a velocity model trained on t in [0, 1]. `save_pretrained` keeps it,
+recording its objective so that `sample.py` samples the exported weights as it samples the
+source. Every folder is written into a temporary sibling and renamed into place, so a crash or
+a full disk never leaves half an export under OUT (a previous export there is kept whole). An OUT
+that is a symlink is written through: the export goes where the link points, the link stays.
+The program (its argument parsing) is dit/cli/export.py.
 
 diffusers' `DiTTransformer2DModel` holds the same tensors as our `DiT` (mapping below), with one
 numeric difference that its config cannot express: its timestep features use the frequencies
@@ -37,8 +43,11 @@ import torch
 from dit.autoencoder import KNOWN_VAES
 from dit.io.atomic import FileWriteError, as_os_error
 from dit.io.checkpoint import CONFIG_FIELDS, load_dit_checkpoint, save_weights_safetensors
+from dit.io.release import release_family
 from dit.diffusion import named_betas
+from dit.flow.config import is_flow
 from dit.models import DiT, DiTConfig, arch_name
+from dit.sampling.trained import RELEASE_OBJECTIVES, objective_from_config
 
 WEIGHTS_NAME = "model.safetensors"  # our folder: official-layout weights
 CONFIG_NAME = "config.json"
@@ -51,10 +60,14 @@ RELEASE_LICENSE = "cc-by-nc-4.0"  # the official DiT weights
 # --------------------------------------------------------------------------------------
 
 
-def load_source(path: str | os.PathLike, use_ema: bool = True) -> tuple[DiT, dict]:
+def load_source(path: str | os.PathLike, use_ema: bool = True,
+                release_format: str | None = None) -> tuple[DiT, dict]:
     """(model, meta) of a checkpoint file or a `save_pretrained` folder. meta is
     `load_dit_checkpoint`'s, plus `diffusion` ({noise_schedule, diffusion_steps}: the training
-    chain, linear/1000 for release files) and `license` (the release's, else None)."""
+    chain, linear/1000 for release files), `objective` (the flow objective record a flow model
+    was trained with, as sampling reads it: our config's `objective`, SiT's for a release file
+    named `SiT-*` or `release_format="sit"`; None for a diffusion model) and `license` (the
+    release's, else None)."""
     path = Path(path)
     if path.is_dir():
         return load_pretrained(path)
@@ -62,9 +75,38 @@ def load_source(path: str | os.PathLike, use_ema: bool = True) -> tuple[DiT, dic
     trained = (meta.get("config") or {}).get("diffusion") or {}
     meta["diffusion"] = {"noise_schedule": str(trained.get("noise_schedule", "linear")),
                          "diffusion_steps": int(trained.get("diffusion_steps", 1000))}
+    # What dit.sampling.loading.load_for_sampling decides, from the same evidence.
+    objective = (objective_from_config(meta.get("config")) if meta["format"] == "ours"
+                 else RELEASE_OBJECTIVES[release_family(path, release_format)])
+    meta["objective"] = dict(objective) if objective is not None else None
     meta["license"] = RELEASE_LICENSE if meta["format"] == "official" else None
     meta["weights"] = "ema" if use_ema or meta["format"] == "official" else "model"
     return model, meta
+
+
+class FlowExportError(ValueError):
+    """A flow-matching model given to the diffusers export: `DiTPipeline` cannot sample it."""
+
+
+def refuse_flow_model(source: str | os.PathLike, meta: dict) -> None:
+    """FlowExportError (one line: the reason and the fix) when `meta` (`load_source`'s) is a
+    flow-matching model's. diffusers' `DiTPipeline` feeds its scheduler's integer timesteps
+    0..999 to the transformer as they are (its timestep embedder has no scale in its config) and
+    steps a DDPM noise-prediction chain on the output, where a flow model takes t in [0, 1] and
+    predicts a velocity: the exported pipeline would sample noise."""
+    objective = meta.get("objective")
+    if not is_flow(objective):
+        return
+    how = ""
+    if meta.get("format") == "official":  # a bare state dict: its name, or release_format, said SiT
+        how = ("; SiT's release, by its file name SiT-*: --release-format dit if it is DiT's"
+               if release_family(source) == "sit" else "; SiT's release, as --release-format sit says")
+    raise FlowExportError(
+        f"{source} is a flow-matching model ({objective.get('path', 'linear')} path, "
+        f"{objective.get('prediction', 'velocity')} prediction, time t in [0, 1]{how}): DiTPipeline's DDPM "
+        "noise-prediction chain and integer timesteps 0..999 cannot sample it, so it is not exported to diffusers "
+        "(nothing was written); sample it with sample.py or eval_fid.py, or export its weights with "
+        "`python -m dit.export pretrained` (which records its objective for sample.py)")
 
 
 # --------------------------------------------------------------------------------------
@@ -254,23 +296,34 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def save_pretrained(source: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
-                    overwrite: bool = False, license: str | None = None) -> Path:
+                    overwrite: bool = False, license: str | None = None, release_format: str | None = None) -> Path:
     """Write `out_dir/{model.safetensors, config.json, README.md}`: the weights in the official
-    layout, the `DiT` config with what the run recorded (step, autoencoder, diffusion chain),
-    and a model card. `load_pretrained(out_dir)` (or `load_dit_checkpoint` on the weights file)
-    reads it back."""
+    layout, the `DiT` config with what the run recorded (step, autoencoder, and what it was
+    trained on: the diffusion chain, or a flow model's `objective`), and a model card.
+    `load_pretrained(out_dir)` (or `load_dit_checkpoint` on the weights file) reads it back.
+
+    The weights file records what sampling needs too (its metadata `config`: the `objective` of a
+    flow model, else the `diffusion` chain; `step`, `autoencoder`), so `sample.py
+    checkpoint=OUT/model.safetensors` samples it as it samples `source` (a SiT release file's
+    objective would otherwise be lost with its name). `release_format`: as `load_source`'s."""
     check_output_folder(out_dir, overwrite)  # before the source loads (seconds to minutes)
-    model, meta = load_source(source, use_ema)
+    model, meta = load_source(source, use_ema, release_format)
+    objective = meta.get("objective")
     record = {
         "format": "dit", "model_name": arch_name(model.config.depth, model.config.hidden_size,
                                                  model.config.num_heads, model.config.patch_size),
         "model_config": model.config.to_dict(), "step": meta.get("step"), "weights": meta.get("weights"),
-        "autoencoder": meta.get("autoencoder"), "diffusion": meta["diffusion"],
+        "autoencoder": meta.get("autoencoder"), "diffusion": None if objective else meta["diffusion"],
         "license": license or meta.get("license"),
     }
+    # What sample.py reads from the weights file alone (dit.sampling.trained.trained_objective)
+    trained = {"objective": objective} if objective else {"diffusion": meta["diffusion"]}
+    if objective:  # only for flow models: a diffusion export's config.json keeps its keys
+        record["objective"] = objective
+    weights_meta = {"model_name": record["model_name"], "model_config": record["model_config"], "config": trained}
+    weights_meta |= {key: record[key] for key in ("step", "autoencoder") if record[key] is not None}
     with staged_folder(out_dir, overwrite) as tmp:
-        save_weights_safetensors(model.state_dict(), tmp / WEIGHTS_NAME,
-                                 {"model_name": record["model_name"], "model_config": record["model_config"]})
+        save_weights_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, weights_meta)
         _write_json(tmp / CONFIG_NAME, record)
         (tmp / CARD_NAME).write_text(model_card(record, kind="dit"), encoding="utf-8")
     return Path(out_dir)
@@ -296,9 +349,10 @@ def load_pretrained(folder_or_repo: str | os.PathLike, device: str | torch.devic
         raise ValueError(f"{config_file} is not a dit config (format {record.get('format')!r})")
     fields = {k: v for k, v in record["model_config"].items() if k in CONFIG_FIELDS}
     model, meta = load_dit_checkpoint(weights, device=device, **fields)
+    objective = record.get("objective")
     meta.update(step=record.get("step"), autoencoder=record.get("autoencoder"), license=record.get("license"),
                 diffusion=record.get("diffusion") or {"noise_schedule": "linear", "diffusion_steps": 1000},
-                weights=record.get("weights"))
+                weights=record.get("weights"), objective=dict(objective) if is_flow(objective) else None)
     return model, meta
 
 
@@ -465,18 +519,22 @@ def _quiet_logger(name: str, quiet: bool = True) -> Iterator[None]:
 
 def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
                      vae: Any = None, scheduler: str = "ddim", id2label: dict | None = None,
-                     overwrite: bool = False, license: str | None = None) -> Path:
+                     overwrite: bool = False, license: str | None = None, release_format: str | None = None) -> Path:
     """Write a `DiTPipeline` folder: `transformer/` (safetensors + config.json), `scheduler/`
     (DDIM or DPM-Solver++ on the training chain's betas), `vae/` when `vae` is given (an
     `AutoencoderKL`, a local folder, a hub id or "sd-ema"/"sd-mse"; without it the pipeline is
     loaded with `vae=...`), `model_index.json` (with `id2label` when given) and a model card.
 
     `DiTTransformer2DModel.from_pretrained(out_dir, subfolder="transformer")` loads it offline;
-    `load_diffusers_transformer(out_dir)` also restores DiT's timestep frequencies."""
+    `load_diffusers_transformer(out_dir)` also restores DiT's timestep frequencies.
+
+    A flow-matching model (`load_source`'s `objective`; `release_format` as there) raises
+    `FlowExportError` before anything is written: `refuse_flow_model`."""
     from diffusers import DiTPipeline
 
     check_output_folder(out_dir, overwrite)  # before the source loads (seconds to minutes)
-    model, meta = load_source(source, use_ema)
+    model, meta = load_source(source, use_ema, release_format)
+    refuse_flow_model(source, meta)
     transformer = to_diffusers(model)
     pipe = DiTPipeline(transformer=transformer, vae=_load_vae(vae), scheduler=diffusers_scheduler(meta["diffusion"], scheduler),
                        id2label={int(k): str(v) for k, v in id2label.items()} if id2label else None)
@@ -510,14 +568,24 @@ def model_card(record: dict, kind: str) -> str:
     ae = record.get("autoencoder") or {}
     ae_name = ae.get("name") or "not recorded (the release used stabilityai/sd-vae-ft-ema or -mse)"
     step = record.get("step")
+    flow = record.get("objective")
+    if is_flow(flow):
+        what, trained = "flow-matching", [
+            "A DiT-architecture flow-matching model (SiT, Ma et al. 2024) of class-conditional images: it predicts "
+            f"the {flow.get('prediction', 'velocity')} of the {flow.get('path', 'linear')} path at time t in [0, 1]. "
+            "It is not a diffusers DiTPipeline (that samples a DDPM noise-prediction chain): sample it with this "
+            "repository's `sample.py checkpoint=<this folder>/model.safetensors` (its flow samplers).", "",
+            "- objective: `" + json.dumps(flow, sort_keys=True) + "`"]
+    else:
+        what, trained = "diffusion", [
+            "A DiT (Peebles & Xie, 2023) that denoises latents of class-conditional images: epsilon "
+            + ("and the learned variance interpolation" if record["model_config"]["learn_sigma"] else "only") + ".", "",
+            f"- diffusion chain: {record['diffusion']['noise_schedule']}, {record['diffusion']['diffusion_steps']} steps"]
     lines = ["---", f"license: {licence}", f"library_name: {'diffusers' if kind == 'diffusers' else 'pytorch'}",
              "tags:", "- dit", "- class-conditional", "- image-generation", "---", "",
-             f"# {name} (class-conditional diffusion transformer)", "",
-             "A DiT (Peebles & Xie, 2023) that denoises latents of class-conditional images: epsilon "
-             + ("and the learned variance interpolation" if record["model_config"]["learn_sigma"] else "only") + ".", "",
+             f"# {name} (class-conditional {what} transformer)", "", *trained[:-1],
              f"- weights: {record.get('weights') or 'ema'}, training steps: {step if step is not None else 'not recorded'}",
-             f"- autoencoder: {ae_name} (latent scale {ae.get('scale_factor', 0.18215)})",
-             f"- diffusion chain: {record['diffusion']['noise_schedule']}, {record['diffusion']['diffusion_steps']} steps",
+             f"- autoencoder: {ae_name} (latent scale {ae.get('scale_factor', 0.18215)})", trained[-1],
              "- config: `" + json.dumps(record["model_config"], sort_keys=True) + "`", "", "## Loading", "", "```python"]
     if kind == "diffusers":
         vae = "" if record.get("vae_included") else ', vae=AutoencoderKL.from_pretrained("<the autoencoder above>")'
