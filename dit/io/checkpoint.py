@@ -27,7 +27,7 @@ import pickletools
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ __all__ = [
     "load_state",
     "read_safetensors_metadata",
     "load_dit_checkpoint",
+    "list_checkpoints",
+    "run_checkpoints",
+    "newest_intact_checkpoint",
 ]
 
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DiTConfig))
@@ -525,3 +528,49 @@ def load_dit_checkpoint(
         "config": extras.get("config"),
     }
     return model, meta
+
+
+# --------------------------------------------------------------------------------------
+# The checkpoints of a run directory: `<run>/checkpoints/<step:07d>.pt` (dit/train/resume.py
+# writes them). Here, below both, so that resume=, init_from= and sample.py's checkpoint= find
+# a run's checkpoints the same way.
+# --------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = re.compile(r"^(\d+)\.pt$")
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints in `ckpt_dir`, oldest first. Temporary files of
+    an interrupted write do not match the name pattern."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), ckpt_dir / name) for name in os.listdir(ckpt_dir) if (m := CHECKPOINT_NAME.match(name))]
+    return sorted(found)
+
+
+def run_checkpoints(path: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints of a run directory (`<path>/checkpoints/`), or of `path`
+    itself when it is a checkpoints folder; oldest first, [] when neither holds one."""
+    path = Path(path).expanduser()
+    return list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+
+
+def newest_intact_checkpoint(path: str | os.PathLike, read: Callable[[Path], Any] = load_state,
+                             ) -> tuple[Path | None, Any, list[tuple[Path, CheckpointError]]]:
+    """The newest checkpoint of the run directory (or checkpoints folder) `path` that `read`
+    reads: (its path, what `read` returned, the newer ones skipped, each with its error). A
+    CheckpointError from `read` (truncated, damaged, failing its checksum, not a checkpoint) skips
+    the file, which is left where it is; UnsafeCheckpointError (it would run code) and
+    CheckpointMismatchError (weights that do not fit what was asked for: an older checkpoint of
+    the same run would not either) are raised. (None, None, skipped) when none reads; `skipped`
+    is empty when there is no checkpoint at all."""
+    skipped = []
+    for _, candidate in reversed(run_checkpoints(path)):
+        try:
+            return candidate, read(candidate), skipped
+        except (UnsafeCheckpointError, CheckpointMismatchError):
+            raise
+        except CheckpointError as err:
+            skipped.append((candidate, err))
+    return None, None, skipped

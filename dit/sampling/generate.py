@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
-from dit.distributed import DistEnv, barrier, cleanup, init_distributed
+from dit.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
 from dit.io.atomic import write_json_atomic
 from dit.io.images import save_grid
 from dit.sampling.base import Sampler
@@ -29,10 +29,21 @@ def _load(cfg: SampleConfig, env: DistEnv):
     for DiT's release files), or the flow objective of its `objective` node (SiT's for SiT's
     release file), which the flow samplers integrate."""
     vae = cfg.vae
-    model, autoencoder, provenance = load_for_sampling(
-        cfg.checkpoint, which=cfg.which, model_name=cfg.model_name, vae=vae.name if vae is not None else None,
-        vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device,
-        release_format=cfg.release_format)
+
+    def load(checkpoint):
+        return load_for_sampling(
+            checkpoint, which=cfg.which, model_name=cfg.model_name, vae=vae.name if vae is not None else None,
+            vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device,
+            release_format=cfg.release_format)
+
+    model, autoencoder, provenance = load(cfg.checkpoint)
+    if Path(cfg.checkpoint).expanduser().is_dir():  # a run directory: every rank samples rank 0's choice
+        chosen = broadcast_object(provenance["checkpoint"], env)
+        if chosen != provenance["checkpoint"]:  # a checkpoint saved meanwhile
+            model, autoencoder, provenance = load(chosen)
+        if env.is_main:
+            print(f"checkpoint={cfg.checkpoint}: sampling {chosen} (step {provenance['step']}), the run's newest "
+                  "intact checkpoint", flush=True)
     return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from dit.autoencoder import autoencoder_from_spec, build_autoencoder
-from dit.io.checkpoint import load_dit_checkpoint
+from dit.io.checkpoint import CheckpointError, load_dit_checkpoint, newest_intact_checkpoint
 from dit.io.release import release_family
 from dit.sampling.images import NonFiniteSamplesError
 from dit.sampling.settings import DEFAULT_SPACING, SamplerSettings
 from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, objective_from_config, trained_chain
 
-__all__ = ["DEFAULT_RELEASE_VAE", "load_for_sampling", "settings_path_for", "default_output_name"]
+__all__ = ["DEFAULT_RELEASE_VAE", "load_for_sampling", "run_checkpoint", "settings_path_for", "default_output_name"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,23 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     SiT's release). `trained_objective(provenance, learn_sigma)` builds either. `num_heads`: for a
     release-format file of a width outside the official table (heads leave no trace in shapes).
     `release_format`: "dit" | "sit", how a release-format file was trained (None: by its name,
-    `dit.io.release.release_family`); our checkpoints record their objective and ignore it."""
+    `dit.io.release.release_family`); our checkpoints record their objective and ignore it.
+    `checkpoint` may also be a run directory (or its checkpoints/ folder): its newest intact
+    checkpoint is loaded (`run_checkpoint`), and `provenance["checkpoint"]` names that file."""
     path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist: give a training checkpoint "
-                                "(<run>/checkpoints/NNNNNNN.pt) or a release file such as DiT-XL-2-256x256.pt")
     extra = {"num_heads": num_heads} if num_heads is not None else {}
-    model, meta = load_dit_checkpoint(path, which=which, model_name=model_name, device=device, **extra)
+
+    def load(file: Path):
+        return load_dit_checkpoint(file, which=which, model_name=model_name, device=device, **extra)
+
+    if path.is_dir():
+        path, (model, meta) = run_checkpoint(checkpoint, load)
+    elif not path.is_file():
+        raise FileNotFoundError(f"checkpoint={checkpoint} does not exist: give a training checkpoint "
+                                "(<run>/checkpoints/NNNNNNN.pt), a run directory (its newest checkpoint) or a "
+                                "release file such as DiT-XL-2-256x256.pt")
+    else:
+        model, meta = load(path)
     _check_finite_weights(model, path, which)
     stored = meta.get("autoencoder") or {}
     name = vae or stored.get("name") or DEFAULT_RELEASE_VAE
@@ -80,6 +90,25 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
     else:  # a flow model: its objective, as trained_objective(provenance, ...) rebuilds it
         provenance["objective"] = objective
     return model, autoencoder, provenance
+
+
+def run_checkpoint(run_dir: str | os.PathLike, read):
+    """(path, what `read(path)` returned) of the newest intact checkpoint of a run directory
+    (`dit.io.checkpoint.newest_intact_checkpoint`: what resume= and init_from= look in). Newer
+    checkpoints that do not read are skipped with a warning naming each, and left where they are
+    (a training run may own them). A directory without checkpoints: FileNotFoundError; one
+    whose checkpoints all fail to read: CheckpointError listing them."""
+    path, value, skipped = newest_intact_checkpoint(run_dir, read)
+    if path is None and not skipped:
+        raise FileNotFoundError(f"checkpoint={run_dir} is a directory without checkpoints (no <step>.pt in it or in "
+                                "its checkpoints/): give a checkpoint file, or a run directory once it has saved one")
+    if path is None:
+        listed = "; ".join(f"{p.name}: {err}" for p, err in skipped)
+        raise CheckpointError(f"checkpoint={run_dir}: none of its checkpoints can be read ({listed}); give a good "
+                              "checkpoint file")
+    for bad, err in skipped:
+        log.warning("checkpoint %s cannot be read (%s); using the previous one, %s", bad, err, path)
+    return path, value
 
 
 def settings_path_for(out_path: str | os.PathLike) -> Path:

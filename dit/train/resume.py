@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from dit.io.checkpoint import (CheckpointError, CheckpointWriteError, UnsafeCheckpointError, load_state, save_atomic,
-                            with_checksum)
+from dit.io.checkpoint import (CheckpointError, CheckpointWriteError, list_checkpoints, load_state,
+                               newest_intact_checkpoint, run_checkpoints, save_atomic, with_checksum)
 from dit.config import ConfigError, TrainConfig, config_mismatches, schema_defaults
 from dit.distributed import (
     DistEnv,
@@ -36,9 +36,8 @@ from dit.train.randomness import rng_state
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
-_CKPT_NAME = re.compile(r"^(\d+)\.pt$")
 # Temp files of `dit.io.checkpoint.save_atomic` (".0000100.pt.<pid>.<hex>.tmp"), left behind when a
-# write was killed: never loaded (the name pattern above excludes them), removed at the next start.
+# write was killed: never loaded (`dit.io.checkpoint.CHECKPOINT_NAME` excludes them), removed at the next start.
 _CKPT_TEMP = re.compile(r"^\.\d+\.pt\..*\.tmp$")
 _REQUIRED_KEYS = ("model", "ema", "opt", "step")
 
@@ -55,16 +54,6 @@ def plain_config(cfg: TrainConfig) -> dict:
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"{step:07d}.pt"
-
-
-def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of the complete checkpoints in `ckpt_dir`, oldest first. Temporary files of
-    an interrupted write do not match the name pattern."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), ckpt_dir / name) for name in os.listdir(ckpt_dir) if (m := _CKPT_NAME.match(name))]
-    return sorted(found)
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
@@ -114,15 +103,8 @@ def newest_readable_checkpoint(ckpt_dir: Path) -> tuple[Optional[Path], Optional
     bit rot, a bad copy) is renamed to `<name>.corrupt`, out of the way of resuming and pruning,
     with a warning naming it and the checkpoint used instead. A file that would run code is not
     skipped quietly: UnsafeCheckpointError. Call on one rank only (it renames files)."""
-    bad = []
-    for _, path in reversed(list_checkpoints(ckpt_dir)):
-        try:
-            state = read_training_checkpoint(path)
-        except UnsafeCheckpointError:
-            raise
-        except CheckpointError as err:
-            bad.append((path, err))
-            continue
+    path, state, bad = newest_intact_checkpoint(ckpt_dir, read_training_checkpoint)
+    if path is not None:
         for corrupt, err in bad:
             aside = corrupt.with_name(corrupt.name + ".corrupt")
             os.replace(corrupt, aside)
@@ -144,10 +126,9 @@ def resolve_resume_path(path: str, key: str = "resume") -> Path:
     p = Path(path).expanduser()
     if p.is_file():
         return p
-    for d in (p / "checkpoints", p):
-        latest = latest_checkpoint(d)
-        if latest is not None:
-            return latest
+    found = run_checkpoints(p)
+    if found:
+        return found[-1][1]
     what = "a directory without checkpoints" if p.is_dir() else "no such file or directory"
     raise ConfigError(f"{key}={path}: {what}; give a checkpoint file or a run directory that holds checkpoints")
 

@@ -1,0 +1,94 @@
+"""Issue 23, items 3, 4 and 6: sample.py's defaults fit any model and any checkout.
+
+- item 3: without `grid.labels` the grid draws the model's own classes, one row of
+  `grid.per_class` images per class (an even spread of `grid.max_classes` classes when the model
+  has more); labels the model does not have are refused before the checkpoint is loaded, naming
+  its class count and the fix;
+- item 4: `checkpoint=<run directory>` samples the run's newest intact checkpoint (for sample.py
+  and eval_fid.py) and names the file it used; a run directory without checkpoints is one error;
+- item 6: the default outputs of sample.py and eval_fid.py (grid PNG, bulk .npz, metrics JSON,
+  results table) go under `outputs/` of the working directory, nothing else is created there.
+"""
+
+import json
+from pathlib import Path
+
+
+from dit.io.checkpoint import save_atomic, with_checksum
+from dit.sampling.loading import settings_path_for
+
+from conftest import assert_one_line, run_program, tiny_dit
+
+FAST = ["sampler=ddim", "sampler.num_steps=2", "device=cpu"]
+
+
+def _checkpoint(path: Path, num_classes: int = 5, step: int = 11, seed: int = 0, **config) -> Path:
+    """A tiny pixel-space DiT (8x8 images) in our checkpoint format, with its checksum, as training
+    writes it."""
+    model = tiny_dit(seed=seed, in_channels=3, num_classes=num_classes, input_size=8, **config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(with_checksum({"model": model.state_dict(), "ema": model.state_dict(), "step": step,
+                               "model_name": None, "model_config": model.config.to_dict(),
+                               "autoencoder": {"name": "pixel", "scale_factor": 1.0}, "format_version": 1}), path)
+    return path
+
+
+def _run_dir(root: Path) -> Path:
+    """A run directory with two intact checkpoints (steps 10 and 20) and a newer one cut short (30)."""
+    run = root / "myrun"
+    _checkpoint(run / "checkpoints" / "0000010.pt", step=10, seed=1)
+    _checkpoint(run / "checkpoints" / "0000020.pt", step=20, seed=2)
+    intact = (run / "checkpoints" / "0000020.pt").read_bytes()
+    (run / "checkpoints" / "0000030.pt").write_bytes(intact[: len(intact) // 2])  # a copy that stopped halfway
+    return run
+
+
+# ------------------------------------------------------------------------------ item 4
+
+
+def test_sample_py_takes_a_run_directory_and_uses_its_newest_intact_checkpoint(tmp_path, capsys, monkeypatch):
+    run = _run_dir(tmp_path)
+    grid = tmp_path / "g.png"
+    code, out, err = run_program("sample.py", [f"checkpoint={run}", *FAST, "grid.labels=[0,1]", f"grid.out={grid}"],
+                                 capsys, monkeypatch)
+    assert code == 0, err
+    used = (run / "checkpoints" / "0000020.pt").resolve()
+    assert f"sampling {used} (step 20)" in out  # the output names the file used
+    settings = json.loads(settings_path_for(grid).read_text())
+    assert settings["checkpoint"] == str(used) and settings["step"] == 20
+    assert (run / "checkpoints" / "0000030.pt").is_file()  # skipped, left where it is (a run may own it)
+
+    # Its checkpoints/ folder works too.
+    code, out, err = run_program("sample.py", [f"checkpoint={run / 'checkpoints'}", *FAST, "grid.labels=[0,1]",
+                                               f"grid.out={tmp_path / 'h.png'}"], capsys, monkeypatch)
+    assert code == 0 and f"sampling {used} (step 20)" in out, err
+
+
+def test_a_run_directory_without_a_readable_checkpoint_is_one_error(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    code, out, err = run_program("sample.py", [f"checkpoint={empty}", *FAST, "grid.labels=[0]",
+                                               f"grid.out={tmp_path / 'g.png'}"], capsys, monkeypatch)
+    assert_one_line(code, err, f"checkpoint={empty}", "directory without checkpoints")
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "checkpoints" / "0000005.pt").write_bytes(b"not a checkpoint")
+    code, _, err = run_program("sample.py", [f"checkpoint={broken}", *FAST, "grid.labels=[0]",
+                                               f"grid.out={tmp_path / 'g.png'}"], capsys, monkeypatch)
+    assert_one_line(code, err, f"checkpoint={broken}", "0000005.pt")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_resume_and_sample_py_find_a_run_directorys_checkpoints_alike(tmp_path):
+    """resume= / init_from= (`resolve_resume_path`) and sample.py list a run directory's
+    checkpoints with the same function."""
+    from dit.io.checkpoint import newest_intact_checkpoint, run_checkpoints
+    from dit.train.resume import resolve_resume_path
+
+    run = _run_dir(tmp_path)
+    assert [step for step, _ in run_checkpoints(run)] == [10, 20, 30]
+    assert run_checkpoints(run) == run_checkpoints(run / "checkpoints")
+    assert resolve_resume_path(str(run)) == run / "checkpoints" / "0000030.pt"  # unchanged: the newest file
+    path, state, skipped = newest_intact_checkpoint(run)
+    assert path == run / "checkpoints" / "0000020.pt" and state["step"] == 20
+    assert [p.name for p, _ in skipped] == ["0000030.pt"]
