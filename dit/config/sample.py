@@ -47,15 +47,23 @@ SamplerConfig = _sampler_node_schema()
 
 
 class SampleMode(enum.Enum):
-    grid = "grid"  # a PNG of the classes in grid.labels (single process)
+    grid = "grid"  # a PNG of the model's classes, or of those in grid.labels (single process)
     bulk = "bulk"  # bulk.num_samples images to an ADM .npz (all ranks take part)
+
+
+GRID_LABEL_CHOICES = ("auto", "all")
 
 
 @dataclass
 class GridConfig:
-    labels: Any = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])  # or "all"
+    # auto: the model's own classes, one row of `per_class` images each (every class of a model with
+    # at most `max_classes`, else `max_classes` of them evenly spread); all: one image per class;
+    # or a list of class ids, one image each (DiT's demo: [207, 360, 387, 974, 88, 979, 417, 279])
+    labels: Any = "auto"
+    per_class: int = 4  # labels=auto: images per class (one row each)
+    max_classes: int = 16  # labels=auto: the most classes (rows) drawn
     cfg_scale: float = 4.0  # the reference demo's guidance
-    nrow: int = 4  # images per row
+    nrow: Optional[int] = None  # images per row; None: per_class for labels=auto (a row per class), else 4 (DiT's demo)
     out: Optional[str] = None  # PNG path; None: samples/<checkpoint>-<settings>.png
 
 
@@ -106,8 +114,14 @@ class SampleConfig:
             except ValueError as err:
                 raise ConfigError(f"sampler settings ({key} mode): {err}") from None
         labels = self.grid.labels
-        if labels != "all" and not (isinstance(labels, list) and all(isinstance(y, int) for y in labels) and labels):
-            raise ConfigError(f"grid.labels must be a list of class ids or 'all', got {labels!r}")
+        if labels not in GRID_LABEL_CHOICES and not (
+                isinstance(labels, list) and labels and all(isinstance(y, int) and y >= 0 for y in labels)):
+            raise ConfigError(f"grid.labels must be 'auto' (the model's classes, a row each), 'all' or a list of class "
+                              f"ids >= 0, got {labels!r}")
+        for key in ("per_class", "max_classes", "nrow"):
+            value = getattr(self.grid, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"grid.{key} must be >= 1, got {value}")
         if self.bulk.labels not in LABEL_MODES:
             raise ConfigError(f"bulk.labels must be one of {LABEL_MODES}, got {self.bulk.labels!r}")
         for key in ("num_samples", "batch_size"):

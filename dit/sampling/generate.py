@@ -17,7 +17,7 @@ from dit.io.images import save_grid
 from dit.sampling.base import Sampler
 from dit.sampling.bulk import BulkJob, Ranks, bulk_sample, check_bulk_output
 from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples
-from dit.sampling.loading import default_output_name, load_for_sampling, settings_path_for
+from dit.sampling.loading import declared_num_classes, default_output_name, load_for_sampling, settings_path_for
 from dit.sampling.samplers import build_sampler
 from dit.sampling.settings import SamplerMismatchError
 from dit.sampling.trained import trained_objective
@@ -80,16 +80,61 @@ def _output(given: str | None, default_stem, suffix: str, key: str) -> Path:
     return out
 
 
+# DiT's demo grid (the release's sample.py): its classes, 4 images per row.
+DEMO_NROW = 4
+
+
+def spread_classes(num_classes: int, count: int) -> list[int]:
+    """`count` class ids evenly spread over 0..num_classes-1, both ends included (all of them
+    when there are no more than `count`)."""
+    if num_classes <= count:
+        return list(range(num_classes))
+    if count == 1:
+        return [0]
+    return [(2 * i * (num_classes - 1) + count - 1) // (2 * (count - 1)) for i in range(count)]  # rounded
+
+
+def check_grid_labels(labels, num_classes: int, checkpoint) -> None:
+    """ConfigError naming the model's class count and the fix when an explicit `grid.labels`
+    has a class the model does not have."""
+    if not isinstance(labels, (list, tuple)):
+        return
+    bad = [y for y in labels if not 0 <= y < num_classes]
+    if bad:
+        raise ConfigError(f"grid.labels={list(labels)}: class {bad[0]} is not one of the {num_classes} classes of "
+                          f"checkpoint={checkpoint} (ids 0..{num_classes - 1}); leave grid.labels out for a row per "
+                          f"class of this model, or list ids below {num_classes}")
+
+
+def grid_layout(grid, num_classes: int, checkpoint=None) -> dict:
+    """What a grid draws for a model with `num_classes` classes: {"labels": one class id per
+    image, "nrow": images per row}, with "classes" and "per_class" for `labels=auto` (every class,
+    or `grid.max_classes` of them evenly spread, each a row of `grid.per_class` images)."""
+    if grid.labels == "auto":
+        classes = spread_classes(num_classes, grid.max_classes)
+        return {"labels": [y for y in classes for _ in range(grid.per_class)], "nrow": grid.nrow or grid.per_class,
+                "classes": classes, "per_class": grid.per_class}
+    check_grid_labels(grid.labels, num_classes, checkpoint)
+    labels = list(range(num_classes)) if grid.labels == "all" else list(grid.labels)
+    return {"labels": labels, "nrow": grid.nrow or DEMO_NROW}
+
+
 def generate_grid(cfg: SampleConfig | Any) -> Path:
-    """mode=grid: one image per entry of `grid.labels`, written as a PNG with its settings JSON
-    next to it (rank 0 draws; other ranks, if any, wait). Returns the PNG path."""
+    """mode=grid: the model's classes, a row of `grid.per_class` images each (`grid.labels=auto`),
+    or one image per entry of `grid.labels`, written as a PNG with its settings JSON next to it
+    (rank 0 draws; other ranks, if any, wait). Returns the PNG path. Explicit labels the model
+    does not have are refused before its weights are read, where the file says its class count."""
     cfg = to_sample_config(cfg)
     if cfg.grid.out:
         _output(cfg.grid.out, None, ".png", "grid.out")
+    declared = declared_num_classes(cfg.checkpoint)
+    if declared is not None:
+        check_grid_labels(cfg.grid.labels, declared, cfg.checkpoint)
     env = init_distributed(cfg.device)
     try:
         model, autoencoder, provenance, objective = _load(cfg, env)
-        labels = list(range(model.config.num_classes)) if cfg.grid.labels == "all" else list(cfg.grid.labels)
+        layout = grid_layout(cfg.grid, model.config.num_classes, cfg.checkpoint)
+        labels = layout["labels"]
         sampler = _sampler(cfg, cfg.grid.cfg_scale, objective, autoencoder)
         settings = sampler.settings
         out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
@@ -99,10 +144,10 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
                 order = SampleOrder(seed=cfg.seed, batch_size=len(labels), labels=labels)
                 images, _ = generate_samples(model, sampler, autoencoder, range(len(labels)), order, progress=True,
                                              stats=stats)
-            save_grid(images, out, nrow=cfg.grid.nrow)
+            save_grid(images, out, nrow=layout["nrow"])
             counted = {"nfe": stats["nfe"]} if settings.is_flow else {}  # dopri5's count is only known now
             write_json_atomic(settings_path_for(out), {
-                "mode": "grid", "labels": labels, "seed": cfg.seed, **settings.to_dict(), **counted, **provenance,
+                "mode": "grid", **layout, "seed": cfg.seed, **settings.to_dict(), **counted, **provenance,
                 "model_config": model.config.to_dict(), "autoencoder": autoencoder.to_dict()})
             print(f"wrote {out}; settings: {settings_path_for(out)}")
         barrier(env)

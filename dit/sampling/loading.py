@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 
 from dit.autoencoder import autoencoder_from_spec, build_autoencoder
-from dit.io.checkpoint import CheckpointError, load_dit_checkpoint, newest_intact_checkpoint
-from dit.io.release import release_family
+from dit.io.checkpoint import (CheckpointError, load_dit_checkpoint, newest_intact_checkpoint, read_safetensors_metadata,
+                               run_checkpoints)
+from dit.io.release import release_family, strip_wrapper_prefixes
 from dit.sampling.images import NonFiniteSamplesError
 from dit.sampling.settings import DEFAULT_SPACING, SamplerSettings
 from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, objective_from_config, trained_chain
 
-__all__ = ["DEFAULT_RELEASE_VAE", "load_for_sampling", "run_checkpoint", "settings_path_for", "default_output_name"]
+__all__ = ["DEFAULT_RELEASE_VAE", "declared_num_classes", "load_for_sampling", "run_checkpoint", "settings_path_for",
+           "default_output_name"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RELEASE_VAE = "sd-ema"
+LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 
 def _check_finite_weights(model: torch.nn.Module, path: Path, which: str) -> None:
@@ -109,6 +112,30 @@ def run_checkpoint(run_dir: str | os.PathLike, read):
     for bad, err in skipped:
         log.warning("checkpoint %s cannot be read (%s); using the previous one, %s", bad, err, path)
     return path, value
+
+
+def declared_num_classes(checkpoint: str | os.PathLike) -> int | None:
+    """The number of classes a checkpoint file says its model has, read without loading its
+    weights (torch maps them, reading only the small record; a run directory: its newest file
+    that tells),
+    so that labels the model does not have are refused in seconds; None where it cannot tell so
+    cheaply (then the loaded model's count decides)."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():  # the newest checkpoint that tells (all of a run's have the same classes)
+        return next((n for n in (declared_num_classes(p) for _, p in reversed(run_checkpoints(path))) if n), None)
+    try:
+        if path.suffix == ".safetensors":
+            config = read_safetensors_metadata(path).get("model_config")
+            return int(config["num_classes"]) if isinstance(config, dict) else None
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):  # ours
+            return int(obj["model_config"]["num_classes"])
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a release file
+            table = strip_wrapper_prefixes(obj).get(LABEL_TABLE)
+            return None if table is None else table.shape[0] - 1  # the last row is the null class (infer_dit_config)
+    except Exception:  # noqa: BLE001 - not readable this way (an older format, damage): loading will say
+        return None
+    return None
 
 
 def settings_path_for(out_path: str | os.PathLike) -> Path:

@@ -13,6 +13,8 @@
 import json
 from pathlib import Path
 
+import torch
+from PIL import Image
 
 from dit.io.checkpoint import save_atomic, with_checksum
 from dit.sampling.loading import settings_path_for
@@ -41,6 +43,74 @@ def _run_dir(root: Path) -> Path:
     intact = (run / "checkpoints" / "0000020.pt").read_bytes()
     (run / "checkpoints" / "0000030.pt").write_bytes(intact[: len(intact) // 2])  # a copy that stopped halfway
     return run
+
+
+def _grid_size(rows: int, per_row: int, image: int = 8, padding: int = 2) -> tuple[int, int]:
+    """(width, height) of a saved grid (torchvision's make_grid: `padding` around every image)."""
+    return per_row * (image + padding) + padding, rows * (image + padding) + padding
+
+
+# ------------------------------------------------------------------------------ item 3
+
+
+def test_the_default_grid_draws_a_row_per_class_of_the_model(tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path / "five.pt", num_classes=5)
+    grid = tmp_path / "g.png"
+    code, _, err = run_program("sample.py", [f"checkpoint={ckpt}", *FAST, f"grid.out={grid}"], capsys, monkeypatch)
+    assert code == 0, err
+    settings = json.loads(settings_path_for(grid).read_text())
+    assert settings["classes"] == [0, 1, 2, 3, 4] and settings["per_class"] == 4 and settings["nrow"] == 4
+    assert settings["labels"] == [y for y in range(5) for _ in range(4)]  # row y: four images of class y
+    with Image.open(grid) as im:
+        assert im.size == _grid_size(rows=5, per_row=4)
+
+    code, _, err = run_program("sample.py", [f"checkpoint={ckpt}", *FAST, "grid.per_class=2", f"grid.out={grid}"],
+                               capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(settings_path_for(grid).read_text())["labels"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    with Image.open(grid) as im:
+        assert im.size == _grid_size(rows=5, per_row=2)
+
+
+def test_a_model_with_many_classes_gets_an_even_spread_and_dits_demo_stays_reachable(tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path / "k1000.pt", num_classes=1000, hidden_size=16, num_heads=1)
+    grid = tmp_path / "g.png"
+    code, _, err = run_program("sample.py", [f"checkpoint={ckpt}", *FAST, "grid.per_class=1", f"grid.out={grid}"],
+                               capsys, monkeypatch)
+    assert code == 0, err
+    classes = json.loads(settings_path_for(grid).read_text())["classes"]
+    assert len(classes) == 16 and classes[0] == 0 and classes[-1] == 999  # grid.max_classes, both ends
+    assert {b - a for a, b in zip(classes, classes[1:])} <= {66, 67}  # evenly spaced
+    with Image.open(grid) as im:
+        assert im.size == _grid_size(rows=16, per_row=1)
+
+    demo = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py demo: one image each, 4 per row
+    code, _, err = run_program("sample.py", [f"checkpoint={ckpt}", *FAST, f"grid.labels=[{','.join(map(str, demo))}]",
+                                             f"grid.out={grid}"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(settings_path_for(grid).read_text())["labels"] == demo
+    with Image.open(grid) as im:
+        assert im.size == _grid_size(rows=2, per_row=4)
+
+
+def test_labels_the_model_does_not_have_are_refused_before_its_weights_load(tmp_path, capsys, monkeypatch):
+    import dit.sampling.generate as generate
+
+    ours = _checkpoint(tmp_path / "five.pt", num_classes=5)
+    release = tmp_path / "release.pt"  # a bare state dict (the release layout): 6 label rows, 5 classes + null
+    torch.save(tiny_dit(in_channels=3, num_classes=5, input_size=8).state_dict(), release)
+    run = _run_dir(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(generate, "load_for_sampling", never)
+    for ckpt in (ours, release, run):
+        code, _, err = run_program("sample.py", [f"checkpoint={ckpt}", *FAST, "grid.labels=[207,360]",
+                                                 f"grid.out={tmp_path / 'g.png'}"], capsys, monkeypatch)
+        assert_one_line(code, err, "grid.labels=[207, 360]", "class 207", "the 5 classes", str(ckpt),
+                        "leave grid.labels out")
+    assert not (tmp_path / "g.png").exists()
 
 
 # ------------------------------------------------------------------------------ item 4
