@@ -6,6 +6,11 @@ follow the paper: sinusoidal timestep features `[cos, sin]`, a fixed 2-D sin-cos
 table, LayerNorm (eps 1e-6, no affine) modulated by shift/scale/gate vectors that are
 regressed from `c = t_emb + y_emb` and initialised to zero.
 
+`time_inputs=2` (MeanFlow, Geng et al. 2025; docs/meanflow.md) gives the network two times,
+`t` (B, 2) = [t, r], embedded as MeanFlow's DiT does: `c = t_emb(t) + h_emb(t - r) + y_emb`, with a
+second sin-cos `TimestepEmbedder` (`h_embedder`) for h = t - r. The default, one time (B,), is the
+official model, unchanged.
+
 LightningDiT's architecture options (RMSNorm, SwiGLU, 2-D RoPE, qk-norm, shift-free modulation)
 are `DiTConfig` keys whose defaults are the official layout; their modules live in
 `dit/models/layers.py`, the one other file of `dit/` this one imports (it imports nothing of `dit/`).
@@ -194,22 +199,36 @@ class DiTConfig:
     rope: bool = False  # 2-D rotary embedding on q and k (the sin-cos table stays added)
     qk_norm: bool = False  # per-head norm of q and k (of the `norm` kind, learned affine)
     modulation: str = "shift_scale_gate"  # | "scale_gate" (LightningDiT's shift-free adaLN)
+    # 1: the timestep t (B,); 2: MeanFlow's two times [t, r] (B, 2), embedded as t and h = t - r
+    time_inputs: int = 1
 
     def __post_init__(self):
         check_options(option_values(self))
+        if isinstance(self.time_inputs, bool) or self.time_inputs not in TIME_INPUTS:
+            raise ValueError(f"time_inputs must be 1 (the timestep t) or 2 (MeanFlow's [t, r]), got {self.time_inputs!r}")
 
     def options(self) -> dict:
-        """The architecture options that differ from the official layout ({} for DiT itself)."""
-        return {k: v for k, v in option_values(self).items() if v != OPTION_DEFAULTS[k]}
+        """The architecture options, and the number of time inputs, that differ from the
+        official layout ({} for DiT itself)."""
+        out = {k: v for k, v in option_values(self).items() if v != OPTION_DEFAULTS[k]}
+        if self.time_inputs != 1:
+            out["time_inputs"] = self.time_inputs
+        return out
 
     def to_dict(self) -> dict:
-        """All fields, except architecture options left at their defaults: the official model's
-        record is what it always was, and a record without them reads as the official layout."""
+        """All fields, except architecture options and `time_inputs` left at their defaults: the
+        official model's record is what it always was, and a record without them reads as the
+        official layout."""
         d = asdict(self)
         for k, default in OPTION_DEFAULTS.items():
             if d[k] == default:
                 del d[k]
+        if d["time_inputs"] == 1:
+            del d["time_inputs"]
         return d
+
+
+TIME_INPUTS = (1, 2)  # DiTConfig.time_inputs: the timestep t, or MeanFlow's [t, r]
 
 
 # The architecture options' defaults (the official DiT layout), as DiTConfig declares them.
@@ -248,6 +267,8 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
         self.t_embedder = TimestepEmbedder(hidden_size)
+        # MeanFlow's second time input: its own sin-cos embedder of h = t - r (None for one time input)
+        self.h_embedder = TimestepEmbedder(hidden_size) if c.time_inputs == 2 else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, c.class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed (not trained) sin-cos table; a parameter so that it sits in the state dict.
@@ -281,6 +302,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.h_embedder is not None:
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.h_embedder.mlp[2].weight, std=0.02)
 
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -303,11 +327,21 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, D): the timestep embedding of t (N,), or with two time inputs of t (N, 2) = [t, r]:
+        emb_t(t) + emb_h(t - r) (MeanFlow's DiT sums the two; r = t gives h = 0)."""
+        if self.h_embedder is None:
+            return self.t_embedder(t)
+        if t.ndim != 2 or t.shape[1] != 2:
+            raise ValueError(f"a model with two time inputs takes t of shape (N, 2) = [t, r], got {tuple(t.shape)}")
+        return self.t_embedder(t[:, 0]) + self.h_embedder(t[:, 0] - t[:, 1])
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) noisy input, t (N,) diffusion timesteps, y (N,) class labels.
+        """x (N, C, H, W) noisy input, t (N,) diffusion timesteps (with `time_inputs=2`: (N, 2),
+        MeanFlow's [t, r]), y (N,) class labels.
         Returns (N, out_channels, H, W): epsilon, then the variance interpolation when learned."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H * W / patch_size ** 2
-        t_emb = self.t_embedder(t)  # (N, D)
+        t_emb = self.embed_time(t)  # (N, D)
         y_emb = self.y_embedder(y, self.training)  # (N, D); label dropout only while training
         c = t_emb + y_emb  # (N, D)
         # (T, 2 * head_dim) rotary table, rebuilt per call (cheap) so that it follows x's device
