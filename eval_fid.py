@@ -1,6 +1,6 @@
 """Score generated images: FID, sFID, Inception Score, precision/recall (ADM's protocol) and KID.
 
-    python eval_fid.py samples=samples/run.npz reference=VIRTUAL_imagenet256_labeled.npz
+    python eval_fid.py samples=outputs/samples/run.npz reference=VIRTUAL_imagenet256_labeled.npz
     python eval_fid.py checkpoint=run/ckpt.pt bulk.num_samples=10000 reference=...   # generate, then score
     python eval_fid.py samples=... reference=real_toy/ feature_extractor=toy_judge   # the quickstart's judge
 

@@ -64,7 +64,7 @@ class GridConfig:
     max_classes: int = 16  # labels=auto: the most classes (rows) drawn
     cfg_scale: float = 4.0  # the reference demo's guidance
     nrow: Optional[int] = None  # images per row; None: per_class for labels=auto (a row per class), else 4 (DiT's demo)
-    out: Optional[str] = None  # PNG path; None: samples/<checkpoint>-<settings>.png
+    out: Optional[str] = None  # PNG path; None: outputs/samples/<checkpoint>-<settings>.png (under the cwd)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class BulkConfig:
     labels: str = "uniform"  # uniform: independent uniform labels (reference) | balanced: i mod num_classes
     cfg_scale: float = SamplerSettings.cfg_scale  # the FID protocol's
     batch_size: int = 32  # per rank; does not change the samples
-    out: Optional[str] = None  # .npz path; None: samples/<checkpoint>-<settings>.npz
+    out: Optional[str] = None  # .npz path; None: outputs/samples/<checkpoint>-<settings>.npz (under the cwd)
     keep_shards: bool = False  # keep <out>.parts/ after assembling
 
 
@@ -157,7 +157,7 @@ class EvalConfig(SampleConfig):
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     results_json: Optional[str] = None  # None: <samples>.<feature_extractor>.metrics.json next to the samples
-    results_table: Optional[str] = "results/eval_results.csv"  # CSV, one row per evaluation; None: none
+    results_table: Optional[str] = "outputs/results/eval_results.csv"  # CSV, one row per evaluation; None: none
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def check(self) -> None:

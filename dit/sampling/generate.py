@@ -17,7 +17,8 @@ from dit.io.images import save_grid
 from dit.sampling.base import Sampler
 from dit.sampling.bulk import BulkJob, Ranks, bulk_sample, check_bulk_output
 from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples
-from dit.sampling.loading import declared_num_classes, default_output_name, load_for_sampling, settings_path_for
+from dit.sampling.loading import (DEFAULT_SAMPLES_DIR, declared_num_classes, default_output_name, load_for_sampling,
+                                  settings_path_for)
 from dit.sampling.samplers import build_sampler
 from dit.sampling.settings import SamplerMismatchError
 from dit.sampling.trained import trained_objective
@@ -71,9 +72,10 @@ def _naming_the_checkpoint(cfg: SampleConfig):
 
 
 def _output(given: str | None, default_stem, suffix: str, key: str) -> Path:
-    """The output path (`given`, else samples/<default name><suffix>); another suffix is refused,
-    before any work: the settings file beside it must not be the output itself."""
-    out = Path(given) if given else Path("samples") / (default_stem() + suffix)
+    """The output path (`given`, else outputs/samples/<default name><suffix>, under the working
+    directory like training's outputs/, which .gitignore keeps out of a checkout); another suffix is
+    refused, before any work: the settings file beside it must not be the output itself."""
+    out = Path(given) if given else DEFAULT_SAMPLES_DIR / (default_stem() + suffix)
     if out.suffix != suffix:
         raise ConfigError(f"{key}={given} must end in {suffix} (its settings are written beside it, to "
                           f"{settings_path_for(out.with_suffix(suffix)).name}): use {key}={out.with_suffix(suffix)}")

@@ -13,19 +13,22 @@ from pathlib import Path
 import torch
 
 from dit.autoencoder import autoencoder_from_spec, build_autoencoder
-from dit.io.checkpoint import (CheckpointError, load_dit_checkpoint, newest_intact_checkpoint, read_safetensors_metadata,
-                               run_checkpoints)
+from dit.io.checkpoint import (CheckpointError, load_dit_checkpoint, newest_intact_checkpoint,
+                               read_safetensors_metadata, run_checkpoints)
 from dit.io.release import release_family, strip_wrapper_prefixes
 from dit.sampling.images import NonFiniteSamplesError
 from dit.sampling.settings import DEFAULT_SPACING, SamplerSettings
 from dit.sampling.trained import RELEASE_CHAIN, RELEASE_OBJECTIVES, objective_from_config, trained_chain
 
-__all__ = ["DEFAULT_RELEASE_VAE", "declared_num_classes", "load_for_sampling", "run_checkpoint", "settings_path_for",
-           "default_output_name"]
+__all__ = ["DEFAULT_RELEASE_VAE", "DEFAULT_SAMPLES_DIR", "declared_num_classes", "load_for_sampling", "run_checkpoint",
+           "settings_path_for", "default_output_name"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RELEASE_VAE = "sd-ema"
+# Where sample.py and eval_fid.py write a grid or bulk file when no path is given (relative to the
+# working directory): under outputs/, as training's runs, so a checkout stays clean.
+DEFAULT_SAMPLES_DIR = Path("outputs") / "samples"
 LABEL_TABLE = "y_embedder.embedding_table.weight"
 
 

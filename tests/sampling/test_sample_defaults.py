@@ -162,3 +162,63 @@ def test_resume_and_sample_py_find_a_run_directorys_checkpoints_alike(tmp_path):
     path, state, skipped = newest_intact_checkpoint(run)
     assert path == run / "checkpoints" / "0000020.pt" and state["step"] == 20
     assert [p.name for p, _ in skipped] == ["0000030.pt"]
+
+
+# ------------------------------------------------------------------------------ item 6
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_sample_py_writes_its_default_outputs_under_outputs(tmp_path, capsys, monkeypatch):
+    """`python sample.py checkpoint=<run directory>` after training, from a checkout: one row per
+    class, the grid and its settings under outputs/samples/, nothing else in the working directory."""
+    run = _run_dir(tmp_path / "in")
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run_program("sample.py", [f"checkpoint={run}", *FAST], capsys, monkeypatch)
+    assert code == 0, err
+    assert _files_under(work) == [f"outputs/samples/{name}" for name in (
+        "myrun-0000020-ema-ddim2-cfg4-g3-seed0.png", "myrun-0000020-ema-ddim2-cfg4-g3-seed0.png.json")]
+    assert f"wrote {Path('outputs/samples/myrun-0000020-ema-ddim2-cfg4-g3-seed0.png')}" in out
+    with Image.open(work / "outputs/samples/myrun-0000020-ema-ddim2-cfg4-g3-seed0.png") as im:
+        assert im.size == _grid_size(rows=5, per_row=4)  # a row per class of the model
+
+    code, out, err = run_program("sample.py", [f"checkpoint={run}", *FAST, "mode=bulk", "bulk.num_samples=3"],
+                                 capsys, monkeypatch)
+    assert code == 0, err
+    bulk = "myrun-0000020-ema-ddim2-cfg1.5-g3-seed0-n3"
+    assert [f for f in _files_under(work) if bulk in f] == [f"outputs/samples/{bulk}.json",
+                                                            f"outputs/samples/{bulk}.npz"]
+    assert sorted(p.name for p in work.iterdir()) == ["outputs"]
+
+
+def test_eval_fid_writes_its_default_outputs_under_outputs(tmp_path, capsys, monkeypatch, random_inception):
+    """eval_fid.py checkpoint=<run directory> (item 4) with no output paths: the samples, their
+    metrics JSON and the results table all land under outputs/ of the working directory."""
+    import numpy as np
+
+    from dit.io.npz import write_npz_atomic
+
+    inputs = tmp_path / "in"
+    run = _run_dir(inputs)
+    real = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    ref = write_npz_atomic(inputs / "ref.npz", {"arr_0": real, "mu": np.zeros(2048), "sigma": 0.01 * np.eye(2048)})
+    work = tmp_path / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run_program("eval_fid.py", [
+        f"checkpoint={run}", f"reference={ref}", *FAST, "bulk.num_samples=4", "bulk.batch_size=4", "metrics=[fid]",
+        f"feature_extractor_weights={random_inception}", "allow_download=false", f"cache_dir={inputs / 'cache'}"],
+        capsys, monkeypatch)
+    assert code == 0, err
+    used = (run / "checkpoints" / "0000020.pt").resolve()
+    assert f"sampling {used} (step 20)" in out
+    stem = "outputs/samples/myrun-0000020-ema-ddim2-cfg1.5-g3-seed0-n4"
+    assert _files_under(work) == ["outputs/results/eval_results.csv", f"{stem}.inception.metrics.json",
+                                  f"{stem}.json", f"{stem}.npz"]
+    record = json.loads((work / f"{stem}.inception.metrics.json").read_text())
+    assert record["sampling"]["checkpoint"] == str(used) and record["metrics"]["num_samples"] == 4
+    assert str(used) in (work / "outputs/results/eval_results.csv").read_text()
