@@ -1,5 +1,5 @@
-"""Flow matching (SiT, REPA, LightningDiT objectives): interpolants, targets, timestep sampling,
-and the loss; the samplers that integrate a flow model are in dit/sampling/flow.py. Contract 7 in docs/design.md; the user's guide is docs/flow.md.
+"""Flow matching (SiT, REPA, LightningDiT objectives) and MeanFlow (`meanflow.py`, docs/meanflow.md):
+interpolants, targets, timestep sampling, and the losses; the samplers that integrate a flow model are in dit/sampling/flow.py. Contract 7 in docs/design.md; the user's guide is docs/flow.md.
 
 Time convention, once for the whole package: t in [0, 1], t = 0 is data and t = 1 is noise,
 
@@ -21,13 +21,14 @@ Wiring: `FlowMatching(...).training_losses(model, x0, t, model_kwargs, noise)` h
 wrapper that binds the labels) into the `velocity(x, t)` every sampler here takes.
 """
 
+from .meanflow import MeanFlow, MeanFlowOptions
 from .objective import FlowMatching, model_velocity, prediction_channels
 from .paths import PATHS, PREDICTIONS, GVPPath, LinearPath, Path, expand_time, get_path
 from .timesteps import (SIT_TIME, TIMESTEP_SAMPLING, NetworkTime, sample_logit_normal, sample_uniform, shift_time,
                         time_grid)
 
 __all__ = [
-    "FlowMatching", "model_velocity", "prediction_channels",
+    "FlowMatching", "model_velocity", "prediction_channels", "MeanFlow", "MeanFlowOptions",
     "PATHS", "PREDICTIONS", "Path", "LinearPath", "GVPPath", "get_path", "expand_time",
     "NetworkTime", "SIT_TIME", "TIMESTEP_SAMPLING", "sample_uniform", "sample_logit_normal", "shift_time", "time_grid",
 ]
