@@ -262,10 +262,17 @@ def test_export_overwrite_never_replaces_a_run_folder_or_anything_but_a_previous
     assert "not a previous export" in err and "thesis.tex" in err, err
     assert (other / "thesis.tex").read_text() == "months of work"
 
-    # A previous export is replaced, by either kind; one with a file added to it is not.
+    # A previous export is replaced, by either kind; one with a file added to it is not. (The run is
+    # pixel-space, which the diffusers export refuses (issue 23, item 5): a latent model's checkpoint.)
+    from dit.io.checkpoint import save_atomic
+
     out = tmp_path / "export"
+    latent = tmp_path / "latent.pt"
+    model = tiny_dit()
+    save_atomic({"model": model.state_dict(), "ema": model.state_dict(), "step": 1,
+                 "model_config": model.config.to_dict()}, latent)
     assert main(["pretrained", str(checkpoint), str(out)]) == 0
-    assert main(["diffusers", str(checkpoint), str(out), "--overwrite"]) == 0
+    assert main(["diffusers", str(latent), str(out), "--overwrite"]) == 0
     assert (out / "model_index.json").is_file() and not (out / "model.safetensors").exists()
     assert main(["pretrained", str(checkpoint), str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "model_index.json").exists()
