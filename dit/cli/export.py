@@ -6,8 +6,10 @@
     python -m dit.export push --folder OUT --repo-id USER/NAME [--private]
 
 `main` returns the exit status (0, or 2 after a one-line error), which `python -m dit.export` and
-the console script exit with. A flow-matching model (SiT's release, a run with objective=flow) is
-refused by `diffusers` in one such line; `pretrained` exports it with its objective recorded.
+the console script exit with. A flow-matching model (SiT's release, a run with objective=flow), a
+pixel-space model (vae=pixel) and a model of more than 1000 classes are refused by `diffusers` in
+one such line; `pretrained` exports them (a flow model with its objective recorded). On success
+the one line printed is the output folder.
 """
 
 from __future__ import annotations

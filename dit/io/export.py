@@ -12,10 +12,14 @@ checkpoint whose config records `objective.kind: flow`, SiT's release) is refuse
 export (`FlowExportError`): `DiTPipeline` walks a DDPM noise-prediction chain at integer timesteps
 0..999, which cannot sample a velocity model trained on t in [0, 1]. `save_pretrained` keeps it,
 recording its objective so that `sample.py` samples the exported weights as it samples the
-source. Every folder is written into a temporary sibling and renamed into place, so a crash or
-a full disk never leaves half an export under OUT (a previous export there is kept whole). An OUT
-that is a symlink is written through: the export goes where the link points, the link stays.
-The program (its argument parsing) is dit/cli/export.py.
+source. The diffusers export also refuses (`DiffusersExportError`, FlowExportError's parent) a
+pixel-space model (`vae=pixel`: the pipeline always decodes with an AutoencoderKL) and a model of
+more than 1000 classes (`DiTPipeline`'s guidance uses class id 1000 as its null class); a model of
+fewer classes is exported with its null embedding at row 1000, so the pipeline's guidance works
+(`to_diffusers_state_dict`). Every folder is written into a temporary sibling and renamed into
+place, so a crash or a full disk never leaves half an export under OUT (a previous export there
+is kept whole). An OUT that is a symlink is written through: the export goes where the link
+points, the link stays. The program (its argument parsing) is dit/cli/export.py.
 
 diffusers' `DiTTransformer2DModel` holds the same tensors as our `DiT` (mapping below), with one
 numeric difference that its config cannot express: its timestep features use the frequencies
@@ -84,7 +88,18 @@ def load_source(path: str | os.PathLike, use_ema: bool = True,
     return model, meta
 
 
-class FlowExportError(ValueError):
+# The class id `DiTPipeline.__call__` passes for the unconditional half of guidance
+# (`class_null = torch.tensor([1000] * batch_size)`, hard-coded for ImageNet): the exported
+# transformer's label table puts the model's null embedding at this row (`to_diffusers_state_dict`).
+PIPELINE_NULL_CLASS = 1000
+
+
+class DiffusersExportError(ValueError):
+    """A model the diffusers export refuses before anything is written: `DiTPipeline` cannot
+    sample it (a flow-matching model, a pixel-space model, more than 1000 classes)."""
+
+
+class FlowExportError(DiffusersExportError):
     """A flow-matching model given to the diffusers export: `DiTPipeline` cannot sample it."""
 
 
@@ -107,6 +122,51 @@ def refuse_flow_model(source: str | os.PathLike, meta: dict) -> None:
         "noise-prediction chain and integer timesteps 0..999 cannot sample it, so it is not exported to diffusers "
         "(nothing was written); sample it with sample.py or eval_fid.py, or export its weights with "
         "`python -m dit.export pretrained` (which records its objective for sample.py)")
+
+
+def is_pixel_space(meta: dict) -> bool:
+    """Whether `meta` (`load_source`'s) is a model trained on pixels (`vae=pixel`: its recorded
+    autoencoder is the identity), as sample.py decides from the same record."""
+    return (meta.get("autoencoder") or {}).get("name") == "pixel"
+
+
+def refuse_for_pipeline(source: str | os.PathLike, meta: dict, config: DiTConfig) -> None:
+    """DiffusersExportError (one line: the reason and the fix) for a model `DiTPipeline` cannot
+    sample: a flow-matching model (`refuse_flow_model`); a pixel-space model (the pipeline always
+    decodes with `pipe.vae`: `1 / self.vae.config.scaling_factor * latents`, so a pipeline without
+    an AutoencoderKL fails at its last line, and none is the identity); a model of more than 1000
+    classes (the pipeline's guidance uses class id 1000 as its null class, which would be one of
+    the model's classes)."""
+    refuse_flow_model(source, meta)
+    fix = ("(nothing was written); sample it with sample.py or eval_fid.py, or export its weights with "
+           "`python -m dit.export pretrained`")
+    if is_pixel_space(meta):
+        raise DiffusersExportError(
+            f"{source} is a pixel-space model (trained with vae=pixel: it denoises RGB images, there is no "
+            "autoencoder): DiTPipeline always decodes its output with an AutoencoderKL (pipe.vae), so it is not "
+            f"exported to diffusers {fix}")
+    if config.num_classes > PIPELINE_NULL_CLASS:
+        raise DiffusersExportError(
+            f"{source} has {config.num_classes} classes: DiTPipeline's guidance uses class id {PIPELINE_NULL_CLASS} "
+            f"as its null class, which is one of this model's classes, so it is not exported to diffusers {fix}")
+
+
+def check_id2label(id2label: dict | None, num_classes: int) -> dict[int, str] | None:
+    """`id2label` with int keys; ValueError (one line) for a key that is not one of the model's
+    class ids 0..num_classes-1 (`DiTPipeline.get_label_ids` would hand it to the model)."""
+    if not id2label:
+        return None
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        raise ValueError("id2label keys must be class ids (integers), got "
+                         f"{', '.join(map(repr, list(id2label)[:5]))}") from None
+    outside = sorted(k for k in labels if not 0 <= k < num_classes)
+    if outside:
+        shown = ", ".join(map(str, outside[:5])) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        raise ValueError(f"id2label names class id {shown}, but the model has {num_classes} classes "
+                         f"(ids 0..{num_classes - 1}): fix the labels file (nothing was written)")
+    return labels
 
 
 # --------------------------------------------------------------------------------------
@@ -374,7 +434,8 @@ def diffusers_config(config: DiTConfig) -> dict:
         "num_attention_heads": config.num_heads, "attention_head_dim": config.hidden_size // config.num_heads,
         "in_channels": config.in_channels, "out_channels": config.in_channels * (2 if config.learn_sigma else 1),
         "num_layers": config.depth, "sample_size": config.input_size, "patch_size": config.patch_size,
-        "num_embeds_ada_norm": config.num_classes, "activation_fn": "gelu-approximate",
+        # at least 1000 classes: DiTPipeline's null class id is 1000 (to_diffusers_state_dict)
+        "num_embeds_ada_norm": max(config.num_classes, PIPELINE_NULL_CLASS), "activation_fn": "gelu-approximate",
         "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
         "norm_eps": 1e-6,  # DiT's LayerNorms; diffusers' default 1e-5 would apply to the MLP's norm
     }
@@ -384,12 +445,17 @@ def to_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: DiTConf
     """Our (official-layout) tensors under `DiTTransformer2DModel`'s names.
 
     diffusers keeps a copy of the timestep and label embedders in every block (block 0's serves
-    the final layer), splits the fused qkv projection into q, k, v, and has one label row more
-    than a model trained without label dropout: that (never trained) null row is zeros."""
+    the final layer) and splits the fused qkv projection into q, k, v. Its label table is laid out
+    for `DiTPipeline`, whose guidance passes class id 1000 for the unconditional half whatever the
+    model: rows 0..K-1 are the model's K classes, row max(K, 1000) its null embedding (the last,
+    where diffusers' label dropout also maps), and for K < 1000 the rows K..999 copies of the null
+    embedding (ids the model has no class for sample unconditionally; diffusers does not check
+    ids). A model trained without label dropout has no null row: the added one (never trained) is
+    zeros."""
     sd = dict(state_dict)
-    table = sd["y_embedder.embedding_table.weight"]
-    if table.shape[0] == config.num_classes:
-        table = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    table, classes = sd["y_embedder.embedding_table.weight"], config.num_classes
+    null = table[classes:classes + 1] if table.shape[0] > classes else table.new_zeros(1, table.shape[1])
+    table = torch.cat([table[:classes], null.expand(max(PIPELINE_NULL_CLASS - classes, 0) + 1, -1)])
     embed = {
         "norm1.emb.timestep_embedder.linear_1.weight": sd["t_embedder.mlp.0.weight"],
         "norm1.emb.timestep_embedder.linear_1.bias": sd["t_embedder.mlp.0.bias"],
@@ -442,6 +508,15 @@ def to_diffusers(model: DiT):
     return transformer.eval()
 
 
+def _low_cpu_mem_usage() -> bool:
+    """diffusers' default for `from_pretrained(low_cpu_mem_usage=...)` when it can honour it: True
+    only with accelerate installed. Its default, True, without accelerate prints advice to install
+    it on every load (and loads the plain way anyway), so the loaders here pass this instead."""
+    from diffusers.utils import is_accelerate_available
+
+    return is_accelerate_available()
+
+
 def load_diffusers_transformer(folder: str | os.PathLike, **kwargs: Any):
     """`DiTTransformer2DModel.from_pretrained(folder, **kwargs)` with DiT's timestep frequencies.
     `folder` is the model folder (`OUT/transformer`) or the pipeline folder `OUT`."""
@@ -450,6 +525,7 @@ def load_diffusers_transformer(folder: str | os.PathLike, **kwargs: Any):
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "transformer").is_dir():
         kwargs.setdefault("subfolder", "transformer")
+    kwargs.setdefault("low_cpu_mem_usage", _low_cpu_mem_usage())
     transformer = DiTTransformer2DModel.from_pretrained(str(folder), **kwargs)
     use_dit_timestep_features(transformer)
     return transformer
@@ -466,6 +542,10 @@ def load_diffusers_pipeline(folder: str | os.PathLike, **kwargs: Any):
         ae = (json.loads(record.read_text(encoding="utf-8")).get("autoencoder") if record.is_file() else None) or {}
         raise ValueError(f"{folder} was exported without its VAE: pass vae=AutoencoderKL.from_pretrained(...) "
                          f"(this model was trained with {ae.get('name') or 'an autoencoder not recorded'})")
+    index = _json_record(folder / "model_index.json")
+    if "id2label" not in kwargs and isinstance(index.get("id2label"), dict):  # JSON's keys are strings
+        kwargs["id2label"] = {int(k): str(v) for k, v in index["id2label"].items()}
+    kwargs.setdefault("low_cpu_mem_usage", _low_cpu_mem_usage())
     pipe = DiTPipeline.from_pretrained(str(folder), **kwargs)
     use_dit_timestep_features(pipe.transformer)
     return pipe
@@ -500,7 +580,7 @@ def _load_vae(vae: Any):
         return vae
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(KNOWN_VAES.get(str(vae), str(vae)))
+    return AutoencoderKL.from_pretrained(KNOWN_VAES.get(str(vae), str(vae)), low_cpu_mem_usage=_low_cpu_mem_usage())
 
 
 @contextmanager
@@ -528,29 +608,36 @@ def export_diffusers(source: str | os.PathLike, out_dir: str | os.PathLike, *, u
     `DiTTransformer2DModel.from_pretrained(out_dir, subfolder="transformer")` loads it offline;
     `load_diffusers_transformer(out_dir)` also restores DiT's timestep frequencies.
 
-    A flow-matching model (`load_source`'s `objective`; `release_format` as there) raises
-    `FlowExportError` before anything is written: `refuse_flow_model`."""
+    Guidance works for any class count up to 1000: the transformer's label table puts the model's
+    null embedding at the pipeline's null class id 1000 (`to_diffusers_state_dict`).
+
+    Refused before anything is written (`refuse_for_pipeline`, a `DiffusersExportError`): a
+    flow-matching model (`load_source`'s `objective`; `release_format` as there: `FlowExportError`),
+    a pixel-space model (no autoencoder for the pipeline to decode with), a model of more than 1000
+    classes; and an `id2label` naming a class id the model does not have (ValueError)."""
     from diffusers import DiTPipeline
 
     check_output_folder(out_dir, overwrite)  # before the source loads (seconds to minutes)
     model, meta = load_source(source, use_ema, release_format)
-    refuse_flow_model(source, meta)
+    refuse_for_pipeline(source, meta, model.config)
+    id2label = check_id2label(id2label, model.config.num_classes)
     transformer = to_diffusers(model)
     pipe = DiTPipeline(transformer=transformer, vae=_load_vae(vae), scheduler=diffusers_scheduler(meta["diffusion"], scheduler),
-                       id2label={int(k): str(v) for k, v in id2label.items()} if id2label else None)
+                       id2label=id2label)
     record = {
         "model_name": arch_name(model.config.depth, model.config.hidden_size, model.config.num_heads,
                                 model.config.patch_size),
         "model_config": model.config.to_dict(), "step": meta.get("step"), "weights": meta.get("weights"),
         "autoencoder": meta.get("autoencoder"), "diffusion": meta["diffusion"], "scheduler": scheduler,
         "license": license or meta.get("license"), "vae_included": pipe.vae is not None,
+        "null_class": PIPELINE_NULL_CLASS,
     }
     no_vae_warning = _quiet_logger("diffusers.pipelines.pipeline_utils", pipe.vae is None)  # "self.vae=None ..."
     with staged_folder(out_dir, overwrite) as tmp, no_vae_warning:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if id2label:  # DiTPipeline does not record id2label itself; from_pretrained passes it back
             index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
-            _write_json(tmp / "model_index.json", index | {"id2label": {str(k): str(v) for k, v in id2label.items()}})
+            _write_json(tmp / "model_index.json", index | {"id2label": {str(k): v for k, v in id2label.items()}})
         _write_json(tmp / "dit_export.json", record)
         (tmp / CARD_NAME).write_text(model_card(record, kind="diffusers"), encoding="utf-8")
     return Path(out_dir)
@@ -567,6 +654,8 @@ def model_card(record: dict, kind: str) -> str:
     licence = record.get("license") or "other"
     ae = record.get("autoencoder") or {}
     ae_name = ae.get("name") or "not recorded (the release used stabilityai/sd-vae-ft-ema or -mse)"
+    pixel = ae.get("name") == "pixel"
+    denoised = "class-conditional images in pixel space" if pixel else "latents of class-conditional images"
     step = record.get("step")
     flow = record.get("objective")
     if is_flow(flow):
@@ -578,14 +667,16 @@ def model_card(record: dict, kind: str) -> str:
             "- objective: `" + json.dumps(flow, sort_keys=True) + "`"]
     else:
         what, trained = "diffusion", [
-            "A DiT (Peebles & Xie, 2023) that denoises latents of class-conditional images: epsilon "
+            f"A DiT (Peebles & Xie, 2023) that denoises {denoised}: epsilon "
             + ("and the learned variance interpolation" if record["model_config"]["learn_sigma"] else "only") + ".", "",
             f"- diffusion chain: {record['diffusion']['noise_schedule']}, {record['diffusion']['diffusion_steps']} steps"]
     lines = ["---", f"license: {licence}", f"library_name: {'diffusers' if kind == 'diffusers' else 'pytorch'}",
              "tags:", "- dit", "- class-conditional", "- image-generation", "---", "",
              f"# {name} (class-conditional {what} transformer)", "", *trained[:-1],
              f"- weights: {record.get('weights') or 'ema'}, training steps: {step if step is not None else 'not recorded'}",
-             f"- autoencoder: {ae_name} (latent scale {ae.get('scale_factor', 0.18215)})", trained[-1],
+             ("- autoencoder: none (pixel space: the model denoises RGB images in [-1, 1]; sample it with this "
+             "repository's `sample.py`)" if pixel else
+             f"- autoencoder: {ae_name} (latent scale {ae.get('scale_factor', 0.18215)})"), trained[-1],
              "- config: `" + json.dumps(record["model_config"], sort_keys=True) + "`", "", "## Loading", "", "```python"]
     if kind == "diffusers":
         vae = "" if record.get("vae_included") else ', vae=AutoencoderKL.from_pretrained("<the autoencoder above>")'
@@ -602,8 +693,10 @@ def model_card(record: dict, kind: str) -> str:
     if kind == "diffusers":
         lines += ["## Differences from this repository's sampler", "",
                   "`DiTPipeline` guides all latent channels (ours: the first 3 by default, as the paper), ignores the "
-                  "learned variance (it steps with its scheduler's variance), uses null class 1000 (guidance needs "
-                  "1000 classes) and draws one noise tensor per batch from one generator. See docs/export.md.", ""]
+                  "learned variance (it steps with its scheduler's variance), guides with class id 1000 as its null "
+                  "class (the transformer holds this model's null embedding there; the model's classes are ids 0.."
+                  f"{record['model_config']['num_classes'] - 1}) and draws one noise tensor per batch from one "
+                  "generator. See docs/export.md.", ""]
     return "\n".join(lines)
 
 
