@@ -76,9 +76,10 @@ class MeanFlowOptions:
                              f"got {self.kappa}")
         if self.omega < 0:
             raise ValueError(f"omega must be >= 0 (1 with kappa 0: no guidance), got {self.omega}")
-        if self.norm_p < 0 or self.norm_eps <= 0:
-            raise ValueError(f"the adaptive weight needs norm_p >= 0 and norm_eps > 0, got norm_p={self.norm_p}, "
-                             f"norm_eps={self.norm_eps}")
+        if self.norm_p < 0:
+            raise ValueError(f"norm_p must be >= 0 (the adaptive weight's power; 0: plain L2), got {self.norm_p}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0 (the adaptive weight's c), got {self.norm_eps}")
         lo, hi = (float(v) for v in self.guidance_interval)
         if len(tuple(self.guidance_interval)) != 2 or not 0 <= lo <= hi <= 1:
             raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.guidance_interval}")

@@ -28,7 +28,8 @@ import torch
 
 __all__ = ["FAMILIES", "Sampler", "register_sampler", "unregister_sampler", "registered_samplers", "sampler_class"]
 
-FAMILIES = ("diffusion", "flow")  # the objective a sampler integrates: discrete DDPM time or flow time
+# the objective a sampler walks: DDPM time, flow time, or a MeanFlow model's average velocity in flow time
+FAMILIES = ("diffusion", "flow", "meanflow")
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 _REGISTRY: dict[str, type["Sampler"]] = {}
@@ -37,10 +38,11 @@ _REGISTRY: dict[str, type["Sampler"]] = {}
 class Sampler(abc.ABC):
     """One way of drawing samples from a trained objective (see the module docstring).
 
-    Class attributes: `name` (the `sampler=` value) and `family` ("diffusion" or "flow": the
-    objective it walks). An instance holds the resolved `settings` (a `SamplerSettings` whose
-    `sampler` is this class's name, checked) and the `objective` (a `GaussianDiffusion` holding
-    the training chain, or a `dit.flow.FlowMatching`)."""
+    Class attributes: `name` (the `sampler=` value) and `family` ("diffusion", "flow" or
+    "meanflow": the objective it walks). An instance holds the resolved `settings` (a
+    `SamplerSettings` whose `sampler` is this class's name, checked) and the `objective` (a
+    `GaussianDiffusion` holding the training chain, a `dit.flow.FlowMatching`, or a
+    `dit.flow.MeanFlow`, which the flow samplers also take)."""
 
     name: ClassVar[str]
     family: ClassVar[str]
@@ -55,7 +57,7 @@ class Sampler(abc.ABC):
     def network_time(self):
         """How the denoiser's time input maps to the time a guidance interval is given in: None
         for diffusion samplers (DDPM timesteps both), the flow objective's `NetworkTime` else."""
-        return self.objective.network_time if self.family == "flow" else None
+        return None if self.family == "diffusion" else self.objective.network_time
 
     @abc.abstractmethod
     def sample(self, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor, *,

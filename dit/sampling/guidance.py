@@ -75,10 +75,12 @@ class GuidedDenoiser:
 
     def step_time(self, t: torch.Tensor) -> int | float:
         """The time of a batch's step in the interval's units: DDPM time read as an integer
-        (diffusion), our flow time as a float (flow; the network may see 1 - t or 1000 t)."""
+        (diffusion), our flow time as a float (flow; the network may see 1 - t or 1000 t). A
+        MeanFlow network's input is (B, 2) = [t, r]: its step is at t, where the jump starts."""
         if self.network_time is None:
             return int(t[0])
-        return float(self.network_time.flow_time(t[0].double()))
+        first = t[0] if t.ndim == 1 else t[0, 0]
+        return float(self.network_time.flow_time(first.double()))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **_unused) -> torch.Tensor:
         self.calls += 1

@@ -95,6 +95,8 @@ def load_for_sampling(checkpoint: str | os.PathLike, *, which: str = "ema", mode
         provenance["diffusion"] = trained_chain(meta.get("config"))
     else:  # a flow model: its objective, as trained_objective(provenance, ...) rebuilds it
         provenance["objective"] = objective
+        if objective.get("kind") == "meanflow":  # and MeanFlow's training options (docs/meanflow.md)
+            provenance["meanflow"] = dict((meta.get("config") or {}).get("meanflow") or {})
     return model, autoencoder, provenance
 
 

@@ -2,13 +2,14 @@
 the objective the checkpoint was trained with (and the autoencoder, which decides x0 clipping),
 and returns the `Sampler` (dit/sampling/base.py) that every later call uses. Importing this module
 registers the built-in samplers (diffusion.py: ddpm, ddim, dpm++; flow.py: euler, heun, dopri5,
-sde); a plugin registers its own class with `dit.sampling.base.register_sampler`.
+sde; meanflow.py: meanflow); a plugin registers its own class with `dit.sampling.base.register_sampler`.
 """
 
 from __future__ import annotations
 
 from dit.sampling import diffusion as _diffusion_samplers  # noqa: F401  (registers ddpm, ddim, dpm++)
 from dit.sampling import flow as _flow_samplers  # noqa: F401  (registers euler, heun, dopri5, sde)
+from dit.sampling import meanflow as _meanflow_samplers  # noqa: F401  (registers meanflow)
 from dit.sampling.base import Sampler, sampler_class
 from dit.sampling.settings import SamplerSettings
 from dit.sampling.trained import objective_kind
@@ -18,9 +19,9 @@ __all__ = ["build_sampler", "Sampler"]
 
 def build_sampler(settings: SamplerSettings, objective, autoencoder=None) -> Sampler:
     """The sampler that `settings` describe for a model trained on `objective` (a
-    `GaussianDiffusion` chain or a `FlowMatching`; see `dit.sampling.trained.trained_objective`):
-    `auto` becomes the objective's default sampler, a sampler of the other family raises
-    `SamplerMismatchError`, `clip_denoised` None is decided for `autoencoder` (given one), and
+    `GaussianDiffusion` chain, a `FlowMatching` or a `MeanFlow`; see
+    `dit.sampling.trained.trained_objective`): `auto` becomes the objective's default sampler, a
+    sampler that does not fit the objective raises `SamplerMismatchError`, `clip_denoised` None is decided for `autoencoder` (given one), and
     every field is checked, here and only here. `settings` that already went through this give
     the same sampler again."""
     if objective is None:

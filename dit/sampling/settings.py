@@ -3,13 +3,16 @@ eval_fid.py, training grids, the evaluator, output names, the results table). Pl
 checks: this module loads no sampler (the config schema imports it); `dit.sampling.samplers.
 build_sampler` turns settings, checked once, into the sampler that runs them.
 
-Two families of samplers share it: the diffusion samplers (ddpm, ddim, dpm++) walk a Gaussian
+Three families of samplers share it: the diffusion samplers (ddpm, ddim, dpm++) walk a Gaussian
 diffusion chain in DDPM time (t in 0..999, 999 noise); the flow samplers (euler, heun, sde,
-dopri5; dit/sampling/flow.py) integrate a flow model in continuous time t in [0, 1], t = 1 noise. Which
-family a checkpoint needs is decided by what it was trained with (`dit.sampling.trained`): the
-default sampler, `auto`, becomes that objective's default (`DEFAULT_SAMPLERS`: DDPM for
-diffusion models, SiT's SDE for flow models), and a sampler of the other family is refused
-(`SamplerMismatchError`) before any work.
+dopri5; dit/sampling/flow.py) integrate a flow model in continuous time t in [0, 1], t = 1 noise;
+the MeanFlow sampler (meanflow; dit/sampling/meanflow.py) jumps with a MeanFlow model's average
+velocity in the same time. Which samplers fit a checkpoint is decided by what it was trained with
+(`dit.sampling.trained`): diffusion samplers for diffusion models, flow samplers for flow models,
+and for MeanFlow models (objective=meanflow) the meanflow sampler and the flow samplers (on its
+instantaneous velocity u(z, t, t)). The default sampler, `auto`, becomes that objective's default
+(`DEFAULT_SAMPLERS`: DDPM for diffusion models, SiT's SDE for flow models, one MeanFlow step for
+MeanFlow models), and a sampler that does not fit is refused (`SamplerMismatchError`) before any work.
 """
 
 from __future__ import annotations
@@ -22,22 +25,28 @@ from typing import Optional
 from dit.sampling.base import registered_samplers
 from dit.sampling.precision import check_precision
 
-__all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS", "FLOW_FIELDS",
-           "DIFFUSION_FORMS", "LAST_STEPS", "SPACINGS", "DEFAULT_SPACING", "SPACED_SAMPLERS", "SamplerMismatchError",
-           "SamplerSettings", "SETTINGS_FIELDS", "samplers_of", "FLOW_GRID_SAMPLER"]
+__all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "MEANFLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS",
+           "MEANFLOW_AUTO_STEPS", "FLOW_FIELDS", "DIFFUSION_FORMS", "LAST_STEPS", "SPACINGS", "DEFAULT_SPACING",
+           "SPACED_SAMPLERS", "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS", "samplers_of", "sampler_family",
+           "FLOW_GRID_SAMPLER"]
 
 AUTO = "auto"  # the trained objective's default sampler
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
 FLOW_SAMPLERS = ("euler", "heun", "sde", "dopri5")
-SAMPLERS = (AUTO,) + DIFFUSION_SAMPLERS + FLOW_SAMPLERS  # the built-in ones (each has a conf/sampler/*.yaml)
+MEANFLOW_SAMPLERS = ("meanflow",)
+# the built-in ones (each has a conf/sampler/*.yaml)
+SAMPLERS = (AUTO,) + DIFFUSION_SAMPLERS + FLOW_SAMPLERS + MEANFLOW_SAMPLERS
 # The SDE sampler's choices (SiT's): its diffusion coefficient D(t) and its noiseless last step.
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
 LAST_STEPS = (None, "mean", "tweedie", "euler")
 # What `auto` becomes, by the objective the checkpoint was trained with. Diffusion: DiT's FID
 # protocol (DDPM-250). Flow: SiT's FID protocol (Euler-Maruyama SDE, 250 steps, diffusion form
 # "sigma", "mean" last step at 0.04: the sampler behind SiT-XL/2's FID 2.06), which also spends
-# the same 250 network evaluations per sample as DDPM-250.
-DEFAULT_SAMPLERS = {"diffusion": "ddpm", "flow": "sde"}
+# the same 250 network evaluations per sample as DDPM-250. MeanFlow: its own sampler, with
+# MEANFLOW_AUTO_STEPS steps when num_steps is left at the schema's 250 (see `for_objective`).
+DEFAULT_SAMPLERS = {"diffusion": "ddpm", "flow": "sde", "meanflow": "meanflow"}
+# MeanFlow's 1-NFE protocol (the paper's headline numbers; the official sampling.num_steps = 1)
+MEANFLOW_AUTO_STEPS = 1
 # A training run's sample grids (`log.samples`) share their keys with diffusion runs, whose grid
 # default is DDPM: on a flow run, `auto` or a diffusion sampler there becomes this ODE (deterministic,
 # cheap at the grid's step count) rather than stopping the run.
@@ -56,11 +65,25 @@ DEFAULT_SPACING = "linspace"
 SPACED_SAMPLERS = ("ddpm", "ddim")  # the samplers that read `spacing`
 
 
-def samplers_of(family: str) -> tuple[str, ...]:
-    """The samplers that fit a model trained with objective `family`: the built-in ones, then any
-    registered by a plugin (`dit.sampling.base.register_sampler`)."""
-    builtin = FLOW_SAMPLERS if family == "flow" else DIFFUSION_SAMPLERS
+def _family_samplers(family: str) -> tuple[str, ...]:
+    """The samplers of one family: the built-in ones, then any registered by a plugin
+    (`dit.sampling.base.register_sampler`)."""
+    builtin = {"diffusion": DIFFUSION_SAMPLERS, "flow": FLOW_SAMPLERS, "meanflow": MEANFLOW_SAMPLERS}[family]
     return builtin + tuple(n for n in registered_samplers(family) if n not in builtin)
+
+
+def samplers_of(kind: str) -> tuple[str, ...]:
+    """The samplers that fit a model trained with objective `kind`: those of its family; for a
+    MeanFlow model also the flow samplers (they integrate its instantaneous velocity u(z, t, t))."""
+    if kind == "meanflow":
+        return _family_samplers("meanflow") + _family_samplers("flow")
+    return _family_samplers(kind)
+
+
+def sampler_family(name: str) -> str | None:
+    """"diffusion", "flow" or "meanflow": the family of the sampler `name` (None for auto or an
+    unknown name)."""
+    return next((f for f in ("diffusion", "flow", "meanflow") if name in _family_samplers(f)), None)
 
 
 class SamplerMismatchError(ValueError):
@@ -101,7 +124,9 @@ class SamplerSettings:
     mean, 0.04), and dopri5's `rtol` / `atol` (SiT's 1e-3 / 1e-6).
     """
 
-    sampler: str = AUTO  # auto | ddpm | ddim | dpm++ (diffusion models) | euler | heun | sde | dopri5 (flow models)
+    # auto | ddpm | ddim | dpm++ (diffusion models) | euler | heun | sde | dopri5 (flow and MeanFlow models)
+    # | meanflow (MeanFlow models)
+    sampler: str = AUTO
     num_steps: int = 250
     cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
     guided_channels: str = "3"
@@ -120,29 +145,36 @@ class SamplerSettings:
 
     @property
     def is_flow(self) -> bool:
-        """Whether this is a flow sampler (needs a flow model) rather than a diffusion one."""
-        return self.sampler in samplers_of("flow")
+        """Whether this sampler runs in flow time (a flow sampler, or the meanflow sampler: they
+        need a flow or MeanFlow model) rather than in DDPM time."""
+        return sampler_family(self.sampler) in ("flow", "meanflow")
 
     def for_objective(self, kind: str) -> "SamplerSettings":
-        """These settings for a model trained with objective `kind` ("diffusion" | "flow"):
-        `auto` becomes the objective's default sampler; a sampler of the other family raises
+        """These settings for a model trained with objective `kind` ("diffusion" | "flow" |
+        "meanflow"): `auto` becomes the objective's default sampler (for MeanFlow, the meanflow
+        sampler with MEANFLOW_AUTO_STEPS = 1 step when num_steps is the schema's 250, DDPM's and
+        the SDE's count, else num_steps steps); a sampler that does not fit raises
         SamplerMismatchError naming the samplers that fit. Returns self when nothing changes."""
         if kind not in DEFAULT_SAMPLERS:
             raise ValueError(f"unknown objective kind {kind!r}: expected one of {tuple(DEFAULT_SAMPLERS)}")
         if self.sampler == AUTO:
-            return dataclasses.replace(self, sampler=DEFAULT_SAMPLERS[kind])
+            steps = self.num_steps
+            if kind == "meanflow" and int(steps) == SamplerSettings.num_steps:
+                steps = MEANFLOW_AUTO_STEPS
+            return dataclasses.replace(self, sampler=DEFAULT_SAMPLERS[kind], num_steps=steps)
         fits = samplers_of(kind)
         if self.sampler not in fits:
-            family = "flow" if self.is_flow else "diffusion"
+            family = sampler_family(self.sampler) or "diffusion"  # an unknown name: as before (check() names it)
+            needs = " (it needs a model trained with objective=meanflow)" if family == "meanflow" else ""
             raise SamplerMismatchError(
                 f"unknown sampler {self.sampler!r} for a model trained with objective={kind}: {self.sampler} is a "
-                f"{family} sampler; use sampler={'|'.join(fits)} (or sampler=auto: {DEFAULT_SAMPLERS[kind]})")
+                f"{family} sampler{needs}; use sampler={'|'.join(fits)} (or sampler=auto: {DEFAULT_SAMPLERS[kind]})")
         return self
 
     def check(self) -> "SamplerSettings":
         """Raise ValueError naming the field whose value cannot work; returns self. (Whether
         `guided_channels` fits a model's channels is checked against the model when sampling.)"""
-        known = (AUTO,) + samplers_of("diffusion") + samplers_of("flow")
+        known = (AUTO,) + samplers_of("diffusion") + samplers_of("meanflow")
         if self.sampler not in known:
             raise ValueError(f"unknown sampler {self.sampler!r}: use one of {known}")
         if int(self.num_steps) < 1:
@@ -228,12 +260,12 @@ class SamplerSettings:
 
     @property
     def nfe(self) -> int | None:
-        """Network evaluations per sample of a flow sampler (a guided one is one pass over both
-        halves): euler N, heun 2N (the corrector on every step), sde N - 1 noisy steps plus the
-        last step (N - 1 with last_step=null); None for dopri5 (adaptive: counted per batch) and
-        the diffusion samplers (their count is num_steps)."""
+        """Network evaluations per sample of a flow-time sampler (a guided one is one pass over
+        both halves): euler N, heun 2N (the corrector on every step), sde N - 1 noisy steps plus
+        the last step (N - 1 with last_step=null), meanflow N (one per jump); None for dopri5
+        (adaptive: counted per batch) and the diffusion samplers (their count is num_steps)."""
         n = int(self.num_steps)
-        if self.sampler == "euler":
+        if self.sampler in ("euler", "meanflow"):
             return n
         if self.sampler == "heun":
             return 2 * n

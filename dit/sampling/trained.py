@@ -11,7 +11,8 @@ SiT's on the linear flow path with t = 1 at the data end (`RELEASE_OBJECTIVES`; 
 file is comes from its name, `dit.io.release.release_family`).
 
 A flow objective is recorded as `config.objective` (`dit.flow.config`); its absence, or kind
-"diffusion", means the diffusion chain of `config.diffusion`.
+"diffusion", means the diffusion chain of `config.diffusion`. Kind "meanflow" (a MeanFlow model,
+dit/flow/meanflow.py) is a flow objective too, with its options in `config.meanflow`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from dit.diffusion import GaussianDiffusion, create_diffusion
-from dit.flow import FlowMatching
+from dit.flow import FlowMatching, MeanFlow
 from dit.flow.config import flow_from_config, is_flow
+from dit.flow.config import objective_kind as _objective_kind  # the one definition, in dit/flow
 
 # What a file without a training config (a release file) was trained on: DiT's chain, which is
 # also the training schema's default (dit/config/schema.py, DiffusionConfig).
@@ -45,22 +47,24 @@ def objective_from_config(config: Mapping | None) -> dict | None:
     return dict(objective) if is_flow(objective) else None
 
 
-def trained_objective(config: Mapping | None, learn_sigma: bool) -> GaussianDiffusion | FlowMatching:
-    """What the model was trained on, ready to sample: the `FlowMatching` of a flow objective
-    record, else the full diffusion chain (`diffusion_from_config`)."""
+def trained_objective(config: Mapping | None, learn_sigma: bool) -> GaussianDiffusion | FlowMatching | MeanFlow:
+    """What the model was trained on, ready to sample: the `FlowMatching` (or `MeanFlow`, with the
+    config's `meanflow` options) of a flow objective record, else the full diffusion chain
+    (`diffusion_from_config`)."""
     objective = objective_from_config(config)
     if objective is None:
         return diffusion_from_config(config, learn_sigma)
     try:
-        return flow_from_config(objective)
+        return flow_from_config(objective, (config or {}).get("meanflow"))
     except ValueError as err:
         raise ValueError(f"the checkpoint's config records objective={objective}, which this code cannot build: "
                          f"{err}") from None
 
 
 def objective_kind(objective) -> str:
-    """"flow" for a FlowMatching, "diffusion" for a GaussianDiffusion or None (the release chain)."""
-    return "flow" if is_flow(objective) else "diffusion"
+    """"flow" for a FlowMatching, "meanflow" for a MeanFlow, "diffusion" for a GaussianDiffusion or
+    None (the release chain)."""
+    return _objective_kind(objective)
 
 
 def trained_chain(config: Mapping | None) -> dict:
