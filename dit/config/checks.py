@@ -17,12 +17,13 @@ from dit.autoencoder import KNOWN_VAES, downsample_factor_from_config
 from dit.config.run_keys import RESUMABLE_CHANGES
 from dit.config.schema import ConfigError, ModelConfig, TrainConfig
 from dit.flow import PATHS, PREDICTIONS, TIMESTEP_SAMPLING
+from dit.flow.config import OBJECTIVE_KINDS, meanflow_options
 from dit.models.layers import check_options, check_rope_head_dim
 from dit.models import canonical_model_name, model_arch, option_values
 from dit.models.repa import hub_trust_refusal
 from dit.data.toy import VARIANTS as TOY_VARIANTS
 
-OBJECTIVES = ("diffusion", "flow")
+OBJECTIVES = OBJECTIVE_KINDS  # diffusion, flow, meanflow
 
 
 def to_train_config(cfg: Any) -> TrainConfig:
@@ -210,8 +211,10 @@ def check_objective(cfg: TrainConfig) -> None:
     o = cfg.objective
     if o.kind not in OBJECTIVES:
         raise ConfigError(f"objective.kind={o.kind!r} is not one of {', '.join(OBJECTIVES)}: choose with "
-                          "objective=diffusion or objective=flow")
-    if o.kind != "flow":
+                          "objective=diffusion, objective=flow or objective=meanflow")
+    if o.kind == "meanflow":
+        check_meanflow(cfg)
+    if o.kind == "diffusion":
         return
     for key, value, choices in (("path", o.path, PATHS), ("prediction", o.prediction, PREDICTIONS),
                                 ("time_sampling", o.time_sampling, TIMESTEP_SAMPLING)):
@@ -227,6 +230,27 @@ def check_objective(cfg: TrainConfig) -> None:
     if not o.network_time_scale > 0:
         raise ConfigError(f"objective.network_time_scale must be > 0 (1: t in [0, 1], 1000: DDPM-sized), "
                           f"got {o.network_time_scale}")
+
+
+def check_meanflow(cfg: TrainConfig) -> None:
+    """objective=meanflow: the linear path and (average) velocity prediction it is defined on, and
+    the `meanflow` keys (dit/flow/meanflow.py MeanFlowOptions); guidance folded into training needs
+    the null class (model.class_dropout_prob > 0)."""
+    o = cfg.objective
+    for key, value, needed in (("path", o.path, "linear"), ("prediction", o.prediction, "velocity"),
+                               ("cosine_weight", o.cosine_weight, 0.0)):
+        if value != needed:
+            raise ConfigError(f"objective.{key}={value!r} is not supported with objective=meanflow: MeanFlow is "
+                              f"defined on the linear path with velocity prediction and no cosine term "
+                              f"(use objective.{key}={needed})")
+    try:
+        options = meanflow_options(dataclasses.asdict(cfg.meanflow))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"meanflow.{err}") from None
+    if options.guided and not cfg.model.class_dropout_prob > 0:
+        raise ConfigError(f"meanflow.omega={options.omega}, meanflow.kappa={options.kappa} fold guidance into "
+                          "training, which needs the null class: set model.class_dropout_prob > 0 (the paper's 0.1), "
+                          "or meanflow.omega=1 meanflow.kappa=0 for no guidance")
 
 
 def check_optim_schedule(cfg: TrainConfig, world_size: int = 1) -> None:

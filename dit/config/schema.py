@@ -9,6 +9,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from dit.flow.meanflow import MeanFlowOptions
 from dit.models import DiTConfig
 from dit.sampling.settings import SamplerSettings
 
@@ -150,13 +151,15 @@ class VAEConfig(AutoencoderConfig):
 
 @dataclass
 class ObjectiveConfig:
-    """What the model is trained to do, chosen with `objective=diffusion|flow` (conf/objective/).
+    """What the model is trained to do, chosen with `objective=diffusion|flow|meanflow` (conf/objective/).
     `diffusion`: DiT's Gaussian diffusion (the `diffusion` keys; the other keys here are unused).
     `flow`: flow matching (dit/flow/, docs/flow.md; t = 0 data, t = 1 noise) with these keys,
-    whose defaults are SiT's. Checkpoints record the whole block as `config.objective`, which is
-    what sampling reads to pick the flow sampler and rebuild the network's time input."""
+    whose defaults are SiT's. `meanflow`: MeanFlow (docs/meanflow.md) on the linear path with
+    these time keys (conf/objective/meanflow.yaml: logit-normal(-0.4, 1)) and the `meanflow` keys.
+    Checkpoints record the whole block as `config.objective`, which is what sampling reads to pick
+    the flow sampler and rebuild the network's time input."""
 
-    kind: str = "diffusion"  # diffusion | flow
+    kind: str = "diffusion"  # diffusion | flow | meanflow
     path: str = "linear"  # linear | gvp (REPA: cosine)
     prediction: str = "velocity"  # velocity | noise | score (these two train on t in [1e-3, 1 - 1e-3], as SiT)
     time_sampling: str = "uniform"  # uniform | logit_normal (SD3 / LightningDiT)
@@ -164,6 +167,19 @@ class ObjectiveConfig:
     logit_std: float = 1.0
     cosine_weight: float = 0.0  # + w * (1 - cos(v_hat, v)): LightningDiT's velocity-direction loss (w = 1)
     network_time_scale: float = 1.0  # the timestep embedder receives scale * t: 1 (SiT, REPA) or 1000
+
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow's training options (objective=meanflow; dit/flow/meanflow.py `MeanFlowOptions`,
+    whose defaults, the official code's, are these; docs/meanflow.md). Unused by other objectives."""
+
+    fraction_r_equals_t: float = MeanFlowOptions.fraction_r_equals_t  # share of each batch with r = t
+    omega: float = MeanFlowOptions.omega  # guidance folded into the target (1 and kappa 0: none)
+    kappa: float = MeanFlowOptions.kappa  # effective scale omega / (1 - kappa): MF-B/4's 1.0, 0.5 -> 2
+    guidance_interval: list[float] = field(default_factory=lambda: list(MeanFlowOptions.guidance_interval))
+    norm_p: float = MeanFlowOptions.norm_p  # adaptive weight 1 / (||Delta||^2 + norm_eps)^norm_p
+    norm_eps: float = MeanFlowOptions.norm_eps  # (||Delta||^2 summed over the dimensions, as the code)
 
 
 @dataclass
@@ -351,6 +367,7 @@ class TrainConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)  # objective=meanflow's options
     repa: RepaConfig = field(default_factory=RepaConfig)  # off by default (repa.encoder=null)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)

@@ -42,7 +42,7 @@ from dit.config.checks import check_toy_variant
 from dit.config.run_keys import EVAL_SCHEDULE_KEYS
 from dit.config.schema import ConfigError, TrainEvalConfig
 from dit.distributed import DistEnv, broadcast_object
-from dit.flow.config import is_flow
+from dit.flow.config import objective_kind
 from dit.io.atomic import write_atomic, write_json_atomic
 from dit.sampling.order import LABEL_MODES
 from dit.sampling.settings import FLOW_FIELDS, SamplerMismatchError, SamplerSettings
@@ -258,7 +258,7 @@ def build_training_evaluator(cfg, env: DistEnv, ckpt_dir: Path, parallel: str, l
     a latents cache left it out), `input_size` the model's latent side."""
     if not cfg.eval.every:
         return None
-    objective = "flow" if is_flow(getattr(cfg, "objective", None)) else "diffusion"
+    objective = objective_kind(getattr(cfg, "objective", None))  # diffusion | flow | meanflow
     check_eval_config(cfg.eval, parallel, env.world_size, objective)
     eval_cfg = dataclasses.replace(cfg.eval, judge_variant=run_judge_variant(cfg))  # resolved: protocol and judge
     autoencoder = latents.autoencoder or autoencoder_from_spec(latents.spec, device=env.device)

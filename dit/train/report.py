@@ -20,9 +20,9 @@ from dit.data import item_seed
 from dit.distributed import DistEnv, all_reduce_sum, reshard
 from dit.io.atomic import write_text_atomic
 from dit.io.images import save_grid
-from dit.flow import FlowMatching
-from dit.flow.config import is_flow
-from dit.sampling.settings import DEFAULT_SPACING, FLOW_GRID_SAMPLER
+from dit.flow import FlowMatching, MeanFlow
+from dit.flow.config import is_flow, objective_kind
+from dit.sampling.settings import DEFAULT_SPACING, FLOW_GRID_SAMPLER, MEANFLOW_AUTO_STEPS, samplers_of
 from dit.sampling.images import sample_images
 from dit.train.randomness import GRID_STREAM
 
@@ -150,13 +150,13 @@ class GridSampler:
         self.seed = item_seed(seed, 1, GRID_STREAM)
 
     def sample(self, ema_module: nn.Module, objective, autoencoder, step: int) -> Optional[Path]:
-        """`objective`: the run's objective, a GaussianDiffusion or a FlowMatching."""
+        """`objective`: the run's objective, a GaussianDiffusion, a FlowMatching or a MeanFlow."""
         # Under FSDP the sharded EMA model needs every rank in the forward passes; under DDP the
         # replica on rank 0 suffices.
         if not (self.env.is_main or self.parallel == "fsdp"):
             return None
         device = self.env.device
-        settings = flow_grid_settings(self.settings) if is_flow(objective) else self.settings
+        settings = flow_grid_settings(self.settings, objective_kind(objective)) if is_flow(objective) else self.settings
         images = sample_images(
             ema_module, objective, autoencoder, self.labels.to(device), settings,
             noise=self.noise.to(device), generator=torch.Generator(device=device).manual_seed(self.seed),
@@ -167,19 +167,26 @@ class GridSampler:
         return save_grid(images, self.out_dir / "samples" / f"{step:07d}.png", nrow=int(math.ceil(len(images) ** 0.5)))
 
 
-def flow_grid_settings(settings):
+def flow_grid_settings(settings, kind: str = "flow"):
     """A flow run's grid settings: its flow sampler as configured (euler | heun | sde | dopri5,
     with its shift and guidance interval in flow time), or the Heun ODE with the grid's
     `num_steps` when `log.samples.sampler` is `auto` or names a diffusion sampler (the grid keys
     are shared with diffusion runs, whose default is DDPM, and so is their `spacing`; a grid never
-    stops a run)."""
+    stops a run). A MeanFlow run (`kind` "meanflow") keeps meanflow or a flow sampler as
+    configured; otherwise its grid is the paper's protocol: one MeanFlow step, cfg_scale 1 (the
+    guidance it trains in; log.samples.sampler=meanflow chooses steps and scale)."""
+    if kind == "meanflow":
+        if settings.sampler in samplers_of("meanflow"):
+            return settings
+        return dataclasses.replace(settings, sampler="meanflow", num_steps=MEANFLOW_AUTO_STEPS, cfg_scale=1.0,
+                                   spacing=DEFAULT_SPACING)
     return settings if settings.is_flow else dataclasses.replace(settings, sampler=FLOW_GRID_SAMPLER,
                                                                  spacing=DEFAULT_SPACING)
 
 
-def flow_grid_images(model: nn.Module, flow: FlowMatching, autoencoder, labels: torch.Tensor, settings, *,
+def flow_grid_images(model: nn.Module, flow: FlowMatching | MeanFlow, autoencoder, labels: torch.Tensor, settings, *,
                      noise: torch.Tensor, generator=None):
-    """A flow model's grid, uint8 (N, H, W, 3): `sample_images` (the sampler path of sample.py)
-    with `flow_grid_settings(settings)`, from `noise` at t = 1."""
-    return sample_images(model, flow, autoencoder, labels, flow_grid_settings(settings), noise=noise,
-                         generator=generator)
+    """A flow (or MeanFlow) model's grid, uint8 (N, H, W, 3): `sample_images` (the sampler path of
+    sample.py) with `flow_grid_settings(settings)`, from `noise` at t = 1."""
+    return sample_images(model, flow, autoencoder, labels, flow_grid_settings(settings, objective_kind(flow)),
+                         noise=noise, generator=generator)

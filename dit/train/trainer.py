@@ -20,7 +20,7 @@ from dit.distributed import (
     DistEnv, all_reduce_sum, broadcast_object, cleanup, full_optimizer_state, init_distributed,
     load_full_optimizer_state, shard_model, wrap_model,
 )
-from dit.flow.config import flow_from_config, is_flow
+from dit.flow.config import flow_from_config, is_flow, time_inputs
 from dit.models import DiT, arch_name, describe, option_values
 from dit.models.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
@@ -57,14 +57,17 @@ def build_model(cfg: TrainConfig, input_size: int, in_channels: int, num_classes
         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         mlp_ratio=cfg.model.mlp_ratio, class_dropout_prob=cfg.model.class_dropout_prob,
         learn_sigma=cfg.model.learn_sigma, **arch, **option_values(cfg.model),
+        time_inputs=time_inputs(cfg.objective),  # 2 for MeanFlow: [t, r]
     )
 
 
 def build_objective(cfg: TrainConfig):
     """What the step trains and the grids sample: DiT's GaussianDiffusion (objective=diffusion),
-    or a dit.flow.FlowMatching built from the `objective` keys (objective=flow)."""
+    or a dit.flow.FlowMatching built from the `objective` keys (objective=flow), or a
+    dit.flow.MeanFlow from them and the `meanflow` keys (objective=meanflow)."""
     if is_flow(cfg.objective):
-        return flow_from_config(plain_config(cfg)["objective"])
+        record = plain_config(cfg)
+        return flow_from_config(record["objective"], record["meanflow"])
     return create_diffusion(
         "", noise_schedule=cfg.diffusion.noise_schedule, learn_sigma=cfg.model.learn_sigma,
         diffusion_steps=cfg.diffusion.diffusion_steps,
