@@ -175,3 +175,37 @@ def test_two_gloo_ranks_and_gradient_accumulation_train_meanflow_as_one_process(
         worst[name] = max(float((other[p][k] - ref).norm() / ref.norm().clamp_min(1e-12))
                           for p in ("model", "ema") for k, ref in single[p].items())
     print(f"MeanFlow, largest relative parameter difference to one process after 3 steps: {worst}")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_trains_meanflow_as_one_process(tmp_path):
+    """parallel=fsdp: the JVP and the guidance passes run on the sharded module itself (no
+    wrapper to unwrap), the gradient-carrying forward too; 2 gloo ranks under torchrun."""
+    from conftest import TINY_RUN, torchrun_train, train_single_process
+
+    args = [*TINY_RUN, *MEANFLOW, "name=mf"]
+    single = train_single_process(args, tmp_path / "one")
+    torchrun_train([*args, "parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_same_parameters(single, torch.load(tmp_path / "run" / "checkpoints" / "0000003.pt", weights_only=True))
+
+
+def test_repa_trains_with_meanflow_on_the_gradient_carrying_forward(tmp_path):
+    """REPA's hook captures every forward's tokens; the MeanFlow step's last forward is the one
+    with gradients (after the guidance passes and the JVP), so REPA's term aligns and trains."""
+    import timm
+    from timm.models import save_for_hf
+
+    encoder = tmp_path / "encoder"
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        net = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **args)
+    save_for_hf(net, encoder, model_args=args, safe_serialization=True)
+    repa = ["model.hidden_size=64", f"repa.encoder={encoder}", "repa.resolution=16", "repa.depth=1",
+            "repa.projector_dim=32", "repa.coeff=0.5"]
+    with single_thread():
+        run_training(config(*MEANFLOW, *repa, "max_steps=40", "optim.lr=3e-3", "global_batch_size=16",
+                            "ckpt.every=1000"), tmp_path / "run")
+    values = metric(tmp_path / "run", "loss/repa")
+    print("REPA with MeanFlow, loss/repa:", [round(v, 3) for v in values[::5]], len(values))
+    assert sum(values[-10:]) / 10 < sum(values[:10]) / 10 - 0.1, (values[:10], values[-10:])
