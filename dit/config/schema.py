@@ -282,7 +282,9 @@ class TrainEvalConfig(SamplerSettings):
 
     cfg_scale: float = 1.0
     every: int = 0
-    num_samples: int = 5000  # FID-5K: for tracking a run; score the final checkpoint with eval_fid.py (50K)
+    # null: sized for the run, at most 5000 (FID-5K; dit/train/evaluation.py sized_num_samples): for
+    # tracking a run; score the final checkpoint with eval_fid.py (50K)
+    num_samples: Optional[int] = None
     reference: Optional[str] = None  # as eval_fid.py's `reference` (ADM batch, image folder, stats .npz)
     feature_extractor: str = "inception"  # inception | toy_judge (offline, the quickstart's)
     feature_extractor_weights: Optional[str] = None  # torch-fidelity's Inception file; None: hub cache or download

@@ -96,10 +96,12 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, model, objective, autoencoder, plan: SamplePlan, *, rank: int = 0, world_size: int = 1,
-                 progress: bool = False) -> dict[str, float] | None:
+                 progress: bool = False, on_batch=None) -> dict[str, float] | None:
         """Sample `plan`'s images from `model` and score them. Under torch.distributed every rank
         calls this and samples its share of the indices; the ranks' features are gathered and
-        the metrics returned on rank 0, None elsewhere."""
+        the metrics returned on rank 0, None elsewhere. `on_batch(indices, images, labels)` is
+        called after each sampling batch of this rank (an exception it raises ends the evaluation:
+        training's preemption check)."""
         model = unwrap_model(model)
         image_size = model.config.input_size * autoencoder.downsample_factor
         self.prepare((image_size, image_size), reference=rank == 0)
@@ -107,7 +109,8 @@ class Evaluator:
         # checked once per evaluation; objective None: the release chain (DiT's linear 1000 steps)
         sampler = build_sampler(plan.settings, objective_for_model(model, objective), autoencoder)
         order = SampleOrder(seed=plan.seed, batch_size=plan.batch_size, label_mode=plan.label_mode)
-        images, labels = generate_samples(model, sampler, autoencoder, indices, order, progress=progress)
+        images, labels = generate_samples(model, sampler, autoencoder, indices, order, progress=progress,
+                                          on_batch=on_batch)
         feats = sample_features(images, self._extractor, labels) if len(indices) else None  # more ranks than blocks
         if world_size > 1:
             # Gather per-image features (not images) and put them back in sample order.

@@ -24,7 +24,7 @@ from dit.flow.config import flow_from_config, is_flow, time_inputs
 from dit.models import DiT, arch_name, describe, option_values
 from dit.models.repa import RepaHead, RepaTerm, load_encoder
 from dit.train.ema import EMA
-from dit.train.evaluation import build_training_evaluator
+from dit.train.evaluation import EvaluationInterrupted, build_training_evaluator
 from dit.train.faults import (
     NonFiniteGuard, NonFiniteTrainingError, PreemptionWatch, TrainingPreempted, make_faults, preemption_signals,
 )
@@ -170,6 +170,7 @@ class Trainer:
         self._build_model(state)
         self._build_optimizer(state)
         self.step = int(state["step"]) if state is not None else 0
+        self.start_checkpoint = Path(state["source"]) if state is not None else None
         seed_rank(cfg.seed, self.step, env.rank, env.world_size, self.device,
                   (state or {}).get("rng", {}).get("ranks", []))
         # GaussianDiffusion or FlowMatching: the step calls either's training_losses alike.
@@ -193,6 +194,12 @@ class Trainer:
         # eval.every: checked and loaded now, so a bad eval.* key fails at start-up (None when off)
         self.evaluation = build_training_evaluator(cfg, env, self.ckpt_dir, self.parallel, self.latents,
                                                    self.model.config.input_size)
+        # The evaluation of the step of a checkpoint written by a preemption that stopped (or skipped)
+        # it: redone before the first step (this run directory's own checkpoints only).
+        self.eval_pending: Optional[int] = None
+        self.redo_eval = (state.get("eval_pending") if state is not None and state.get("own") else None)
+        if self.evaluation is not None:
+            self.evaluation.announce(self.ema.module, cfg.global_batch_size, cfg.fault.preempt_exit_code)
 
     # ---- construction
 
@@ -330,6 +337,8 @@ class Trainer:
             format_version=CHECKPOINT_FORMAT_VERSION, nonfinite_steps=dict(self.guard.counts),
             data_identity=self.data.identity,
             **({} if self.scaler is None else {"scaler": self.scaler.state_dict()}),
+            # this step's evaluation was interrupted (or skipped) by a preemption: the relaunch redoes it
+            **({} if self.eval_pending != self.step else {"eval_pending": self.step}),
             # contract 8: the projector (training-only) beside the model, never in its state dict
             **({} if self.repa is None else {"repa": {"head": {k: v.cpu() for k, v in self.repa.head.state_dict().items()},
                                                       "opt": full_optimizer_state(self.repa.head, self.repa.opt)}}),
@@ -356,6 +365,33 @@ class Trainer:
             batches.close()
             self.logger.close()
 
+    def evaluate(self, step: int, watch: PreemptionWatch) -> bool:
+        """The evaluation of `step` (every rank): whether it is a new best. A preemption signal
+        during its sampling raises EvaluationInterrupted on every rank (TrainingEvaluator.run)."""
+        return self.evaluation.run(step, self.ema.module, self.objective, self.logger,
+                                   preempted=lambda: watch.received is not None)
+
+    def redo_evaluation(self, watch: PreemptionWatch, checkpoint: Optional[Path]) -> None:
+        """Before the first step: the evaluation of the resumed step, when a preemption stopped it
+        and metrics.jsonl holds no scores of it. Preempted again, exit with nothing new written
+        (the checkpoint on disk still asks for the evaluation)."""
+        step = self.step
+        if (self.redo_eval != step or self.evaluation is None or not self.evaluation.due(step)
+                or self.evaluation.logged(step, self.logger)):
+            return
+        log.info("step %d: its evaluation was interrupted by a preemption: evaluating it now, before step %d",
+                 step, step + 1)
+        try:
+            if self.evaluate(step, watch):
+                self.evaluation.saved(step, checkpoint)  # this step's checkpoint is the one resumed from
+        except EvaluationInterrupted:
+            code = self.cfg.fault.preempt_exit_code
+            log.warning("preempted (%s) during the evaluation of step %d: its checkpoint %s is on disk and the "
+                        "relaunch evaluates it again; exiting with status %d so that the launcher requeues the job",
+                        watch.signal_name or "a signal on another rank", step, checkpoint, code)
+            watch.hand_over()
+            raise TrainingPreempted(code) from None
+
     def _loop(self, watch: PreemptionWatch, batches) -> dict:
         cfg = self.cfg
         self.guard.received = lambda: watch.received is not None
@@ -363,6 +399,7 @@ class Trainer:
         self.train_module.train()
         window, last_loss = MetricsWindow(self.device), float("nan")
         last_ckpt, last_save = latest_checkpoint(self.ckpt_dir), time.monotonic()
+        self.redo_evaluation(watch, self.start_checkpoint)
         while self.step < cfg.max_steps:
             step = self.step + 1
             x, y, *features = next(batches)  # a latents cache with REPA features: (latents, labels, features)
@@ -378,19 +415,29 @@ class Trainer:
                 save_now = save_now or overdue
             if self.grid is not None and step % cfg.log.samples.every == 0:
                 self.sample_grid(step)
-            if self.evaluation is not None and self.evaluation.due(step) and not self.guard.preempt:
+            if self.evaluation is not None and self.evaluation.due(step):
                 # before the checkpoint: a kill during the evaluation redoes it on resume; a new best
-                # (eval.keep_best) forces this step's checkpoint, which becomes checkpoints/best.pt
-                save_now = self.evaluation.run(step, self.ema.module, self.objective, self.logger) or save_now
+                # (eval.keep_best) forces this step's checkpoint, which becomes checkpoints/best.pt.
+                # A preemption signal before or during it: the checkpoint is written now, marked
+                # as missing this evaluation, which the relaunch does first.
+                if self.guard.preempt:
+                    self.eval_pending = step  # no time to sample
+                else:
+                    try:
+                        save_now = self.evaluate(step, watch) or save_now
+                    except EvaluationInterrupted:
+                        self.guard.preempt, self.eval_pending = True, step
             if save_now or self.guard.preempt or self.faults.forces_checkpoint(step):
                 last_ckpt, last_save = self.save_checkpoint(last_ckpt), time.monotonic()
                 if self.evaluation is not None:
                     self.evaluation.saved(step, last_ckpt)
             if self.guard.preempt:
                 code = cfg.fault.preempt_exit_code
-                log.warning("preempted (%s): wrote checkpoint %s at step %d; exiting with status %d so that the "
+                log.warning("preempted (%s): wrote checkpoint %s at step %d%s; exiting with status %d so that the "
                             "launcher requeues the job; relaunching the same command resumes from it",
-                            watch.signal_name or "a signal on another rank", last_ckpt, step, code)
+                            watch.signal_name or "a signal on another rank", last_ckpt, step,
+                            "" if self.eval_pending != step else
+                            " (its evaluation was stopped: the relaunch does it first)", code)
                 watch.hand_over()  # the launcher's own handler (submitit: requeue), if any
                 raise TrainingPreempted(code)
             self.faults.after_step(step)
