@@ -209,3 +209,33 @@ def test_repa_trains_with_meanflow_on_the_gradient_carrying_forward(tmp_path):
     values = metric(tmp_path / "run", "loss/repa")
     print("REPA with MeanFlow, loss/repa:", [round(v, 3) for v in values[::5]], len(values))
     assert sum(values[-10:]) / 10 < sum(values[:10]) / 10 - 0.1, (values[:10], values[-10:])
+
+
+def test_eval_every_on_a_meanflow_run_is_one_meanflow_step_and_equals_eval_fid_on_its_checkpoint(tmp_path):
+    """eval.sampler=auto on a MeanFlow run samples one MeanFlow step; its score is eval_fid.py's on
+    the checkpoint of the same step with sampler=meanflow."""
+    from dit.cli.eval_fid import generate_and_evaluate
+    from dit.data.toy import make_toy_arrays
+    from dit.io.npz import write_samples_npz
+
+    from conftest import compose_config
+
+    images, _ = make_toy_arrays(10, image_size=16, seed=1)
+    ref = write_samples_npz(tmp_path / "real16.npz", images)
+    cache = tmp_path / "cache"
+    keys = ["eval.every=2", "eval.num_samples=20", "eval.batch_size=10", "eval.labels=balanced",
+            "eval.feature_extractor=toy_judge", f"eval.reference={ref}", f"eval.cache_dir={cache}", "eval.metrics=[fid]"]
+    run = tmp_path / "run"
+    with single_thread():
+        run_training(config(*MEANFLOW, "max_steps=2", *keys), run)
+        line = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/fid" in x][0]
+        cfg = compose_config("eval", [
+            f"checkpoint={run / 'checkpoints' / '0000002.pt'}", f"reference={ref}", "feature_extractor=toy_judge",
+            "metrics=[fid]", f"cache_dir={cache}", "device=cpu", "results_table=null", "sampler=meanflow",
+            "bulk.cfg_scale=1", "bulk.num_samples=20", "bulk.batch_size=10", "bulk.labels=balanced",
+            f"bulk.out={tmp_path / 's.npz'}"])
+        record = generate_and_evaluate(cfg)
+    assert line["step"] == 2 and line["eval/fid"] > 0
+    assert line["eval/fid"] == pytest.approx(record["metrics"]["fid"], rel=1e-6)
+    assert record["sampling"]["sampler"] == "meanflow" and record["sampling"]["num_steps"] == 1
+    assert record["sampling"]["objective"]["kind"] == "meanflow"
