@@ -249,7 +249,10 @@ class MeanFlow:
                         noise: torch.Tensor | None = None) -> dict:
         """Per-sample losses (B,) at times t (B, 2) = [t, r]: {"loss": the adaptively weighted
         loss, "mse": the unweighted squared error, a mean over dimensions (docs/flow.md's scale)}.
-        `model_kwargs["y"]` holds the labels after label dropout (null class = dropped)."""
+        `model_kwargs["y"]` holds the labels after label dropout (null class = dropped). The network
+        is called up to three times per step (guidance, JVP, the gradient-carrying forward), so
+        label dropout must be the caller's, as the trainer's is (`take_over_label_dropout`): a
+        model dropping labels itself in training mode would drop different ones in each call."""
         if t.ndim != 2 or t.shape[1] != 2:
             raise ValueError(f"MeanFlow trains on time pairs t (B, 2) = [t, r] (MeanFlow.sample_t), got {tuple(t.shape)}")
         if noise is None:
