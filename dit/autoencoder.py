@@ -22,6 +22,7 @@ from the directory's or hub model's config.json `_class_name`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -31,6 +32,23 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+
+class _NoAccelerateNotice(logging.Filter):
+    """Drops diffusers' advice to install `accelerate`, which its `from_pretrained` logs at every
+    load when accelerate is missing ("Cannot initialize model with low cpu memory usage because
+    `accelerate` was not found ..."): loading then takes diffusers' ordinary path, which is right
+    for models of this size, so the notice said nothing on every run. Only that message, only on
+    the logger that writes it (diffusers.models.modeling_utils); diffusers' other warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("`accelerate` was not found" in message and "low cpu memory usage" in message)
+
+
+# Installed when this module is imported, before anything here (or dit.io.export) loads a diffusers model.
+_ACCELERATE_NOTICE_FILTER = _NoAccelerateNotice()
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_ACCELERATE_NOTICE_FILTER)
 
 
 # Short names for the two VAEs the DiT paper used; anything else is a hub id or a local path.

@@ -42,7 +42,7 @@ class CacheLatentsConfig:
     mean_dtype: str = "float32"  # the posterior mean's
     shard_size: int = 4096  # images per shard file
     batch_size: int = 32  # images per encoder call (x2 with flip)
-    num_workers: int = 4  # DataLoader workers decoding images
+    num_workers: Optional[int] = None  # DataLoader workers decoding images; null: min(4, usable CPUs)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
     vae_dtype: str = "float32"  # encoder compute dtype (float32 | bfloat16 | float16)
     skip_bad: bool = False  # skip (and list in meta.json) unreadable images instead of failing

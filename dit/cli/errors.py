@@ -18,6 +18,9 @@ prints a trimmed traceback and then a hint line for any exception:
 
 A SystemExit (TrainingPreempted's status 75, a `--help`) is never caught. Under torchrun each rank
 prints its own line.
+
+When the task fails, the run directory hydra created for it is removed if it is still empty
+(dit/cli/run_dir.py).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dit.autoencoder import AutoencoderUnavailable
 from dit.sampling.bulk import BulkOutputBusyError
 from dit.cli import config_dir
 from dit.config import ConfigError, flatten_model_overrides, register_configs
+from dit.cli.run_dir import forget_new_folders, remove_unused_run_dir
 from dit.data.images import BadImageError
 from dit.data.latents import LatentCacheMismatch
 from dit.io.atomic import FileWriteError
@@ -133,14 +137,21 @@ def _in_sweep() -> bool:
 
 
 def reports_errors(*extra: type[BaseException]) -> Callable:
-    """Decorator of a hydra task function: a known failure ends the run in one line (see the
-    module docstring; `extra`: the program's own error types)."""
+    """Decorator of a hydra task function: a known failure ends the run in one line, and a
+    failure leaves no empty run directory (see the module docstring; `extra`: the program's own
+    error types)."""
 
     def decorate(task: Callable) -> Callable:
         @functools.wraps(task)
         def wrapped(cfg: Any) -> Any:
             try:
-                return task(cfg)
+                try:
+                    return task(cfg)
+                except BaseException:
+                    remove_unused_run_dir()
+                    raise
+                finally:
+                    forget_new_folders()
             except Exception as err:
                 if full_error_requested() or not is_known(err, extra):
                     raise

@@ -78,7 +78,9 @@ class DataConfig:
     """Fields shared by every data source; `kind` selects the subclass."""
 
     kind: str = MISSING
-    num_workers: int = 4  # DataLoader worker processes per rank (0: load in the training process)
+    # DataLoader worker processes per rank (0: load in the training process); null: what the
+    # machine has, min(4, usable CPUs / ranks on the node) (dit/data/workers.py). Never changes the data.
+    num_workers: Optional[int] = None
     # Resuming checks that the data is the one the checkpoint was trained on (its classes and a
     # fingerprint of its files); true continues on purpose on changed data (a warning, not an error).
     allow_changed: bool = False

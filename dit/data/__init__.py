@@ -17,6 +17,7 @@ Where things are:
     sampler.py   DistributedResumableSampler: the data order across ranks, resumable mid-epoch
     latents.py   the latents cache format and its reader, LatentCacheDataset (check_compatible)
     cache.py     build_latent_cache: the cache builder (`python -m dit.cache_latents`)
+    workers.py   default_num_workers: how many DataLoader workers when the config says null
 The built-in toy set is dit/data/toy.py.
 """
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dit.io.atomic import RecordingFile, read_json_file, write_atomic, write_text_atomic
 from dit.data.images import BadImageError, ImageFolderDataset
+from dit.data.workers import resolve_num_workers
 from dit.data.latents import (
     BUILD_FILE,
     CACHE_FORMAT_VERSION,
@@ -118,7 +119,7 @@ class CacheRun:
     which shards this process encodes (r, r + W, ...); None: torch.distributed's, else (0, 1)."""
 
     batch_size: int = 32
-    num_workers: int = 4
+    num_workers: int | None = None  # None: dit.data.workers.default_num_workers()
     device: str | torch.device | None = None
     progress: bool = True
     skip_bad: bool = False
@@ -182,7 +183,8 @@ def build_latent_cache(dataset_root, autoencoder, out_dir, image_size: int, fmt:
                 (0, 2 if fmt.flip else 1, settings["repa"]["num_tokens"], settings["repa"]["dim"]))
     encoding = _ShardEncoding(
         images, autoencoder, device, fmt.flip, (_DTYPES[settings["mean_dtype"]], _DTYPES[settings["dtype"]]),
-        run.batch_size, run.num_workers, empty_shape=(0, 2 if fmt.flip else 1, *settings["latent_shape"]), repa=repa,
+        run.batch_size, resolve_num_workers(run.num_workers),
+        empty_shape=(0, 2 if fmt.flip else 1, *settings["latent_shape"]), repa=repa,
     )
 
     with tqdm(total=total, desc=f"encoding (rank {rank})", unit="img", disable=not run.progress) as bar:

@@ -22,6 +22,7 @@ from dit.data import DistributedResumableSampler, ImageFolderDataset, LatentCach
 from dit.distributed import DistEnv
 from dit.data.toy import NUM_CLASSES as TOY_CLASSES
 from dit.data.toy import ToyShapesDataset
+from dit.data.workers import resolve_num_workers
 from dit.train.faults import ignore_signals
 from dit.train.randomness import LOADER_STREAM, StepRandomness
 
@@ -130,11 +131,12 @@ class DataStream:
     resumed at step s starts in epoch s // steps_per_epoch at position (s % steps_per_epoch) * B.
     Workers are restarted each epoch so that they see the new epoch of the dataset."""
 
-    def __init__(self, dataset: Dataset, env: DistEnv, global_batch: int, seed: int, num_workers: int,
+    def __init__(self, dataset: Dataset, env: DistEnv, global_batch: int, seed: int, num_workers: Optional[int],
                  worker_ignored_signals: tuple[int, ...] = ()):
         self.dataset, self.env, self.global_batch = dataset, env, global_batch
         self.local_batch = global_batch // env.world_size
-        self.seed, self.num_workers = seed, num_workers
+        # None (data.num_workers=null, the default): what the machine has (dit/data/workers.py).
+        self.seed, self.num_workers = seed, resolve_num_workers(num_workers)
         # SLURM signals every process of a job: workers ignore the preemption signals, so that
         # they keep loading until the training process has written its checkpoint.
         self.worker_ignored_signals = tuple(worker_ignored_signals)
