@@ -19,8 +19,10 @@ prints a trimmed traceback and then a hint line for any exception:
 A SystemExit (TrainingPreempted's status 75, a `--help`) is never caught. Under torchrun each rank
 prints its own line.
 
-When the task fails, the run directory hydra created for it is removed if it is still empty
-(dit/cli/run_dir.py).
+Before the task runs, `reports_errors` refuses a key the program's schema does not have, added
+with `+` or not (dit/config/keys.py: "unknown config key max_step: ... did you mean max_steps?");
+hydra's own refusal of such a key, which advises the `+`, becomes the same line. When the task
+fails, the run directory hydra created for it is removed if it is still empty (dit/cli/run_dir.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dit.autoencoder import AutoencoderUnavailable
 from dit.sampling.bulk import BulkOutputBusyError
 from dit.cli import config_dir
 from dit.config import ConfigError, flatten_model_overrides, register_configs
+from dit.config.keys import check_known_keys, unknown_override
 from dit.cli.run_dir import forget_new_folders, remove_unused_run_dir
 from dit.data.images import BadImageError
 from dit.data.latents import LatentCacheMismatch
@@ -112,7 +115,11 @@ def error_message(err: BaseException) -> str:
     """`error: ...`, one line: the message itself for config errors (ours, hydra's, omegaconf's:
     they name the key), `error: <type>: ...` for the rest. Our multi-line messages (a list of
     mismatched tensors, a config diff) are joined into that line with "; ", the last line (the
-    fix) always kept, at most MAX_DETAIL_LINES of the list before it."""
+    fix) always kept, at most MAX_DETAIL_LINES of the list before it. hydra's refusal of a key
+    that is not in the schema reads as ours, with the closest real keys (not hydra's advice to add
+    it with `+`, which the program would refuse too)."""
+    if isinstance(err, HydraException):
+        err = unknown_override(err) or err
     if isinstance(err, HydraException):
         text = _hydra_line(err)
     elif isinstance(err, OmegaConfBaseException):
@@ -137,15 +144,16 @@ def _in_sweep() -> bool:
 
 
 def reports_errors(*extra: type[BaseException]) -> Callable:
-    """Decorator of a hydra task function: a known failure ends the run in one line, and a
-    failure leaves no empty run directory (see the module docstring; `extra`: the program's own
-    error types)."""
+    """Decorator of a hydra task function: the config's keys checked against its schema, then
+    the task; a known failure ends the run in one line, and a failure leaves no empty run
+    directory (see the module docstring; `extra`: the program's own error types)."""
 
     def decorate(task: Callable) -> Callable:
         @functools.wraps(task)
         def wrapped(cfg: Any) -> Any:
             try:
                 try:
+                    check_known_keys(cfg)
                     return task(cfg)
                 except BaseException:
                     remove_unused_run_dir()

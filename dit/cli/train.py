@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from dit.cli import config_dir
 from dit.cli.errors import error_message, full_error_requested, reports_errors, run_program
 from dit.config import ConfigError, flatten_model_overrides, register_configs, to_train_config
+from dit.config.keys import check_known_keys
 from dit.config.overrides import check_sweep
 from dit.distributed import env_rank
 from dit.io.atomic import write_text_atomic
@@ -53,7 +54,8 @@ class SweepJobDirs(Callback):
     """conf/train.yaml's `hydra.callbacks.sweep_job_dirs`: a sweep (`-m`) two of whose jobs would
     share one job directory (a sweep over a key left out of directory names, such as
     `optim.grad_accum_steps=1,2`) is refused before any job starts, in one error line, exit 1
-    (dit.config.overrides.check_distinct_job_dirs).
+    (dit.config.overrides.check_distinct_job_dirs). So is a sweep whose config holds a key that
+    is not in the schema (`-m +max_step=100 seed=1,2`: dit.config.keys.check_known_keys).
 
     Why a callback: `on_multirun_start` receives the composed config (the command line, the
     sweeper's `params`, the chosen `hydra.sweep.subdir`) before the sweeper expands the sweep,
@@ -67,6 +69,7 @@ class SweepJobDirs(Callback):
 
         loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
         try:
+            check_known_keys(config)
             check_sweep(config.hydra, loader)
         except ConfigError as err:
             if full_error_requested():
