@@ -27,7 +27,8 @@ evaluation), from the same noise for every recipe, scored by that data set's jud
 its own seed): class accuracy and the judge Fréchet distance to real images of another seed.
 An interrupted race resumes: a run directory with its `race_run.json` is not trained again.
 Results: benchmarks/results/convergence_race.json and a plot, docs/assets/convergence_race.png
-(drawn with PIL: matplotlib is not among the project's dependencies).
+(drawn with PIL by dit.reporting.charts, as `python -m dit.report` draws: matplotlib is not among
+the project's dependencies).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,6 +66,7 @@ from dit.sampling.order import initial_noise, sample_generators  # noqa: E402
 from dit.data.toy import NUM_CLASSES, make_toy_arrays, to_model_range, write_toy_imagefolder  # noqa: E402
 from dit.train import run_training  # noqa: E402
 from dit.train.report import flow_grid_images  # noqa: E402
+from dit.reporting.charts import PALETTE, Panel, Series, figure  # noqa: E402
 
 DATASETS = ("colours", "shapes")
 IMAGE_SIZE = 16
@@ -265,69 +266,32 @@ def goal_summary(results: dict) -> dict:
     return summary
 
 
-COLOURS = {"dit": (31, 119, 180), "sit": (255, 127, 14), "sit_lightning": (44, 160, 44), "sit_repa": (214, 39, 40)}
+COLOURS = {"dit": PALETTE[0], "sit": PALETTE[1], "sit_lightning": PALETTE[2], "sit_repa": PALETTE[3]}
 
 
-def _panel(draw, box, title, curves, log_y, y_label, hline=None, vline=None):
-    """One chart in `box` (x0, y0, x1, y1): `curves` {name: [(step, value)]}, x linear in steps,
-    y linear or log10. Drawn with PIL (matplotlib is not a dependency of the project)."""
-    x0, y0, x1, y1 = box
-    left, right, top, bottom = x0 + 60, x1 - 10, y0 + 28, y1 - 36
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    draw.text((left, y0 + 6), title, fill=(0, 0, 0))
-    points = [p for c in curves.values() for p in c]
-    if not points:
-        return
-    xs = [p[0] for p in points] + ([vline] if vline else [])
-    ys = [p[1] for p in points] + ([hline] if hline else [])
-    f = (lambda v: np.log10(max(v, 1e-6))) if log_y else (lambda v: v)
-    xmin, xmax = 0, max(xs)
-    ymin, ymax = min(f(v) for v in ys), max(f(v) for v in ys)
-    pad = 0.05 * (ymax - ymin or 1.0)
-    ymin, ymax = ymin - pad, ymax + pad
-    sx = lambda v: left + (right - left) * (v - xmin) / (xmax - xmin or 1)  # noqa: E731
-    sy = lambda v: bottom - (bottom - top) * (f(v) - ymin) / (ymax - ymin)  # noqa: E731
-    for k in range(5):  # axis ticks
-        xv = xmin + (xmax - xmin) * k / 4
-        draw.text((sx(xv) - 12, bottom + 4), f"{xv:.0f}", fill=(0, 0, 0))
-        yv = ymin + (ymax - ymin) * k / 4
-        label = 10 ** yv if log_y else yv
-        draw.text((x0 + 4, bottom - (bottom - top) * k / 4 - 6), f"{label:.3g}", fill=(0, 0, 0))
-    draw.text(((left + right) // 2 - 40, bottom + 18), "training steps", fill=(0, 0, 0))
-    draw.text((left + 4, top + 4), y_label, fill=(90, 90, 90))
-    if hline is not None:
-        draw.line([left, sy(hline), right, sy(hline)], fill=(150, 150, 150), width=1)
-    if vline is not None:
-        draw.line([sx(vline), top, sx(vline), bottom], fill=(150, 150, 150), width=1)
-    for row, (name, curve) in enumerate(curves.items()):
-        colour = COLOURS.get(name, (0, 0, 0))
-        pts = [(sx(s), sy(v)) for s, v in curve]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for px, py in pts:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        draw.text((right - 110, top + 6 + 14 * row), name, fill=colour)
+def _panel(title: str, curves: dict, log_y: bool, y_label: str, hline=None, vline=None) -> Panel:
+    """One chart (dit.reporting.charts): `curves` {recipe: [(step, value)]}, each recipe in its colour,
+    a dot per scored step, the recipes named at the top right."""
+    series = [Series(name, curve, COLOURS.get(name, (0, 0, 0))) for name, curve in curves.items()]
+    return Panel(title, series, log_y=log_y, y_label=y_label, hline=hline, vline=vline)
 
 
 def plot(results: dict, path: Path) -> Path:
     """Judge FD (log scale, top) and class accuracy (bottom) vs training steps: one line per
-    recipe, one column per data set; grey lines: DiT's final FD and a quarter of its steps."""
-    variants = list(results["datasets"])
-    w, h = 520, 300
-    image = Image.new("RGB", (w * len(variants), 2 * h + 30), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), f"Convergence race: {results['protocol']['nfe']} NFE per sample, no guidance "
-                       f"(DiT: {SAMPLER['dit']}; flow: {SAMPLER['flow']})", fill=(0, 0, 0))
-    for col, variant in enumerate(variants):
-        runs = results["datasets"][variant]["runs"]
+    recipe, one column per data set; grey lines: DiT's final FD and a quarter of its steps.
+    Drawn by dit.reporting.charts (PIL: matplotlib is not a dependency of the project)."""
+    fd_row, acc_row = [], []
+    for variant, entry in results["datasets"].items():
+        runs = entry["runs"]
         goal = results["goal"].get(variant) or {}
         fd = {r: [(p["step"], p["judge_fd"]) for p in run["curve"]] for r, run in runs.items()}
         acc = {r: [(p["step"], 100 * p["class_accuracy"]) for p in run["curve"]] for r, run in runs.items()}
         quarter = goal.get("baseline_steps", 0) / 4 or None
-        _panel(draw, (col * w, 30, (col + 1) * w, 30 + h), f"{variant} toy set: judge Frechet distance (log)",
-               fd, True, "FD, lower is better", goal.get("baseline_final_fd"), quarter)
-        _panel(draw, (col * w, 30 + h, (col + 1) * w, 30 + 2 * h), f"{variant} toy set: class accuracy",
-               acc, False, "% (chance 10)", None, quarter)
+        fd_row.append(_panel(f"{variant} toy set: judge Frechet distance (log)", fd, True, "FD, lower is better",
+                             goal.get("baseline_final_fd"), quarter))
+        acc_row.append(_panel(f"{variant} toy set: class accuracy", acc, False, "% (chance 10)", None, quarter))
+    image = figure(f"Convergence race: {results['protocol']['nfe']} NFE per sample, no guidance "
+                   f"(DiT: {SAMPLER['dit']}; flow: {SAMPLER['flow']})", [fd_row, acc_row], panel_size=(520, 300))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
