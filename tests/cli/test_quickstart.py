@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dit.scoring.judge import ToyJudge
 from dit.cli.quickstart import main as quickstart_main
@@ -86,7 +87,7 @@ def test_the_one_command_quickstart_trains_scores_prints_both_rows_and_reuses_fi
                                                                                               capsys):
     """`python -m dit.quickstart` end to end, shortened (20 steps on 8x8 images, 50 samples per model): both
     runs train, both are scored, the table is printed and written; a relaunch trains nothing."""
-    monkeypatch.chdir(tmp_path)  # results/eval_results.csv, as eval_fid.py writes it, lands here
+    monkeypatch.chdir(tmp_path)  # outputs/results/eval_results.csv, as eval_fid.py writes it, lands here
     out = tmp_path / "outputs"
     summary = quickstart_main([*ONE_COMMAND, "--out", str(out), "--num-samples", "50"])
     printed = capsys.readouterr().out
@@ -102,7 +103,7 @@ def test_the_one_command_quickstart_trains_scores_prints_both_rows_and_reuses_fi
         record = json.loads((out / run / "samples.toy_judge.metrics.json").read_text())
         assert record["metrics"]["num_samples"] == 50
         assert record["metrics"]["fid"] == rows["untrained" if "untrained" in run else "trained, 20 steps"]["judge_fd"]
-    assert len((tmp_path / "results" / "eval_results.csv").read_text().splitlines()) == 3  # header + 2 rows
+    assert len((tmp_path / "outputs" / "results" / "eval_results.csv").read_text().splitlines()) == 3  # header + 2 rows
     assert len(list((out / "toy_real8").glob("*/*.png"))) == 1000
 
     trained_mtime = Path(rows["trained, 20 steps"]["checkpoint"]).stat().st_mtime_ns
@@ -111,3 +112,60 @@ def test_the_one_command_quickstart_trains_scores_prints_both_rows_and_reuses_fi
     assert printed.count("reusing") == 3, printed  # trained, untrained, real images
     assert Path(rows["trained, 20 steps"]["checkpoint"]).stat().st_mtime_ns == trained_mtime
     assert again["rows"] == summary["rows"]  # seeded: the same scores again
+
+
+class FakeClock:
+    """time.perf_counter for the quickstart: advanced by the fake stages below, by their nominal seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_a_relaunch_that_reuses_the_training_keeps_its_time_in_the_summary_and_draws_the_runs(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Issue 23, item 6: a relaunch that found the work done wrote its own few seconds as the
+    summary's wall_s. The time of a reused stage now comes from the earlier summary; and (item 8)
+    both runs' curves and scores are drawn by dit.reporting. Training and scoring are stand-ins
+    that take nominal seconds on a fake clock."""
+    import dit.cli.quickstart as quickstart
+
+    clock = FakeClock()
+    monkeypatch.setattr(quickstart, "time", clock)
+
+    def train(cfg, run_dir):
+        clock.now += 600.0 if cfg.max_steps > 1 else 5.0
+        checkpoint = quickstart.checkpoint_at(Path(run_dir), cfg.max_steps)
+        checkpoint.parent.mkdir(parents=True)
+        checkpoint.write_bytes(b"")
+        lines = [{"step": s, "train/loss": 1.0 / s} for s in range(1, cfg.max_steps + 1)]
+        (Path(run_dir) / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return {"loss": lines[-1]["train/loss"], "checkpoint": str(checkpoint)}
+
+    def score(cfg):
+        clock.now += 50.0
+        untrained = "untrained" in cfg.checkpoint
+        return {"metrics": {"fid": 5000.0 if untrained else 100.0, "class_accuracy": 0.1 if untrained else 0.9}}
+
+    monkeypatch.setattr(quickstart, "run_training", train)
+    monkeypatch.setattr(quickstart, "generate_and_evaluate", score)
+    out = tmp_path / "outputs"
+    args = ["max_steps=20", "data.image_size=8", "--out", str(out), "--num-samples", "50"]
+    first = quickstart_main(args)
+    assert first["wall_s"] == 600 + 5 + 50 + 50
+    capsys.readouterr()
+    again = quickstart_main(args)
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 3, printed
+    assert again["wall_s"] == first["wall_s"]  # the reused training's 605 s are still counted
+    assert again["launch_wall_s"] == 100 and first["launch_wall_s"] == first["wall_s"]  # this launch only scored
+    assert json.loads((out / "quickstart" / "summary.json").read_text())["wall_s"] == first["wall_s"]
+    assert "wall time 705 s in all: this launch 100 s, plus trained model 600 s" in printed, printed
+    # The picture and table of both runs, through dit.reporting.
+    png, md = out / "quickstart" / "report.png", out / "quickstart" / "report.md"
+    assert str(png) in printed and Image.open(png).size[0] > 0
+    table = md.read_text()
+    assert "| trained, 20 steps | 20 | 0.05 | 100 (step 20) |" in table
+    assert "| untrained | 1 | 1 | 5000 (step 1) |" in table
