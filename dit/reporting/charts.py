@@ -87,7 +87,9 @@ class Panel:
     (`y_label`), grey reference lines at y = `hline` and step `vline`, and (`legend`) the lines'
     names in their colours at the top right. Ticks: five, evenly spaced over each axis, or
     (`round_ticks`) at round values (1, 2, 5 times a power of ten; decades on a log axis spanning
-    several) with pale grid lines. `y_range` fixes the y axis (e.g. (0, 1) for an accuracy)."""
+    several) with pale grid lines. `y_range` fixes the y axis (e.g. (0, 1) for an accuracy).
+    `log_x`: a log10 x axis from the smallest x to the largest (x > 0; e.g. network evaluations),
+    else linear from 0; `x_ticks`, if given, are the x values labelled (with round ticks)."""
 
     title: str
     series: Sequence[Series]
@@ -99,6 +101,8 @@ class Panel:
     x_label: str = "training steps"
     round_ticks: bool = False
     y_range: Optional[tuple[float, float]] = None
+    log_x: bool = False
+    x_ticks: Optional[Sequence[float]] = None
 
 
 def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel: Panel) -> None:
@@ -118,16 +122,19 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
     xs = [p[0] for p in points] + ([vline] if vline else [])
     ys = [p[1] for p in points] + ([hline] if hline else [])
     f = (lambda v: math.log10(max(v, 1e-6))) if panel.log_y else (lambda v: v)
-    xmin, xmax = 0, max(xs)
+    fx = (lambda v: math.log10(max(v, 1e-6))) if panel.log_x else (lambda v: v)
+    xmin, xmax = (fx(min(xs)), fx(max(xs))) if panel.log_x else (0, max(xs))
     if panel.y_range is not None:
         ys = [*ys, *panel.y_range]
     ymin, ymax = min(f(v) for v in ys), max(f(v) for v in ys)
     pad = 0.05 * (ymax - ymin or 1.0)
     ymin, ymax = ymin - pad, ymax + pad
-    sx = lambda v: left + (right - left) * (v - xmin) / (xmax - xmin or 1)  # noqa: E731
+    sx = lambda v: left + (right - left) * (fx(v) - xmin) / (xmax - xmin or 1)  # noqa: E731
     sy = lambda v: bottom - (bottom - top) * (f(v) - ymin) / (ymax - ymin)  # noqa: E731
     if panel.round_ticks:
-        for xv in round_ticks(xmin, xmax):
+        x_ticks = panel.x_ticks if panel.x_ticks is not None else \
+            (log_ticks(xmin, xmax) if panel.log_x else round_ticks(xmin, xmax))
+        for xv in x_ticks:
             draw.text((sx(xv) - 3 * len(f"{xv:g}"), bottom + 4), f"{xv:g}", fill=BLACK)
         y_ticks = log_ticks(ymin, ymax) if panel.log_y else round_ticks(ymin, ymax)
         for yv in y_ticks:
@@ -138,6 +145,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], panel:
     else:
         for k in range(5):  # axis ticks
             xv = xmin + (xmax - xmin) * k / 4
+            xv = 10 ** xv if panel.log_x else xv
             draw.text((sx(xv) - 12, bottom + 4), f"{xv:.0f}", fill=BLACK)
             yv = ymin + (ymax - ymin) * k / 4
             label = 10 ** yv if panel.log_y else yv
