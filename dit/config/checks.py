@@ -153,6 +153,9 @@ def check_static(cfg: TrainConfig, world_size: int = 1) -> None:
         s.check()
     except ValueError as err:
         raise ConfigError(f"log.samples: {err}") from None
+    if s.guidance == "autoguidance":
+        raise ConfigError("log.samples.guidance=autoguidance needs a guide model, which training grids do not load: "
+                          "use cfg or apg, and draw autoguided grids with sample.py guide_checkpoint=...")
 
     data = cfg.data
     if data.kind in ("imagefolder", "latents"):

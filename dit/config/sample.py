@@ -5,8 +5,9 @@ A wrong type (`bulk.num_samples=abc`) fails when hydra composes, naming the key.
 The sampler's own knobs are not written out here: the `sampler` node (`sampler.name`,
 `sampler.num_steps`, `sampler.eta`, ...) is derived from `dit.sampling.SamplerSettings`, so a
 field added there is a `sampler.<field>` key at once. The guidance knobs sit beside it:
-`guided_channels` and `guidance_interval` at the top, `cfg_scale` per mode (`grid.cfg_scale`,
-`bulk.cfg_scale`).
+`guided_channels`, `guidance_interval`, the guidance method `guidance` (cfg | autoguidance | apg),
+its guide model `guide_checkpoint` and APG's `apg_eta`, `apg_norm_threshold`, `apg_momentum` at
+the top, `cfg_scale` per mode (`grid.cfg_scale`, `bulk.cfg_scale`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dit.sampling.order import LABEL_MODES
 from dit.sampling.settings import SamplerSettings
 
 # SamplerSettings fields that are not the sampler's own: set beside the `sampler` node.
-_GUIDANCE_FIELDS = ("cfg_scale", "guided_channels", "guidance_interval")
+_GUIDANCE_FIELDS = ("cfg_scale", "guided_channels", "guidance_interval", "guidance", "apg_eta", "apg_norm_threshold",
+                    "apg_momentum")
 
 
 def _sampler_node_schema() -> type:
@@ -93,6 +95,15 @@ class SampleConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # chosen with sampler=ddpm|ddim|dpm++
     guided_channels: str = SamplerSettings.guided_channels  # 3: the paper's; all: every channel
     guidance_interval: Optional[list[float]] = None  # [lo, hi]: DDPM timesteps (0..999) or flow time (0..1); None: always
+    # How a guided step mixes (docs/sampling.md, "Guidance methods"): cfg (classifier-free) | autoguidance (the model
+    # and the weaker guide_checkpoint, both conditional) | apg (adaptive projected guidance, its knobs apg_*)
+    guidance: str = SamplerSettings.guidance
+    # guidance=autoguidance: the guide, an earlier or smaller model of the same data and objective (a checkpoint file
+    # or a run directory, loaded as `checkpoint` is, with the same `which`)
+    guide_checkpoint: Optional[str] = None
+    apg_eta: float = SamplerSettings.apg_eta  # apg: the parallel part's weight (0: the paper's; 1: kept, as cfg)
+    apg_norm_threshold: Optional[float] = None  # apg: the x0 difference's largest norm per sample (null: no clamp)
+    apg_momentum: float = SamplerSettings.apg_momentum  # apg: momentum beta in (-1, 1), the paper's < 0 (0: none)
     grid: GridConfig = field(default_factory=GridConfig)
     bulk: BulkConfig = field(default_factory=BulkConfig)
 
@@ -100,7 +111,8 @@ class SampleConfig:
         """The SamplerSettings of this config at the given (per-mode) guidance scale."""
         knobs = {k: getattr(self.sampler, k) for k in (f.name for f in dataclasses.fields(self.sampler)) if k != "name"}
         return SamplerSettings(sampler=self.sampler.name, cfg_scale=cfg_scale, guided_channels=self.guided_channels,
-                               guidance_interval=self.guidance_interval, **knobs)
+                               guidance_interval=self.guidance_interval, guidance=self.guidance, apg_eta=self.apg_eta,
+                               apg_norm_threshold=self.apg_norm_threshold, apg_momentum=self.apg_momentum, **knobs)
 
     def check(self) -> None:
         """Values whose type is right but which cannot work; ConfigError naming the key."""
@@ -113,6 +125,12 @@ class SampleConfig:
                 settings.check()
             except ValueError as err:
                 raise ConfigError(f"sampler settings ({key} mode): {err}") from None
+        if self.guidance == "autoguidance" and not self.guide_checkpoint:
+            raise ConfigError("guidance=autoguidance needs guide_checkpoint=... (an earlier or smaller model of the "
+                              "same data and objective: a checkpoint file or a run directory)")
+        if self.guide_checkpoint and self.guidance != "autoguidance":
+            raise ConfigError(f"guide_checkpoint={self.guide_checkpoint} is the guide of guidance=autoguidance: set "
+                              f"guidance=autoguidance, or leave guide_checkpoint out (guidance={self.guidance})")
         labels = self.grid.labels
         if labels not in GRID_LABEL_CHOICES and not (
                 isinstance(labels, list) and labels and all(isinstance(y, int) and y >= 0 for y in labels)):

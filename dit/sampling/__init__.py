@@ -7,7 +7,8 @@
     flow.py       Euler, Heun, dopri5 ODE and SiT's SDE (flow models, flow time)
     samplers.py   `build_sampler`: settings checked once, against the trained objective, into a sampler
     trained.py    what a checkpoint was trained on (the diffusion chain or the flow objective)
-    guidance.py   classifier-free guidance (scale, guided channels, interval) for every sampler
+    guidance.py   guidance for every sampler: cfg, autoguidance (a guide model) and APG, with the
+                  scale, guided channels and interval
     images.py     drawing latents and images; numbered samples batch by batch
     order.py      per-sample seeds, labels and network batches
     precision.py  the network forward's arithmetic (fp32 | tf32 | bf16)

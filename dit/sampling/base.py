@@ -46,6 +46,9 @@ class Sampler(abc.ABC):
 
     name: ClassVar[str]
     family: ClassVar[str]
+    # The guide model of guidance=autoguidance (`build_sampler(..., guide=)`), None otherwise: the
+    # denoiser of every draw calls it beside the model (dit/sampling/guidance.py).
+    guide = None
 
     def __init__(self, settings, objective):
         if settings.sampler != self.name:

@@ -13,9 +13,11 @@ from typing import Any
 from dit.config import ConfigError, SampleConfig, SampleMode, to_sample_config
 from dit.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
 from dit.io.atomic import write_json_atomic
+from dit.io.checkpoint import CheckpointError
 from dit.io.images import save_grid
 from dit.sampling.base import Sampler
 from dit.sampling.bulk import BulkJob, Ranks, bulk_sample, check_bulk_output
+from dit.sampling.guidance import guide_mismatch
 from dit.sampling.images import NonFiniteSamplesError, SampleOrder, generate_samples
 from dit.sampling.loading import (DEFAULT_SAMPLES_DIR, declared_num_classes, default_output_name, load_for_sampling,
                                   settings_path_for)
@@ -29,6 +31,13 @@ def _load(cfg: SampleConfig, env: DistEnv):
     trained on: the diffusion chain of its config's `diffusion` node (the linear 1000-step chain
     for DiT's release files), or the flow objective of its `objective` node (SiT's for SiT's
     release file), which the flow samplers integrate."""
+    model, autoencoder, provenance = _load_checkpoint(cfg, env, cfg.checkpoint, "checkpoint")
+    return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
+
+
+def _load_checkpoint(cfg: SampleConfig, env: DistEnv, checkpoint, key: str):
+    """`load_for_sampling` of `checkpoint` with the config's loading keys; a run directory: every
+    rank samples rank 0's choice of its newest intact checkpoint, named on rank 0."""
     vae = cfg.vae
 
     def load(checkpoint):
@@ -37,23 +46,48 @@ def _load(cfg: SampleConfig, env: DistEnv):
             vae_scale_factor=vae.scale_factor if vae is not None else None, device=env.device,
             release_format=cfg.release_format)
 
-    model, autoencoder, provenance = load(cfg.checkpoint)
-    if Path(cfg.checkpoint).expanduser().is_dir():  # a run directory: every rank samples rank 0's choice
+    model, autoencoder, provenance = load(checkpoint)
+    if Path(checkpoint).expanduser().is_dir():  # a run directory: every rank samples rank 0's choice
         chosen = broadcast_object(provenance["checkpoint"], env)
         if chosen != provenance["checkpoint"]:  # a checkpoint saved meanwhile
             model, autoencoder, provenance = load(chosen)
         if env.is_main:
-            print(f"checkpoint={cfg.checkpoint}: sampling {chosen} (step {provenance['step']}), the run's newest "
+            print(f"{key}={checkpoint}: sampling {chosen} (step {provenance['step']}), the run's newest "
                   "intact checkpoint", flush=True)
-    return model, autoencoder, provenance, trained_objective(provenance, model.config.learn_sigma)
+    return model, autoencoder, provenance
 
 
-def _sampler(cfg: SampleConfig, cfg_scale: float, objective, autoencoder) -> Sampler:
-    """The sampler for this checkpoint's objective (`sampler=auto`: its default sampler),
-    `clip_denoised` resolved for the autoencoder, built once for the whole run; a sampler of the
-    other family is refused in one line naming the ones that fit."""
+# What the settings record says of an autoguidance run's guide (beside the main model's provenance).
+GUIDE_RECORD = ("checkpoint", "which", "step", "model_name")
+
+
+def _load_guide(cfg: SampleConfig, env: DistEnv, loaded: tuple):
+    """(guide model, its record) for guidance=autoguidance, else (None, None): `guide_checkpoint`
+    loaded as `checkpoint` is, and refused in one line (ConfigError) unless it is a model of the
+    same data and objective as the main one (`guide_mismatch`)."""
+    if cfg.guidance != "autoguidance":
+        return None, None
+    model, autoencoder, _, objective = loaded
     try:
-        return build_sampler(cfg.sampler_settings(cfg_scale), objective, autoencoder)
+        guide, guide_autoencoder, provenance = _load_checkpoint(cfg, env, cfg.guide_checkpoint, "guide_checkpoint")
+        guide_objective = trained_objective(provenance, guide.config.learn_sigma)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        raise ConfigError(f"guide_checkpoint={cfg.guide_checkpoint}: {err}") from None
+    why = guide_mismatch(model, objective, autoencoder, guide, guide_objective, guide_autoencoder)
+    if why:
+        raise ConfigError(f"guide_checkpoint={cfg.guide_checkpoint} cannot guide checkpoint={cfg.checkpoint}: {why}; "
+                          "autoguidance needs an earlier or smaller model of the same data and objective")
+    record = {k: provenance.get(k) for k in GUIDE_RECORD}
+    record["model_config"] = guide.config.to_dict()
+    return guide, record
+
+
+def _sampler(cfg: SampleConfig, cfg_scale: float, objective, autoencoder, guide=None) -> Sampler:
+    """The sampler for this checkpoint's objective (`sampler=auto`: its default sampler),
+    `clip_denoised` resolved for the autoencoder, with the guide model of autoguidance, built once
+    for the whole run; a sampler of the other family is refused in one line naming the ones that fit."""
+    try:
+        return build_sampler(cfg.sampler_settings(cfg_scale), objective, autoencoder, guide=guide)
     except SamplerMismatchError as err:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: {err}") from None
     except ValueError as err:  # e.g. a diffusion guidance_interval given to a flow sampler
@@ -134,10 +168,14 @@ def generate_grid(cfg: SampleConfig | Any) -> Path:
         check_grid_labels(cfg.grid.labels, declared, cfg.checkpoint)
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance, objective = _load(cfg, env)
+        loaded = _load(cfg, env)
+        model, autoencoder, provenance, objective = loaded
+        guide, guide_record = _load_guide(cfg, env, loaded)
+        if guide_record is not None:
+            provenance = {**provenance, "guide": guide_record}
         layout = grid_layout(cfg.grid, model.config.num_classes, cfg.checkpoint)
         labels = layout["labels"]
-        sampler = _sampler(cfg, cfg.grid.cfg_scale, objective, autoencoder)
+        sampler = _sampler(cfg, cfg.grid.cfg_scale, objective, autoencoder, guide)
         settings = sampler.settings
         out = _output(cfg.grid.out, lambda: default_output_name(provenance, settings, seed=cfg.seed), ".png", "grid.out")
         if env.is_main:
@@ -166,8 +204,12 @@ def generate_bulk(cfg: SampleConfig | Any) -> Path:
         check_bulk_output(_output(cfg.bulk.out, None, ".npz", "bulk.out"), {"checkpoint": cfg.checkpoint})
     env = init_distributed(cfg.device)
     try:
-        model, autoencoder, provenance, objective = _load(cfg, env)
-        sampler = _sampler(cfg, cfg.bulk.cfg_scale, objective, autoencoder)
+        loaded = _load(cfg, env)
+        model, autoencoder, provenance, objective = loaded
+        guide, guide_record = _load_guide(cfg, env, loaded)
+        if guide_record is not None:
+            provenance = {**provenance, "guide": guide_record}
+        sampler = _sampler(cfg, cfg.bulk.cfg_scale, objective, autoencoder, guide)
         out = _output(cfg.bulk.out, lambda: default_output_name(provenance, sampler.settings, seed=cfg.seed,
                                                                 num_samples=cfg.bulk.num_samples), ".npz", "bulk.out")
         start = time.perf_counter()

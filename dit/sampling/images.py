@@ -7,16 +7,19 @@ the same samples (block i // batch_size, `dit.sampling.order.sample_blocks`), so
 byte-identical for any number of ranks and across interruptions.
 
 `draw_latents` is the one path to a sampler: it binds the labels and guidance to the network
-(`GuidedDenoiser`), runs `sampler.sample` in eval mode without autograd, and refuses non-finite
-results. `sample_latents` / `sample_images` are the same for callers holding settings and an
-objective instead of a sampler (they build it once per call); `generate_samples` draws numbered
-samples batch by batch for grids, bulk files and the evaluator.
+(`GuidedDenoiser`, with the sampler's guide model for autoguidance), runs `sampler.sample` in
+eval mode without autograd, and refuses non-finite results. `sample_latents` / `sample_images`
+are the same for callers holding settings and an objective instead of a sampler (they build it
+once per call); `generate_samples` draws numbered samples batch by batch for grids, bulk files and
+the evaluator.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import contextlib
 
 import numpy as np
 import torch
@@ -43,7 +46,8 @@ def _describe(settings: SamplerSettings) -> str:
     d = settings.to_dict()
     keys = ("sampler", "num_steps", "cfg_scale", "shift") if settings.is_flow else \
         ("sampler", "num_steps", "cfg_scale", "eta")
-    return ", ".join(f"{k}={d[k]}" for k in (*keys, "guided_channels"))
+    method = ("guidance",) if "guidance" in d else ()
+    return ", ".join(f"{k}={d[k]}" for k in (*keys, "guided_channels", *method))
 
 
 def check_finite_samples(x: torch.Tensor, settings: SamplerSettings, what: str = "latents") -> torch.Tensor:
@@ -86,10 +90,13 @@ def draw_latents(model: torch.nn.Module, sampler: Sampler, labels, *, noise: tor
     if tuple(noise.shape) != expected:
         raise ValueError(f"noise must be (N, C, H, W) = {expected} for {len(labels)} labels and this model, "
                          f"got {tuple(noise.shape)}")
-    denoiser = GuidedDenoiser(model, labels, sampler.settings, network_time=sampler.network_time)
+    guide = sampler.guide
+    denoiser = GuidedDenoiser(model, labels, sampler.settings, network_time=sampler.network_time, guide=guide,
+                              objective=sampler.objective)
     if denoiser_out is not None:
         denoiser_out.append(denoiser)
-    with eval_mode(model), torch.no_grad():
+    guide_mode = eval_mode(unwrap_model(guide)) if guide is not None else contextlib.nullcontext()
+    with eval_mode(model), guide_mode, torch.no_grad():
         x, nfe = sampler.sample(denoiser, noise, generator=generator, progress=progress)
     return check_finite_samples(x, sampler.settings), nfe  # once per batch, not per step
 
@@ -111,23 +118,24 @@ def objective_for_model(model: torch.nn.Module, objective):
 
 def sample_latents(model: torch.nn.Module, objective, labels, settings: SamplerSettings, *, noise: torch.Tensor,
                    generator: torch.Generator | list[torch.Generator] | None = None,
-                   progress: bool = False, denoiser_out: list | None = None) -> torch.Tensor:
+                   progress: bool = False, denoiser_out: list | None = None, guide=None) -> torch.Tensor:
     """x_0 (N, C, H, W) from `noise` for `labels`, as `settings` say, for a model trained on
     `objective` (`trained_objective`: the full diffusion chain, or one already respaced to
     `settings.num_steps`; a `FlowMatching`; None: the release chain). `settings.sampler` must fit
     it (`auto` picks the objective's default; the other family raises SamplerMismatchError).
-    `clip_denoised` None counts as off (no autoencoder to decide it). See `draw_latents`."""
-    sampler = build_sampler(settings, objective_for_model(model, objective))
+    `clip_denoised` None counts as off (no autoencoder to decide it). `guide`: the guide model of
+    guidance=autoguidance. See `draw_latents`."""
+    sampler = build_sampler(settings, objective_for_model(model, objective), guide=guide)
     return draw_latents(model, sampler, labels, noise=noise, generator=generator, progress=progress,
                         denoiser_out=denoiser_out)[0]
 
 
 def sample_images(model: torch.nn.Module, objective, autoencoder, labels, settings: SamplerSettings, *,
                   noise: torch.Tensor, generator=None, progress: bool = False,
-                  denoiser_out: list | None = None) -> np.ndarray:
+                  denoiser_out: list | None = None, guide=None) -> np.ndarray:
     """`sample_latents`, decoded: uint8 (N, H, W, 3), with `clip_denoised` resolved for this
     autoencoder. See `draw_images`."""
-    sampler = build_sampler(settings, objective_for_model(model, objective), autoencoder)
+    sampler = build_sampler(settings, objective_for_model(model, objective), autoencoder, guide=guide)
     return draw_images(model, sampler, autoencoder, labels, noise=noise, generator=generator, progress=progress,
                        denoiser_out=denoiser_out)[0]
 

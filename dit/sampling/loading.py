@@ -151,18 +151,43 @@ def settings_path_for(out_path: str | os.PathLike) -> Path:
     return out_path.with_suffix(".json") if out_path.suffix == ".npz" else out_path.with_name(out_path.name + ".json")
 
 
-def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: int,
-                        num_samples: int | None = None) -> str:
-    """A file stem that states the protocol, e.g. `DiT-XL-2-256x256-ema-ddpm250-cfg1.5-g3-seed0-n50000`.
-    A checkpoint of a run directory (`<run>/checkpoints/0002000.pt`) is named with its run
-    (`<run>-0002000-...`), so two runs' samples of the same step never share a default file."""
-    checkpoint = Path(provenance["checkpoint"])
+def _checkpoint_stem(path: str | os.PathLike) -> str:
+    """A checkpoint's file stem, with its run for a run directory's (`<run>-0002000`)."""
+    checkpoint = Path(path)
     stem = checkpoint.stem
     if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name:
         run = checkpoint.parent.parent.name
         if len(run) > 64:  # a sweep job's directory (its overrides): short, still unique
             run = run[:48] + "-" + hashlib.sha256(run.encode()).hexdigest()[:8]
         stem = f"{run}-{stem}"
+    return stem
+
+
+def _guidance_part(provenance: dict, settings: SamplerSettings) -> str | None:
+    """The name's part for a guidance method other than cfg: `autog-<guide>[-step<N>]` (the guide
+    checkpoint, `provenance["guide"]`) or `apg-eta<eta>[-r<r>][-mom<beta>]`."""
+    if settings.guidance == "autoguidance":
+        guide = provenance.get("guide") or {}
+        stem = _checkpoint_stem(guide.get("checkpoint", "guide"))
+        step = guide.get("step")
+        return f"autog-{stem}" + (f"-step{step}" if step is not None and str(step) not in stem else "")
+    if settings.guidance == "apg":
+        part = f"apg-eta{float(settings.apg_eta):g}"
+        if settings.apg_clamp is not None:
+            part += f"-r{settings.apg_clamp:g}"
+        if settings.apg_momentum:
+            part += f"-mom{float(settings.apg_momentum):g}"
+        return part
+    return None
+
+
+def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: int,
+                        num_samples: int | None = None) -> str:
+    """A file stem that states the protocol, e.g. `DiT-XL-2-256x256-ema-ddpm250-cfg1.5-g3-seed0-n50000`
+    (`...-cfg2-g3-autog-<guide>-...` with autoguidance, `...-cfg4-g3-apg-eta0-r15-...` with APG).
+    A checkpoint of a run directory (`<run>/checkpoints/0002000.pt`) is named with its run
+    (`<run>-0002000-...`), so two runs' samples of the same step never share a default file."""
+    stem = _checkpoint_stem(provenance["checkpoint"])
     step = provenance.get("step")
     parts = [stem, provenance.get("which", "ema")]
     if step is not None and str(step) not in stem:
@@ -172,6 +197,9 @@ def default_output_name(provenance: dict, settings: SamplerSettings, *, seed: in
               else f"{settings.sampler}{settings.num_steps}")
     parts += [method, f"cfg{settings.cfg_scale:g}",
               f"g{settings.guided_channels_value}"]
+    guidance = _guidance_part(provenance, settings)
+    if guidance is not None:  # autoguidance's guide or APG's knobs; nothing for cfg (names as before)
+        parts.append(guidance)
     if settings.spacing != DEFAULT_SPACING:  # DiT's ddimN timesteps rather than both ends
         parts.append(f"{settings.spacing}spacing")
     if settings.precision != "fp32":

@@ -17,13 +17,15 @@ from dit.sampling.trained import objective_kind
 __all__ = ["build_sampler", "Sampler"]
 
 
-def build_sampler(settings: SamplerSettings, objective, autoencoder=None) -> Sampler:
+def build_sampler(settings: SamplerSettings, objective, autoencoder=None, *, guide=None) -> Sampler:
     """The sampler that `settings` describe for a model trained on `objective` (a
     `GaussianDiffusion` chain, a `FlowMatching` or a `MeanFlow`; see
     `dit.sampling.trained.trained_objective`): `auto` becomes the objective's default sampler, a
     sampler that does not fit the objective raises `SamplerMismatchError`, `clip_denoised` None is decided for `autoencoder` (given one), and
     every field is checked, here and only here. `settings` that already went through this give
-    the same sampler again."""
+    the same sampler again. `guide`: the guide model of guidance=autoguidance (required there,
+    refused otherwise; `dit.sampling.guidance.guide_mismatch` says whether it fits the model),
+    held by the sampler as `sampler.guide` for the denoiser every draw builds."""
     if objective is None:
         raise ValueError("build_sampler needs the trained objective (dit.sampling.trained.trained_objective): "
                          "a diffusion chain or a flow objective, not None")
@@ -31,8 +33,15 @@ def build_sampler(settings: SamplerSettings, objective, autoencoder=None) -> Sam
     if autoencoder is not None:
         settings = settings.resolved(autoencoder)
     settings.check()
+    if settings.guidance == "autoguidance" and guide is None:
+        raise ValueError("guidance=autoguidance needs a guide model: give guide_checkpoint= (an earlier or smaller "
+                         "model of the same data and objective)")
+    if settings.guidance != "autoguidance" and guide is not None:
+        raise ValueError(f"a guide model is only used by guidance=autoguidance, not guidance={settings.guidance}")
     cls = sampler_class(settings.sampler)
     if cls is None:  # a name the settings accept but no class claims (a plugin not registered in this process)
         raise ValueError(f"no sampler class is registered for sampler={settings.sampler}: register it with "
                          "dit.sampling.base.register_sampler before sampling")
-    return cls(settings, objective)
+    sampler = cls(settings, objective)
+    sampler.guide = guide
+    return sampler

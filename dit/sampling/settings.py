@@ -28,7 +28,7 @@ from dit.sampling.precision import check_precision
 __all__ = ["AUTO", "DIFFUSION_SAMPLERS", "FLOW_SAMPLERS", "MEANFLOW_SAMPLERS", "SAMPLERS", "DEFAULT_SAMPLERS",
            "MEANFLOW_AUTO_STEPS", "FLOW_FIELDS", "DIFFUSION_FORMS", "LAST_STEPS", "SPACINGS", "DEFAULT_SPACING",
            "SPACED_SAMPLERS", "SamplerMismatchError", "SamplerSettings", "SETTINGS_FIELDS", "samplers_of", "sampler_family",
-           "FLOW_GRID_SAMPLER"]
+           "FLOW_GRID_SAMPLER", "GUIDANCE_METHODS", "DEFAULT_GUIDANCE", "APG_FIELDS", "GUIDANCE_METHOD_FIELDS"]
 
 AUTO = "auto"  # the trained objective's default sampler
 DIFFUSION_SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -63,6 +63,17 @@ FLOW_FIELDS = ("shift", "diffusion_form", "diffusion_norm", "last_step", "last_s
 SPACINGS = ("linspace", "ddim")
 DEFAULT_SPACING = "linspace"
 SPACED_SAMPLERS = ("ddpm", "ddim")  # the samplers that read `spacing`
+# How the guided prediction is formed at a guided step (dit/sampling/guidance.py; docs/sampling.md,
+# "Guidance methods"): cfg, classifier-free guidance (the conditional and the null-class outputs);
+# autoguidance (Karras et al. 2024: the model and a weaker guide model of the same task, both
+# conditional; needs a guide model, sample.py's guide_checkpoint=); apg, adaptive projected guidance
+# (Sadat et al. 2024: CFG's difference in the denoised x0 space, with reverse momentum, a norm
+# clamp and its part parallel to the conditional x0 scaled by apg_eta). The method and APG's knobs
+# are recorded only when not the default (cfg), so every record from before stays as it was.
+GUIDANCE_METHODS = ("cfg", "autoguidance", "apg")
+DEFAULT_GUIDANCE = "cfg"
+APG_FIELDS = ("apg_eta", "apg_norm_threshold", "apg_momentum")
+GUIDANCE_METHOD_FIELDS = ("guidance", *APG_FIELDS)
 
 
 def _family_samplers(family: str) -> tuple[str, ...]:
@@ -118,6 +129,14 @@ class SamplerSettings:
     linspace (N evenly spaced, both ends: 999, ..., 0) or ddim (DiT's "ddimN" stride: N = 10 visits
     900, 800, ..., 0, as the exported diffusers pipeline does when N divides T).
 
+    `guidance` (`GUIDANCE_METHODS`): how a guided step mixes, at scale w = `cfg_scale`: cfg
+    (classifier-free), autoguidance (D_guide + w (D - D_guide), the guide a weaker model of the same
+    task given to the sampler, `build_sampler(..., guide=)`) or apg (adaptive projected guidance:
+    D_cond + (w - 1)(dD_perp + apg_eta dD_par) in x0 space, dD = D_cond - D_uncond after reverse
+    momentum `apg_momentum` (beta, in (-1, 1); 0: none) and the norm clamp `apg_norm_threshold` (r;
+    null: none)). `apg_eta` 1 with no clamp and no momentum is CFG. The scale, guided channels and
+    interval apply to all three. See docs/sampling.md, "Guidance methods".
+
     Flow samplers only (docs/flow.md): `shift` (SD3 / LightningDiT timestep shift of the grid,
     1 = none; > 1 spends more steps near noise), the SDE's `diffusion_form`, `diffusion_norm`,
     `last_step` (mean | euler | tweedie | null) and `last_step_size` (SiT's defaults: sigma, 1,
@@ -131,6 +150,10 @@ class SamplerSettings:
     cfg_scale: float = 1.5  # 1: no guidance (and no null pass)
     guided_channels: str = "3"
     guidance_interval: Optional[list[float]] = None
+    guidance: str = DEFAULT_GUIDANCE  # cfg | autoguidance (needs a guide model) | apg
+    apg_eta: float = 0.0  # apg: weight of the update's part parallel to the conditional x0 (0: the paper's; 1: kept)
+    apg_norm_threshold: Optional[float] = None  # apg: clamp the x0 difference's norm per sample to r (null: no clamp)
+    apg_momentum: float = 0.0  # apg: beta of the running x0 difference (< 0: the paper's reverse momentum; 0: none)
     eta: float = 0.0  # DDIM's noise: 0 deterministic, 1 DDPM-like (at most 1)
     spacing: str = DEFAULT_SPACING  # ddpm/ddim timesteps: linspace (999, ..., 0) | ddim (DiT's ddimN stride)
     clip_denoised: Optional[bool] = None  # None: on for vae=pixel, off for latent VAEs
@@ -202,9 +225,37 @@ class SamplerSettings:
             raise ValueError(f"clip_denoised must be true, false or null (automatic: on for vae=pixel), "
                              f"got {self.clip_denoised!r}")
         check_precision(self.precision)
+        self._check_guidance_method()
         self._check_spacing()
         self._check_flow_fields()
         return self
+
+    def _check_guidance_method(self) -> None:
+        if self.guidance not in GUIDANCE_METHODS:
+            raise ValueError(f"unknown guidance {self.guidance!r}: use cfg (classifier-free), autoguidance (with "
+                             "guide_checkpoint=, a weaker model of the same task) or apg (adaptive projected guidance)")
+        eta, r, beta = self.apg_eta, self.apg_norm_threshold, self.apg_momentum
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and 0 <= eta <= 1):
+            raise ValueError(f"apg_eta must be in [0, 1] (0: drop the update's part parallel to the conditional x0, "
+                             f"the paper's choice; 1: keep it), got {eta}")
+        if r is not None and not (isinstance(r, (int, float)) and r > 0):
+            raise ValueError(f"apg_norm_threshold must be > 0 (the largest norm of the x0 difference per sample) or "
+                             f"null (no clamp), got {r}")
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and -1 < beta < 1):
+            raise ValueError(f"apg_momentum must be in (-1, 1) (< 0: the paper's reverse momentum; 0: none), "
+                             f"got {beta}")
+        if self.guidance != "apg":
+            changed = [f"{k}={getattr(self, k)}" for k in APG_FIELDS
+                       if getattr(self, k) != getattr(SamplerSettings, k)]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set with guidance={self.guidance}: these are APG's knobs (set "
+                                 "guidance=apg, or leave them out)")
+
+    @property
+    def apg_clamp(self) -> float | None:
+        """APG's norm threshold r as a number, or None for no clamp (null or inf)."""
+        r = self.apg_norm_threshold
+        return None if r is None or math.isinf(float(r)) else float(r)
 
     def _check_spacing(self) -> None:
         if self.spacing not in SPACINGS:
@@ -293,10 +344,16 @@ class SamplerSettings:
         such as a training grid's `every`, are not sampler settings and are left out). The
         flow-only fields and `nfe` are recorded for flow samplers only, so a diffusion record is
         what it was before flow sampling existed; `spacing` only when it is not the default, so a
-        record (and a bulk file's resume check) is what it was before spacing was a choice."""
+        record (and a bulk file's resume check) is what it was before spacing was a choice; likewise
+        `guidance` only when not cfg, and APG's knobs only with guidance=apg (r: null for no clamp)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)
                if (self.is_flow or f.name not in FLOW_FIELDS)
-               and not (f.name == "spacing" and self.spacing == DEFAULT_SPACING)}
+               and not (f.name == "spacing" and self.spacing == DEFAULT_SPACING)
+               and not (f.name == "guidance" and self.guidance == DEFAULT_GUIDANCE)
+               and not (f.name in APG_FIELDS and self.guidance != "apg")}
+        if self.guidance == "apg":
+            out.update(apg_eta=float(self.apg_eta), apg_norm_threshold=self.apg_clamp,
+                       apg_momentum=float(self.apg_momentum))
         interval = self.guidance_interval
         if interval is not None:
             interval = [float(v) for v in interval] if self.is_flow else [int(v) for v in interval]

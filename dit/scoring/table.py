@@ -13,14 +13,17 @@ import os
 from pathlib import Path
 
 from dit.io.atomic import FileWriteError, atomic_target, write_text_atomic
-from dit.sampling.settings import SETTINGS_FIELDS
+from dit.sampling.settings import DEFAULT_GUIDANCE, SETTINGS_FIELDS
 
 METRIC_COLUMNS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "class_accuracy")
 # A sampler setting named like a metric (SamplerSettings.precision, the sampling arithmetic, vs the
 # precision of precision/recall) gets its column under a prefix: one column per name.
 SETTINGS_COLUMNS = {f: f"sampling_{f}" if f in METRIC_COLUMNS else f for f in SETTINGS_FIELDS}
+# guidance=autoguidance: the guide model's checkpoint (the settings record's `guide`); its method and
+# APG's knobs are settings columns (`guidance` says cfg for our samples recorded without it).
 RESULTS_COLUMNS = (
-    "time", "checkpoint", "step", *SETTINGS_COLUMNS.values(), "vae", "num_samples", "seed", "labels",
+    "time", "checkpoint", "step", *SETTINGS_COLUMNS.values(), "guide_checkpoint", "vae", "num_samples", "seed",
+    "labels",
     "feature_extractor", "reference", *METRIC_COLUMNS,
     "num_reference_fid", "num_reference_pr", "feature_precision", "pr_arithmetic", "samples",
 )
@@ -30,8 +33,12 @@ def results_row(record: dict) -> dict:
     """The table's row of an eval_fid.py record (its results JSON): what sample.py recorded about
     the samples, the metrics, and how they were scored."""
     settings, scoring = record["sampling"], record["scoring"]
+    guide = settings.get("guide") or {}
+    # A settings record states the guidance method only when it is not cfg (the default).
+    method = settings.get("guidance", DEFAULT_GUIDANCE if "sampler" in settings else None)
     return {**{SETTINGS_COLUMNS.get(k, k): settings.get(k)
                for k in ("checkpoint", "step", *SETTINGS_FIELDS, "vae", "seed", "labels")},
+            "guidance": method, "guide_checkpoint": guide.get("checkpoint"),
             **record["metrics"], "time": record["time"], "samples": record["samples"],
             "reference": record["reference"], "feature_extractor": record["feature_extractor"],
             "feature_precision": scoring["feature_precision"], "pr_arithmetic": scoring["pr_arithmetic"]}

@@ -59,7 +59,7 @@ from dit.flow.config import objective_kind
 from dit.io.atomic import write_atomic, write_json_atomic
 from dit.sampling.order import LABEL_MODES, rank_indices
 from dit.sampling.precision import forward_precision
-from dit.sampling.settings import FLOW_FIELDS, SamplerMismatchError, SamplerSettings
+from dit.sampling.settings import FLOW_FIELDS, GUIDANCE_METHOD_FIELDS, SamplerMismatchError, SamplerSettings
 from dit.scoring.config import ScoringConfig, check_metric_names
 from dit.scoring.evaluator import Evaluator, SamplePlan
 from tqdm.auto import tqdm
@@ -127,9 +127,11 @@ def eval_settings(cfg: TrainEvalConfig, objective: str = "diffusion") -> Sampler
 def protocol(cfg: TrainEvalConfig, objective: str = "diffusion") -> dict:
     """Everything that decides an evaluation's numbers: scores under another protocol are not
     compared with each other (best.json records it)."""
-    # The flow-only knobs come back from to_dict for flow samplers only (a diffusion protocol is unchanged).
+    # The flow-only knobs come back from to_dict for flow samplers only (a diffusion protocol is unchanged),
+    # and the guidance method and APG's knobs only when not cfg (a protocol from before them is unchanged).
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-           if f.name not in EVAL_SCHEDULE_KEYS and f.name not in FLOW_FIELDS and f.name != "judge_variant"}
+           if f.name not in EVAL_SCHEDULE_KEYS and f.name not in FLOW_FIELDS and f.name not in GUIDANCE_METHOD_FIELDS
+           and f.name != "judge_variant"}
     # The judge variant only where it is not the colour judge: best.json files written before
     # variants existed keep matching the protocol of the same settings.
     if cfg.feature_extractor == "toy_judge" and cfg.judge_variant not in (None, "colours"):
@@ -143,6 +145,10 @@ def check_eval_config(cfg: TrainEvalConfig, parallel: str, world_size: int, obje
     `objective`: the run's objective kind, which the sampler must fit."""
     if cfg.every < 0:
         raise ConfigError(f"eval.every must be >= 0 (0: no evaluation during training), got {cfg.every}")
+    if cfg.guidance == "autoguidance":
+        raise ConfigError("eval.guidance=autoguidance needs a guide model, which evaluation during training does not "
+                          "load: use eval.guidance=cfg or apg, and score checkpoints with autoguidance with "
+                          "eval_fid.py checkpoint=... guidance=autoguidance guide_checkpoint=...")
     if cfg.reference is None:
         raise ConfigError(f"eval.every={cfg.every} needs eval.reference=PATH (an ADM reference batch, a folder of "
                           "real images or cached statistics, as eval_fid.py's reference), or eval.every=0")
