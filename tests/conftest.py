@@ -16,6 +16,7 @@ serve tests.
 from __future__ import annotations
 
 import errno
+import logging
 import multiprocessing
 import os
 import socket
@@ -524,3 +525,48 @@ def train_on_two_gloo_ranks(cfg, run_dir: Path, step: int) -> dict:
     ranks = [start_forked(rank, r) for r in range(2)]
     assert [joined(p) for p in ranks] == [0, 0]
     return torch.load(run_dir / "checkpoints" / f"{step:07d}.pt", weights_only=True)
+
+
+# ------------------------------------------------------------------------------ shared fixtures
+
+
+@pytest.fixture
+def restore_logging():
+    """hydra configures logging for its job (a handler on the captured stdout): put it back after
+    each test, so that later tests do not log into a closed capture stream. Use it with
+    `pytestmark = pytest.mark.usefixtures("restore_logging")` in files that run entry points."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails: what loads here loads offline."""
+    def refuse(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def assert_kill9_resumes_bitwise(config, common: list, tmp_path: Path) -> None:
+    """Train `config(*common)` uninterrupted, then the same run killed with SIGKILL after a step
+    (step 7) and in the middle of one (step 17) and relaunched each time: the final training
+    state must equal the uninterrupted one bit for bit."""
+    with single_thread():
+        run_training_in_process(config(*common), tmp_path / "reference")
+    reference = final_state(tmp_path / "reference")
+    run = tmp_path / "run"
+    for step, when in ((7, "after_step"), (17, "mid_step")):
+        assert joined(start_training(config(*common, f"debug.kill_at_step={step}", f"debug.kill_when={when}"),
+                                     run)) == -9
+    assert joined(start_training(config(*common), run)) == 0
+    assert_same_training_state(final_state(run), reference)
+
+
+def run_training_in_process(cfg, run_dir):
+    from dit.train import run_training
+
+    return run_training(cfg, run_dir)

@@ -12,7 +12,6 @@ The failures and their messages are listed in docs/training.md ("When something 
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -36,14 +35,7 @@ from conftest import REPO, TINY_MODEL, assert_one_line, run_program, run_script,
 TINY_TRAIN = [*TINY_MODEL, "max_steps=1", "global_batch_size=2", "log.samples.every=0"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """hydra configures logging for its job (a handler on the captured stdout): put it back after
-    each test, so that later tests do not log into a closed capture stream."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: hydra configures logging per job
 
 
 @pytest.fixture(scope="module")

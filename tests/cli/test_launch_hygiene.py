@@ -28,13 +28,7 @@ from dit.train.stream import DataStream
 from conftest import assert_one_line, compose_config, run_program, train_config
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """hydra configures logging for its job: put it back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: hydra configures logging per job
 
 
 REFUSED = ["experiment=quickstart", "model.depth=-1"]  # refused before step 1: "model.depth must be positive"

@@ -11,7 +11,6 @@ folder). The programs' work is replaced by a stub here: a launch that got throug
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 
@@ -24,13 +23,7 @@ from dit.config import ConfigError
 from conftest import assert_one_line, compose_config, run_program
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """hydra configures logging for its job: put it back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: hydra configures logging per job
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ upload command, and torch.hub entry points (docs/export.md)."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -25,15 +24,6 @@ CONFIGS = {
                           diffusion={"noise_schedule": "cosine", "diffusion_steps": 500}),
 }
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails: what loads here loads offline."""
-    def refuse(*args, **kwargs):
-        raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def write_run_checkpoint(path, model_config: dict, diffusion: dict, step: int = 1234):

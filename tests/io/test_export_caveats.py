@@ -16,7 +16,6 @@ before anything is written (docs/export.md, "What the diffusers export cannot do
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ from dit.sampling.settings import SamplerSettings
 
 CHAIN = {"noise_schedule": "linear", "diffusion_steps": 1000}
 
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails: what loads here loads offline."""
-    def refuse(*args, **kwargs):
-        raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def run_checkpoint(path: Path, autoencoder: dict | None = None, **model_config):

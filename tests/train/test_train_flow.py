@@ -21,9 +21,8 @@ from dit.train.report import flow_grid_images
 from dit.train.step import StepInputs, StepSetup, drop_labels, train_step
 from dit.train.trainer import build_model, build_objective, official_name
 
-from conftest import (TINY_DIT, TOY_RUN_STEPS as STEPS, assert_same_training_state, final_state, joined,
-                      single_thread, start_training, tiny_dit, toy_run_config as config, train_config,
-                      train_on_two_gloo_ranks)
+from conftest import (TINY_DIT, TOY_RUN_STEPS as STEPS, assert_kill9_resumes_bitwise, single_thread, tiny_dit,
+                      toy_run_config as config, train_config, train_on_two_gloo_ranks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons: one thread everywhere
 
@@ -240,15 +239,7 @@ def test_each_architecture_option_trains(tmp_path, option):
 def test_flow_with_every_option_resumes_bitwise_after_kill9(tmp_path):
     common = [*FLOW, *ALL_OPTIONS, "objective.time_sampling=logit_normal", "objective.cosine_weight=1",
               f"max_steps={STEPS}", "ckpt.every=3", "ckpt.keep_last=1"]
-    with single_thread():
-        run_training(config(*common), tmp_path / "reference")
-    reference = final_state(tmp_path / "reference")
-    run = tmp_path / "run"
-    for step, when in ((7, "after_step"), (17, "mid_step")):
-        assert joined(start_training(config(*common, f"debug.kill_at_step={step}", f"debug.kill_when={when}"),
-                                     run)) == -9
-    assert joined(start_training(config(*common), run)) == 0
-    assert_same_training_state(final_state(run), reference)
+    assert_kill9_resumes_bitwise(config, common, tmp_path)
 
 
 @pytest.mark.slow

@@ -19,9 +19,8 @@ from dit.train.randomness import RandomnessSpec, step_randomness
 from dit.train.step import StepInputs, StepSetup, drop_labels, micro_batches, take_over_label_dropout, train_step
 from dit.train.trainer import build_model, build_objective
 
-from conftest import (TOY_RUN_STEPS as STEPS, assert_same_parameters, assert_same_training_state, final_state,
-                      joined, single_thread, start_training, tiny_dit, toy_run_config as config,
-                      train_on_two_gloo_ranks)
+from conftest import (TOY_RUN_STEPS as STEPS, assert_kill9_resumes_bitwise, assert_same_parameters, single_thread,
+                      tiny_dit, toy_run_config as config, train_on_two_gloo_ranks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise comparisons: one thread everywhere
 
@@ -150,15 +149,7 @@ def test_meanflow_training_lowers_the_loss(tmp_path):
 @pytest.mark.slow
 def test_meanflow_resumes_bitwise_after_kill9(tmp_path):
     common = [*MEANFLOW, f"max_steps={STEPS}", "ckpt.every=3", "ckpt.keep_last=1"]
-    with single_thread():
-        run_training(config(*common), tmp_path / "reference")
-    reference = final_state(tmp_path / "reference")
-    run = tmp_path / "run"
-    for step, when in ((7, "after_step"), (17, "mid_step")):
-        assert joined(start_training(config(*common, f"debug.kill_at_step={step}", f"debug.kill_when={when}"),
-                                     run)) == -9
-    assert joined(start_training(config(*common), run)) == 0
-    assert_same_training_state(final_state(run), reference)
+    assert_kill9_resumes_bitwise(config, common, tmp_path)
 
 
 @pytest.mark.slow
