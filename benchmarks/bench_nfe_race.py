@@ -375,9 +375,13 @@ def verdict_lines(results: dict) -> list[str]:
             lines.append(f"{variant}: {objective}: autoguidance below CFG at {len(a['lower_at'])} of {a['points']} "
                          f"points ({', '.join(a['lower_at']) or 'none'})")
     g = results["goal"]["all"]
-    lines.append(f"race goal: MeanFlow parts {yes(g['meanflow_goals'])}, autoguidance part {yes(g['autoguidance_goal'])}"
-                 + ("" if g["issue_budget"] else " (not both toy sets at the quickstart budget: not the issue's race)")
-                 + (f" [{results['protocol']['reduced']}]" if results["protocol"].get("reduced") else ""))
+    parts = f"MeanFlow parts {yes(g['meanflow_goals'])}, autoguidance part {yes(g['autoguidance_goal'])}"
+    if g["issue_budget"]:
+        lines.append(f"race goal: {parts}")
+    else:  # a verdict of this run only: the issue's goal is judged on both toy sets at the quickstart budget
+        reduced = results["protocol"].get("reduced")
+        lines.append("race goal: not judged (not both toy sets at the quickstart budget" +
+                     (f"; {reduced}" if reduced else "") + f"); this run alone: {parts}")
     return lines
 
 
