@@ -40,13 +40,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
