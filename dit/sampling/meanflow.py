@@ -60,7 +60,10 @@ class MeanFlowSampler(Sampler):
             raise TypeError(f"the meanflow sampler needs a MeanFlow objective (a model trained with "
                             f"objective=meanflow), got {type(objective).__name__}")
         options = getattr(objective, "options", None)
-        if float(settings.cfg_scale) != 1 and options is not None and options.guided:
+        # Autoguidance mixes with a guide model, not the null class the trained-in guidance replaced:
+        # its scale is no second CFG, so only the null-class methods (cfg, apg) are warned about.
+        null_class = getattr(settings, "guidance", "cfg") != "autoguidance"
+        if float(settings.cfg_scale) != 1 and null_class and options is not None and options.guided:
             log.warning("cfg_scale=%g on a MeanFlow model trained with guidance (omega %g, kappa %g: scale %g) "
                         "guides it again at sampling, with twice the rows per step; the paper samples it with "
                         "cfg_scale=1", float(settings.cfg_scale), options.omega, options.kappa, options.effective_scale)

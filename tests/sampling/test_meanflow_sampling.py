@@ -190,6 +190,12 @@ def test_sample_latents_is_the_jump_loop_on_the_network_and_guidance_mixes_the_a
 
     torch.testing.assert_close(guided, jumps(cfg), rtol=1e-5, atol=1e-5)
     assert "trained with guidance" in caplog.text and "cfg_scale=1" in caplog.text
+    caplog.clear()  # autoguidance's scale mixes with a guide model, not the null class: no warning
+    auto = sample_latents(model, mf, labels, SamplerSettings(sampler="meanflow", num_steps=2, cfg_scale=3,
+                                                             guided_channels="all", guidance="autoguidance"),
+                          noise=noise, guide=model)
+    torch.testing.assert_close(auto, plain, rtol=1e-5, atol=1e-5)  # guide = model: the unguided jumps
+    assert "trained with guidance" not in caplog.text
     late = sample_latents(model, mf, labels, SamplerSettings(sampler="meanflow", num_steps=2, cfg_scale=3,
                                                              guided_channels="all", guidance_interval=[0.0, 0.6]),
                           noise=noise)
