@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -147,6 +147,9 @@ class StepSetup:
     scaler: fp16 loss scaling; an overflow skips the optimizer and EMA updates (`scaler.skipped`).
     repa: the REPA term (its head hooked on the model), or None. The step's loss is then the
         objective's plus repa.coeff x REPA's; `repa.last_loss` the latter.
+    watch: names of the objective's other per-sample terms (e.g. MeanFlow's unweighted "mse",
+        whose weighted loss sits near 1 by design) whose mean over the step's rows is kept,
+        detached, in `last_terms` after each step, for the metrics; they do not enter the loss.
     """
 
     model: nn.Module
@@ -163,6 +166,8 @@ class StepSetup:
     encode: Optional[Callable[[torch.Tensor, StepRandomness], torch.Tensor]] = None
     scaler: Optional[LossScaler] = None
     repa: Optional[RepaTerm] = None
+    watch: tuple[str, ...] = ()
+    last_terms: dict = field(default_factory=dict)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """The model's optimizer, and REPA's projector's (stepped and skipped with it)."""
@@ -203,7 +208,7 @@ def _forward_backward(setup: StepSetup, inputs: StepInputs) -> torch.Tensor:
         o.zero_grad(set_to_none=True)
     if repa is not None:
         feature_rows = [None] * k if features is None else list(features.chunk(k))
-    total, repa_total = None, None
+    total, repa_total, watched = None, None, {}
     for i, (xk, yk, rk) in enumerate(micro_batches(x0, y, r, k)):
         fk = repa.features(xk, feature_rows[i]) if repa is not None else None  # of the items, before encoding
         xk = setup.encode(xk, rk) if setup.encode is not None else xk
@@ -212,6 +217,9 @@ def _forward_backward(setup: StepSetup, inputs: StepInputs) -> torch.Tensor:
             with torch.autocast(xk.device.type, dtype=dtype) if dtype is not None else nullcontext():
                 losses = setup.objective.training_losses(model, xk, rk.t, model_kwargs={"y": yk}, noise=rk.noise)
                 loss = losses["loss"].mean()
+                for name in setup.watch:
+                    part = losses[name].detach().float().mean() / k
+                    watched[name] = part if name not in watched else watched[name] + part
                 if repa is not None:  # on the tokens the forward above captured
                     repa_loss = repa.loss(fk)
                     loss = loss + repa.coeff * repa_loss
@@ -226,6 +234,7 @@ def _forward_backward(setup: StepSetup, inputs: StepInputs) -> torch.Tensor:
         repa.sync_gradients()  # the projector's gradients, averaged over ranks as DDP does the model's
         repa.forget()
         repa.last_loss = repa_total
+    setup.last_terms = watched
     return total
 
 

@@ -277,7 +277,11 @@ class Trainer:
             params=self.params, grad_clip=cfg.optim.grad_clip, autocast_dtype=AUTOCAST_DTYPES[cfg.precision.value],
             accum_steps=cfg.optim.grad_accum_steps, update_if=self.guard.update_if, hooks=self.faults,
             encode=lat.to_latents, scaler=self.scaler, repa=self.repa,
+            # MeanFlow's adaptive weight keeps train/loss near 1 whatever the error: its unweighted
+            # error is logged beside it as loss/mse (docs/meanflow.md).
+            watch=("mse",) if cfg.objective.kind == "meanflow" else (),
         )
+        self.term_sums = {name: torch.zeros((), device=self.device) for name in self.step_setup.watch}
 
     # ---- the parts of the loop
 
@@ -295,6 +299,8 @@ class Trainer:
         loss, grad_norm = train_step(self.step_setup, StepInputs(x, y, r, step=step, features=features))
         if self.repa is not None:
             self.repa_sum += self.repa.last_loss
+        for name, value in self.step_setup.last_terms.items():
+            self.term_sums[name] += value
         if self.scaler is not None and self.scaler.skipped:
             log.info("step %d: fp16 gradient overflow: update skipped, loss scale lowered to %g (the gradient "
                      "scaler's design, not a failure; %d such steps so far)",
@@ -312,6 +318,9 @@ class Trainer:
         if self.repa is not None:  # the mean over ranks and the window's steps (skipped ones too)
             extra["loss/repa"] = all_reduce_sum(self.repa_sum.clone(), self.env).item() / self.env.world_size / window.steps
             self.repa_sum.zero_()
+        for name, total in self.term_sums.items():  # the same mean, of the objective's watched terms
+            extra[f"loss/{name}"] = all_reduce_sum(total.clone(), self.env).item() / self.env.world_size / window.steps
+            total.zero_()
         # No per-step guard caught it (a window of only fp16 scaler skips has no mean: not a failure).
         if cfg.fault.max_nonfinite_steps is None and not math.isfinite(loss) and window.good:
             raise NonFiniteTrainingError(

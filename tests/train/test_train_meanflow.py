@@ -129,6 +129,14 @@ def test_meanflow_training_lowers_the_loss(tmp_path):
     print(f"MeanFlow tiny run: implied summed squared error {first:.0f} (steps 1-20) -> {last:.0f} (steps 81-100); "
           f"train/loss {float(loss[:20].mean()):.7f} -> {float(loss[-20:].mean()):.7f}")
     assert last < 0.8 * first, (first, last)
+    # loss/mse: the unweighted error, a mean over the 768 dimensions, logged beside it. Per step its
+    # row mean times 768 is the arithmetic mean of the rows' L, the implied figure their harmonic
+    # mean (1 - loss = c mean(1/L)): never above it (to the 1 % that a float32 loss this close to 1
+    # resolves of 1 - loss), and it falls the same way.
+    mse = torch.tensor(metric(tmp_path, "loss/mse"), dtype=torch.float64)
+    assert mse.shape == loss.shape, (mse.shape, loss.shape)
+    assert bool((768 * mse >= 0.99 * implied).all()), (768 * mse / implied).min()
+    assert float(mse[-20:].mean()) < 0.8 * float(mse[:20].mean())
 
     cfg = config(*MEANFLOW, *TRAIN)
     mf = build_objective(cfg)
