@@ -3,6 +3,7 @@
     python -m dit.quickstart                          # ~10 min on 2 CPU cores: train, sample, score, print
     python -m dit.quickstart max_steps=200            # any train.py override, passed to both runs
     python -m dit.quickstart --out /tmp/qs --num-samples 100
+    python -m dit.quickstart objective=flow           # the SiT variant: same model and budget (VARIANT_SAMPLERS)
 
 It runs the steps of docs/quickstart.md with the same settings, in this process:
 
@@ -67,6 +68,25 @@ REAL_SEED = 1
 # eval_fid.py's keys in the quickstart's evaluation (docs/quickstart.md), except the paths.
 EVAL = ["feature_extractor=toy_judge", "metrics=[fid]", "sampler=ddim", "sampler.num_steps=20",
         "guided_channels=all", "bulk.cfg_scale=2.0", "bulk.labels=balanced", "bulk.batch_size=100"]
+# The one-word variants (`python -m dit.quickstart objective=flow`): the same model, data and
+# budget trained with another objective, scored at the same 20 network evaluations per sample
+# where its sampler allows (Heun: two a step), and in its own run folder (quickstart_<kind>) so
+# that it never resumes the DiT run. MeanFlow: its one-step sampler without sampling-time
+# guidance (the guidance is trained in: docs/meanflow.md).
+VARIANT_SAMPLERS = {
+    "flow": ["sampler=heun", "sampler.num_steps=10", "bulk.cfg_scale=2.0"],
+    "meanflow": ["sampler=meanflow", "sampler.num_steps=1", "bulk.cfg_scale=1.0"],
+}
+SCORING = {"diffusion": "guidance 2.0, 20 DDIM steps", "flow": "guidance 2.0, 10 Heun steps = 20 NFE",
+           "meanflow": "trained-in guidance, 1 MeanFlow step = 1 NFE"}
+
+
+def eval_keys(kind: str) -> list[str]:
+    """eval_fid.py's keys for a quickstart model trained with objective `kind`."""
+    if kind not in VARIANT_SAMPLERS:
+        return list(EVAL)
+    own = {key.split("=")[0] for key in VARIANT_SAMPLERS[kind]}
+    return [key for key in EVAL if key.split("=")[0] not in own] + VARIANT_SAMPLERS[kind]
 NUM_SAMPLES = 500
 STAGES = 5
 # The stages a relaunch can reuse (their time is recorded in summary.json's stage_seconds).
@@ -123,12 +143,14 @@ def real_images_stage(stage: int, out: Path, image_size: int) -> tuple[Path, flo
     return root, seconds
 
 
-def score_stage(stage: int, label: str, checkpoint: Path, reference: Path, num_samples: int) -> dict:
-    """eval_fid.py with the quickstart's keys on `checkpoint`: samples next to the run directory."""
+def score_stage(stage: int, label: str, checkpoint: Path, reference: Path, num_samples: int,
+                keys: list[str] = EVAL) -> dict:
+    """eval_fid.py with the quickstart's keys (`eval_keys`) on `checkpoint`: samples next to the
+    run directory."""
     samples = checkpoint.parent.parent / "samples.npz"
     _progress(stage, f"{label}: sampling {num_samples} and scoring with the toy judge ...")
     start = time.perf_counter()
-    cfg = compose_config("eval", [f"checkpoint={checkpoint}", f"reference={reference}", *EVAL,
+    cfg = compose_config("eval", [f"checkpoint={checkpoint}", f"reference={reference}", *keys,
                                   f"bulk.num_samples={num_samples}", f"bulk.out={samples}"])
     record = generate_and_evaluate(cfg)
     metrics = record["metrics"]
@@ -137,9 +159,9 @@ def score_stage(stage: int, label: str, checkpoint: Path, reference: Path, num_s
     return record
 
 
-def format_table(rows: list[dict], num_samples: int) -> str:
+def format_table(rows: list[dict], num_samples: int, kind: str = "diffusion") -> str:
     """The README's table: one row per model."""
-    lines = [f"| model (guidance 2.0, 20 DDIM steps, {num_samples} samples) | class accuracy (chance 10 %) "
+    lines = [f"| model ({SCORING[kind]}, {num_samples} samples) | class accuracy (chance 10 %) "
              "| judge Fréchet distance |", "| --- | --- | --- |"]
     for row in rows:
         lines.append(f"| {row['model']} | {100 * row['class_accuracy']:.1f} % | {row['judge_fd']:.1f} |")
@@ -182,7 +204,8 @@ def wall_time(launch_s: float, stage_seconds: dict, reused: list[str], previous:
     return total, text
 
 
-def quickstart_report(rows: list[dict], records: dict, run_dirs: dict, out_dir: Path, steps: dict) -> tuple[Path, Path]:
+def quickstart_report(rows: list[dict], records: dict, run_dirs: dict, out_dir: Path, steps: dict,
+                      kind: str = "diffusion") -> tuple[Path, Path]:
     """The picture and table of both runs (dit.reporting, as `python -m dit.report` writes them):
     the training loss from their metrics.jsonl, and the judge's scores of each final checkpoint
     as evaluation points at its step."""
@@ -194,7 +217,7 @@ def quickstart_report(rows: list[dict], records: dict, run_dirs: dict, out_dir: 
         run.last_step = max(run.last_step, steps[key])
         runs.append(run)
     return write_report(runs, out_dir, title="Quickstart: the trained model against the untrained baseline "
-                                             "(scores: 20 DDIM steps, guidance 2.0, the toy judge)")
+                                             f"(scores: {SCORING[kind]}, the toy judge)")
 
 
 def run_quickstart(overrides: list[str], out: str | Path = "outputs", num_samples: int = NUM_SAMPLES) -> dict:
@@ -206,6 +229,11 @@ def run_quickstart(overrides: list[str], out: str | Path = "outputs", num_sample
     start = time.perf_counter()
     base = ["experiment=quickstart", *overrides]
     trained_cfg = to_train_config(compose_config("train", base))
+    kind = trained_cfg.objective.kind
+    if kind != "diffusion" and trained_cfg.name == "quickstart":  # a variant: its own run folder
+        base.append(f"name=quickstart_{kind}")
+        trained_cfg = to_train_config(compose_config("train", base))
+    keys = eval_keys(kind)
     name = trained_cfg.name
     path = out / name / "summary.json"
     previous = previous_summary(path)
@@ -217,7 +245,7 @@ def run_quickstart(overrides: list[str], out: str | Path = "outputs", num_sample
     records = {}
     for stage, (label, ckpt) in ((4, ("trained", trained)), (5, ("untrained", untrained))):
         scored = time.perf_counter()
-        records[label] = score_stage(stage, label, ckpt, reference, num_samples)
+        records[label] = score_stage(stage, label, ckpt, reference, num_samples, keys)
         seconds[f"scoring {label}"] = time.perf_counter() - scored
     rows = [{"model": f"trained, {trained_cfg.max_steps} steps", "checkpoint": str(trained),
              "class_accuracy": records["trained"]["metrics"]["class_accuracy"],
@@ -226,18 +254,18 @@ def run_quickstart(overrides: list[str], out: str | Path = "outputs", num_sample
              "class_accuracy": records["untrained"]["metrics"]["class_accuracy"],
              "judge_fd": records["untrained"]["metrics"]["fid"]}]
     png, md = quickstart_report(rows, records, {"trained": out / name, "untrained": out / f"{name}_untrained"},
-                                out / name, {"trained": trained_cfg.max_steps, "untrained": 1})
+                                out / name, {"trained": trained_cfg.max_steps, "untrained": 1}, kind)
     reused = [stage for stage, s in seconds.items() if s is None]
     stage_seconds = {stage: round(s, 1) for stage, s in seconds.items() if s is not None}
     launch_s = time.perf_counter() - start
     wall_s, wall_text = wall_time(launch_s, stage_seconds, reused, previous)
     summary = {"overrides": list(overrides), "num_samples": num_samples, "reference": str(reference),
-               "eval_keys": EVAL, "rows": rows, "wall_s": round(wall_s, 1), "launch_wall_s": round(launch_s, 1),
+               "eval_keys": keys, "rows": rows, "wall_s": round(wall_s, 1), "launch_wall_s": round(launch_s, 1),
                "stage_seconds": stage_seconds, "reused": reused,
                "sample_grid": str(out / name / "samples" / f"{trained_cfg.max_steps:07d}.png"),
                "report": {"png": str(png), "md": str(md)}}
     write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
-    print(format_table(rows, num_samples))
+    print(format_table(rows, num_samples, kind))
     print(f"curves and scores of both runs: {png} (table: {md})")
     print(f"{wall_text}; wrote {path}", flush=True)
     return summary

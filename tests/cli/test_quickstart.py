@@ -18,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dit.scoring.judge import ToyJudge
+from dit.cli.quickstart import EVAL as QUICKSTART_EVAL, compose_config, eval_keys as quickstart_eval_keys
 from dit.cli.quickstart import main as quickstart_main
+from dit.config import to_eval_config
 from dit.sampling.images import SampleOrder, generate_samples
 from dit.sampling.samplers import build_sampler
 from dit.sampling.trained import diffusion_from_config
@@ -169,3 +172,41 @@ def test_a_relaunch_that_reuses_the_training_keeps_its_time_in_the_summary_and_d
     table = md.read_text()
     assert "| trained, 20 steps | 20 | 0.05 | 100 (step 20) |" in table
     assert "| untrained | 1 | 1 | 5000 (step 1) |" in table
+
+
+@pytest.mark.slow
+def test_the_flow_variant_trains_in_its_own_folder_and_is_scored_at_twenty_heun_evaluations(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """`python -m dit.quickstart objective=flow` (issue 24's one-word variant), shortened: the same
+    model and budget trained with flow matching into outputs/quickstart_flow (never the DiT run's
+    folder), sampled with the Heun ODE at 10 steps = 20 network evaluations per sample, guidance 2.0,
+    and the table says so."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "outputs"
+    summary = quickstart_main(["objective=flow", "max_steps=3", "data.image_size=8", "--out", str(out),
+                               "--num-samples", "20"])
+    printed = capsys.readouterr().out
+    rows = {row["model"]: row for row in summary["rows"]}
+    assert Path(rows["trained, 3 steps"]["checkpoint"]) == out / "quickstart_flow" / "checkpoints" / "0000003.pt"
+    assert Path(rows["untrained"]["checkpoint"]) == out / "quickstart_flow_untrained" / "checkpoints" / "0000001.pt"
+    assert not (out / "quickstart").exists()
+    assert "| model (guidance 2.0, 10 Heun steps = 20 NFE, 20 samples) |" in printed
+    for run in ("quickstart_flow", "quickstart_flow_untrained"):
+        state = torch.load(out / run / "checkpoints" / ("0000003.pt" if run == "quickstart_flow" else "0000001.pt"),
+                           weights_only=True)
+        assert state["config"]["objective"]["kind"] == "flow"
+        sampling = json.loads((out / run / "samples.toy_judge.metrics.json").read_text())["sampling"]
+        assert (sampling["sampler"], sampling["num_steps"], sampling["cfg_scale"]) == ("heun", 10, 2.0), sampling
+    assert summary["eval_keys"] == quickstart_eval_keys("flow")
+
+
+def test_each_objective_is_scored_by_a_sampler_it_fits_and_dits_keys_are_unchanged():
+    """The quickstart's scoring keys compose into eval_fid.py settings whose sampler fits the
+    objective (SamplerSettings.for_objective raises otherwise); DiT's are the documented ones."""
+    assert quickstart_eval_keys("diffusion") == QUICKSTART_EVAL
+    expected = {"diffusion": ("ddim", 20, 2.0, 20), "flow": ("heun", 10, 2.0, 20), "meanflow": ("meanflow", 1, 1.0, 1)}
+    for kind, (sampler, steps, scale, nfe) in expected.items():
+        cfg = to_eval_config(compose_config("eval", ["checkpoint=x.pt", "reference=r", *quickstart_eval_keys(kind)]))
+        settings = cfg.sampler_settings(cfg.bulk.cfg_scale).for_objective(kind).check()
+        spent = settings.nfe or settings.num_steps  # a diffusion sampler: one evaluation per step
+        assert (settings.sampler, settings.num_steps, settings.cfg_scale, spent) == (sampler, steps, scale, nfe)
