@@ -108,8 +108,8 @@ def train_or_reuse(out: Path, variant: str, objective: str, data: list[str], arg
     """The run directory of one objective on one toy set, trained unless an earlier invocation
     finished it (its race_run.json), with a checkpoint at the guide step and at the end."""
     overrides = ["experiment=quickstart", *data, *OBJECTIVES[objective], f"name=nfe_race_{variant}_{objective}",
-                 f"max_steps={args.steps}", f"ckpt.every={args.guide_step}", "ckpt.keep_last=null",
-                 "ckpt.every_minutes=null", "log.samples.every=0", f"log.every={args.guide_step}"]
+                 f"max_steps={args.steps}", f"ckpt.every={args.ckpt_every}", "ckpt.keep_last=null",
+                 "ckpt.every_minutes=null", "log.samples.every=0", f"log.every={args.ckpt_every}"]
     run_dir = out / "runs" / f"{variant}_{objective}"
     info_path = run_dir / "race_run.json"
     if info_path.is_file():
@@ -390,6 +390,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: experiment=quickstart's)")
     parser.add_argument("--guide-step", type=int, default=None,
                         help="the autoguidance guide's checkpoint step (default: a quarter of --steps)")
+    parser.add_argument("--ckpt-every", type=int, default=None,
+                        help="training checkpoint interval (default: --guide-step); runs trained with it are "
+                             "reused for any --guide-step that is a multiple of it")
     parser.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     parser.add_argument("--num-samples", type=int, default=250)
     parser.add_argument("--num-real", type=int, default=1000)
@@ -415,9 +418,11 @@ def main(argv=None) -> dict:
         args.judge_overrides = {"steps": 20, "num_per_class": 20}  # a judge that runs, not one that judges
     if args.guide_step is None:
         args.guide_step = args.steps // 4
-    if not 0 < args.guide_step < args.steps or args.steps % args.guide_step:
-        parser.error(f"--guide-step {args.guide_step} must divide --steps {args.steps} and be below it "
-                     "(checkpoints are written every --guide-step steps)")
+    if args.ckpt_every is None:
+        args.ckpt_every = args.guide_step
+    if not 0 < args.guide_step < args.steps or args.steps % args.ckpt_every or args.guide_step % args.ckpt_every:
+        parser.error(f"--guide-step {args.guide_step} must be below --steps {args.steps}, and both multiples of "
+                     f"--ckpt-every {args.ckpt_every} (checkpoints are written every --ckpt-every steps)")
     if any(n < 1 for n in args.nfes):
         parser.error(f"--nfes must be >= 1, got {args.nfes}")
     args.nfes = sorted(set(args.nfes))
