@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m dit.quickstart", description="Train, sample and score the quickstart model against "
         "the untrained baseline (docs/quickstart.md); a relaunch reuses finished steps.")
-    parser.add_argument("overrides", nargs="*", help="train.py overrides for both runs, e.g. max_steps=200")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides for both runs, e.g. max_steps=200; objective=flow or "
+                        "objective=meanflow trains a variant into outputs/quickstart_<kind>")
     parser.add_argument("--out", default="outputs", help="output root: run directories and real images (default outputs)")
     parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES,
                         help=f"samples scored per model, a multiple of {NUM_CLASSES} (default {NUM_SAMPLES})")
