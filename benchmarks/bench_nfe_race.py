@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -166,15 +167,28 @@ class Scorer:
         return SamplerSettings(sampler=sampler, num_steps=steps, cfg_scale=scale, guided_channels="all",
                                guidance="autoguidance"), scale
 
+    LEGACY_GUIDE = re.compile(r"\|autog[^|]*\|guide\d+")
+
+    def key(self, sampler: str, guidance: str, nfe: int) -> str:
+        """A point's key in nfe_scores.json: what decides its samples (the guide's step and
+        scale only for autoguidance, so that CFG's points serve every guide)."""
+        a = self.args
+        guide = f"|autog{a.autog_scale:g}|guide{a.guide_step}" if guidance != "cfg" else ""
+        return (f"{sampler}|{guidance}|nfe{nfe}|n{a.num_samples}|real{a.num_real}|cfg{a.cfg_scale:g}{guide}|"
+                f"seed{race.SAMPLE_SEED}")
+
     def point(self, objective: str, sampler: str, guidance: str, nfe: int) -> dict | None:
         steps = num_steps_for(sampler, nfe)
         if steps is None:
             return None
         a = self.args
-        key = (f"{sampler}|{guidance}|nfe{nfe}|n{a.num_samples}|real{a.num_real}|cfg{a.cfg_scale:g}|"
-               f"autog{a.autog_scale:g}|guide{a.guide_step}|seed{race.SAMPLE_SEED}")
+        key = self.key(sampler, guidance, nfe)
         if key in self.cache:
             return self.cache[key]
+        if guidance == "cfg":  # scored before CFG's key left out the guide: the same samples
+            old = next((v for k, v in self.cache.items() if self.LEGACY_GUIDE.sub("", k) == key), None)
+            if old is not None:
+                return old
         settings, scale = self.settings(objective, sampler, guidance, steps)
         guide = self.load_guide() if guidance == "autoguidance" else None
         built = build_sampler(settings, self.objective, self.autoencoder, **({"guide": guide} if guide is not None else {}))

@@ -24,6 +24,27 @@ def test_each_sampler_spends_exactly_the_nfe_or_is_left_out():
         assert [nfe.num_steps_for(sampler, n) for n in (1, 2, 50)] == [1, 2, 50]
 
 
+def test_a_cfg_point_serves_every_guide_and_an_autoguidance_point_only_its_own():
+    """nfe_scores.json keys: CFG's samples do not depend on the autoguidance guide, so its key
+    leaves the guide out and a sweep over guides reuses it (also under the older key, which named
+    the guide); autoguidance's key names the guide's step and scale."""
+    from types import SimpleNamespace
+
+    scorer = object.__new__(nfe.Scorer)
+    args = dict(num_samples=250, num_real=1000, cfg_scale=2.0, autog_scale=2.0)
+    scorer.args = SimpleNamespace(**args, guide_step=500)
+    at_1000 = SimpleNamespace(**args, guide_step=1000)
+    cfg_key, auto_key = scorer.key("euler", "cfg", 4), scorer.key("euler", "autoguidance", 4)
+    assert "guide" not in cfg_key and "guide500" in auto_key and "autog2" in auto_key
+    scorer.args = at_1000
+    assert scorer.key("euler", "cfg", 4) == cfg_key and scorer.key("euler", "autoguidance", 4) != auto_key
+
+    legacy = "euler|cfg|nfe4|n250|real1000|cfg2|autog2|guide500|seed0"
+    assert nfe.Scorer.LEGACY_GUIDE.sub("", legacy) == cfg_key
+    scorer.cache = {legacy: {"judge_fd": 12.5}, auto_key: {"judge_fd": 3.0}}
+    assert scorer.point("sit", "euler", "cfg", 4) == {"judge_fd": 12.5}  # reused, nothing sampled
+
+
 @pytest.mark.slow
 def test_quick_nfe_race_scores_every_objective_sampler_and_guidance_then_reuses_them(tmp_path, monkeypatch):
     guidance = ["cfg", "autoguidance"] if nfe.autoguidance_available() else ["cfg"]
