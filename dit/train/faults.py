@@ -258,6 +258,7 @@ class PreemptionWatch:
         self.previous: dict[int, object] = {}
         self.received: Optional[int] = None
         self.starting = True
+        self.preempted_at_start_up = False
 
     def started(self) -> None:
         """The loop begins: from now on a signal is acted upon at the next step boundary."""
@@ -272,6 +273,7 @@ class PreemptionWatch:
             self.received = signum
         if self.starting:
             self.starting = False  # once
+            self.preempted_at_start_up = True
             log.warning("preempted (%s) during start-up, before the first step: nothing written; exiting with "
                         "status %d so that the launcher requeues the job; relaunching the same command resumes "
                         "from the newest checkpoint", self.signal_name, self.exit_code)
@@ -291,9 +293,17 @@ class PreemptionWatch:
             self.previous[signum] = guarded.get(signum, previous)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        # The start-up signal's TrainingPreempted is raised wherever the process is: inside a
+        # library (omegaconf building the config, an import) it can be swallowed or replaced by
+        # another error on the way out (a half-built object failing in a cleanup). The signal was
+        # received all the same: the process still ends as preempted, not as a failure.
+        if self.preempted_at_start_up and exc is not None and not isinstance(exc, TrainingPreempted):
+            log.warning("the start-up preemption surfaced as %s: exiting with status %d all the same",
+                        type(exc).__name__, self.exit_code)
+            raise TrainingPreempted(self.exit_code) from exc
 
     def hand_over(self) -> None:
         handler = self.previous.get(self.received)

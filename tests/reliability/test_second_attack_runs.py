@@ -208,3 +208,35 @@ def test_the_watch_takes_the_signals_over_from_the_start_up_guard():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_a_start_up_preemption_that_library_code_turns_into_another_error_still_exits_as_preempted():
+    """The start-up signal raises TrainingPreempted wherever the process is. Inside a library
+    (omegaconf building the config) it can come out as another error, e.g. a half-built config
+    failing in a cleanup (seen once in CI: status 1, not 75). The watch still ends the run as
+    preempted; an error with no signal behind it is left alone; a library that swallows the exit
+    entirely leaves the signal recorded (the loop acts on it at its first step boundary)."""
+    from dit.train.faults import PreemptionWatch, TrainingPreempted
+
+    def signal_inside_a_library(replace: bool) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(1)  # the handler runs here, on the main thread, and raises
+        except BaseException:  # noqa: BLE001 - what such a library does
+            if replace:
+                raise AttributeError("half-built config") from None
+
+    saved = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(TrainingPreempted) as raised:
+            with PreemptionWatch((signal.SIGUSR1,), exit_code=75):
+                signal_inside_a_library(replace=True)
+        assert raised.value.code == 75 and isinstance(raised.value.__cause__, AttributeError)
+        with PreemptionWatch((signal.SIGUSR1,), exit_code=75) as watch:
+            signal_inside_a_library(replace=False)
+        assert watch.received == signal.SIGUSR1 and not watch.starting
+        with pytest.raises(ValueError):  # no signal: the error is the run's own
+            with PreemptionWatch((signal.SIGUSR1,), exit_code=75):
+                raise ValueError("a real failure")
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
