@@ -79,6 +79,10 @@ VARIANT_SAMPLERS = {
 }
 SCORING = {"diffusion": "guidance 2.0, 20 DDIM steps", "flow": "guidance 2.0, 10 Heun steps = 20 NFE",
            "meanflow": "trained-in guidance, 1 MeanFlow step = 1 NFE"}
+NUM_SAMPLES = 500
+STAGES = 5
+# The stages a relaunch can reuse (their time is recorded in summary.json's stage_seconds).
+WORK_STAGES = ("trained model", "untrained baseline", "real images")
 
 
 def eval_keys(kind: str) -> list[str]:
@@ -87,10 +91,6 @@ def eval_keys(kind: str) -> list[str]:
         return list(EVAL)
     own = {key.split("=")[0] for key in VARIANT_SAMPLERS[kind]}
     return [key for key in EVAL if key.split("=")[0] not in own] + VARIANT_SAMPLERS[kind]
-NUM_SAMPLES = 500
-STAGES = 5
-# The stages a relaunch can reuse (their time is recorded in summary.json's stage_seconds).
-WORK_STAGES = ("trained model", "untrained baseline", "real images")
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:

@@ -62,7 +62,7 @@ class MeanFlowSampler(Sampler):
         options = getattr(objective, "options", None)
         # Autoguidance mixes with a guide model, not the null class the trained-in guidance replaced:
         # its scale is no second CFG, so only the null-class methods (cfg, apg) are warned about.
-        null_class = getattr(settings, "guidance", "cfg") != "autoguidance"
+        null_class = settings.guidance != "autoguidance"
         if float(settings.cfg_scale) != 1 and null_class and options is not None and options.guided:
             log.warning("cfg_scale=%g on a MeanFlow model trained with guidance (omega %g, kappa %g: scale %g) "
                         "guides it again at sampling, with twice the rows per step; the paper samples it with "
